@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 nftables iperf3 tcpdump busybox-static ethtool procps kmod)
+APT_PACKAGES=(iproute2 iputils-ping nftables iperf3 tcpdump busybox-static ethtool procps kmod)
 if [[ "${WEFT_SETUP_E2E:-1}" == 1 ]]; then
   APT_PACKAGES+=(chromium podman containernetworking-plugins)
 fi
