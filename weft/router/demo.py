@@ -1,0 +1,314 @@
+"""`weft demo`: a complete local mesh in network namespaces, for anyone to try.
+
+It builds an underlay "switch" namespace and N host namespaces, launches a router in each (each
+given only the first host, so discovery completes the mesh), attaches two containers per host,
+pings every container from every other one across the mesh, prints `weft status` and serves the
+first host's UI on this machine's loopback through a small forwarder. `weft demo --down` removes
+everything it made. All names start with ``weftdemo-`` so `--down` finds them after a crash too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DemoPlan", "main"]
+
+PREFIX = "weftdemo"
+SWITCH_NS = f"{PREFIX}-sw"
+STATE_DIR = Path("/var/lib/weft-demo")
+RUN_DIR = Path("/run/weft-demo")
+UNDERLAY_NET = "192.168.200"
+OVERLAY_PREFIX = 12  # the default IPAM range 10.32.0.0/12
+UI_FORWARD_ADDR = ("127.0.0.1", 6790)
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Names and addresses of one demo mesh; pure, so `--down` can recompute it."""
+
+    hosts: int = 3
+    containers_per_host: int = 2
+
+    def host_ns(self, i: int) -> str:
+        return f"{PREFIX}-h{i}"
+
+    def host_ip(self, i: int) -> str:
+        return f"{UNDERLAY_NET}.{i}"
+
+    def container_ns(self, i: int, j: int) -> str:
+        return f"{PREFIX}-h{i}-c{j}"
+
+    def container_ip(self, i: int, j: int) -> str:
+        return f"10.32.{i}.{j}"
+
+    def exposed_ip(self, i: int) -> str:
+        return f"10.32.{i}.254"
+
+    def host_indexes(self) -> range:
+        return range(1, self.hosts + 1)
+
+    def containers(self) -> list[tuple[int, int]]:
+        return [(i, j) for i in self.host_indexes() for j in range(1, self.containers_per_host + 1)]
+
+
+def _sh(args: Sequence[str], *, check: bool = True, timeout: float = 60) -> str:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise SystemExit(f"weft demo: `{' '.join(args)}` failed: {detail}")
+    return proc.stdout
+
+
+def _weft_in(ns: str, *args: str, check: bool = True, timeout: float = 60) -> str:
+    return _sh(["ip", "netns", "exec", ns, _weft_exe(), *args], check=check, timeout=timeout)
+
+
+def _weft_exe() -> str:
+    return shutil.which("weft") or sys.argv[0]
+
+
+def _existing_demo_namespaces() -> list[str]:
+    out = _sh(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+def down() -> None:
+    """Remove every namespace, process and file the demo made. Safe to run repeatedly."""
+    pid_file = RUN_DIR / "forwarder.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink(missing_ok=True)
+    namespaces = _existing_demo_namespaces()
+    for ns in namespaces:
+        for pid in _sh(["ip", "netns", "pids", ns], check=False).split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    for ns in sorted(namespaces, reverse=True):
+        _sh(["ip", "netns", "del", ns], check=False)
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    print(f"weft demo: removed {len(namespaces)} namespaces")
+
+
+def _build_underlay(plan: DemoPlan) -> None:
+    _sh(["ip", "netns", "add", SWITCH_NS])
+    _sh(["ip", "-n", SWITCH_NS, "link", "set", "lo", "up"])
+    _sh(["ip", "-n", SWITCH_NS, "link", "add", "br0", "type", "bridge"])
+    _sh(["ip", "-n", SWITCH_NS, "link", "set", "br0", "up"])
+    for i in plan.host_indexes():
+        ns = plan.host_ns(i)
+        _sh(["ip", "netns", "add", ns])
+        _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _sh(["ip", "link", "add", f"wdp{i}", "type", "veth", "peer", "name", f"wde{i}"])
+        _sh(["ip", "link", "set", f"wdp{i}", "netns", SWITCH_NS, "name", f"p{i}"])
+        _sh(["ip", "link", "set", f"wde{i}", "netns", ns, "name", "eth0"])
+        _sh(["ip", "-n", SWITCH_NS, "link", "set", f"p{i}", "master", "br0", "up"])
+        _sh(["ip", "-n", ns, "addr", "add", f"{plan.host_ip(i)}/24", "dev", "eth0"])
+        _sh(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        for j in range(1, plan.containers_per_host + 1):
+            cns = plan.container_ns(i, j)
+            _sh(["ip", "netns", "add", cns])
+            _sh(["ip", "-n", cns, "link", "set", "lo", "up"])
+
+
+def _launch_routers(plan: DemoPlan, password: str | None) -> None:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    password_args: list[str] = []
+    if password:
+        pw_file = RUN_DIR / "password"
+        pw_file.write_text(password)
+        pw_file.chmod(0o600)
+        password_args = ["--password-file", str(pw_file)]
+    for i in plan.host_indexes():
+        peers = [] if i == 1 else [plan.host_ip(1)]
+        _weft_in(
+            plan.host_ns(i),
+            "launch",
+            "--nickname",
+            f"host{i}",
+            "--data-dir",
+            str(STATE_DIR / f"h{i}"),
+            "--api-socket",
+            str(RUN_DIR / f"h{i}.sock"),
+            *password_args,
+            *peers,
+            timeout=120,
+        )
+        print(f"weft demo: router on host{i} ({plan.host_ip(i)}) launched")
+
+
+def _attach_containers(plan: DemoPlan) -> None:
+    for i in plan.host_indexes():
+        _weft_in(plan.host_ns(i), "expose", f"{plan.exposed_ip(i)}/{OVERLAY_PREFIX}")
+    for i, j in plan.containers():
+        _weft_in(
+            plan.host_ns(i),
+            "attach",
+            "--ip",
+            f"{plan.container_ip(i, j)}/{OVERLAY_PREFIX}",
+            plan.container_ns(i, j),
+        )
+        print(f"weft demo: container h{i}-c{j} attached as {plan.container_ip(i, j)}")
+
+
+def _ping(src_ns: str, ip: str) -> bool:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", src_ns, "ping", "-c1", "-W2", ip], capture_output=True
+    )
+    return proc.returncode == 0
+
+
+def _ping_all(plan: DemoPlan, deadline: float) -> bool:
+    pairs = [(a, b) for a, b in itertools.permutations(plan.containers(), 2) if a[0] != b[0]]
+    pending = list(pairs)
+    while pending and time.monotonic() < deadline:
+        pending = [
+            (a, b) for a, b in pending if not _ping(plan.container_ns(*a), plan.container_ip(*b))
+        ]
+        if pending:
+            time.sleep(1)
+    for a, b in pairs:
+        mark = "FAIL" if (a, b) in pending else "ok"
+        print(f"  ping h{a[0]}-c{a[1]} -> h{b[0]}-c{b[1]} ({plan.container_ip(*b)}): {mark}")
+    return not pending
+
+
+# --- UI forwarder: loopback here -> loopback inside host 1's namespace ------------------------
+
+
+def _enter_netns(ns: str) -> None:
+    """Move the calling thread into network namespace ``ns`` (setns affects one thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+async def _forward(ns: str, listen: tuple[str, int], target: tuple[str, int]) -> None:
+    loop = asyncio.get_running_loop()
+    in_ns = ThreadPoolExecutor(max_workers=1, initializer=_enter_netns, initargs=(ns,))
+
+    def connect_inside() -> int:
+        import socket
+
+        sock = socket.create_connection(target, timeout=5)
+        sock.setblocking(False)
+        return sock.detach()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import socket
+
+        try:
+            fd = await loop.run_in_executor(in_ns, connect_inside)
+        except OSError:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, *listen)
+    async with server:
+        await server.serve_forever()
+
+
+def _start_forwarder(plan: DemoPlan) -> None:
+    log = open(RUN_DIR / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weft.router.demo", "--forward-ui", plan.host_ns(1)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    (RUN_DIR / "forwarder.pid").write_text(str(proc.pid))
+
+
+def up(plan: DemoPlan, password: str | None) -> int:
+    if _existing_demo_namespaces():
+        print("weft demo: removing the previous demo first")
+        down()
+    try:
+        _build_underlay(plan)
+        _launch_routers(plan, password)
+        _attach_containers(plan)
+    except BaseException:
+        print("weft demo: set-up failed; removing what was made", file=sys.stderr)
+        down()
+        raise
+    print("weft demo: pinging every container from every other host...")
+    ok = _ping_all(plan, time.monotonic() + 90)
+    print()
+    print(_weft_in(plan.host_ns(1), "status", check=False))
+    print(_weft_in(plan.host_ns(1), "status", "connections", check=False))
+    _start_forwarder(plan)
+    host, port = UI_FORWARD_ADDR
+    print(f"weft demo: UI of host1 at http://{host}:{port}/ui")
+    print(
+        f"weft demo: try `ip netns exec {plan.host_ns(1)} weft status`;"
+        " remove everything with `weft demo --down`"
+    )
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weft demo",
+        description="Bring up a local weft mesh of N hosts in network namespaces (needs root).",
+    )
+    parser.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3, 2..50)")
+    parser.add_argument("--password", help="encrypt the mesh with this password")
+    parser.add_argument(
+        "--down", action="store_true", help="remove the demo and everything it made"
+    )
+    parser.add_argument("--forward-ui", metavar="NETNS", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.forward_ui:
+        asyncio.run(_forward(args.forward_ui, UI_FORWARD_ADDR, ("127.0.0.1", 6784)))
+        return 0
+    if os.geteuid() != 0:
+        print("weft demo: needs root (it creates network namespaces)", file=sys.stderr)
+        return 1
+    if args.down:
+        down()
+        return 0
+    if not 2 <= args.hosts <= 50:
+        print("weft demo: --hosts must be between 2 and 50", file=sys.stderr)
+        return 2
+    return up(DemoPlan(hosts=args.hosts), args.password)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
