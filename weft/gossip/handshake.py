@@ -1,0 +1,646 @@
+"""The control connection's handshake, one side of it, without I/O (docs/ARCHITECTURE.md).
+
+Driven like aioquic's connection: the caller feeds received bytes with :meth:`Handshake.receive`,
+writes out :meth:`Handshake.data_to_send`, arms one timer from :meth:`Handshake.get_timer` and calls
+:meth:`Handshake.handle_timer` when it fires. Every failure caused by the peer (or its absence) is a
+:class:`HandshakeError` (a :class:`~weft.errors.RemoteProtocolError`) whose ``str`` is the reason to
+log and show, and whose ``reason`` is a short label for counters. Misuse by the caller raises
+:class:`~weft.errors.LocalError`.
+
+Wire exchange, the same on both sides (nothing waits for the other side's role)::
+
+    header  = b"weft" || min version (1 byte) || max version (1 byte)    sent at once
+    hello   = uint32 BE length || msgpack map                           after the peer's header
+    confirm = uint32 BE length || ChaCha20-Poly1305(b"weft confirm v1") after the peer's hello
+              (encrypted only; the first frame of the control codec, counter 0)
+
+States (everything that moves the machine is in this table; ``receive`` loops over it)::
+
+    AWAIT_HEADER  --peer header, versions overlap-->       AWAIT_HELLO   (queue our hello)
+    AWAIT_HELLO   --peer hello, both plaintext-->          DONE
+    AWAIT_HELLO   --peer hello, both encrypted-->          AWAIT_CONFIRM (queue our confirm)
+    AWAIT_CONFIRM --peer confirm opens-->                  DONE
+    any but DONE  --bad input / timer / eof-->             FAILED (the error is kept in ``error``)
+
+The header and our hello are sent without waiting for the peer beyond its header, so a peer that
+sends header, hello and confirm in one write is fine: everything after the last handshake byte is
+returned untouched as :attr:`HandshakeResult.leftover` for the session codec.
+
+On failure, still write out :meth:`data_to_send` (best effort) before closing: it may hold our
+hello or confirm, which is what lets the *peer* name the reason (encryption mismatch, wrong
+password) instead of seeing a bare close.
+
+Keys: password key = :func:`~weft.gossip.crypto.derive_password_key` (once per router).
+Session secret = HKDF-SHA256(X25519(ephemerals), salt=password key, info=SHA-256(transcript));
+the transcript is outbound header || inbound header || outbound hello frame || inbound hello
+frame, exactly as sent. Per-direction control and data keys by label
+(:func:`~weft.gossip.crypto.derive_session_keys`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from weft.errors import LocalError, RemoteProtocolError
+from weft.gossip.crypto import KEY_SIZE, derive_session_keys
+from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
+from weft.gossip.session import LENGTH_SIZE, TAG_SIZE, FrameCodec, MessageAuthenticationFailed
+from weft.gossip.session import _Opener as Opener
+from weft.gossip.session import _Sealer as Sealer
+
+__all__ = [
+    "CONFIRM_MESSAGE",
+    "HANDSHAKE_TIMEOUT",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_HELLO",
+    "PROTOCOL_VERSIONS",
+    "EncryptionMismatch",
+    "FeatureValue",
+    "Handshake",
+    "HandshakeClosed",
+    "HandshakeError",
+    "HandshakeResult",
+    "HandshakeState",
+    "HandshakeTimeout",
+    "Hello",
+    "MalformedHandshake",
+    "MalformedHello",
+    "NotAWeftPeer",
+    "VersionMismatch",
+    "WrongPassword",
+    "decode_hello",
+    "encode_hello",
+]
+
+MAGIC: Final = b"weft"
+HEADER_SIZE: Final = len(MAGIC) + 2
+PROTOCOL_VERSIONS: Final = (1, 1)  # the range this build speaks
+HANDSHAKE_TIMEOUT: Final = 10.0  # seconds, as Weave
+MAX_HELLO: Final = 4096  # bytes of msgpack; a real hello is ~150 bytes plus features
+CONFIRM_MESSAGE: Final = b"weft confirm v1"
+_CONFIRM_FRAME_SIZE: Final = LENGTH_SIZE + len(CONFIRM_MESSAGE) + TAG_SIZE
+
+# Bounds on the hello's fields (checked for our own hello too, so we never send what we'd refuse).
+MAX_NICKNAME: Final = 255  # characters
+MAX_FEATURES: Final = 32  # entries
+MAX_FEATURE_KEY: Final = 64  # characters
+MAX_FEATURE_TEXT: Final = 256  # characters (str) or bytes (bin)
+MAX_FEATURE_LIST: Final = 16  # items, scalars only
+_U64: Final = 1 << 64
+_I64_MIN: Final = -(1 << 63)
+
+FeatureScalar = None | bool | int | float | str | bytes
+FeatureValue = FeatureScalar | tuple[FeatureScalar, ...]
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+class HandshakeError(RemoteProtocolError):
+    """The handshake failed because of the peer; ``str(err)`` is the reason to log and show."""
+
+    reason: str = "handshake_failed"
+
+
+class NotAWeftPeer(HandshakeError):
+    """The first bytes were not ``b"weft"``."""
+
+    reason = "bad_magic"
+
+
+class VersionMismatch(HandshakeError):
+    """No protocol version in common: "protocol version mismatch (ours a..b, theirs c..d)"."""
+
+    reason = "version_mismatch"
+
+
+class MalformedHandshake(HandshakeError):
+    """Header or confirm frame that breaks the format."""
+
+    reason = "malformed"
+
+
+class MalformedHello(MalformedHandshake):
+    """A hello that is too large, not msgpack, or has a field of the wrong type or range."""
+
+
+class EncryptionMismatch(HandshakeError):
+    """One side has a password and the other not: "encryption mismatch: peer has (no) password"."""
+
+    reason = "encryption_mismatch"
+
+
+class WrongPassword(HandshakeError):
+    """The peer's confirm did not open: its password differs from ours."""
+
+    reason = "wrong_password"
+
+
+class HandshakeTimeout(HandshakeError):
+    """The handshake did not finish within its timeout (10 s)."""
+
+    reason = "timeout"
+
+
+class HandshakeClosed(HandshakeError):
+    """The peer closed the connection before the handshake finished."""
+
+    reason = "closed"
+
+
+# ----------------------------------------------------------------------------------------- hello
+
+
+def _feature_problem(key: object, value: object) -> str | None:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_FEATURE_KEY:
+        return f"feature key {key!r:.80} is not a string of 1..{MAX_FEATURE_KEY} characters"
+    if isinstance(value, list | tuple):
+        if len(value) > MAX_FEATURE_LIST:
+            return f"feature {key!r} has {len(value)} items (max {MAX_FEATURE_LIST})"
+        for item in value:
+            problem = _scalar_problem(key, item)
+            if problem is not None:
+                return problem
+        return None
+    return _scalar_problem(key, value)
+
+
+def _scalar_problem(key: str, value: object) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if _I64_MIN <= value < _U64 else f"feature {key!r} integer out of range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"feature {key!r} is not a finite number"
+    if isinstance(value, str | bytes):
+        if len(value) > MAX_FEATURE_TEXT:
+            return f"feature {key!r} is longer than {MAX_FEATURE_TEXT}"
+        return None
+    return f"feature {key!r} has unsupported type {type(value).__name__}"
+
+
+def _uint_problem(name: str, value: object, limit: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an integer, got {type(value).__name__}"
+    if not 0 <= value < limit:
+        return f"{name} {value} out of range 0..{limit - 1}"
+    return None
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a side says about itself. ``encrypted``/``ephemeral`` are filled in by the handshake.
+
+    ``features`` holds overlay capabilities (sleeve UDP port, GSO support, data cipher, ...):
+    at most 32 entries, string keys, values None/bool/int/float/str/bytes (strings and bytes up to
+    256) or tuples of those up to 16 items. Stored read-only; lists become tuples.
+    """
+
+    name: PeerName
+    nickname: str
+    uid: int
+    conn_id: int
+    short_id: int
+    features: Mapping[str, FeatureValue] = field(default_factory=dict, hash=False)
+    encrypted: bool = False
+    ephemeral: bytes | None = None  # X25519 public key (32 bytes) when encrypted
+
+    def __post_init__(self) -> None:
+        problem = _hello_problem(self)
+        if problem is not None:
+            raise LocalError(f"invalid hello: {problem}")
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in self.features.items()}
+        object.__setattr__(self, "features", MappingProxyType(frozen))
+
+    @classmethod
+    def from_identity(
+        cls,
+        identity: PeerIdentity,
+        conn_id: int,
+        features: Mapping[str, FeatureValue | list[FeatureScalar]] | None = None,
+    ) -> Hello:
+        """Our hello for one connection."""
+        return cls(
+            name=identity.name,
+            nickname=identity.nickname,
+            uid=identity.uid,
+            conn_id=conn_id,
+            short_id=identity.short_id,
+            features={
+                k: tuple(v) if isinstance(v, list) else v for k, v in (features or {}).items()
+            },
+        )
+
+    @property
+    def identity(self) -> PeerIdentity:
+        """The peer this hello describes, for MeshCore.connection_added."""
+        return PeerIdentity(
+            name=self.name, nickname=self.nickname, uid=self.uid, short_id=self.short_id
+        )
+
+
+def _hello_problem(hello: Hello) -> str | None:
+    """Why this hello is out of bounds, or None. Shared by our own hellos and the peer's."""
+    if not isinstance(hello.name, PeerName):
+        return "name is not a PeerName"
+    if not isinstance(hello.nickname, str) or len(hello.nickname) > MAX_NICKNAME:
+        return f"nickname must be a string of at most {MAX_NICKNAME} characters"
+    for fname, value, limit in (
+        ("uid", hello.uid, _U64),
+        ("conn_id", hello.conn_id, _U64),
+        ("short_id", hello.short_id, 1 << SHORT_ID_BITS),
+    ):
+        problem = _uint_problem(fname, value, limit)
+        if problem is not None:
+            return problem
+    if not isinstance(hello.features, Mapping):
+        return "features must be a map"
+    if len(hello.features) > MAX_FEATURES:
+        return f"{len(hello.features)} features (max {MAX_FEATURES})"
+    for key, feature in hello.features.items():
+        problem = _feature_problem(key, feature)
+        if problem is not None:
+            return problem
+    if not isinstance(hello.encrypted, bool):
+        return "encrypted must be a boolean"
+    if hello.encrypted:
+        if not isinstance(hello.ephemeral, bytes) or len(hello.ephemeral) != KEY_SIZE:
+            return f"ephemeral key must be {KEY_SIZE} bytes when encrypted"
+    elif hello.ephemeral is not None:
+        return "ephemeral key present although not encrypted"
+    return None
+
+
+def encode_hello(hello: Hello) -> bytes:
+    """The hello's msgpack body (no length prefix)."""
+    body: bytes = msgpack.packb(
+        {
+            "name": int(hello.name),
+            "nickname": hello.nickname,
+            "uid": hello.uid,
+            "conn_id": hello.conn_id,
+            "short_id": hello.short_id,
+            "features": dict(hello.features),
+            "encrypted": hello.encrypted,
+            "ephemeral": hello.ephemeral,
+        },
+        use_bin_type=True,
+    )
+    return body
+
+
+_HELLO_KEYS: Final = ("name", "nickname", "uid", "conn_id", "short_id", "features", "encrypted")
+
+
+def decode_hello(body: bytes) -> Hello:
+    """Parse and check a peer's hello body; any problem raises :class:`MalformedHello`.
+
+    Unknown top-level keys are ignored (a later version may add some); missing ones are errors.
+    """
+    if len(body) > MAX_HELLO:
+        raise MalformedHello(f"malformed hello: {len(body)} bytes (max {MAX_HELLO})")
+    try:
+        # unpackb bounds every length by len(body), so nothing here can allocate much.
+        raw: Any = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    except Exception as err:  # msgpack raises many types (ExtraData, FormatError, ValueError...)
+        raise MalformedHello(f"malformed hello: not msgpack ({type(err).__name__})") from None
+    if not isinstance(raw, dict):
+        raise MalformedHello(f"malformed hello: expected a map, got {type(raw).__name__}")
+    missing = [k for k in _HELLO_KEYS if k not in raw]
+    if missing:
+        raise MalformedHello(f"malformed hello: missing {', '.join(missing)}")
+    name = raw["name"]
+    problem = _uint_problem("name", name, 1 << 48)
+    if problem is not None:
+        raise MalformedHello(f"malformed hello: {problem}")
+    features = raw["features"]
+    if not isinstance(features, dict):
+        raise MalformedHello("malformed hello: features must be a map")
+    try:
+        return Hello(
+            name=PeerName(name),
+            nickname=raw["nickname"],
+            uid=raw["uid"],
+            conn_id=raw["conn_id"],
+            short_id=raw["short_id"],
+            features=features,
+            encrypted=raw["encrypted"],
+            ephemeral=raw.get("ephemeral"),
+        )
+    except LocalError as err:
+        reason = str(err).removeprefix("invalid hello: ")
+        raise MalformedHello(f"malformed hello: {reason}") from None
+
+
+# ------------------------------------------------------------------------------------ handshake
+
+
+class HandshakeState(enum.Enum):
+    AWAIT_HEADER = "waiting for the peer's header"
+    AWAIT_HELLO = "waiting for the peer's hello"
+    AWAIT_CONFIRM = "waiting for the peer's confirm"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, repr=False)
+class HandshakeResult:
+    """What a finished handshake hands to the connection.
+
+    ``control`` is the session codec (its counters already past the confirm frames): feed it
+    ``leftover`` first, then every later received byte. ``data_send_key``/``data_recv_key`` are the
+    sleeve's keys (None in plaintext mode), for :class:`~weft.gossip.crypto.DataSealer` and
+    :class:`~weft.gossip.crypto.DataOpener`.
+    """
+
+    version: int
+    local: Hello
+    remote: Hello
+    control: FrameCodec
+    data_send_key: bytes | None
+    data_recv_key: bytes | None
+    leftover: bytes
+
+    @property
+    def encrypted(self) -> bool:
+        return self.data_send_key is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"HandshakeResult(version={self.version}, remote={self.remote.name}"
+            f" ({self.remote.nickname}), encrypted={self.encrypted},"
+            f" leftover={len(self.leftover)} bytes)"
+        )
+
+
+class Handshake:
+    """One side of the handshake of one control connection.
+
+    ``outbound``: we dialled. ``hello``: ours (``encrypted``/``ephemeral`` are overwritten).
+    ``password_key``: from :func:`~weft.gossip.crypto.derive_password_key`, or None for plaintext.
+    ``versions``: (min, max) protocol versions we speak, 1..255. ``urandom`` supplies the ephemeral
+    key's 32 bytes (injected for reproducible tests).
+
+    Our header is queued at construction: call :meth:`data_to_send` right away.
+    """
+
+    def __init__(
+        self,
+        outbound: bool,
+        hello: Hello,
+        password_key: bytes | None,
+        now: float,
+        versions: tuple[int, int] = PROTOCOL_VERSIONS,
+        timeout: float = HANDSHAKE_TIMEOUT,
+        urandom: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        low, high = versions
+        if not 1 <= low <= high <= 255:
+            raise LocalError(f"invalid version range {low}..{high}: need 1 <= min <= max <= 255")
+        if password_key is not None and len(password_key) != KEY_SIZE:
+            raise LocalError(f"password key must be {KEY_SIZE} bytes (use derive_password_key)")
+        self.outbound = outbound
+        self.versions = (low, high)
+        self.deadline = now + timeout
+        self.timeout = timeout
+        self._password_key = password_key
+        self._private: X25519PrivateKey | None = None
+        if password_key is not None:
+            self._private = X25519PrivateKey.from_private_bytes(urandom(KEY_SIZE))
+            public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            hello = replace(hello, encrypted=True, ephemeral=public)
+        else:
+            hello = replace(hello, encrypted=False, ephemeral=None)
+        self.local_hello = hello
+        self.state = HandshakeState.AWAIT_HEADER
+        self.error: HandshakeError | None = None
+        self.version: int | None = None
+        self.remote_hello: Hello | None = None
+        self._result: HandshakeResult | None = None
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._header = MAGIC + bytes((low, high))
+        self._peer_header = b""
+        self._hello_frame = b""
+        self._peer_hello_frame = b""
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._data_keys: tuple[bytes, bytes] | None = None
+        self._out += self._header
+
+    # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.state is HandshakeState.DONE
+
+    @property
+    def result(self) -> HandshakeResult:
+        """The outcome; only once :attr:`done`."""
+        if self._result is None:
+            raise LocalError(f"handshake not finished ({self.state.value})")
+        return self._result
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer now (also after a failure: see the module docstring)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def get_timer(self) -> float | None:
+        """The deadline to call :meth:`handle_timer` at, or None once done or failed."""
+        if self.state in (HandshakeState.DONE, HandshakeState.FAILED):
+            return None
+        return self.deadline
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Raise :class:`HandshakeTimeout` if the deadline has passed and we are not done."""
+        if self.get_timer() is None or now < self.deadline:
+            return
+        self._fail(
+            HandshakeTimeout(f"handshake timed out after {self.timeout:g} s ({self.state.value})")
+        )
+
+    def receive_eof(self) -> None:
+        """The peer closed its side: raise :class:`HandshakeClosed` unless already done."""
+        if self.state is HandshakeState.DONE:
+            return
+        self._check_usable()
+        self._fail(
+            HandshakeClosed(f"connection closed by peer during handshake ({self.state.value})")
+        )
+
+    def receive(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed received bytes. Raises a :class:`HandshakeError` on any problem with them.
+
+        After :attr:`done`, bytes beyond the handshake are in ``result.leftover``; feeding more
+        here is a LocalError (feed the session codec instead).
+        """
+        del now  # the deadline is enforced through handle_timer only, like every other timer
+        self._check_usable()
+        if self.state is HandshakeState.DONE:
+            raise LocalError("handshake already done: feed the session codec instead")
+        self._buf += data
+        try:
+            self._advance()
+        except HandshakeError as err:
+            self._fail(err)
+
+    # -- the machine ----------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.state is HandshakeState.FAILED:
+            raise LocalError(f"handshake already failed: {self.error}")
+
+    def _fail(self, err: HandshakeError) -> None:
+        self.state = HandshakeState.FAILED
+        self.error = err
+        self._buf.clear()
+        self._private = None
+        raise err
+
+    def _advance(self) -> None:
+        while True:
+            state = self.state
+            if state is HandshakeState.AWAIT_HEADER:
+                if not self._on_header():
+                    return
+            elif state is HandshakeState.AWAIT_HELLO:
+                if not self._on_hello():
+                    return
+            elif state is HandshakeState.AWAIT_CONFIRM:
+                if not self._on_confirm():
+                    return
+            else:
+                return
+
+    def _on_header(self) -> bool:
+        buf = self._buf
+        # Refuse a stranger (an HTTP client, a Weave router) on its first bytes.
+        prefix = bytes(buf[: len(MAGIC)])
+        if not MAGIC.startswith(prefix):
+            raise NotAWeftPeer(f"not a weft peer: header starts with {prefix!r}")
+        if len(buf) < HEADER_SIZE:
+            return False
+        header = bytes(buf[:HEADER_SIZE])
+        del buf[:HEADER_SIZE]
+        low, high = header[4], header[5]
+        if not 1 <= low <= high:
+            raise MalformedHandshake(f"malformed header: version range {low}..{high}")
+        ours_low, ours_high = self.versions
+        version = min(high, ours_high)
+        if version < max(low, ours_low):
+            raise VersionMismatch(
+                f"protocol version mismatch (ours {ours_low}..{ours_high}, theirs {low}..{high})"
+            )
+        self.version = version
+        self._peer_header = header
+        body = encode_hello(self.local_hello)
+        if len(body) > MAX_HELLO:
+            raise LocalError(f"our hello is {len(body)} bytes (max {MAX_HELLO}): too many features")
+        self._hello_frame = len(body).to_bytes(LENGTH_SIZE, "big") + body
+        self._out += self._hello_frame
+        self.state = HandshakeState.AWAIT_HELLO
+        return True
+
+    def _on_hello(self) -> bool:
+        buf = self._buf
+        if len(buf) < LENGTH_SIZE:
+            return False
+        length = int.from_bytes(buf[:LENGTH_SIZE], "big")
+        if length > MAX_HELLO:
+            raise MalformedHello(f"malformed hello: {length} bytes (max {MAX_HELLO})")
+        end = LENGTH_SIZE + length
+        if len(buf) < end:
+            return False
+        frame = bytes(buf[:end])
+        del buf[:end]
+        remote = decode_hello(frame[LENGTH_SIZE:])
+        self._peer_hello_frame = frame
+        self.remote_hello = remote
+        ours = self.local_hello.encrypted
+        if remote.encrypted != ours:
+            if ours:
+                raise EncryptionMismatch("encryption mismatch: peer has no password (we have one)")
+            raise EncryptionMismatch("encryption mismatch: peer has a password (we have none)")
+        if not ours:
+            self._finish(FrameCodec(), None, None)
+            return False
+        assert self._private is not None and self._password_key is not None
+        assert remote.ephemeral is not None
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(remote.ephemeral))
+        except ValueError:  # a low-order point gives an all-zero secret: refused by OpenSSL
+            raise MalformedHello("malformed hello: invalid ephemeral key") from None
+        if self.outbound:
+            transcript = (
+                self._header + self._peer_header + self._hello_frame + self._peer_hello_frame
+            )
+        else:
+            transcript = (
+                self._peer_header + self._header + self._peer_hello_frame + self._hello_frame
+            )
+        keys = derive_session_keys(shared, self._password_key, transcript, self.outbound)
+        self._sealer = Sealer(keys.control_send)
+        self._opener = Opener(keys.control_recv)
+        self._data_keys = (keys.data_send, keys.data_recv)
+        prefix = (len(CONFIRM_MESSAGE) + TAG_SIZE).to_bytes(LENGTH_SIZE, "big")
+        self._out += prefix + self._sealer.seal(prefix, CONFIRM_MESSAGE)
+        self.state = HandshakeState.AWAIT_CONFIRM
+        return True
+
+    def _on_confirm(self) -> bool:
+        buf = self._buf
+        if len(buf) < LENGTH_SIZE:
+            return False
+        length = int.from_bytes(buf[:LENGTH_SIZE], "big")
+        if length != _CONFIRM_FRAME_SIZE - LENGTH_SIZE:
+            raise MalformedHandshake(
+                f"malformed confirm: {length} bytes (expected {_CONFIRM_FRAME_SIZE - LENGTH_SIZE})"
+            )
+        if len(buf) < _CONFIRM_FRAME_SIZE:
+            return False
+        frame = bytes(buf[:_CONFIRM_FRAME_SIZE])
+        del buf[:_CONFIRM_FRAME_SIZE]
+        assert self._opener is not None and self._sealer is not None
+        try:
+            message = self._opener.open(frame[:LENGTH_SIZE], frame[LENGTH_SIZE:])
+        except MessageAuthenticationFailed:
+            raise WrongPassword(
+                "wrong password: the peer's confirm did not authenticate"
+                " (its password differs from ours)"
+            ) from None
+        if message != CONFIRM_MESSAGE:
+            raise MalformedHandshake("malformed confirm: unexpected content")
+        assert self._data_keys is not None
+        send, recv = self._data_keys
+        self._finish(FrameCodec._from_parts(self._sealer, self._opener), send, recv)
+        return False
+
+    def _finish(self, codec: FrameCodec, data_send: bytes | None, data_recv: bytes | None) -> None:
+        assert self.version is not None and self.remote_hello is not None
+        self._result = HandshakeResult(
+            version=self.version,
+            local=self.local_hello,
+            remote=self.remote_hello,
+            control=codec,
+            data_send_key=data_send,
+            data_recv_key=data_recv,
+            leftover=bytes(self._buf),
+        )
+        self._buf.clear()
+        self._private = None
+        self.state = HandshakeState.DONE
