@@ -1,0 +1,877 @@
+/* weft topology page: reads the router's status model over /ws and draws it.
+ *
+ * Data flow: WebSocket message -> parse + validate -> normalize(status) -> model -> (graph sync,
+ * summary, table, details). Everything shown comes from the latest full status; nothing is
+ * accumulated from older messages, so a bad or missing message can only delay the view.
+ * Peer names, nicknames, addresses and reasons come from other hosts: they are only ever put into
+ * the DOM as text (textContent or escaped), never as markup.
+ *
+ * Test hook: window.weftGraph (see the end of this file).
+ */
+(function () {
+  'use strict';
+
+  // Above this many peers the graph switches to its cheap mode: precomputed positions, no labels
+  // until zoomed in, edges hidden while panning, straight "haystack" edges.
+  var BIG_GRAPH = 150;
+  // Force-directed layout (cose) only up to this many peers; beyond, circles per partition.
+  var FORCE_LAYOUT_MAX = 80;
+  var MAX_PEERS = 20000;           // refuse to draw absurd documents rather than hang the tab
+  var RECONNECT_MIN_MS = 500, RECONNECT_MAX_MS = 10000;
+  var PING_EVERY_MS = 25000, SILENCE_LIMIT_MS = 65000;
+  var ROW_HEIGHT = 24, ROW_OVERSCAN = 20;
+
+  var PENDING_STATES = { pending: 1, connecting: 1, retrying: 1 };
+  var HAVE_GRAPH_LIB = typeof window.cytoscape === 'function';
+
+  var hook = {
+    ready: false, incarnation: null, seq: -1, updates: 0, layouts: 0,
+    stats: { malformed: 0, stale: 0, reconnects: 0, errors: 0 },
+    timings: { start: performance.now(), firstStatus: null, drawn: null, lastApplied: null },
+    cy: null,
+    snapshot: snapshot,
+    select: function (id) { select(id, true); },
+    setView: function (v) { setView(v); },
+  };
+  window.weftGraph = hook;
+
+  var app = {
+    model: null, selected: null, view: 'graph', cy: null, cyBig: null,
+    nodeIds: '', sortKey: null, sortDir: 1, rows: [], filtered: [],
+  };
+
+  // ---------------------------------------------------------------------------------------
+  // Small helpers
+
+  function $(id) { return document.getElementById(id); }
+  function isObj(x) { return x !== null && typeof x === 'object' && !Array.isArray(x); }
+  function arr(x) { return Array.isArray(x) ? x : []; }
+  function str(x, dflt) {
+    if (typeof x === 'string') return x;
+    if (typeof x === 'number' && isFinite(x)) return String(x);
+    return dflt === undefined ? '' : dflt;
+  }
+  function num(x) { return typeof x === 'number' && isFinite(x) ? x : null; }
+  function esc(s) {
+    return String(s).replace(/[&<>"']/g, function (c) {
+      return { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c];
+    });
+  }
+  function el(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (cls) e.className = cls;
+    return e;
+  }
+  function encryptionOn(v) {
+    if (v === true) return true;
+    if (typeof v === 'string') return !/^(|off|no|none|false|disabled|plain)$/i.test(v.trim());
+    if (isObj(v)) return v.enabled === true;
+    return false;
+  }
+  function edgeKey(a, b) { return a < b ? a + '|' + b : b + '|' + a; }
+  function fmtInt(n) { return n === null || n === undefined ? '' : Number(n).toLocaleString('en'); }
+
+  // ---------------------------------------------------------------------------------------
+  // Status model -> view model (tolerates any shape; missing parts become empty)
+
+  function normalize(status) {
+    var router = isObj(status.router) ? status.router : {};
+    var localName = str(router.name);
+    var meshEncrypted = encryptionOn(router.encryption);
+    var peers = new Map();
+
+    function addPeer(name, nickname) {
+      var p = peers.get(name);
+      if (!p) {
+        p = { name: name, nickname: nickname || '', uid: '', version: '', shortId: '',
+              reported: [], known: false, component: -1, reachable: true };
+        peers.set(name, p);
+      } else if (!p.nickname && nickname) {
+        p.nickname = nickname;
+      }
+      return p;
+    }
+
+    var rawPeers = arr(router.peers);
+    if (rawPeers.length > MAX_PEERS) throw new Error('too many peers: ' + rawPeers.length);
+    rawPeers.forEach(function (rp) {
+      if (!isObj(rp)) return;
+      var name = str(rp.name);
+      if (!name) return;
+      var p = addPeer(name, str(rp.nickname));
+      p.known = true;
+      p.nickname = str(rp.nickname) || p.nickname;
+      p.uid = str(rp.uid); p.version = str(rp.version); p.shortId = str(rp.short_id);
+      p.reported = arr(rp.connections).filter(isObj).map(function (c) {
+        return { name: str(c.name), address: str(c.address), outbound: c.outbound === true,
+                 established: c.established === true,
+                 datapath: str(c.datapath), encrypted: typeof c.encrypted === 'boolean' ? c.encrypted : null,
+                 mtu: num(c.mtu) };
+      }).filter(function (c) { return c.name && c.name !== name; });
+    });
+    if (localName) {
+      var lp = addPeer(localName, str(router.nickname));
+      if (!lp.known) {
+        lp.known = true; lp.uid = str(router.uid); lp.version = str(router.version);
+      }
+    }
+
+    // Edges: one per unordered pair, from both records plus our own connection list.
+    var edges = new Map();
+    function edgeFor(a, b) {
+      var k = edgeKey(a, b);
+      var e = edges.get(k);
+      if (!e) {
+        var ab = a < b ? [a, b] : [b, a];
+        e = { id: 'e:' + k, a: ab[0], b: ab[1], reports: {}, local: null };
+        edges.set(k, e);
+      }
+      return e;
+    }
+    peers.forEach(function (p) {
+      p.reported.forEach(function (c) {
+        addPeer(c.name, '');
+        edgeFor(p.name, c.name).reports[p.name] = c;
+      });
+    });
+    var localConns = arr(router.connections).filter(isObj).map(function (c) {
+      return { peer: str(c.peer), nickname: str(c.nickname), address: str(c.address),
+               outbound: c.outbound === true, state: str(c.state, 'unknown') || 'unknown',
+               info: str(c.info), encrypted: c.encrypted === true,
+               datapath: str(c.datapath) || 'none', mtu: num(c.mtu) };
+    });
+    localConns.forEach(function (c) {
+      if (!localName || !c.peer || c.peer === localName) return;
+      addPeer(c.peer, c.nickname);
+      edgeFor(localName, c.peer).local = c;
+    });
+
+    // Partitions: peers joined by connections that both sides report (as weft/ui/metrics.py).
+    var parent = new Map();
+    peers.forEach(function (p) { parent.set(p.name, p.name); });
+    function find(x) {
+      while (parent.get(x) !== x) { parent.set(x, parent.get(parent.get(x))); x = parent.get(x); }
+      return x;
+    }
+    edges.forEach(function (e) {
+      e.symmetric = !!(e.reports[e.a] && e.reports[e.b]);
+      if (e.symmetric) {
+        var ra = find(e.a), rb = find(e.b);
+        if (ra !== rb) parent.set(ra > rb ? ra : rb, ra > rb ? rb : ra);
+      }
+    });
+    var groups = new Map();
+    peers.forEach(function (p) {
+      var r = find(p.name);
+      if (!groups.has(r)) groups.set(r, []);
+      groups.get(r).push(p.name);
+    });
+    var comps = Array.from(groups.values()).sort(function (x, y) {
+      var lx = x.indexOf(localName) >= 0 ? 0 : 1, ly = y.indexOf(localName) >= 0 ? 0 : 1;
+      if (lx !== ly) return lx - ly;
+      if (x.length !== y.length) return y.length - x.length;
+      return x.slice().sort()[0] < y.slice().sort()[0] ? -1 : 1;
+    });
+    comps.forEach(function (names, i) {
+      names.forEach(function (n) {
+        var p = peers.get(n);
+        p.component = i;
+        p.reachable = !localName || i === 0;
+      });
+    });
+
+    // Edge state, datapath and encryption.
+    edges.forEach(function (e) {
+      var ra = e.reports[e.a], rb = e.reports[e.b], l = e.local;
+      var report = ra || rb || {};
+      if (l) {
+        e.state = l.state === 'established' ? 'established'
+          : l.state === 'failed' ? 'failed' : PENDING_STATES[l.state] ? 'pending' : l.state;
+        e.datapath = l.datapath; e.encrypted = l.encrypted; e.mtu = l.mtu;
+        e.address = l.address; e.info = l.info; e.outbound = l.outbound;
+      } else {
+        e.state = ra && rb && ra.established && rb.established ? 'established' : 'pending';
+        e.datapath = (ra && ra.datapath) || (rb && rb.datapath) || 'unknown';
+        var enc = ra && ra.encrypted !== null ? ra.encrypted : rb && rb.encrypted !== null ? rb.encrypted : null;
+        e.encrypted = enc === null ? meshEncrypted : enc;
+        e.encryptionAssumed = enc === null;
+        e.mtu = (ra && ra.mtu) || (rb && rb.mtu) || null;
+        e.address = report.address || ''; e.info = ''; e.outbound = null;
+      }
+      e.reachable = peers.get(e.a).reachable && peers.get(e.b).reachable;
+    });
+
+    var ipam = isObj(status.ipam) ? status.ipam : null;
+    var ipamByPeer = new Map();
+    if (ipam) {
+      arr(ipam.entries).forEach(function (en) {
+        if (!isObj(en) || !str(en.peer)) return;
+        ipamByPeer.set(str(en.peer), {
+          owned: num(en.owned), free: num(en.free), reachable: en.reachable !== false,
+          ranges: arr(en.ranges).map(function (r) { return str(r); }).filter(Boolean),
+        });
+      });
+    }
+    var containers = Array.isArray(status.containers)
+      ? status.containers.filter(isObj).map(function (c) {
+          return { name: str(c.name) || str(c.netns) || str(c.id), netns: str(c.netns), mac: str(c.mac),
+                   addresses: arr(c.addresses).map(function (a) { return str(a); }).filter(Boolean) };
+        })
+      : null;
+
+    return {
+      localName: localName, nickname: str(router.nickname), meshEncrypted: meshEncrypted,
+      peers: peers, edges: edges, components: comps, localConns: localConns,
+      targets: arr(router.targets).filter(isObj),
+      ipam: ipam ? { range: str(ipam.range), byPeer: ipamByPeer } : null,
+      containers: containers,
+    };
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Graph
+
+  function peerLabel(p) { return p.nickname ? p.nickname + '\n' + p.name : p.name; }
+  function edgeLabel(e) {
+    return e.datapath + (e.encrypted ? ' · encrypted' : ' · plain') +
+      (e.state !== 'established' ? ' · ' + e.state : '');
+  }
+  function nodeClasses(p, m) {
+    var c = ['peer'];
+    if (p.name === m.localName) c.push('local');
+    if (!p.reachable) c.push('unreachable');
+    if (p.component > 0) c.push('part' + (((p.component - 1) % 5) + 1));
+    if (!p.known) c.push('unknown');
+    return c.join(' ');
+  }
+  function edgeClasses(e) {
+    var dp = { ovs: 1, fastdp: 1, vxlan: 1, sleeve: 1 }[e.datapath] ? e.datapath : 'unknown';
+    if (dp === 'fastdp') dp = 'ovs';
+    var st = { established: 1, pending: 1, failed: 1 }[e.state] ? e.state : 'pending';
+    return ['st-' + st, 'dp-' + dp, e.encrypted ? 'enc' : 'plain',
+            e.reachable ? '' : 'unreachable'].join(' ').trim();
+  }
+
+  function graphStyle(big) {
+    return [
+      { selector: 'node', style: {
+        'label': big ? '' : 'data(label)', 'text-wrap': 'wrap', 'font-size': 10,
+        'text-valign': 'bottom', 'text-margin-y': 3, 'color': '#1c2330',
+        'background-color': '#5b8fd1', 'border-width': 1, 'border-color': '#2b5a94',
+        'width': big ? 8 : 22, 'height': big ? 8 : 22, 'min-zoomed-font-size': 6 } },
+      { selector: 'node.local', style: { 'background-color': '#1f4f8f', 'border-width': 3,
+        'border-color': '#f2b600', 'width': big ? 14 : 28, 'height': big ? 14 : 28 } },
+      { selector: 'node.unreachable', style: { 'background-color': '#c7cbd1', 'border-style': 'dashed',
+        'border-color': '#7d838c', 'color': '#7d838c' } },
+      { selector: 'node.part1', style: { 'border-color': '#9b59b6', 'border-width': 2 } },
+      { selector: 'node.part2', style: { 'border-color': '#c0392b', 'border-width': 2 } },
+      { selector: 'node.part3', style: { 'border-color': '#16a085', 'border-width': 2 } },
+      { selector: 'node.part4', style: { 'border-color': '#d35400', 'border-width': 2 } },
+      { selector: 'node.part5', style: { 'border-color': '#34495e', 'border-width': 2 } },
+      { selector: 'node.unknown', style: { 'shape': 'diamond' } },
+      { selector: 'node.match', style: { 'border-color': '#e74c3c', 'border-width': 4 } },
+      { selector: 'edge', style: {
+        'curve-style': big ? 'haystack' : 'bezier', 'line-color': '#8a8f98', 'width': big ? 1 : 2,
+        'label': big ? '' : 'data(label)', 'font-size': 9, 'color': '#4a515c',
+        'text-background-color': '#ffffff', 'text-background-opacity': 0.8,
+        'text-background-padding': 1, 'min-zoomed-font-size': 7, 'text-rotation': 'autorotate' } },
+      { selector: 'edge.dp-ovs', style: { 'line-color': '#2e9e44' } },
+      { selector: 'edge.dp-vxlan', style: { 'line-color': '#2b6cb0' } },
+      { selector: 'edge.dp-sleeve', style: { 'line-color': '#dd8a1e' } },
+      { selector: 'edge.enc', style: { 'width': big ? 1.5 : 4 } },
+      { selector: 'edge.st-pending', style: { 'line-style': 'dashed' } },
+      { selector: 'edge.st-failed', style: { 'line-style': 'dotted', 'line-color': '#d0342c' } },
+      { selector: 'edge.unreachable', style: { 'opacity': 0.45 } },
+      { selector: ':selected', style: { 'overlay-color': '#2b6cb0', 'overlay-opacity': 0.25,
+        'overlay-padding': 4 } },
+    ];
+  }
+
+  function ensureCy(big) {
+    if (app.cy && app.cyBig === big) return app.cy;
+    if (app.cy) app.cy.destroy();
+    app.cy = cytoscape({
+      container: $('graph'), style: graphStyle(big), wheelSensitivity: 0.3,
+      minZoom: 0.02, maxZoom: 6, boxSelectionEnabled: false, selectionType: 'single',
+      textureOnViewport: big, hideEdgesOnViewport: big, pixelRatio: big ? 1 : 'auto',
+      motionBlur: false,
+    });
+    app.cyBig = big;
+    app.nodeIds = '';
+    hook.cy = app.cy;
+    app.cy.on('tap', 'node', function (ev) { select(ev.target.id(), false); });
+    app.cy.on('tap', 'edge', function (ev) { select(ev.target.id(), false); });
+    app.cy.on('tap', function (ev) { if (ev.target === app.cy) select(null, false); });
+    return app.cy;
+  }
+
+  // Positions for big graphs, O(n): each partition on its own circle (a grid past 400 peers),
+  // partitions side by side; peers in name order so positions stay stable across updates.
+  function presetPositions(m) {
+    var pos = {}, x0 = 0;
+    m.components.forEach(function (names) {
+      var sorted = names.slice().sort(), n = sorted.length;
+      var r = Math.max(40, n * 6 / Math.PI), w;
+      if (n > 400) {
+        var cols = Math.ceil(Math.sqrt(n)), step = 18;
+        sorted.forEach(function (name, i) {
+          pos['n:' + name] = { x: x0 + (i % cols) * step, y: Math.floor(i / cols) * step };
+        });
+        w = cols * step;
+      } else {
+        sorted.forEach(function (name, i) {
+          var a = 2 * Math.PI * i / n;
+          pos['n:' + name] = { x: x0 + r + r * Math.cos(a), y: r + r * Math.sin(a) };
+        });
+        w = 2 * r;
+      }
+      x0 += w + 80;
+    });
+    return pos;
+  }
+
+  function runLayout(m) {
+    var cy = app.cy, n = m.peers.size;
+    hook.layouts += 1;
+    if (n <= FORCE_LAYOUT_MAX) {
+      cy.layout({ name: n <= 3 ? 'circle' : 'cose', animate: false, fit: true, padding: 40,
+                  randomize: false, componentSpacing: 80, nodeRepulsion: function () { return 8000; },
+                  idealEdgeLength: function () { return 90; }, numIter: 600 }).run();
+    } else {
+      var pos = presetPositions(m);
+      cy.layout({ name: 'preset', animate: false, fit: true, padding: 20,
+                  positions: function (node) { return pos[node.id()] || { x: 0, y: 0 }; } }).run();
+    }
+  }
+
+  function syncGraph(m) {
+    var big = m.peers.size > BIG_GRAPH;
+    var cy = ensureCy(big);
+    var want = new Map();
+    m.peers.forEach(function (p) {
+      want.set('n:' + p.name, { group: 'nodes', data: { id: 'n:' + p.name, label: peerLabel(p),
+        name: p.name, nickname: p.nickname }, classes: nodeClasses(p, m) });
+    });
+    m.edges.forEach(function (e) {
+      want.set(e.id, { group: 'edges', data: { id: e.id, source: 'n:' + e.a, target: 'n:' + e.b,
+        label: edgeLabel(e), state: e.state, datapath: e.datapath, encrypted: e.encrypted },
+        classes: edgeClasses(e) });
+    });
+    var added = [];
+    cy.batch(function () {
+      cy.elements().forEach(function (ele) {
+        var w = want.get(ele.id());
+        if (!w) { ele.remove(); return; }
+        var d = ele.data();
+        if (d.label !== w.data.label || d.state !== w.data.state || d.datapath !== w.data.datapath ||
+            d.encrypted !== w.data.encrypted) {
+          ele.data(w.data);
+        }
+        if (ele.classes().join(' ') !== w.classes) ele.classes(w.classes);
+        want.delete(ele.id());
+      });
+      want.forEach(function (w) { if (w.group === 'nodes') added.push(w); });
+      want.forEach(function (w) { if (w.group === 'edges') added.push(w); });
+      if (added.length) cy.add(added);
+    });
+    var ids = Array.from(m.peers.keys()).sort().join(',');
+    if (ids !== app.nodeIds) {  // peers came or went: lay out again (edges alone never move nodes)
+      app.nodeIds = ids;
+      runLayout(m);
+    }
+    if (app.selected && cy.getElementById(app.selected).empty()) app.selected = null;
+  }
+
+  function snapshot() {
+    var cy = app.cy;
+    if (!cy) return { nodes: [], edges: [] };
+    return {
+      nodes: cy.nodes().map(function (n) {
+        return { id: n.id(), name: n.data('name'), nickname: n.data('nickname'), classes: n.classes() };
+      }),
+      edges: cy.edges().map(function (e) {
+        return { id: e.id(), source: e.data('source').slice(2), target: e.data('target').slice(2),
+                 label: e.data('label'), state: e.data('state'), datapath: e.data('datapath'),
+                 encrypted: e.data('encrypted'), classes: e.classes() };
+      }),
+    };
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Summary, banner, details
+
+  function renderSummary(m) {
+    $('self-name').textContent = m.localName ? (m.nickname ? m.nickname + ' (' + m.localName + ')' : m.localName) : '';
+    document.title = 'weft mesh' + (m.nickname ? ' — ' + m.nickname : '');
+    var est = 0, total = 0;
+    m.localConns.forEach(function (c) { total += 1; if (c.state === 'established') est += 1; });
+    var unreachable = 0;
+    m.peers.forEach(function (p) { if (!p.reachable) unreachable += 1; });
+    $('summary').textContent = m.peers.size + ' peers · ' + m.edges.size + ' links · ' +
+      est + '/' + total + ' own connections established · ' +
+      (m.meshEncrypted ? 'encrypted' : 'not encrypted');
+    var banner = $('banner'), parts = m.components.length, msgs = [];
+    if (parts > 1) msgs.push('Mesh partitioned into ' + parts + ' parts.');
+    if (unreachable) msgs.push(unreachable + ' peer' + (unreachable > 1 ? 's' : '') + ' unreachable from here.');
+    var failed = m.localConns.filter(function (c) { return c.state === 'failed'; }).length;
+    if (failed) msgs.push(failed + ' connection' + (failed > 1 ? 's' : '') + ' failed.');
+    banner.textContent = msgs.join(' ');
+    banner.hidden = msgs.length === 0;
+    banner.className = 'banner' + (parts > 1 || unreachable ? ' bad' : '');
+  }
+
+  function dl(pairs) {
+    var d = el('dl');
+    pairs.forEach(function (kv) {
+      if (kv[1] === null || kv[1] === undefined || kv[1] === '') return;
+      d.appendChild(el('dt', kv[0]));
+      var dd = el('dd');
+      if (kv[1] instanceof Node) dd.appendChild(kv[1]); else dd.textContent = String(kv[1]);
+      d.appendChild(dd);
+    });
+    return d;
+  }
+  function peerLink(m, name) {
+    var p = m.peers.get(name), a = el('a', p && p.nickname ? p.nickname + ' (' + name + ')' : name);
+    a.addEventListener('click', function () { select('n:' + name, true); });
+    return a;
+  }
+  function stateSpan(state) {
+    return el('span', state, state === 'established' ? 'good' : state === 'failed' ? 'bad' : 'warn');
+  }
+
+  function renderDetails() {
+    var box = $('details'), m = app.model, id = app.selected;
+    box.textContent = '';
+    if (!m || !id) { box.appendChild(el('p', 'Click a peer or a connection for details.', 'muted')); return; }
+    if (id.indexOf('n:') === 0) renderPeer(box, m, id.slice(2));
+    else if (id.indexOf('e:') === 0) renderEdge(box, m, m.edges.get(id.slice(2)));
+  }
+
+  function renderPeer(box, m, name) {
+    var p = m.peers.get(name);
+    if (!p) { box.appendChild(el('p', 'This peer is gone.', 'muted')); return; }
+    var isLocal = name === m.localName;
+    box.appendChild(el('h2', p.nickname || name));
+    box.appendChild(dl([
+      ['name', name], ['nickname', p.nickname], ['uid', p.uid], ['version', p.version],
+      ['short id', p.shortId],
+      ['status', isLocal ? 'this router' : p.reachable ? 'reachable' : 'UNREACHABLE'],
+      ['partition', m.components.length > 1 ? String(p.component + 1) + ' of ' + m.components.length : ''],
+      ['record', p.known ? '' : 'no record received yet'],
+    ]));
+    box.appendChild(el('h3', 'Connections (' + p.reported.length + ')'));
+    if (p.reported.length) {
+      var ul = el('ul');
+      p.reported.forEach(function (c) {
+        var li = el('li');
+        li.appendChild(peerLink(m, c.name));
+        li.appendChild(document.createTextNode(' ' + (c.outbound ? '→ ' : '← ') + (c.address || '?') + ' '));
+        li.appendChild(stateSpan(c.established ? 'established' : 'pending'));
+        ul.appendChild(li);
+      });
+      box.appendChild(ul);
+    } else {
+      box.appendChild(el('p', 'none reported', 'muted'));
+    }
+    if (m.ipam) {
+      box.appendChild(el('h3', 'Address space' + (m.ipam.range ? ' (' + m.ipam.range + ')' : '')));
+      var ip = m.ipam.byPeer.get(name);
+      if (ip) {
+        box.appendChild(dl([['owned', fmtInt(ip.owned)], ['free', fmtInt(ip.free)],
+                            ['reachable', ip.reachable ? 'yes' : 'NO (reclaim with rmpeer)']]));
+        if (ip.ranges.length) {
+          var rl = el('ul');
+          ip.ranges.slice(0, 50).forEach(function (r) { rl.appendChild(el('li', r)); });
+          if (ip.ranges.length > 50) rl.appendChild(el('li', '… ' + (ip.ranges.length - 50) + ' more'));
+          box.appendChild(rl);
+        }
+      } else {
+        box.appendChild(el('p', 'owns no addresses', 'muted'));
+      }
+    }
+    if (isLocal) {
+      box.appendChild(el('h3', 'Containers here'));
+      if (m.containers === null) box.appendChild(el('p', 'not reported by this router', 'muted'));
+      else if (!m.containers.length) box.appendChild(el('p', 'none', 'muted'));
+      else {
+        var cl = el('ul');
+        m.containers.forEach(function (c) {
+          cl.appendChild(el('li', c.name + (c.mac ? '  ' + c.mac : '') +
+            (c.addresses.length ? '  ' + c.addresses.join(', ') : '')));
+        });
+        box.appendChild(cl);
+      }
+      if (m.targets.length) {
+        box.appendChild(el('h3', 'Connection targets'));
+        var tl = el('ul');
+        m.targets.forEach(function (t) {
+          tl.appendChild(el('li', str(t.address) + ' — ' + str(t.state) +
+            (str(t.last_error) ? ' (' + str(t.last_error) + ')' : '')));
+        });
+        box.appendChild(tl);
+      }
+    }
+  }
+
+  function renderEdge(box, m, e) {
+    if (!e) { box.appendChild(el('p', 'This connection is gone.', 'muted')); return; }
+    var pa = m.peers.get(e.a), pb = m.peers.get(e.b);
+    box.appendChild(el('h2', (pa.nickname || e.a) + ' — ' + (pb.nickname || e.b)));
+    box.appendChild(dl([
+      ['between', peerLink(m, e.a)], ['and', peerLink(m, e.b)],
+      ['state', stateSpan(e.state)], ['address', e.address],
+      ['direction', e.outbound === null ? '' : e.outbound ? 'outbound from here' : 'inbound'],
+      ['datapath', e.datapath === 'unknown' ? 'unknown (only the two peers know it)' : e.datapath],
+      ['encryption', (e.encrypted ? 'encrypted' : 'plain') + (e.encryptionAssumed ? ' (mesh setting)' : '')],
+      ['MTU', e.mtu === null ? '' : String(e.mtu)],
+      ['reason', e.info],
+    ]));
+    var reps = [e.a, e.b].filter(function (n) { return e.reports[n]; });
+    box.appendChild(el('h3', 'Reported by'));
+    if (!reps.length) box.appendChild(el('p', 'neither record yet', 'muted'));
+    else {
+      var ul = el('ul');
+      reps.forEach(function (n) {
+        var r = e.reports[n], p = m.peers.get(n);
+        ul.appendChild(el('li', (p.nickname || n) + ': ' + (r.outbound ? 'outbound' : 'inbound') +
+          ' to ' + (r.address || '?') + ', ' + (r.established ? 'established' : 'not established')));
+      });
+      box.appendChild(ul);
+      if (reps.length === 1) box.appendChild(el('p', 'Only one side reports this connection.', 'warn'));
+    }
+  }
+
+  function select(id, center) {
+    app.selected = id;
+    var cy = app.cy;
+    if (cy) {
+      cy.$(':selected').unselect();
+      if (id) {
+        var ele = cy.getElementById(id);
+        if (ele.nonempty()) {
+          ele.select();
+          if (center && app.view === 'graph') cy.animate({ center: { eles: ele }, zoom: Math.max(cy.zoom(), 1) }, { duration: 0 });
+        }
+      }
+    }
+    renderDetails();
+    if (app.view !== 'graph') renderTableRows();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Table view: search + sort + virtual scrolling (only visible rows are in the DOM)
+
+  var COLUMNS = {
+    peers: [
+      { key: 'nickname', title: 'Nickname' }, { key: 'name', title: 'Name' },
+      { key: 'status', title: 'Status' }, { key: 'partition', title: 'Part', num: true },
+      { key: 'links', title: 'Links', num: true }, { key: 'version', title: 'Version', num: true },
+      { key: 'owned', title: 'Owned IPs', num: true }, { key: 'free', title: 'Free IPs', num: true },
+    ],
+    connections: [
+      { key: 'from', title: 'From' }, { key: 'to', title: 'To' }, { key: 'state', title: 'State' },
+      { key: 'datapath', title: 'Datapath' }, { key: 'encryption', title: 'Encryption' },
+      { key: 'mtu', title: 'MTU', num: true }, { key: 'address', title: 'Address' },
+      { key: 'info', title: 'Reason' },
+    ],
+  };
+
+  function tableRows(m, view) {
+    var rows = [];
+    if (view === 'peers') {
+      m.peers.forEach(function (p) {
+        var ip = m.ipam ? m.ipam.byPeer.get(p.name) : null;
+        var r = { id: 'n:' + p.name, nickname: p.nickname, name: p.name,
+          status: p.name === m.localName ? 'local' : p.reachable ? 'reachable' : 'unreachable',
+          partition: p.component + 1, links: p.reported.length, version: Number(p.version) || 0,
+          owned: ip ? ip.owned : null, free: ip ? ip.free : null };
+        rows.push(r);
+      });
+    } else {
+      m.edges.forEach(function (e) {
+        var pa = m.peers.get(e.a), pb = m.peers.get(e.b);
+        rows.push({ id: e.id, from: (pa.nickname || e.a), to: (pb.nickname || e.b), state: e.state,
+          datapath: e.datapath, encryption: e.encrypted ? 'encrypted' : 'plain', mtu: e.mtu,
+          address: e.address, info: e.info, _names: e.a + ' ' + e.b });
+      });
+    }
+    var cols = COLUMNS[view];
+    rows.forEach(function (r) {
+      r._text = cols.map(function (c) { return r[c.key] === null ? '' : String(r[c.key]); })
+        .join(' ').toLowerCase() + ' ' + (r._names || '').toLowerCase();
+    });
+    return rows;
+  }
+
+  function applyFilterSort() {
+    var q = $('table-search').value.trim().toLowerCase(), terms = q ? q.split(/\s+/) : [];
+    var rows = terms.length ? app.rows.filter(function (r) {
+      for (var i = 0; i < terms.length; i++) if (r._text.indexOf(terms[i]) < 0) return false;
+      return true;
+    }) : app.rows.slice();
+    var key = app.sortKey, dir = app.sortDir;
+    if (key) {
+      rows.sort(function (a, b) {
+        var x = a[key], y = b[key];
+        if (x === y) return 0;
+        if (x === null || x === undefined || x === '') return 1;
+        if (y === null || y === undefined || y === '') return -1;
+        return (typeof x === 'number' && typeof y === 'number' ? x - y
+          : String(x).localeCompare(String(y), 'en', { numeric: true })) * dir;
+      });
+    }
+    app.filtered = rows;
+    $('table-count').textContent = rows.length === app.rows.length
+      ? rows.length + ' rows' : rows.length + ' of ' + app.rows.length + ' rows';
+    renderTableRows();
+  }
+
+  function renderTableHead(view) {
+    var head = $('table-head');
+    head.textContent = '';
+    COLUMNS[view].forEach(function (c) {
+      var th = el('th', c.title);
+      th.dataset.key = c.key;
+      if (app.sortKey === c.key) th.className = app.sortDir > 0 ? 'sort-asc' : 'sort-desc';
+      head.appendChild(th);
+    });
+  }
+
+  function cellClass(key, v) {
+    if (key === 'status') return v === 'unreachable' ? 'bad' : v === 'local' ? 'good' : '';
+    if (key === 'state') return v === 'established' ? 'good' : v === 'failed' ? 'bad' : 'warn';
+    return '';
+  }
+
+  function renderTableRows() {
+    if (app.view === 'graph') return;
+    var scroller = $('table-scroll'), body = $('table-body'), rows = app.filtered;
+    var cols = COLUMNS[app.view];
+    var first = Math.max(0, Math.floor(scroller.scrollTop / ROW_HEIGHT) - ROW_OVERSCAN);
+    var count = Math.ceil((scroller.clientHeight || 600) / ROW_HEIGHT) + 2 * ROW_OVERSCAN;
+    var last = Math.min(rows.length, first + count);
+    var html = '';
+    if (first > 0) html += '<tr class="spacer" data-h="' + first * ROW_HEIGHT + '"><td colspan="' + cols.length + '"></td></tr>';
+    for (var i = first; i < last; i++) {
+      var r = rows[i];
+      html += '<tr class="row' + (r.id === app.selected ? ' selected' : '') + '" data-id="' + esc(r.id) + '">';
+      for (var j = 0; j < cols.length; j++) {
+        var k = cols[j].key, v = r[k], t = v === null || v === undefined ? '' : cols[j].num ? fmtInt(v) : String(v);
+        var cc = cellClass(k, v);
+        html += '<td' + (cc ? ' class="' + cc + '"' : '') + ' title="' + esc(t) + '">' + esc(t) + '</td>';
+      }
+      html += '</tr>';
+    }
+    if (last < rows.length) html += '<tr class="spacer" data-h="' + (rows.length - last) * ROW_HEIGHT + '"><td colspan="' + cols.length + '"></td></tr>';
+    body.innerHTML = html;
+    // Spacer heights through the CSSOM (inline style attributes are blocked by our CSP).
+    Array.prototype.forEach.call(body.querySelectorAll('tr.spacer'), function (tr) {
+      tr.firstChild.style.height = tr.dataset.h + 'px';
+    });
+    hook.tableRows = rows.length;
+  }
+
+  function refreshTable() {
+    if (app.view === 'graph' || !app.model) return;
+    app.rows = tableRows(app.model, app.view);
+    applyFilterSort();
+  }
+
+  function setView(view) {
+    if (!COLUMNS[view] && view !== 'graph') return;
+    var changed = view !== app.view;
+    app.view = view;
+    Array.prototype.forEach.call(document.querySelectorAll('#tabs button'), function (b) {
+      var on = b.dataset.view === view;
+      b.classList.toggle('active', on);
+      b.setAttribute('aria-selected', on ? 'true' : 'false');
+    });
+    $('view-graph').hidden = view !== 'graph';
+    $('view-table').hidden = view === 'graph';
+    if (view === 'graph') {
+      if (app.cy) { app.cy.resize(); }
+      return;
+    }
+    if (changed) {
+      app.sortKey = null; app.sortDir = 1;
+      $('table-scroll').scrollTop = 0;
+      renderTableHead(view);
+    }
+    refreshTable();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Applying a status
+
+  function applyStatus(status) {
+    var m = normalize(status);
+    app.model = m;
+    syncGraph(m);
+    renderSummary(m);
+    renderDetails();
+    refreshTable();
+    hook.updates += 1;
+    hook.timings.lastApplied = performance.now();
+    document.documentElement.dataset.weftUpdates = String(hook.updates);
+    if (!hook.ready) {
+      app.cy.one('render', function () {
+        hook.timings.drawn = performance.now();
+        hook.ready = true;
+        document.documentElement.dataset.weftReady = '1';
+      });
+    }
+  }
+
+  function onMessage(data) {
+    var msg;
+    try {
+      msg = JSON.parse(data);
+    } catch (err) {
+      hook.stats.malformed += 1;
+      return;
+    }
+    lastHeard = Date.now();
+    if (!isObj(msg) || typeof msg.type !== 'string') { hook.stats.malformed += 1; return; }
+    if (msg.type === 'pong') return;
+    if (msg.type === 'error') { console.warn('weft /ws:', msg.error); return; }
+    if (msg.type !== 'status') { hook.stats.malformed += 1; return; }
+    if (!isObj(msg.status) || typeof msg.seq !== 'number') { hook.stats.malformed += 1; return; }
+    var inc = typeof msg.incarnation === 'string' ? msg.incarnation : '';
+    if (inc === hook.incarnation && msg.seq <= hook.seq) { hook.stats.stale += 1; return; }
+    try {
+      applyStatus(msg.status);
+    } catch (err) {
+      hook.stats.errors += 1;
+      console.error('weft: cannot show this status:', err);
+      return;
+    }
+    hook.incarnation = inc; hook.seq = msg.seq;
+    if (hook.timings.firstStatus === null) hook.timings.firstStatus = performance.now();
+    attempt = 0;
+    setConnState('live', 'live');
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // WebSocket with reconnection (exponential backoff with jitter) and a silence watchdog
+
+  var ws = null, attempt = 0, lastHeard = 0, retryTimer = null;
+
+  function setConnState(cls, text) {
+    var p = $('conn-state');
+    p.className = 'pill pill-' + cls;
+    p.textContent = text;
+    hook.connection = cls;
+  }
+
+  function wsUrl() {
+    var u = new URL('../ws', window.location.href);
+    u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+    return u.toString();
+  }
+
+  function connect() {
+    retryTimer = null;
+    var sock;
+    try {
+      sock = new WebSocket(wsUrl());
+    } catch (err) {
+      scheduleReconnect();
+      return;
+    }
+    ws = sock;
+    setConnState('wait', attempt ? 'reconnecting…' : 'connecting…');
+    sock.onopen = function () { lastHeard = Date.now(); };
+    sock.onmessage = function (ev) { if (ws === sock) onMessage(ev.data); };
+    sock.onclose = function () { if (ws === sock) { ws = null; scheduleReconnect(); } };
+    sock.onerror = function () { /* onclose follows */ };
+  }
+
+  function scheduleReconnect() {
+    if (retryTimer !== null) return;
+    var delay = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * Math.pow(2, attempt)) * (0.5 + Math.random());
+    attempt = Math.min(attempt + 1, 10);
+    hook.stats.reconnects += 1;
+    setConnState('down', 'disconnected — retrying in ' + Math.ceil(delay / 1000) + ' s');
+    retryTimer = setTimeout(connect, delay);
+  }
+
+  setInterval(function () {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    if (Date.now() - lastHeard > SILENCE_LIMIT_MS) { ws.close(); return; }  // half-open socket
+    try { ws.send('{"type":"ping"}'); } catch (err) { /* closing */ }
+  }, PING_EVERY_MS);
+
+  // ---------------------------------------------------------------------------------------
+  // Wiring
+
+  function init() {
+    Array.prototype.forEach.call(document.querySelectorAll('#tabs button'), function (b) {
+      b.addEventListener('click', function () { setView(b.dataset.view); });
+    });
+    $('btn-fit').addEventListener('click', function () { if (app.cy) app.cy.fit(undefined, 30); });
+    $('btn-layout').addEventListener('click', function () { if (app.cy && app.model) runLayout(app.model); });
+    var searchTimer = null;
+    $('table-search').addEventListener('input', function () {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(function () { $('table-scroll').scrollTop = 0; applyFilterSort(); }, 60);
+    });
+    $('graph-search').addEventListener('input', function () {
+      var q = this.value.trim().toLowerCase(), cy = app.cy;
+      if (!cy) return;
+      var hits = null;
+      cy.batch(function () {
+        cy.nodes('.match').removeClass('match');
+        if (!q) return;
+        hits = cy.nodes().filter(function (n) {
+          return (n.data('name') + ' ' + n.data('nickname')).toLowerCase().indexOf(q) >= 0;
+        });
+        hits.addClass('match');
+      });
+      if (hits && hits.length === 1) select(hits[0].id(), true);
+    });
+    $('table-head').addEventListener('click', function (ev) {
+      var th = ev.target.closest('th');
+      if (!th) return;
+      var key = th.dataset.key;
+      if (app.sortKey === key) app.sortDir = -app.sortDir; else { app.sortKey = key; app.sortDir = 1; }
+      renderTableHead(app.view);
+      applyFilterSort();
+    });
+    $('table-body').addEventListener('click', function (ev) {
+      var tr = ev.target.closest('tr.row');
+      if (tr) select(tr.dataset.id, false);
+    });
+    var scrollQueued = false;
+    $('table-scroll').addEventListener('scroll', function () {
+      if (scrollQueued) return;
+      scrollQueued = true;
+      requestAnimationFrame(function () { scrollQueued = false; renderTableRows(); });
+    });
+    window.addEventListener('resize', function () { if (app.view !== 'graph') renderTableRows(); });
+    if (!HAVE_GRAPH_LIB) {
+      $('graph').textContent = 'The graph library did not load; the tables still work.';
+    }
+    connect();
+  }
+
+  if (!HAVE_GRAPH_LIB) {
+    // Keep the tables usable without the graph library.
+    window.cytoscape = function () {
+      var noop = function () { return api; };
+      var empty = { forEach: function () {}, map: function () { return []; }, remove: noop,
+        empty: function () { return true; }, nonempty: function () { return false; },
+        removeClass: noop, addClass: noop, filter: function () { return empty; }, unselect: noop };
+      var api = { on: noop, one: function (ev, f) { setTimeout(f, 0); }, batch: function (f) { f(); },
+        elements: function () { return empty; }, nodes: function () { return empty; },
+        edges: function () { return empty; }, add: noop, getElementById: function () { return empty; },
+        $: function () { return empty; }, layout: function () { return { run: noop }; },
+        destroy: noop, resize: noop, fit: noop, zoom: function () { return 1; }, animate: noop };
+      return api;
+    };
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})();
