@@ -32,6 +32,8 @@
     snapshot: snapshot,
     select: function (id) { select(id, true); },
     setView: function (v) { setView(v); },
+    // Feed a raw message as if it came from /ws (tests of malformed and stale input).
+    receive: function (data) { onMessage(data); },
   };
   window.weftGraph = hook;
 

@@ -1,0 +1,315 @@
+"""The topology page in headless Chromium (Playwright) against an in-process status server.
+
+What a user would check by eye: a 3-peer mesh shows 3 peers and 3 connections with the right
+datapath and encryption; a host cut off from the mesh changes the page without a reload; the page
+survives garbage on its WebSocket and a router restart; the table finds and sorts peers. The
+helpers ``graph_snapshot`` and ``wait_for_graph`` work against any URL, e.g. a live netns mesh.
+Screenshots go to artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from weft.ui.devserver import FakeStatusServer
+from weft.ui.headless import chromium_path, launch_chromium
+from weft.ui.server import HubConfig
+from weft.ui.synthetic import peer_name, synthetic_status
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(chromium_path() is None, reason="needs chromium (apt-get install chromium)"),
+]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+WAIT_MS = 15_000  # generous: two cores shared by many workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers usable against any weft page
+
+
+async def graph_snapshot(page: Any) -> dict[str, Any]:
+    """Nodes and edges as the page's graph holds them (``window.weftGraph.snapshot()``)."""
+    snap: dict[str, Any] = await page.evaluate("() => window.weftGraph.snapshot()")
+    return snap
+
+
+async def wait_for(page: Any, js_predicate: str, arg: Any = None, timeout_ms: int = WAIT_MS) -> None:
+    await page.wait_for_function(js_predicate, arg=arg, timeout=timeout_ms)
+
+
+async def wait_for_graph(page: Any, nodes: int, edges: int, timeout_ms: int = WAIT_MS) -> None:
+    """Until the page is drawn and shows exactly ``nodes`` peers and ``edges`` connections."""
+    await wait_for(
+        page,
+        """([n, e]) => window.weftGraph && window.weftGraph.ready &&
+              window.weftGraph.snapshot().nodes.length === n &&
+              window.weftGraph.snapshot().edges.length === e""",
+        [nodes, edges],
+        timeout_ms,
+    )
+
+
+def edge_between(snap: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    for e in snap["edges"]:
+        if {e["source"], e["target"]} == {a, b}:
+            return e
+    raise AssertionError(f"no edge {a} - {b} in {[(e['source'], e['target']) for e in snap['edges']]}")
+
+
+def node(snap: dict[str, Any], name: str) -> dict[str, Any]:
+    for n in snap["nodes"]:
+        if n["name"] == name:
+            return n
+    raise AssertionError(f"no node {name}")
+
+
+def cut_off(status: dict[str, Any], index: int) -> dict[str, Any]:
+    """The status after peer ``index`` lost its underlay: the others dropped it, it is stale."""
+    status = json.loads(json.dumps(status))
+    gone = peer_name(index + 1)
+    router = status["router"]
+    for p in router["peers"]:
+        if p["name"] != gone:
+            p["connections"] = [c for c in p["connections"] if c["name"] != gone]
+    for c in router["connections"]:
+        if c["peer"] == gone:
+            c["state"] = "failed"
+            c["info"] = "heartbeats unanswered for 60s"
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one browser per module, one fresh page and status server per test
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        b = await launch_chromium(pw)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def server() -> AsyncIterator[FakeStatusServer]:
+    srv = FakeStatusServer(
+        synthetic_status(3, datapaths=("vxlan", "sleeve"), encrypted=True),
+        HubConfig(min_interval=0.05),
+    )
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+class PageProblems:
+    """Console errors and uncaught exceptions of a page (CSP violations show up as errors)."""
+
+    def __init__(self, page: Any) -> None:
+        self.errors: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        page.on("console", self._console)
+
+    def _console(self, msg: Any) -> None:
+        if msg.type == "error" and "weft: cannot show this status" not in msg.text:
+            self.errors.append(f"console: {msg.text}")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    p = await context.new_page()
+    p.problems = PageProblems(p)
+    try:
+        yield p
+    finally:
+        await context.close()
+
+
+async def screenshot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+async def test_three_peers_drawn_with_datapath_and_encryption(
+    page: Any, server: FakeStatusServer
+) -> None:
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    snap = await graph_snapshot(page)
+    a, b, c = (peer_name(i) for i in (1, 2, 3))
+    assert {n["name"] for n in snap["nodes"]} == {a, b, c}
+    assert "local" in node(snap, a)["classes"]
+    ab, ac, bc = edge_between(snap, a, b), edge_between(snap, a, c), edge_between(snap, b, c)
+    assert (ab["datapath"], ab["encrypted"], ab["state"]) == ("vxlan", True, "established")
+    assert (ac["datapath"], ac["encrypted"], ac["state"]) == ("sleeve", True, "established")
+    assert "dp-vxlan" in ab["classes"] and "enc" in ab["classes"]
+    assert ab["label"] == "vxlan · encrypted"
+    assert ac["label"] == "sleeve · encrypted"
+    # b - c is only known from gossip: datapath unknown, encryption from the mesh setting.
+    assert (bc["datapath"], bc["encrypted"]) == ("unknown", True)
+    assert "host-0001" in await page.inner_text("#self-name")
+    assert await page.is_hidden("#banner")
+    await screenshot(page, "ui-3-peers.png")
+    assert page.problems.errors == []
+
+
+async def test_cut_host_changes_page_without_reload(page: Any, server: FakeStatusServer) -> None:
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    await page.evaluate("() => { window.__sameDocument = true; }")
+    updates = await page.evaluate("() => window.weftGraph.updates")
+
+    server.set_status(cut_off(server.get_status(), 2))
+    t0 = time.monotonic()
+    await wait_for(
+        page,
+        """(before) => window.weftGraph.updates > before &&
+              window.weftGraph.snapshot().nodes.some(
+                  n => n.name === 'ce:00:00:00:00:03' && n.classes.includes('unreachable'))""",
+        updates,
+    )
+    seconds = time.monotonic() - t0
+    assert await page.evaluate("() => window.__sameDocument === true"), "the page reloaded"
+    snap = await graph_snapshot(page)
+    a, c = peer_name(1), peer_name(3)
+    ac = edge_between(snap, a, c)
+    assert ac["state"] == "failed" and "st-failed" in ac["classes"]
+    banner = await page.inner_text("#banner")
+    assert "partitioned into 2 parts" in banner and "1 peer unreachable" in banner
+    await screenshot(page, "ui-3-peers-cut.png")
+
+    # Click the failed connection: the details give the reason.
+    await page.evaluate("(id) => window.weftGraph.select(id)", ac["id"])
+    details = await page.inner_text("#details")
+    assert "heartbeats unanswered" in details and "failed" in details
+    assert seconds < 10, f"update took {seconds:.1f}s"
+    assert page.problems.errors == []
+
+
+async def test_peer_details_show_ipam_and_containers(page: Any, server: FakeStatusServer) -> None:
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    await page.evaluate("(id) => window.weftGraph.select(id)", "n:" + peer_name(1))
+    details = await page.inner_text("#details")
+    for expected in (peer_name(1), "host-0001", "this router", "Address space (10.32.0.0/12)",
+                     "aa:bb:cc:00:00:01", "10.32.0.2/12", "Connections (2)"):
+        assert expected in details, expected
+    # A remote peer: no containers section, its ranges and free count.
+    await page.evaluate("(id) => window.weftGraph.select(id)", "n:" + peer_name(2))
+    details = await page.inner_text("#details")
+    assert "host-0002" in details and "Containers" not in details and "free" in details
+    assert page.problems.errors == []
+
+
+async def test_survives_malformed_and_stale_messages(page: Any, server: FakeStatusServer) -> None:
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    hook = "window.weftGraph"
+    seq, inc = await page.evaluate(f"() => [{hook}.seq, {hook}.incarnation]")
+    garbage: list[Any] = [
+        "not json at all",
+        "[]",
+        "null",
+        {"type": "status"},
+        {"type": "status", "seq": seq + 1, "incarnation": inc, "status": 5},
+        {"type": "wat"},
+        {"type": "status", "seq": seq, "incarnation": inc, "status": {"router": {}}},  # stale
+        # Valid but odd (as from another router process): shown, with no usable peers.
+        {"type": "status", "seq": 1, "incarnation": "elsewhere",
+         "status": {"router": {"peers": "x", "connections": [None, 5, {"peer": {}}]}}},
+    ]
+    for g in garbage:
+        await page.evaluate(f"(d) => {hook}.receive(d)", g if isinstance(g, str) else json.dumps(g))
+    stats = await page.evaluate(f"() => {hook}.stats")
+    assert stats["malformed"] >= 5 and stats["stale"] >= 1
+    assert (await graph_snapshot(page))["nodes"] == []
+    # The real router's next status (a new incarnation to the page again) is shown.
+    server.set_status(cut_off(server.get_status(), 2))
+    await wait_for(
+        page,
+        "() => window.weftGraph.snapshot().edges.some(e => e.state === 'failed')",
+    )
+    snap = await graph_snapshot(page)
+    assert len(snap["nodes"]) == 3
+    unexpected = [e for e in page.problems.errors if "cannot show" not in e]
+    assert unexpected == []
+
+
+async def test_reconnects_after_router_restart(page: Any, server: FakeStatusServer) -> None:
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    await page.evaluate("() => { window.__sameDocument = true; }")
+    first_incarnation = await page.evaluate("() => window.weftGraph.incarnation")
+    port = server.port
+    await server.stop()
+    await wait_for(page, "() => window.weftGraph.connection === 'down'")
+    # A "new router process" on the same port, with a bigger mesh.
+    restarted = FakeStatusServer(synthetic_status(5, seed=3), HubConfig(min_interval=0.05))
+    await restarted.start(port)
+    try:
+        await wait_for_graph(page, 5, len(_links(restarted.get_status())), timeout_ms=30_000)
+        assert await page.evaluate("() => window.__sameDocument === true")
+        assert await page.evaluate("() => window.weftGraph.incarnation") != first_incarnation
+        assert await page.evaluate("() => window.weftGraph.connection") == "live"
+    finally:
+        await restarted.stop()
+
+
+async def test_table_search_and_sort(page: Any) -> None:
+    srv = FakeStatusServer(synthetic_status(300, partitions=2, seed=7))
+    await srv.start()
+    try:
+        await page.goto(srv.url + "/ui")
+        await wait_for(page, "() => window.weftGraph && window.weftGraph.ready")
+        await page.click("#tabs button[data-view=peers]")
+        await wait_for(page, "() => window.weftGraph.tableRows === 300")
+        assert "300 rows" in await page.inner_text("#table-count")
+        # Virtual scrolling: far fewer than 300 rows are in the DOM.
+        assert await page.locator("#table-body tr.row").count() < 120
+        await page.fill("#table-search", "host-0123")
+        await wait_for(page, "() => window.weftGraph.tableRows === 1")
+        assert "host-0123" in await page.inner_text("#table-body")
+        await page.fill("#table-search", "unreachable")
+        await wait_for(page, "() => window.weftGraph.tableRows === 150")
+        await page.fill("#table-search", "")
+        await wait_for(page, "() => window.weftGraph.tableRows === 300")
+        # Sort by nickname twice: descending puts host-0300 first.
+        await page.click("#table-head th[data-key=nickname]")
+        await page.click("#table-head th[data-key=nickname]")
+        first = await page.inner_text("#table-body tr.row >> nth=0")
+        assert "host-0300" in first
+        # Clicking a row shows that peer's details.
+        await page.click("#table-body tr.row >> nth=0")
+        assert "host-0300" in await page.inner_text("#details")
+        await screenshot(page, "ui-table-300.png")
+        assert page.problems.errors == []
+    finally:
+        await srv.stop()
+
+
+def _links(status: dict[str, Any]) -> set[frozenset[str]]:
+    return {
+        frozenset((p["name"], c["name"]))
+        for p in status["router"]["peers"]
+        for c in p["connections"]
+    }
