@@ -1,0 +1,706 @@
+"""Router side of the CNI plugin: ``POST /cni/{add,del,check,status,gc}``.
+
+The plugin process (weft/cni/plugin.py) validates and converts versions; this side does the work
+with the router's long-lived state: the address allocator (``CniIpam``, weft's IPAM by default) and
+the kernel (weft/cni/kernel.py, run in worker threads so the event loop never blocks on netlink).
+
+Contract with the plugin (JSON bodies, internal results are CNI 1.1.0 shaped):
+
+- add ``{containerId, netns, ifname, args, network, config, ipam?}`` -> ``{"result": {...}}``;
+  ``ipam`` is a delegated IPAM plugin's result (internal form) when the network does not use weft's.
+- del ``{containerId, netns, ifname, network, config, weftIpam}`` -> ``{}``; idempotent.
+- check ``{..., prevResult, weftIpam}`` -> ``{}`` or error 102 listing every problem.
+- status ``{network}`` -> ``{}`` or 503 with code 50; gc ``{network, valid, weftIpam}`` ->
+  ``{"released": [...]}``.
+- errors: ``{"code", "msg", "details"}`` with HTTP 400 (codes 1-7), 409 (101), 503 (11, 50) or 500.
+
+Allocations are keyed by attachment, ``cni:<network>:<containerId>:<ifname>`` (':' occurs in none
+of the parts), so GC can tell which of a network's allocations are stale and one container may join
+a network twice under two interface names.
+
+Pending releases: a DEL that cannot reach the router (or that finds the allocator unavailable) is
+written as ``<spool_dir>/<network>:<containerId>:<ifname>.json`` (the DEL request itself). The
+service replays those files when the app starts, every ``drain_interval`` seconds while any remain,
+and before serving an ADD for the same attachment, then deletes them.
+
+Concurrency: one asyncio lock per attachment (runtimes serialise per container, but a replayed
+spool file and a fresh ADD may meet); different attachments proceed in parallel, their kernel work
+on the default executor's threads, their allocations on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from weft.cni import kernel
+from weft.cni.plugin import (
+    CURRENT,
+    DEFAULT_SPOOL_DIR,
+    ERR_CHECK_FAILED,
+    ERR_DECODING,
+    ERR_INTERFACE_EXISTS,
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_IPAM,
+    ERR_NOT_AVAILABLE,
+    ERR_TRY_AGAIN_LATER,
+    ERR_UNKNOWN_CONTAINER,
+    CniError,
+    interface_name_problem,
+    spool_name,
+    valid_name,
+)
+
+__all__ = [
+    "CniConfig",
+    "CniIpam",
+    "CniService",
+    "IpamRefused",
+    "IpamUnavailable",
+    "MemoryIpam",
+    "attachment_id",
+    "setup_routes",
+]
+
+log = logging.getLogger(__name__)
+
+
+class IpamUnavailable(Exception):
+    """The allocator cannot answer now (ring not ready, consensus pending): try again later."""
+
+
+class IpamRefused(Exception):
+    """The allocator answered no (no space left, invalid subnet); the message says why."""
+
+
+class CniIpam(Protocol):
+    """What the CNI routes need from the address allocator.
+
+    All methods run on the router's event loop and may be called concurrently for different
+    idents; each is idempotent per ident. ``allocate`` returns the ident's existing address when
+    it has one. Raise IpamUnavailable for transient conditions and IpamRefused otherwise.
+    """
+
+    async def allocate(self, ident: str, subnet: str | None) -> str:
+        """An address in CIDR form (``10.32.0.5/12``) for ``ident``."""
+        ...
+
+    async def release(self, ident: str) -> None:
+        """Free every address of ``ident``; no error when it has none."""
+        ...
+
+    async def lookup(self, ident: str) -> list[str]:
+        """The addresses (CIDR) held by ``ident``, empty when none."""
+        ...
+
+    async def idents(self, prefix: str) -> list[str]:
+        """Every ident with an allocation that starts with ``prefix``."""
+        ...
+
+    def ready(self) -> bool:
+        """True when ``allocate`` can succeed now."""
+        ...
+
+
+class MemoryIpam:
+    """An in-memory CniIpam over one subnet: tests, benchmarks, and a router without weft IPAM."""
+
+    def __init__(self, subnet: str = "10.32.0.0/12", reserved: tuple[str, ...] = ()) -> None:
+        self.network = ipaddress.ip_network(subnet)
+        self.reserved = {ipaddress.ip_address(a) for a in reserved}
+        self.by_ident: dict[str, str] = {}
+        self.available = True
+
+    async def allocate(self, ident: str, subnet: str | None) -> str:
+        if not self.available:
+            raise IpamUnavailable("allocator not ready")
+        if ident in self.by_ident:
+            return self.by_ident[ident]
+        network = ipaddress.ip_network(subnet) if subnet else self.network
+        used = {ipaddress.ip_interface(c).ip for c in self.by_ident.values()} | self.reserved
+        for host in network.hosts():
+            if host not in used:
+                cidr = f"{host}/{network.prefixlen}"
+                self.by_ident[ident] = cidr
+                return cidr
+        raise IpamRefused(f"no free address in {network}")
+
+    async def release(self, ident: str) -> None:
+        if not self.available:
+            raise IpamUnavailable("allocator not ready")
+        self.by_ident.pop(ident, None)
+
+    async def lookup(self, ident: str) -> list[str]:
+        return [self.by_ident[ident]] if ident in self.by_ident else []
+
+    async def idents(self, prefix: str) -> list[str]:
+        return [i for i in self.by_ident if i.startswith(prefix)]
+
+    def ready(self) -> bool:
+        return self.available
+
+
+def attachment_id(network: str, container_id: str, ifname: str) -> str:
+    """The allocator key of one attachment (see module docstring)."""
+    return f"cni:{network}:{container_id}:{ifname}"
+
+
+@dataclass(frozen=True)
+class CniConfig:
+    """Router-side CNI settings.
+
+    bridge: the host bridge containers join (default ``weft``, the sleeve data plane's).
+    spool_dir: where plugins leave releases they could not deliver; must match the network
+        config's ``spoolDir`` (default ``/var/lib/weft/cni-spool``).
+    hairpin: hairpin mode on the host end when the network config has no ``hairpinMode``
+        (default on: a container can reach itself through a published port).
+    drain_interval: seconds between retries of pending releases while any remain (default 10).
+    """
+
+    bridge: str = "weft"
+    spool_dir: str = DEFAULT_SPOOL_DIR
+    hairpin: bool = True
+    drain_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if interface_name_problem(self.bridge):
+            raise ValueError(f"bridge name {self.bridge!r}: {interface_name_problem(self.bridge)}")
+        if self.drain_interval <= 0:
+            raise ValueError("drain_interval must be positive")
+
+
+def _string(body: Mapping[str, Any], key: str, *, required: bool = True) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str) or (required and not value):
+        raise CniError(ERR_DECODING, f"request field {key!r} must be a non-empty string")
+    return value
+
+
+def _ip_cidr(address: object) -> str:
+    try:
+        return str(ipaddress.ip_interface(str(address)))
+    except ValueError:
+        raise CniError(ERR_INVALID_CONFIG, "invalid address", repr(address)) from None
+
+
+def _route_list(value: object, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CniError(ERR_INVALID_CONFIG, f"{where} must be a list")
+    routes = []
+    for route in value:
+        if not isinstance(route, Mapping) or not isinstance(route.get("dst"), str):
+            raise CniError(ERR_INVALID_CONFIG, f"{where}: each route needs a dst", repr(route))
+        try:
+            ipaddress.ip_network(route["dst"], strict=False)
+            if route.get("gw") is not None:
+                ipaddress.ip_address(route["gw"])
+        except ValueError as err:
+            raise CniError(ERR_INVALID_CONFIG, f"{where}: invalid route", str(err)) from None
+        routes.append(dict(route))
+    return routes
+
+
+@dataclass(frozen=True)
+class _Attachment:
+    network: str
+    container_id: str
+    netns: str
+    ifname: str
+    config: Mapping[str, Any]
+
+    @property
+    def ident(self) -> str:
+        return attachment_id(self.network, self.container_id, self.ifname)
+
+    @property
+    def host_ifname(self) -> str:
+        return kernel.host_ifname(self.network, self.container_id, self.ifname)
+
+
+def _attachment(body: Mapping[str, Any], *, netns_required: bool) -> _Attachment:
+    network = _string(body, "network")
+    cid = _string(body, "containerId")
+    ifname = _string(body, "ifname")
+    netns = _string(body, "netns", required=netns_required)
+    if not valid_name(network) or not valid_name(cid) or interface_name_problem(ifname):
+        raise CniError(ERR_DECODING, "invalid network, containerId or ifname")
+    config = body.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise CniError(ERR_DECODING, "request field 'config' must be an object")
+    return _Attachment(network, cid, netns, ifname, config)
+
+
+class CniService:
+    """The CNI operations; ``setup_routes`` exposes them over HTTP."""
+
+    def __init__(
+        self,
+        ipam: CniIpam,
+        config: CniConfig | None = None,
+        mtu: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        """``mtu`` gives the data path's MTU for container interfaces (None: the bridge's)."""
+        self.ipam = ipam
+        self.config = config or CniConfig()
+        self.mtu = mtu
+        self._locks: dict[str, Any] = {}  # ident -> [lock, users]
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ locking and spool
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, ident: str) -> AsyncIterator[None]:
+        entry = self._locks.setdefault(ident, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:  # the last user tidies up
+                self._locks.pop(ident, None)
+
+    def _spool_path(self, att: _Attachment) -> str:
+        return os.path.join(
+            self.config.spool_dir, spool_name(att.network, att.container_id, att.ifname)
+        )
+
+    def _spool(self, body: Mapping[str, Any], att: _Attachment) -> None:
+        os.makedirs(self.config.spool_dir, mode=0o700, exist_ok=True)
+        path = self._spool_path(att)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(body), f)
+        os.replace(tmp, path)
+
+    def pending(self) -> list[str]:
+        """Spool files waiting to be replayed."""
+        try:
+            names = os.listdir(self.config.spool_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            os.path.join(self.config.spool_dir, n)
+            for n in names
+            if n.endswith(".json") and not n.startswith(".")
+        )
+
+    async def _replay(self, path: str) -> bool:
+        """Replay one spooled DEL (caller holds its lock); True when it is done and removed."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                body = json.load(f)
+            att = _attachment(body, netns_required=False)
+        except FileNotFoundError:
+            return True
+        except (ValueError, CniError) as err:
+            log.warning("dropping unreadable pending release %s: %s", path, err)
+            os.replace(path, path + ".bad")
+            return True
+        try:
+            await self._delete(att, bool(body.get("weftIpam", True)))
+        except IpamUnavailable:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        log.info("released %s (pending since the router was unreachable)", att.ident)
+        return True
+
+    async def drain_spool(self) -> int:
+        """Replay every pending release; returns how many remain."""
+        remaining = 0
+        for path in self.pending():
+            name = os.path.basename(path)[: -len(".json")]
+            network, _, rest = name.partition(":")
+            cid, _, ifname = rest.partition(":")
+            async with self._locked(attachment_id(network, cid, ifname)):
+                try:
+                    done = await self._replay(path)
+                except Exception:
+                    log.exception("replaying pending release %s", path)
+                    done = False
+            remaining += 0 if done else 1
+        return remaining
+
+    async def _drain_loop(self) -> None:
+        while True:
+            try:
+                remaining = await self.drain_spool()
+            except Exception:
+                log.exception("draining pending CNI releases")
+                remaining = 1
+            if not remaining:
+                return
+            await asyncio.sleep(self.config.drain_interval)
+
+    def kick_drain(self) -> None:
+        """Start replaying pending releases in the background unless already doing so."""
+        if (self._drain_task is None or self._drain_task.done()) and self.pending():
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_loop())
+
+    async def close(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task
+
+    # ------------------------------------------------------------------ operations
+
+    async def add(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        att = _attachment(body, netns_required=True)
+        delegated = body.get("ipam")
+        if delegated is not None and not isinstance(delegated, Mapping):
+            raise CniError(ERR_DECODING, "request field 'ipam' must be a result object")
+        async with self._locked(att.ident):
+            if os.path.exists(self._spool_path(att)):
+                await self._replay(self._spool_path(att))
+            return await self._add(att, delegated)
+
+    async def _add(self, att: _Attachment, delegated: Mapping[str, Any] | None) -> dict[str, Any]:
+        conf = att.config
+        if not os.path.exists(att.netns):
+            raise CniError(ERR_UNKNOWN_CONTAINER, "network namespace does not exist", att.netns)
+        info = await asyncio.to_thread(kernel.bridge_info, self.config.bridge)
+        if info is None:
+            raise CniError(
+                ERR_TRY_AGAIN_LATER,
+                f"bridge {self.config.bridge} does not exist yet",
+                "the weft router has not set up its data plane",
+            )
+        mtu = conf.get("mtu") or self.mtu() or info.mtu
+        if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+            raise CniError(ERR_INVALID_CONFIG, "mtu must be an integer in 68..65535", repr(mtu))
+        hairpin = conf.get("hairpinMode", self.config.hairpin)
+
+        fresh = False
+        gateways: dict[str, str] = {}
+        if delegated is None:
+            raw_ipam = conf.get("ipam")
+            ipam_conf: Mapping[str, Any] = raw_ipam if isinstance(raw_ipam, Mapping) else {}
+            subnet = ipam_conf.get("subnet") or conf.get("subnet")
+            if subnet is not None:
+                try:
+                    subnet = str(ipaddress.ip_network(str(subnet)))
+                except ValueError:
+                    raise CniError(ERR_INVALID_CONFIG, "invalid subnet", repr(subnet)) from None
+            routes = _route_list(ipam_conf.get("routes", conf.get("routes")), "routes")
+            fresh = not await self.ipam.lookup(att.ident)
+            try:
+                addresses = [_ip_cidr(await self.ipam.allocate(att.ident, subnet))]
+            except IpamUnavailable as err:
+                raise CniError(
+                    ERR_TRY_AGAIN_LATER, "address allocator not ready", str(err)
+                ) from None
+            except IpamRefused as err:
+                raise CniError(ERR_IPAM, "address allocation failed", str(err)) from None
+            for cidr in addresses:
+                gw = info.gateway_for(cidr)
+                if gw:
+                    gateways[cidr] = gw
+            dns = conf.get("dns") if isinstance(conf.get("dns"), Mapping) else None
+        else:
+            ips = delegated.get("ips") or []
+            addresses = [_ip_cidr(ip.get("address")) for ip in ips if isinstance(ip, Mapping)]
+            for ip in ips:
+                gw = ip.get("gateway") if isinstance(ip, Mapping) else None
+                if gw:
+                    gateways[_ip_cidr(ip["address"])] = str(gw)
+            routes = _route_list(delegated.get("routes"), "ipam routes")
+            if not routes:
+                routes = _route_list(conf.get("routes"), "routes")
+            dns_conf = conf.get("dns")
+            dns = dns_conf if isinstance(dns_conf, Mapping) and dns_conf else delegated.get("dns")
+        if not routes:
+            # The default route goes via the bridge's address (``weft expose``) in our subnet.
+            routes = [
+                {"dst": "0.0.0.0/0" if ipaddress.ip_interface(c).version == 4 else "::/0", "gw": gw}
+                for c, gw in gateways.items()
+            ]
+        spec = kernel.AttachSpec(
+            netns=att.netns,
+            ifname=att.ifname,
+            host_ifname=att.host_ifname,
+            bridge=self.config.bridge,
+            mtu=mtu,
+            hairpin=bool(hairpin),
+            addresses=tuple(addresses),
+            routes=tuple(routes),
+            gateways=gateways,
+        )
+        try:
+            attached = await asyncio.to_thread(kernel.attach, spec)
+        except BaseException:
+            if fresh:
+                await self._release_quietly(att.ident)
+            raise
+        ips = []
+        for cidr in addresses:
+            entry: dict[str, Any] = {"address": cidr, "interface": 2}
+            if cidr in gateways:
+                entry["gateway"] = gateways[cidr]
+            ips.append(entry)
+        result: dict[str, Any] = {
+            "cniVersion": CURRENT,
+            "interfaces": [
+                {"name": self.config.bridge, "mac": info.mac, "mtu": info.mtu},
+                {"name": att.host_ifname, "mac": attached.host_mac, "mtu": mtu},
+                {
+                    "name": att.ifname,
+                    "mac": attached.container_mac,
+                    "mtu": mtu,
+                    "sandbox": att.netns,
+                },
+            ],
+            "ips": ips,
+            "routes": routes,
+        }
+        if dns:
+            result["dns"] = dict(dns)
+        return result
+
+    async def _release_quietly(self, ident: str) -> None:
+        try:
+            await self.ipam.release(ident)
+        except Exception:
+            log.exception("releasing %s after a failed ADD", ident)
+
+    async def delete(self, body: Mapping[str, Any]) -> None:
+        att = _attachment(body, netns_required=False)
+        async with self._locked(att.ident):
+            try:
+                await self._delete(att, bool(body.get("weftIpam", True)))
+            except IpamUnavailable:
+                self._spool(body, att)
+                self.kick_drain()
+
+    async def _delete(self, att: _Attachment, weft_ipam: bool) -> None:
+        """Remove the veth pair, then release the address (IpamUnavailable: caller decides)."""
+        await asyncio.to_thread(kernel.detach, att.host_ifname, att.netns, att.ifname)
+        if weft_ipam:
+            await self.ipam.release(att.ident)
+
+    async def check(self, body: Mapping[str, Any]) -> None:
+        att = _attachment(body, netns_required=True)
+        prev = body.get("prevResult")
+        if not isinstance(prev, Mapping):
+            raise CniError(ERR_INVALID_CONFIG, "required prevResult missing for CHECK")
+        interfaces = prev.get("interfaces") or []
+        ours = [
+            i
+            for i, iface in enumerate(interfaces)
+            if isinstance(iface, Mapping)
+            and iface.get("name") == att.ifname
+            and iface.get("sandbox") in (att.netns, None, "")
+        ]
+        if not ours:
+            raise CniError(ERR_CHECK_FAILED, f"prevResult has no interface {att.ifname}")
+        index = ours[-1]
+        ips = [
+            ip
+            for ip in prev.get("ips") or []
+            if isinstance(ip, Mapping) and ip.get("interface") == index
+        ]
+        addresses = tuple(_ip_cidr(ip.get("address")) for ip in ips)
+        subnets = [ipaddress.ip_interface(c).network for c in addresses]
+        gateways = {_ip_cidr(ip["address"]): str(ip["gateway"]) for ip in ips if ip.get("gateway")}
+        routes = []
+        for route in _route_list(prev.get("routes"), "prevResult routes"):
+            gw = route.get("gw")
+            if (gw and any(ipaddress.ip_address(gw) in net for net in subnets)) or (
+                not gw and gateways
+            ):
+                routes.append(route)
+        problems = []
+        async with self._locked(att.ident):
+            if bool(body.get("weftIpam", True)):
+                held = {
+                    str(ipaddress.ip_interface(c).ip) for c in await self.ipam.lookup(att.ident)
+                }
+                for cidr in addresses:
+                    if str(ipaddress.ip_interface(cidr).ip) not in held:
+                        problems.append(f"address {cidr} is not allocated to {att.ident}")
+            spec = kernel.AttachSpec(
+                netns=att.netns,
+                ifname=att.ifname,
+                host_ifname=att.host_ifname,
+                bridge=self.config.bridge,
+                mtu=0,
+                hairpin=False,
+                addresses=addresses,
+                gateways=gateways,
+            )
+            problems += await asyncio.to_thread(kernel.check, spec, routes, self.config.bridge)
+        if problems:
+            raise CniError(ERR_CHECK_FAILED, "attachment is not as expected", "; ".join(problems))
+
+    async def status(self, body: Mapping[str, Any]) -> None:
+        del body
+        if await asyncio.to_thread(kernel.bridge_info, self.config.bridge) is None:
+            raise CniError(ERR_NOT_AVAILABLE, f"bridge {self.config.bridge} does not exist")
+        if not self.ipam.ready():
+            raise CniError(ERR_NOT_AVAILABLE, "address allocator not ready")
+
+    async def gc(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        network = _string(body, "network")
+        valid_list = body.get("valid") or []
+        if not isinstance(valid_list, list):
+            raise CniError(ERR_DECODING, "request field 'valid' must be a list")
+        valid = {
+            attachment_id(network, str(a.get("containerID")), str(a.get("ifname")))
+            for a in valid_list
+            if isinstance(a, Mapping)
+        }
+        released: list[str] = []
+        errors: list[str] = []
+        try:
+            idents = await self.ipam.idents(f"cni:{network}:")
+        except IpamUnavailable as err:
+            raise CniError(ERR_TRY_AGAIN_LATER, "address allocator not ready", str(err)) from None
+        for ident in idents:
+            if ident in valid:
+                continue
+            _, _, cid, ifname = ident.split(":", 3)
+            att = _Attachment(network, cid, "", ifname, {})
+            async with self._locked(ident):
+                try:
+                    await self._delete(att, True)
+                    released.append(ident)
+                except Exception as err:
+                    errors.append(f"{ident}: {err}")
+        if errors:
+            raise CniError(ERR_TRY_AGAIN_LATER, "GC incomplete", "; ".join(errors))
+        return {"released": released}
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+_HTTP_STATUS = {1: 400, 2: 400, 3: 404, 4: 400, 5: 500, 6: 400, 7: 400, 11: 503, 50: 503, 51: 503}
+
+
+def _error_response(err: CniError) -> web.Response:
+    status = _HTTP_STATUS.get(err.code, 409 if err.code == ERR_INTERFACE_EXISTS else 500)
+    return web.json_response(
+        {"code": err.code, "msg": err.msg, "details": err.details}, status=status
+    )
+
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+def _handler(service: CniService, op: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        if request.headers.get("Origin"):
+            return web.json_response({"error": "cross-site request refused"}, status=403)
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise CniError(ERR_DECODING, "request body is not JSON") from None
+            if not isinstance(body, dict):
+                raise CniError(ERR_DECODING, "request body is not a JSON object")
+            answer = await op(body)
+        except CniError as err:
+            return _error_response(err)
+        except Exception as err:
+            log.exception("CNI %s failed", request.path)
+            return _error_response(CniError(ERR_INTERNAL, "internal error", repr(err)))
+        finally:
+            service.kick_drain()
+        return web.json_response(answer or {})
+
+    return handle
+
+
+def setup_routes(app: web.Application, service: CniService) -> None:
+    """Add ``POST /cni/{add,del,check,status,gc}`` to ``app``; replay pending releases at start."""
+
+    async def add(body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"result": await service.add(body)}
+
+    async def delete(body: Mapping[str, Any]) -> None:
+        await service.delete(body)
+
+    async def check(body: Mapping[str, Any]) -> None:
+        await service.check(body)
+
+    async def status(body: Mapping[str, Any]) -> None:
+        await service.status(body)
+
+    app.router.add_post("/cni/add", _handler(service, add))
+    app.router.add_post("/cni/del", _handler(service, delete))
+    app.router.add_post("/cni/check", _handler(service, check))
+    app.router.add_post("/cni/status", _handler(service, status))
+    app.router.add_post("/cni/gc", _handler(service, service.gc))
+
+    async def on_startup(app: web.Application) -> None:
+        del app
+        service.kick_drain()
+
+    async def on_cleanup(app: web.Application) -> None:
+        del app
+        await service.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+
+
+async def serve_unix(app: web.Application, path: str) -> web.AppRunner:
+    """Serve ``app`` on a unix socket at ``path`` (replacing a stale socket file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    return runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A CNI-only router (in-memory allocator, no mesh) for tests and benchmarks::
+
+        python -m weft.cni.server --socket /run/weft/weft.sock --subnet 10.32.0.0/12
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m weft.cni.server", description=main.__doc__)
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--bridge", default="weft")
+    parser.add_argument("--subnet", default="10.32.0.0/12")
+    parser.add_argument("--reserve", action="append", default=[], help="address not to allocate")
+    parser.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR)
+    parser.add_argument("--mtu", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def run() -> None:
+        ipam = MemoryIpam(args.subnet, tuple(args.reserve))
+        config = CniConfig(bridge=args.bridge, spool_dir=args.spool_dir)
+        service = CniService(ipam, config, mtu=lambda: args.mtu)
+        app = web.Application()
+        setup_routes(app, service)
+        runner = await serve_unix(app, args.socket)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
