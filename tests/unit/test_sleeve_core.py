@@ -1,0 +1,491 @@
+"""SleeveCore without I/O: several cores wired by an in-test network, the clock stepped by hand."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from weft.gossip.peer import PeerName
+from weft.router.sleeve_core import (
+    HEADER_SIZE,
+    VNET_HDR_SIZE,
+    LinkEstablished,
+    SleeveConfig,
+    SleeveCore,
+    Transmit,
+    complete_checksum,
+    features_of,
+    icmp_too_big,
+    remote_sleeve,
+)
+
+A, B, C = PeerName(0x020000000001), PeerName(0x020000000002), PeerName(0x020000000003)
+ADDR = {A: ("10.0.0.1", 6783), B: ("10.0.0.2", 6783), C: ("10.0.0.3", 6783)}
+KEYS = {(x, y): os.urandom(32) for x in (A, B, C) for y in (A, B, C) if x != y}
+
+
+def mac(n: int) -> bytes:
+    return bytes([0x02, 0, 0, 0, 0, n])
+
+
+def eth(dst: bytes, src: bytes, payload: bytes, ethertype: bytes = b"\x08\x00") -> bytes:
+    return dst + src + ethertype + payload
+
+
+def vnet(frame: bytes, gso_type: int = 0, flags: int = 0, start: int = 0, off: int = 0) -> bytes:
+    return struct.pack("<BBHHHH", flags, gso_type, 0, 0, start, off) + frame
+
+
+class Routes:
+    """A static RoutesView: next hops by table."""
+
+    def __init__(
+        self, unicast: dict[PeerName, PeerName], broadcast: dict[PeerName, list[PeerName]]
+    ) -> None:
+        self.unicast = unicast
+        self.broadcast = broadcast
+
+    def unicast_next_hop(self, dst: PeerName) -> PeerName | None:
+        return self.unicast.get(dst)
+
+    def broadcast_next_hops(self, src: PeerName) -> list[PeerName]:
+        return list(self.broadcast.get(src, []))
+
+
+class Net:
+    """Cores joined by a lossless in-memory UDP network and control connections."""
+
+    def __init__(
+        self,
+        links: list[tuple[PeerName, PeerName]],
+        *,
+        encrypted: bool = True,
+        config: SleeveConfig | None = None,
+        configs: dict[PeerName, SleeveConfig] | None = None,
+        gro: bool = True,
+    ) -> None:
+        self.now = 1000.0
+        names = sorted({p for link in links for p in link})
+        self.cores = {
+            p: SleeveCore(p, (configs or {}).get(p, config or SleeveConfig())) for p in names
+        }
+        self.by_addr = {ADDR[p]: p for p in names}
+        self.path_limit: dict[tuple[PeerName, PeerName], int] = {}
+        self.blocked: set[tuple[PeerName, PeerName]] = set()
+        self.tap: dict[PeerName, list[bytes]] = {p: [] for p in names}
+        self.established: list[tuple[PeerName, PeerName]] = []
+        self.wire: list[tuple[PeerName, PeerName, bytes]] = []  # every datagram sent
+        self.tamper: Callable[[bytes], bytes] | None = None
+        self.gro = gro
+        for x, y in links:
+            for a, b in ((x, y), (y, x)):
+                core = self.cores[a]
+                core.add_link(
+                    b,
+                    ADDR[b],
+                    self.now,
+                    send_key=KEYS[(a, b)] if encrypted else None,
+                    recv_key=KEYS[(b, a)] if encrypted else None,
+                    superframes=self.cores[b].config.tap_vnet_hdr,
+                )
+
+    def step(self, dt: float = 0.0) -> None:
+        self.now += dt
+        for core in self.cores.values():
+            timer = core.get_timer()
+            if timer is not None and timer <= self.now:
+                core.handle_timer(self.now)
+        self.settle()
+
+    def settle(self) -> None:
+        for _ in range(100):
+            busy = False
+            for name, core in self.cores.items():
+                core.flush()
+                for t in core.take_transmits():
+                    busy = True
+                    self._carry(name, t)
+                for peer, msg in core.take_control():
+                    busy = True
+                    self.cores[peer].control_received(name, msg, self.now)
+                self.tap[name].extend(bytes(f) for f in core.take_tap_frames())
+                while (ev := core.next_event()) is not None:
+                    if isinstance(ev, LinkEstablished):
+                        self.established.append((name, ev.peer))
+            if not busy:
+                return
+        raise AssertionError("network did not settle")
+
+    def _carry(self, src: PeerName, t: Transmit) -> None:
+        dst = self.by_addr[t.addr]
+        seg = t.segment or len(t.buffer)
+        dgrams = [t.buffer[i : i + seg] for i in range(0, len(t.buffer), seg)]
+        assert all(len(d) <= 65507 for d in dgrams)
+        limit = self.path_limit.get((src, dst))
+        kept = [d for d in dgrams if limit is None or len(d) <= limit]
+        if (src, dst) in self.blocked:
+            kept = []
+        self.wire.extend((src, dst, d) for d in kept)
+        if self.tamper is not None:
+            kept = [self.tamper(d) for d in kept]
+        core = self.cores[dst]
+        if self.gro and kept == dgrams and t.segment:
+            core.datagrams_received(t.buffer, ADDR[src], self.now, t.segment)
+        else:
+            for d in kept:
+                core.datagrams_received(d, ADDR[src], self.now)
+
+    def run(self, seconds: float, dt: float = 0.1) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step(dt)
+
+    def learn(self, owner: PeerName, m: bytes) -> None:
+        """Make every core learn that ``m`` lives behind ``owner`` (a broadcast from it)."""
+        frame = eth(b"\xff" * 6, m, b"hello")
+        self.send(owner, vnet(frame) if self.cores[owner].config.tap_vnet_hdr else frame)
+        for name in self.tap:
+            self.tap[name].clear()
+
+    def send(self, at: PeerName, frame: bytes) -> None:
+        self.cores[at].frame_from_tap(frame, self.now)
+        self.settle()
+
+
+def established_net(links: list[tuple[PeerName, PeerName]], **kw: object) -> Net:
+    net = Net(links, **kw)  # type: ignore[arg-type]
+    net.run(5.0)
+    return net
+
+
+def test_heartbeats_establish_and_pmtu_settles_at_underlay() -> None:
+    net = Net([(A, B)])
+    assert net.cores[A].link_status(B)["state"] == "pending"  # type: ignore[index]
+    net.run(3.0)
+    assert sorted(net.established) == [(A, B), (B, A)]
+    status = net.cores[A].link_status(B)
+    assert status is not None
+    assert status["state"] == "established"
+    assert status["pmtu"] == 1472 and not status["searching"]
+    assert status["mtu"] == 1472 - HEADER_SIZE - 24 - 17 - VNET_HDR_SIZE - 14
+    per_frame = SleeveConfig(tap_vnet_hdr=False)
+    enc = established_net([(A, B)], config=per_frame).cores[A].link_status(B)
+    assert enc is not None and enc["mtu"] == 1390  # Weave's encrypted tunnel MTU
+    plain = established_net([(A, B)], encrypted=False, config=per_frame).cores[A].link_status(B)
+    assert plain is not None and plain["mtu"] == 1414  # Weave's plain tunnel MTU
+
+
+def test_pmtu_search_finds_a_smaller_path_and_reprobes_when_it_shrinks() -> None:
+    net = Net([(A, B)])
+    net.path_limit[(A, B)] = 1252  # the far side's underlay is MTU 1280
+    net.run(10.0)
+    status = net.cores[A].link_status(B)
+    assert status is not None and not status["searching"]
+    assert 1252 - 8 < status["pmtu"] <= 1252
+    assert net.cores[B].link_status(A)["pmtu"] == 1472  # type: ignore[index]
+    # The path shrinks later: full-size heartbeats vanish, the sleeve searches again.
+    net.path_limit[(A, B)] = 1000
+    net.run(40.0, dt=0.5)
+    status = net.cores[A].link_status(B)
+    assert status is not None and 1000 - 8 < status["pmtu"] <= 1000
+    assert status["state"] == "established"
+
+
+def test_send_too_big_restarts_the_search_below_the_refused_size() -> None:
+    net = established_net([(A, B)])
+    net.path_limit[(A, B)] = 1100
+    net.cores[A].send_too_big(B, 1400, net.now)
+    net.run(6.0)
+    status = net.cores[A].link_status(B)
+    assert status is not None and 1100 - 8 < status["pmtu"] <= 1100
+
+
+def test_failed_after_heartbeat_timeout_and_back() -> None:
+    net = established_net([(A, B)])
+    net.blocked.add((A, B))
+    net.run(61.0, dt=1.0)
+    assert net.cores[A].link_status(B)["state"] == "failed"  # type: ignore[index]
+    net.blocked.clear()
+    net.run(12.0, dt=1.0)
+    assert net.cores[A].link_status(B)["state"] == "established"  # type: ignore[index]
+
+
+def test_blocked_udp_never_establishes() -> None:
+    net = Net([(A, B)])
+    net.blocked.add((A, B))
+    net.run(5.0)
+    assert (A, B) not in net.established and (B, A) in net.established
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+@pytest.mark.parametrize("gro", [True, False])
+def test_superframe_crosses_fragmented_and_arrives_identical(encrypted: bool, gro: bool) -> None:
+    net = established_net([(A, B)], encrypted=encrypted, gro=gro)
+    net.learn(B, mac(2))
+    payload = os.urandom(65000)
+    frame = vnet(eth(mac(2), mac(1), payload), gso_type=1, flags=1, start=34, off=16)
+    net.send(A, frame)
+    assert net.tap[B] == [frame]
+    # 65000+ bytes in 1472-byte datagrams, sent as a couple of GSO buffers.
+    assert net.cores[B].stats["reassembled"] == 1
+    assert not net.cores[B].drops
+
+
+def test_small_frames_are_batched_into_one_datagram() -> None:
+    net = established_net([(A, B)], encrypted=True)
+    net.learn(B, mac(2))
+    before = len(net.wire)
+    frames = [vnet(eth(mac(2), mac(1), bytes([i]) * 60)) for i in range(10)]
+    for f in frames:
+        net.cores[A].frame_from_tap(f, net.now)
+    net.settle()
+    assert len(net.wire) - before == 1
+    assert net.tap[B] == frames
+
+
+def test_fragments_out_of_order_duplicated_and_lost() -> None:
+    net = established_net([(A, B)], encrypted=True, gro=False)
+    net.learn(B, mac(2))
+    core_a, core_b = net.cores[A], net.cores[B]
+    frame = vnet(eth(mac(2), mac(1), os.urandom(20000)))
+    core_a.frame_from_tap(frame, net.now)
+    core_a.flush()
+    dgrams = []
+    for t in core_a.take_transmits():
+        seg = t.segment or len(t.buffer)
+        dgrams += [t.buffer[i : i + seg] for i in range(0, len(t.buffer), seg)]
+    assert len(dgrams) > 10
+    shuffled = [*dgrams[::-1], dgrams[3]]
+    for d in shuffled:
+        core_b.datagrams_received(d, ADDR[A], net.now)
+    assert [bytes(f) for f in core_b.take_tap_frames()] == [frame]
+    assert core_b.drops["replayed"] == 1  # the duplicate after completion: counter already used
+    # A message missing one fragment is freed after the timeout, and counted.
+    core_a.frame_from_tap(frame, net.now)
+    core_a.flush()
+    dgrams = []
+    for t in core_a.take_transmits():
+        seg = t.segment or len(t.buffer)
+        dgrams += [t.buffer[i : i + seg] for i in range(0, len(t.buffer), seg)]
+    for d in dgrams[1:]:
+        core_b.datagrams_received(d, ADDR[A], net.now)
+    core_b.datagrams_received(dgrams[2], ADDR[A], net.now)
+    assert core_b.drops["duplicate"] == 1
+    assert core_b.status(net.now)["reassembly_bytes"] > 0
+    net.step(3.0)
+    assert core_b.drops["reassembly_timeout"] == 1
+    assert core_b.status(net.now)["reassembly_bytes"] == 0
+    assert core_b.take_tap_frames() == []
+
+
+def test_overlapping_fragment_abandons_the_message() -> None:
+    net = established_net([(A, B)], encrypted=False, gro=False)
+    core_b = net.cores[B]
+    a_bytes = A.to_bytes(6, "big")
+    hdr = struct.Struct(">B6sQIIHH")
+    core_b.datagrams_received(hdr.pack(0x11, a_bytes, 77, 3000, 0, 0, 3) + bytes(1000), ADDR[A], 0)
+    # index 1 claims offset 900: overlaps fragment 0.
+    core_b.datagrams_received(
+        hdr.pack(0x11, a_bytes, 77, 3000, 900, 1, 3) + bytes(1000), ADDR[A], 0
+    )
+    assert core_b.drops["malformed"] == 1
+    assert core_b.status(net.now)["reassembly_bytes"] == 0
+
+
+def test_bad_packets_are_dropped_and_counted_by_reason() -> None:
+    net = established_net([(A, B)], encrypted=True)
+    net.learn(B, mac(2))
+    core_b = net.cores[B]
+    hdr = struct.Struct(">B6sQIIHH")
+    a_bytes = A.to_bytes(6, "big")
+    core_b.datagrams_received(b"\x11abc", ADDR[A], net.now)
+    core_b.datagrams_received(hdr.pack(0x77, a_bytes, 0, 10, 0, 0, 1) + bytes(10), ADDR[A], 0)
+    core_b.datagrams_received(
+        hdr.pack(0x11, b"\x09" * 6, 0, 10, 0, 0, 1) + bytes(10), ADDR[A], net.now
+    )
+    core_b.datagrams_received(
+        hdr.pack(0x11, a_bytes, 1 << 40, 1 << 20, 0, 0, 40) + bytes(10), ADDR[A], net.now
+    )
+    # Capture a real packet, then replay it and flip a bit in a copy.
+    before = len(net.wire)
+    net.send(A, vnet(eth(mac(2), mac(1), b"secret marker" * 10)))
+    captured = net.wire[before][2]
+    assert b"secret marker" not in captured
+    core_b.datagrams_received(captured, ADDR[A], net.now)
+    flipped = bytearray(captured)
+    flipped[-5] ^= 0x01
+    fresh = (10**6).to_bytes(8, "big")  # a fresh counter, so only the tag can refuse it
+    flipped[7:15] = fresh
+    flipped[HEADER_SIZE : HEADER_SIZE + 8] = fresh
+    core_b.datagrams_received(bytes(flipped), ADDR[A], net.now)
+    assert dict(core_b.drops) == {
+        "truncated": 1,
+        "malformed": 1,
+        "unknown_peer": 1,
+        "oversize": 1,
+        "replayed": 1,
+        "tampered": 1,
+    }
+    assert len(net.tap[B]) == 1
+
+
+def test_plain_packets_carry_the_frame_in_clear_and_encrypted_do_not() -> None:
+    for encrypted in (False, True):
+        net = established_net([(A, B)], encrypted=encrypted)
+        net.learn(B, mac(2))
+        before = len(net.wire)
+        net.send(A, vnet(eth(mac(2), mac(1), b"MARKER-1234" * 3000)))
+        seen = any(b"MARKER-1234" in d for _, _, d in net.wire[before:])
+        assert seen is not encrypted
+
+
+def test_junk_flood_is_bounded() -> None:
+    cfg = SleeveConfig(reassembly_per_peer=8, reassembly_bytes=1 << 20)
+    net = established_net([(A, B)], encrypted=False, config=cfg)
+    core_b = net.cores[B]
+    hdr = struct.Struct(">B6sQIIHH")
+    a_bytes = A.to_bytes(6, "big")
+    for i in range(1000):
+        core_b.datagrams_received(
+            hdr.pack(0x11, a_bytes, i, 60000, 0, 0, 50) + bytes(1200), ADDR[A], net.now
+        )
+    assert core_b.status(net.now)["reassembly_bytes"] <= 8 * 60000
+    assert core_b.drops["reassembly_evicted"] == 1000 - 8
+
+
+def test_multi_hop_unicast_and_broadcast_tree() -> None:
+    # A - B - C in a line (A and C have no direct link).
+    net = established_net([(A, B), (B, C)], encrypted=True)
+    routes = {
+        A: Routes({B: B, C: B}, {A: [B], B: [], C: []}),
+        B: Routes({A: A, C: C}, {A: [C], B: [A, C], C: [A]}),
+        C: Routes({B: B, A: B}, {C: [B], A: [], B: []}),
+    }
+    for p, r in routes.items():
+        net.cores[p].routes_changed(r)
+    arp = eth(b"\xff" * 6, mac(3), b"who-has")
+    net.send(C, vnet(arp))
+    assert net.tap[A] == [vnet(arp)] and net.tap[B] == [vnet(arp)]
+    reply = vnet(eth(mac(3), mac(1), os.urandom(30000)), gso_type=1, flags=1, start=34, off=16)
+    net.send(A, reply)
+    assert net.tap[C] == [reply]
+    assert net.cores[B].stats["relayed"] == 1
+    assert len(net.tap[B]) == 1  # the relay did not deliver the unicast locally
+
+
+def test_mac_move_is_relearned() -> None:
+    net = established_net([(A, B), (A, C)], encrypted=False)
+    net.learn(B, mac(9))
+    net.send(A, vnet(eth(mac(9), mac(1), b"x" * 50)))
+    assert len(net.tap[B]) == 1 and not net.tap[C]
+    net.learn(C, mac(9))  # the container moved behind C and said something
+    net.send(A, vnet(eth(mac(9), mac(1), b"y" * 50)))
+    assert len(net.tap[C]) == 1 and not net.tap[B]
+    assert net.cores[A].macs.moves == 1
+
+
+def test_stp_frames_ignored_and_local_destinations_not_sent() -> None:
+    net = established_net([(A, B)])
+    net.send(A, vnet(eth(b"\x01\x80\xc2\x00\x00\x00", mac(1), b"bpdu")))
+    net.send(A, vnet(eth(b"\xff" * 6, mac(1), b"hi")))  # A learns mac(1) is local
+    net.send(A, vnet(eth(mac(1), mac(5), b"to local")))
+    assert net.cores[A].drops["stp"] == 1
+    assert net.cores[A].drops["local_destination"] == 1
+    assert len(net.tap[B]) == 1
+
+
+def _tcp_frame_partial_checksum(payload: bytes) -> tuple[bytes, bytes]:
+    """A TCP/IPv4 frame with CHECKSUM_PARTIAL state, and the same frame fully checksummed."""
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    tcp = bytearray(struct.pack(">HHIIBBHHH", 1234, 80, 1, 0, 0x50, 0x18, 1000, 0, 0) + payload)
+    pseudo = src + dst + struct.pack(">BBH", 0, 6, len(tcp))
+    total = sum(struct.unpack(f">{len(pseudo) // 2}H", pseudo))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    partial = bytearray(tcp)
+    partial[16:18] = total.to_bytes(2, "big")  # what the kernel leaves: the pseudo-header sum
+    full = bytearray(tcp)
+    data = pseudo + bytes(tcp) + (b"\x00" if len(tcp) % 2 else b"")
+    s = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    full[16:18] = ((~s) & 0xFFFF).to_bytes(2, "big")
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+    head = mac(2) + mac(1) + b"\x08\x00" + ip
+    return head + bytes(partial), head + bytes(full)
+
+
+@pytest.mark.parametrize("size", [1, 2, 101, 1000])
+def test_complete_checksum_matches_a_full_computation(size: int) -> None:
+    partial, full = _tcp_frame_partial_checksum(os.urandom(size))
+    assert complete_checksum(partial, 34, 16) == full
+
+
+def test_per_frame_peer_gets_frames_without_virtio_header() -> None:
+    configs = {A: SleeveConfig(), B: SleeveConfig(tap_vnet_hdr=False)}
+    net = established_net([(A, B)], configs=configs)
+    assert not net.cores[A].superframes_everywhere
+    assert net.cores[A].link_status(B)["superframes"] is False  # type: ignore[index]
+    assert net.cores[B].link_status(A)["superframes"] is False  # type: ignore[index]
+    net.learn(B, mac(2))
+    partial, full = _tcp_frame_partial_checksum(b"hello" * 100)
+    net.send(A, vnet(partial, flags=1, start=34, off=16))
+    assert net.tap[B] == [full]
+    net.send(A, vnet(eth(mac(2), mac(1), bytes(30000)), gso_type=1, flags=1, start=34, off=16))
+    assert net.cores[A].drops["needs_offload"] == 1
+    # And back: the per-frame side's frames gain a zero header on the super-frame side.
+    net.learn(A, mac(1))
+    plain = eth(mac(1), mac(2), b"back" * 50)
+    net.cores[B].frame_from_tap(plain, net.now)
+    net.settle()
+    assert net.tap[A] == [vnet(plain)]
+
+
+def test_icmp_too_big_when_fragmenting_is_off() -> None:
+    net = established_net([(A, B)], encrypted=False, config=SleeveConfig(fragment=False))
+    net.learn(B, mac(2))
+    ip = struct.pack(
+        ">BBHHHBBH4s4s",
+        0x45,
+        0,
+        3000,
+        0,
+        0x4000,
+        64,
+        17,
+        0,
+        bytes([10, 0, 0, 1]),
+        bytes([10, 0, 0, 2]),
+    )
+    frame = eth(mac(2), mac(1), ip + bytes(2980))
+    net.send(A, vnet(frame))
+    assert not net.tap[B]
+    [answer] = [bytes(f) for f in net.cores[A].take_tap_frames()] or net.tap[A]
+    icmp_frame = answer[VNET_HDR_SIZE:]
+    assert icmp_frame[:6] == mac(1) and icmp_frame[6:12] == mac(2)
+    ip_hdr = icmp_frame[14:34]
+    assert ip_hdr[9] == 1 and ip_hdr[12:16] == bytes([10, 0, 0, 2])
+    icmp = icmp_frame[34:]
+    assert icmp[0] == 3 and icmp[1] == 4
+    assert int.from_bytes(icmp[6:8], "big") == 1472 - HEADER_SIZE - 17 - VNET_HDR_SIZE - 14
+    # Checksums verify (one's complement sum of a checksummed header is 0xffff).
+    for chunk in (ip_hdr, icmp):
+        words = struct.unpack(f">{len(chunk) // 2}H", chunk + b"\x00" * (len(chunk) % 2))
+        s = sum(words)
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        assert s == 0xFFFF
+    no_df = bytearray(frame)
+    no_df[20] = 0
+    assert icmp_too_big(bytes(no_df), 1400) is None
+
+
+def test_features_round_trip() -> None:
+    cfg = SleeveConfig(port=7000, tap_vnet_hdr=False)
+    parsed = remote_sleeve({"sleeve": features_of(cfg)})
+    assert parsed == {"port": 7000, "superframes": False, "cipher": cfg.cipher}
+    assert remote_sleeve({}) is None
+    assert remote_sleeve({"sleeve": {"version": 1, "port": "x"}}) is None

@@ -1,0 +1,1021 @@
+"""The sleeve data plane's core: framing, fragmentation, crypto, heartbeats, PMTU, forwarding.
+
+No I/O: :class:`SleeveCore` takes frames read from the TAP, UDP datagrams and overlay-control
+messages together with ``now``, and produces UDP transmissions, frames to write to the TAP,
+overlay-control messages and events. :mod:`weft.router.sleeve` is the asyncio pump around it.
+
+Wire format
+===========
+
+Every UDP datagram (port 6783) starts with a 27-byte plaintext header, all integers big endian::
+
+    0   1  version (high 4 bits, = 1) | kind (low 4 bits): 1 data, 2 heartbeat
+    1   6  sender: peer name of the hop that sent this datagram (selects the keys)
+    7   8  message id: the data-key counter when encrypted, a per-link sequence otherwise
+    15  4  message length (the whole sealed message, all fragments together)
+    19  4  fragment offset into the message
+    23  2  fragment index
+    25  2  fragment count
+
+followed by the fragment's bytes. A message is cut into ``count`` fragments of equal size except
+the last, in index order, so ``offset == index * chunk``; receivers check that, which makes
+overlapping fragments impossible rather than merely unlikely. A message that fits one datagram is
+``index 0, count 1`` and never touches the reassembly buffers.
+
+A message is, when encrypted, ``counter(8) || AEAD(plaintext) || tag(16)`` sealed by
+:class:`weft.gossip.crypto.DataSealer` with the data key of the connection's direction and the
+first 7 header bytes (version/kind and sender) as associated data; its counter equals the header's
+message id, which lets a receiver refuse replayed fragments before buffering them. Unencrypted,
+the message is the plaintext itself.
+
+The plaintext of a *data* message is one or more records::
+
+    0   6  source peer (where the frame entered the overlay)
+    6   6  destination peer, or 00:00:00:00:00:00 for broadcast / unknown destination
+    12  1  flags: bit 0 = the frame starts with a 10-byte virtio_net_hdr
+    13  4  frame length
+    17  .. frame (virtio_net_hdr + Ethernet frame, or the Ethernet frame alone)
+
+so a TCP super-frame (up to ~64 KB, read from a TAP opened with IFF_VNET_HDR and TSO offloads)
+travels as one record in one message, fragmented to the path MTU and re-joined on the far side,
+where the virtio_net_hdr goes back to the kernel unchanged. Small frames for the same next hop are
+batched into one message up to one datagram. A relay reassembles, forwards each record along the
+routes and fragments again for its own next hop, whose path MTU may differ.
+
+The plaintext of a *heartbeat* message is ``sequence(4) || padding``; heartbeats double as
+path-MTU probes, so the whole datagram has exactly the probed size. The receiver acknowledges each
+authenticated heartbeat over the control connection (overlay control message
+``0x01 || sequence(4) || datagram size(4)``) and learns the sender's UDP address from it (NAT
+friendly: data packets authenticate the address too).
+
+Connection state machine (per remote peer, :class:`_Link`)
+==========================================================
+
+``pending`` -> ``established`` on the first acknowledged heartbeat (the overlay then reports the
+connection established to the mesh, which makes it eligible for data routes). Heartbeats go every
+``heartbeat_pending`` seconds until then, every ``heartbeat_interval`` after. With no
+acknowledgement for ``heartbeat_timeout`` seconds the state becomes ``failed`` (and goes back to
+``established`` when acknowledgements return).
+
+Path MTU (in UDP payload bytes): starts at ``pmtu_min`` (known to work on any IPv4 path), upper
+bound = the local underlay MTU minus 28. While searching, every ``probe_timeout`` a ladder of
+``probe_ladder`` heartbeats evenly spaced in (confirmed, upper] is sent; an acknowledged size
+raises the confirmed value, a probe unanswered within ``probe_timeout`` lowers the upper bound
+below its size; the search ends when the two are within ``pmtu_granularity``. Two consecutive
+unanswered full-size heartbeats after that mean the path shrank: the datagram size drops to
+``pmtu_min`` and the search runs again below the old value. A local EMSGSIZE does the same at
+once. The search is repeated every ``reprobe_interval`` to notice a path that grew.
+
+Frames are never silently lost to the MTU: records larger than a datagram are fragmented. With
+``fragment=False`` (for comparison with Weave's behaviour) a frame too large for one datagram is
+answered with a synthesized ICMP "fragmentation needed" (IPv4) / "packet too big" (IPv6) frame
+written back to the TAP, towards the sender.
+
+Drops are counted by reason in :attr:`SleeveCore.drops`; peer input can only ever cause a drop.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from weft.errors import ConfigError, LocalError
+from weft.gossip.crypto import (
+    DATA_OVERHEAD,
+    DEFAULT_DATA_CIPHER,
+    DataCipher,
+    DataOpener,
+    DataPacketError,
+    DataSealer,
+)
+from weft.gossip.peer import PeerName
+from weft.router.maccache import MacCache, MacCacheConfig
+from weft.router.overlay import RoutesView
+
+__all__ = [
+    "BROADCAST",
+    "HEADER_SIZE",
+    "KIND_DATA",
+    "KIND_HEARTBEAT",
+    "RECORD_HEADER_SIZE",
+    "VNET_HDR_SIZE",
+    "LinkEstablished",
+    "LinkStatusChanged",
+    "SleeveConfig",
+    "SleeveCore",
+    "SleeveEvent",
+    "Transmit",
+    "complete_checksum",
+    "features_of",
+    "icmp_too_big",
+    "remote_sleeve",
+]
+
+VERSION: Final = 1
+KIND_DATA: Final = 1
+KIND_HEARTBEAT: Final = 2
+_VK_DATA: Final = (VERSION << 4) | KIND_DATA
+_VK_HEARTBEAT: Final = (VERSION << 4) | KIND_HEARTBEAT
+
+_HEADER = struct.Struct(">B6sQIIHH")
+HEADER_SIZE: Final = _HEADER.size  # 27
+_RECORD = struct.Struct(">6s6sBI")
+RECORD_HEADER_SIZE: Final = _RECORD.size  # 17
+VNET_HDR_SIZE: Final = 10
+FLAG_VNET: Final = 0x01
+BROADCAST: Final = b"\x00" * 6
+_ETH_HEADER: Final = 14
+_IP_UDP_OVERHEAD: Final = 28  # IPv4 20 + UDP 8
+# The largest message: one super-frame record (virtio header + 14 + VLAN 4 + 64 KiB IP) sealed.
+MAX_MESSAGE: Final = RECORD_HEADER_SIZE + VNET_HDR_SIZE + 18 + 65535 + DATA_OVERHEAD
+_KINDS: Final = frozenset((_VK_DATA, _VK_HEARTBEAT))
+_CTRL_HB_ACK: Final = 0x01
+_ACK = struct.Struct(">BII")
+_SEQ = struct.Struct(">I")
+_STP_PREFIX: Final = b"\x01\x80\xc2\x00\x00"  # 01:80:c2:00:00:0X, IEEE link-local (STP, LLDP...)
+_VNET_F_NEEDS_CSUM: Final = 1
+_VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+
+
+@dataclass(frozen=True)
+class SleeveConfig:
+    """Sleeve tuning; the defaults suit a LAN and follow Weave where Weave had a value."""
+
+    port: int = 6783  # UDP port of the sleeve
+    tap_vnet_hdr: bool = True  # the local TAP delivers/accepts a virtio_net_hdr (super-frames)
+    fragment: bool = True  # fragment frames larger than a datagram (False: ICMP too-big instead)
+    heartbeat_pending: float = 0.5  # heartbeat period until the first acknowledgement (Weave)
+    heartbeat_interval: float = 10.0  # heartbeat period once established (Weave)
+    heartbeat_timeout: float = 60.0  # no acknowledgement this long: state "failed" (Weave)
+    probe_timeout: float = 1.0  # a PMTU probe unanswered this long failed
+    probe_ladder: int = 6  # probes per search round
+    pmtu_min: int = 548  # UDP payload every IPv4 path carries (576 - 28); never probed below
+    pmtu_granularity: int = 8  # the search stops when confirmed and upper bound are this close
+    reprobe_interval: float = 600.0  # repeat the PMTU search to notice a path that grew
+    reassembly_timeout: float = 2.0  # an incomplete message is freed after this long
+    reassembly_per_peer: int = 64  # incomplete messages kept per peer (oldest evicted)
+    reassembly_bytes: int = 32 << 20  # all incomplete messages together, bytes
+    max_gso_bytes: int = 65507  # one UDP_SEGMENT send: at most a maximal UDP datagram
+    max_gso_segments: int = 64  # kernel UDP_MAX_SEGMENTS (64 on older kernels, 128 on newer)
+    mac_cache: MacCacheConfig = field(default_factory=MacCacheConfig)
+    cipher: DataCipher = DEFAULT_DATA_CIPHER
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"sleeve port {self.port} is not a UDP port (1..65535)")
+        if self.pmtu_min < HEADER_SIZE + DATA_OVERHEAD + RECORD_HEADER_SIZE + 64:
+            raise ConfigError(f"pmtu_min {self.pmtu_min} is too small for one frame")
+        for name in ("heartbeat_pending", "heartbeat_interval", "heartbeat_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"sleeve {name} must be positive")
+        if self.probe_ladder < 1 or self.pmtu_granularity < 1:
+            raise ConfigError("probe_ladder and pmtu_granularity must be at least 1")
+        if self.max_gso_segments < 1 or self.max_gso_bytes < self.pmtu_min:
+            raise ConfigError("max_gso_segments must be >= 1 and max_gso_bytes >= pmtu_min")
+
+
+@dataclass(frozen=True)
+class Transmit:
+    """Datagrams to send to ``addr``: ``buffer`` holds back-to-back datagrams of ``segment``
+    bytes (the last may be shorter); ``segment == 0`` means one datagram (UDP GSO otherwise)."""
+
+    peer: PeerName
+    addr: tuple[str, int]
+    buffer: bytes
+    segment: int
+
+
+@dataclass(frozen=True)
+class LinkEstablished:
+    """The link to ``peer`` carried its first acknowledged heartbeat."""
+
+    peer: PeerName
+
+
+@dataclass(frozen=True)
+class LinkStatusChanged:
+    """State, MTU or info of the link to ``peer`` changed (for status/UI)."""
+
+    peer: PeerName
+
+
+SleeveEvent = LinkEstablished | LinkStatusChanged
+
+
+class _Reassembly:
+    __slots__ = ("buf", "chunk", "count", "deadline", "got", "kind", "last_offset", "mask", "total")
+
+    def __init__(self, kind: int, total: int, count: int, deadline: float) -> None:
+        self.kind = kind
+        self.total = total
+        self.count = count
+        self.buf = bytearray(total)
+        self.mask = 0
+        self.got = 0
+        self.chunk = -1
+        self.last_offset = -1
+        self.deadline = deadline
+
+
+class _Link:
+    """Everything the sleeve knows about one directly connected peer."""
+
+    def __init__(
+        self,
+        name: PeerName,
+        local_bytes: bytes,
+        addr: tuple[str, int],
+        sealer: DataSealer | None,
+        opener: DataOpener | None,
+        superframes: bool,
+        upper: int,
+        config: SleeveConfig,
+        now: float,
+    ) -> None:
+        self.name = name
+        self.name_bytes = name.to_bytes(6, "big")
+        self.addr = addr
+        self.sealer = sealer
+        self.opener = opener
+        self.superframes = superframes
+        self.seq = 0  # message ids when not encrypted
+        self.state = "pending"
+        self.info = "waiting for the first UDP heartbeat acknowledgement"
+        self.ever_established = False
+        self.created = now
+        self.last_ack: float | None = None
+        self.pmtu = config.pmtu_min
+        self.underlay_upper = upper
+        self.upper = upper
+        self.searching = True
+        self.probes: dict[int, tuple[int, float]] = {}
+        self.probe_seq = 0
+        self.settled_misses = 0
+        self.next_tick = now
+        self.next_heartbeat = now
+        self.next_reprobe = now + config.reprobe_interval
+        self.reasm: dict[int, _Reassembly] = {}
+        self.pending: list[bytes | memoryview] = []
+        self.pending_size = 0
+        self.overhead = DATA_OVERHEAD if sealer is not None else 0
+        # Associated data of what we send: our header's version/kind byte and our name.
+        self.aad_data = bytes([_VK_DATA]) + local_bytes
+        self.aad_heartbeat = bytes([_VK_HEARTBEAT]) + local_bytes
+        self.addr_changes = 0
+
+
+class SleeveCore:
+    """The sans-I/O sleeve of one router. All methods run on one thread and never block.
+
+    Outputs are taken with :meth:`take_transmits`, :meth:`take_tap_frames`,
+    :meth:`take_control` and :meth:`next_event`; records queued for batching leave with
+    :meth:`flush`, which the pump calls after draining its input.
+    """
+
+    def __init__(self, local: PeerName, config: SleeveConfig | None = None) -> None:
+        self.config = config or SleeveConfig()
+        self.local = local
+        self.local_bytes = local.to_bytes(6, "big")
+        self.macs = MacCache(self.config.mac_cache)
+        self.drops: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self._links: dict[PeerName, _Link] = {}
+        self._by_bytes: dict[bytes, _Link] = {}
+        self._names: dict[bytes, PeerName] = {}
+        self._routes: RoutesView | None = None
+        self._dirty: dict[PeerName, _Link] = {}
+        self._transmits: list[Transmit] = []
+        self._tap: list[bytes | bytearray | memoryview] = []
+        self._control: list[tuple[PeerName, bytes]] = []
+        self._events: list[SleeveEvent] = []
+        self._reasm_bytes = 0
+        self._next_sweep: float | None = None
+        self._eth = VNET_HDR_SIZE if self.config.tap_vnet_hdr else 0
+        self._tap_flags = FLAG_VNET if self.config.tap_vnet_hdr else 0
+
+    # ----------------------------------------------------------------- links
+
+    def add_link(
+        self,
+        peer: PeerName,
+        addr: tuple[str, int],
+        now: float,
+        *,
+        send_key: bytes | None = None,
+        recv_key: bytes | None = None,
+        superframes: bool = True,
+        underlay_mtu: int = 1500,
+        cipher: DataCipher | None = None,
+    ) -> None:
+        """A control connection to ``peer`` completed its handshake; start heartbeating.
+
+        ``addr`` is where to send until the peer's authenticated packets teach us better;
+        ``underlay_mtu`` is the local interface MTU towards it (the PMTU search's upper bound).
+        Keys come both or neither. Replaces an existing link to the same peer.
+        """
+        if peer == self.local:
+            raise LocalError("a sleeve link to ourselves")
+        if (send_key is None) != (recv_key is None):
+            raise LocalError("sleeve data keys must be given both or neither")
+        self.remove_link(peer)
+        use = cipher or self.config.cipher
+        sealer = DataSealer(send_key, use) if send_key is not None else None
+        opener = DataOpener(recv_key, use) if recv_key is not None else None
+        upper = max(self.config.pmtu_min, underlay_mtu - _IP_UDP_OVERHEAD)
+        link = _Link(
+            peer, self.local_bytes, addr, sealer, opener, superframes, upper, self.config, now
+        )
+        self._links[peer] = link
+        self._by_bytes[link.name_bytes] = link
+
+    def remove_link(self, peer: PeerName) -> None:
+        link = self._links.pop(peer, None)
+        if link is None:
+            return
+        del self._by_bytes[link.name_bytes]
+        self._dirty.pop(peer, None)
+        for r in link.reasm.values():
+            self._reasm_bytes -= r.total
+        link.reasm.clear()
+        self.macs.forget_peer(peer)
+
+    def routes_changed(self, routes: RoutesView) -> None:
+        self._routes = routes
+
+    @property
+    def superframes_everywhere(self) -> bool:
+        """True when every linked peer accepts records with a virtio_net_hdr (super-frames)."""
+        return all(link.superframes for link in self._links.values())
+
+    def link_status(self, peer: PeerName) -> dict[str, Any] | None:
+        """``{state, mtu, pmtu, info, addr, encrypted, superframes}`` of the link, or None."""
+        link = self._links.get(peer)
+        if link is None:
+            return None
+        return {
+            "state": link.state,
+            "pmtu": link.pmtu,
+            "mtu": self._frame_mtu(link),
+            "info": self._info(link),
+            "addr": f"{link.addr[0]}:{link.addr[1]}",
+            "encrypted": link.sealer is not None,
+            "superframes": link.superframes and self.config.tap_vnet_hdr,
+            "searching": link.searching,
+        }
+
+    def _frame_mtu(self, link: _Link) -> int:
+        """The largest IP packet that crosses this link in one datagram (what Weave called the
+        sleeve MTU: 1414 plain, 1390 encrypted on a 1500 underlay)."""
+        vnet = VNET_HDR_SIZE if link.superframes and self.config.tap_vnet_hdr else 0
+        return link.pmtu - HEADER_SIZE - link.overhead - RECORD_HEADER_SIZE - vnet - _ETH_HEADER
+
+    def _info(self, link: _Link) -> str:
+        parts = [f"udp {link.addr[0]}:{link.addr[1]}", f"pmtu {link.pmtu}"]
+        if link.searching:
+            parts.append("probing")
+        parts.append(
+            "super-frames" if link.superframes and self.config.tap_vnet_hdr else "per-frame"
+        )
+        if link.state != "established":
+            parts.append(link.info)
+        return ", ".join(parts)
+
+    # ----------------------------------------------------------------- outputs
+
+    def take_transmits(self) -> list[Transmit]:
+        out, self._transmits = self._transmits, []
+        return out
+
+    def take_tap_frames(self) -> list[bytes | bytearray | memoryview]:
+        out, self._tap = self._tap, []
+        return out
+
+    def take_control(self) -> list[tuple[PeerName, bytes]]:
+        out, self._control = self._control, []
+        return out
+
+    def next_event(self) -> SleeveEvent | None:
+        return self._events.pop(0) if self._events else None
+
+    # ----------------------------------------------------------------- TAP side
+
+    def frame_from_tap(self, frame: bytes, now: float) -> None:
+        """A frame the local bridge handed to the TAP (with virtio_net_hdr when configured)."""
+        eth = self._eth
+        if len(frame) < eth + _ETH_HEADER:
+            self.drops["tap_runt"] += 1
+            return
+        dst = frame[eth : eth + 6]
+        if dst[:5] == _STP_PREFIX:
+            self.drops["stp"] += 1
+            return
+        self.stats["tap_frames_in"] += 1
+        src_mac = int.from_bytes(frame[eth + 6 : eth + 12], "big")
+        if not src_mac >> 40 & 1:
+            self.macs.learn(src_mac, self.local, now)
+        routes = self._routes
+        if dst[0] & 1:  # broadcast / multicast
+            self._broadcast(self.local, self.local_bytes, self._tap_flags, frame, None)
+            return
+        owner = self.macs.lookup(int.from_bytes(dst, "big"), now)
+        if owner is None:
+            self._broadcast(self.local, self.local_bytes, self._tap_flags, frame, None)
+            return
+        if owner == self.local:
+            self.drops["local_destination"] += 1
+            return
+        hop = routes.unicast_next_hop(owner) if routes is not None else owner
+        link = self._links.get(hop) if hop is not None else None
+        if link is None:
+            self.drops["no_route"] += 1
+            return
+        if not self.config.fragment and self._too_big(link, frame, self._tap_flags):
+            return
+        self._queue(link, self.local_bytes, owner.to_bytes(6, "big"), self._tap_flags, frame)
+
+    def _broadcast(
+        self,
+        src: PeerName,
+        src_bytes: bytes,
+        flags: int,
+        frame: bytes | memoryview,
+        came_from: PeerName | None,
+    ) -> None:
+        routes = self._routes
+        if routes is None:
+            hops: Iterable[PeerName] = list(self._links) if src == self.local else []
+        else:
+            hops = routes.broadcast_next_hops(src)
+        for hop in hops:
+            if hop in (came_from, src):
+                continue
+            link = self._links.get(hop)
+            if link is None:
+                self.drops["no_route"] += 1
+                continue
+            self._queue(link, src_bytes, BROADCAST, flags, frame)
+
+    def _too_big(self, link: _Link, frame: bytes, flags: int) -> bool:
+        """``fragment=False`` mode: answer frames that need more than one datagram with ICMP."""
+        eth = VNET_HDR_SIZE if flags & FLAG_VNET else 0
+        if flags & FLAG_VNET and frame[1] != 0:  # GSO super-frames are always fragmented
+            return False
+        room = link.pmtu - HEADER_SIZE - link.overhead - RECORD_HEADER_SIZE
+        if len(frame) <= room:
+            return False
+        icmp = icmp_too_big(memoryview(frame)[eth:], room - eth - _ETH_HEADER)
+        self.drops["too_big"] += 1
+        if icmp is not None:
+            self._tap.append(bytes(VNET_HDR_SIZE) + icmp if self.config.tap_vnet_hdr else icmp)
+            self.stats["icmp_too_big"] += 1
+        return True
+
+    # ----------------------------------------------------------------- batching and sending
+
+    def _queue(
+        self, link: _Link, src: bytes, dst: bytes, flags: int, frame: bytes | memoryview
+    ) -> None:
+        if flags & FLAG_VNET and not link.superframes:
+            stripped = _strip_vnet(frame)
+            if stripped is None:
+                self.drops["needs_offload"] += 1
+                return
+            frame, flags = stripped, flags & ~FLAG_VNET
+        size = RECORD_HEADER_SIZE + len(frame)
+        room = link.pmtu - HEADER_SIZE - link.overhead
+        header = _RECORD.pack(src, dst, flags, len(frame))
+        if size > room:  # a message of its own, fragmented
+            self._flush_link(link)
+            self._send_message(link, _VK_DATA, (header, frame))
+            return
+        if link.pending_size + size > room:
+            self._flush_link(link)
+        link.pending.append(header)
+        link.pending.append(frame)
+        link.pending_size += size
+        self._dirty[link.name] = link
+
+    def flush(self) -> None:
+        """Send every batch still waiting (call after draining the inputs)."""
+        if self._dirty:
+            for link in self._dirty.values():
+                self._flush_link(link)
+            self._dirty.clear()
+
+    def _flush_link(self, link: _Link) -> None:
+        if link.pending:
+            parts, link.pending, link.pending_size = link.pending, [], 0
+            self._send_message(link, _VK_DATA, parts)
+
+    def _send_message(
+        self, link: _Link, vk: int, parts: Iterable[bytes | memoryview], single: bool = False
+    ) -> None:
+        plain = b"".join(parts)
+        if link.sealer is not None:
+            msg_id = link.sealer.next_counter
+            blob = link.sealer.seal(plain, link.aad_data if vk == _VK_DATA else link.aad_heartbeat)
+        else:
+            msg_id = link.seq
+            link.seq = (link.seq + 1) & 0xFFFFFFFFFFFFFFFF
+            blob = plain
+        total = len(blob)
+        pmtu = link.pmtu
+        chunk = pmtu - HEADER_SIZE
+        self.stats["messages_out"] += 1
+        if total <= chunk or single:
+            buf = _HEADER.pack(vk, self.local_bytes, msg_id, total, 0, 0, 1) + blob
+            self._transmits.append(Transmit(link.name, link.addr, buf, 0))
+            return
+        count = -(-total // chunk)
+        view = memoryview(blob)
+        per_send = max(1, min(self.config.max_gso_segments, self.config.max_gso_bytes // pmtu))
+        pack = _HEADER.pack
+        local = self.local_bytes
+        index = 0
+        while index < count:
+            stop = min(count, index + per_send)
+            pieces: list[bytes | memoryview] = []
+            for i in range(index, stop):
+                offset = i * chunk
+                pieces.append(pack(vk, local, msg_id, total, offset, i, count))
+                pieces.append(view[offset : offset + chunk])
+            segment = pmtu if stop - index > 1 else 0
+            self._transmits.append(Transmit(link.name, link.addr, b"".join(pieces), segment))
+            index = stop
+
+    # ----------------------------------------------------------------- UDP side
+
+    def datagrams_received(
+        self, buf: bytes, addr: tuple[str, int], now: float, segment: int = 0
+    ) -> None:
+        """One received buffer: a datagram, or with UDP GRO several of ``segment`` bytes each."""
+        n = len(buf)
+        if segment <= 0 or segment >= n:
+            self._datagram(buf, 0, n, addr, now)
+            return
+        view = memoryview(buf)
+        for start in range(0, n, segment):
+            self._datagram(view, start, min(n, start + segment), addr, now)
+
+    def _datagram(
+        self, buf: bytes | memoryview, start: int, end: int, addr: tuple[str, int], now: float
+    ) -> None:
+        if end - start < HEADER_SIZE:
+            self.drops["truncated"] += 1
+            return
+        vk, sender, msg_id, total, offset, index, count = _HEADER.unpack_from(buf, start)
+        if vk not in _KINDS:
+            self.drops["malformed"] += 1
+            return
+        link = self._by_bytes.get(sender)
+        if link is None:
+            self.drops["unknown_peer"] += 1
+            return
+        size = end - start - HEADER_SIZE
+        if total > MAX_MESSAGE:
+            self.drops["oversize"] += 1
+            return
+        if index >= count or offset + size > total or (count == 1 and size != total):
+            self.drops["malformed"] += 1
+            return
+        opener = link.opener
+        if opener is not None:
+            try:
+                opener.check(msg_id)
+            except DataPacketError as err:
+                self.drops[err.reason] += 1
+                return
+        payload = buf[start + HEADER_SIZE : end]
+        if count == 1:
+            self._message(link, vk, msg_id, payload, addr, end - start, now)
+            return
+        reasm = link.reasm.get(msg_id)
+        if reasm is None:
+            if self._reasm_bytes + total > self.config.reassembly_bytes:
+                self.drops["reassembly_full"] += 1
+                return
+            if len(link.reasm) >= self.config.reassembly_per_peer:
+                oldest = next(iter(link.reasm))
+                self._reasm_bytes -= link.reasm.pop(oldest).total
+                self.drops["reassembly_evicted"] += 1
+            reasm = _Reassembly(vk, total, count, now + self.config.reassembly_timeout)
+            link.reasm[msg_id] = reasm
+            self._reasm_bytes += total
+            if self._next_sweep is None:
+                self._next_sweep = reasm.deadline
+        elif reasm.total != total or reasm.count != count or reasm.kind != vk:
+            self._abandon(link, msg_id, "malformed")
+            return
+        bit = 1 << index
+        if reasm.mask & bit:
+            self.drops["duplicate"] += 1
+            return
+        if index < count - 1:
+            if reasm.chunk < 0:
+                reasm.chunk = size
+                if reasm.last_offset >= 0 and reasm.last_offset != (count - 1) * size:
+                    self._abandon(link, msg_id, "malformed")
+                    return
+            elif size != reasm.chunk:
+                self._abandon(link, msg_id, "malformed")
+                return
+            if offset != index * size or size == 0:
+                self._abandon(link, msg_id, "malformed")
+                return
+        else:
+            if offset + size != total or (reasm.chunk >= 0 and offset != index * reasm.chunk):
+                self._abandon(link, msg_id, "malformed")
+                return
+            reasm.last_offset = offset
+        reasm.buf[offset : offset + size] = payload
+        reasm.mask |= bit
+        reasm.got += 1
+        if reasm.got == count:
+            del link.reasm[msg_id]
+            self._reasm_bytes -= total
+            self.stats["reassembled"] += 1
+            self._message(link, vk, msg_id, reasm.buf, addr, end - start, now)
+
+    def _abandon(self, link: _Link, msg_id: int, reason: str) -> None:
+        reasm = link.reasm.pop(msg_id, None)
+        if reasm is not None:
+            self._reasm_bytes -= reasm.total
+        self.drops[reason] += 1
+
+    def _message(
+        self,
+        link: _Link,
+        vk: int,
+        msg_id: int,
+        blob: bytes | bytearray | memoryview,
+        addr: tuple[str, int],
+        dgram_size: int,
+        now: float,
+    ) -> None:
+        opener = link.opener
+        plain: bytes | bytearray | memoryview
+        if opener is not None:
+            aad = bytes([vk]) + link.name_bytes
+            try:
+                plain = opener.open(blob, aad)
+            except DataPacketError as err:
+                self.drops[err.reason] += 1
+                return
+            if int.from_bytes(blob[:8], "big") != msg_id:
+                self.drops["malformed"] += 1
+                return
+        else:
+            plain = blob
+        self.stats["messages_in"] += 1
+        if link.addr != addr:
+            link.addr = addr
+            link.addr_changes += 1
+            self._events.append(LinkStatusChanged(link.name))
+        if vk == _VK_HEARTBEAT:
+            if len(plain) < 4:
+                self.drops["malformed"] += 1
+                return
+            (seq,) = _SEQ.unpack_from(plain, 0)
+            self._control.append((link.name, _ACK.pack(_CTRL_HB_ACK, seq, dgram_size)))
+            return
+        self._records(link, plain, now)
+
+    def _records(self, link: _Link, plain: bytes | bytearray | memoryview, now: float) -> None:
+        view = memoryview(plain)
+        n = len(view)
+        pos = 0
+        unpack = _RECORD.unpack_from
+        local_bytes = self.local_bytes
+        while pos < n:
+            if n - pos < RECORD_HEADER_SIZE:
+                self.drops["malformed"] += 1
+                return
+            src_b, dst_b, flags, length = unpack(view, pos)
+            start = pos + RECORD_HEADER_SIZE
+            pos = start + length
+            if pos > n:
+                self.drops["malformed"] += 1
+                return
+            frame = view[start:pos]
+            eth = VNET_HDR_SIZE if flags & FLAG_VNET else 0
+            if length < eth + _ETH_HEADER or flags & ~FLAG_VNET:
+                self.drops["malformed"] += 1
+                continue
+            if src_b == local_bytes:
+                self.drops["looped"] += 1
+                continue
+            src = self._names.get(src_b)
+            if src is None:
+                src_int = int.from_bytes(src_b, "big")
+                if src_int == 0:
+                    self.drops["malformed"] += 1
+                    continue
+                src = PeerName(src_int)
+                if len(self._names) > 65536:
+                    self._names.clear()
+                self._names[src_b] = src
+            src_mac = int.from_bytes(frame[eth + 6 : eth + 12], "big")
+            if not src_mac >> 40 & 1:
+                self.macs.learn(src_mac, src, now)
+            if dst_b == local_bytes:
+                self._deliver(frame, flags)
+            elif dst_b == BROADCAST:
+                self._deliver(frame, flags)
+                self._broadcast(src, src_b, flags, frame, link.name)
+            else:
+                routes = self._routes
+                dst = PeerName(int.from_bytes(dst_b, "big"))
+                hop = routes.unicast_next_hop(dst) if routes is not None else None
+                next_link = self._links.get(hop) if hop is not None else None
+                if next_link is None or hop == link.name:
+                    self.drops["no_route"] += 1
+                    continue
+                self.stats["relayed"] += 1
+                self._queue(next_link, src_b, dst_b, flags, frame)
+
+    def _deliver(self, frame: memoryview, flags: int) -> None:
+        self.stats["tap_frames_out"] += 1
+        if flags & FLAG_VNET:
+            if self.config.tap_vnet_hdr:
+                self._tap.append(frame)
+                return
+            stripped = _strip_vnet(frame)
+            if stripped is None:
+                self.drops["needs_offload"] += 1
+                return
+            self._tap.append(stripped)
+        elif self.config.tap_vnet_hdr:
+            self._tap.append(bytes(VNET_HDR_SIZE) + frame)
+        else:
+            self._tap.append(frame)
+
+    # ----------------------------------------------------------------- control side
+
+    def control_received(self, peer: PeerName, payload: bytes, now: float) -> None:
+        """An overlay-control message from ``peer``'s sleeve (today: heartbeat acks)."""
+        link = self._links.get(peer)
+        if link is None:
+            return
+        if len(payload) != _ACK.size or payload[0] != _CTRL_HB_ACK:
+            self.drops["control_malformed"] += 1
+            return
+        _, seq, _size = _ACK.unpack(payload)
+        probe = link.probes.pop(seq, None)
+        link.last_ack = now
+        link.settled_misses = 0
+        changed = False
+        if probe is not None and probe[0] > link.pmtu:
+            link.pmtu = probe[0]
+            link.upper = max(link.upper, link.pmtu)
+            changed = True
+        if link.state != "established":
+            link.state = "established"
+            link.info = ""
+            changed = True
+            if not link.ever_established:
+                link.ever_established = True
+                self._events.append(LinkEstablished(peer))
+        if link.searching and link.upper - link.pmtu < self.config.pmtu_granularity:
+            link.searching = False
+            link.probes.clear()
+            changed = True
+        if changed:
+            self._events.append(LinkStatusChanged(peer))
+
+    def send_too_big(self, peer: PeerName, size: int, now: float) -> None:
+        """The local stack refused a datagram of ``size`` bytes (EMSGSIZE): the path shrank."""
+        link = self._links.get(peer)
+        if link is None or size <= self.config.pmtu_min:
+            return
+        link.upper = min(link.upper, size - 1)
+        if link.pmtu >= size:
+            link.pmtu = self.config.pmtu_min
+        link.searching = True
+        link.next_tick = now
+        self._events.append(LinkStatusChanged(peer))
+
+    # ----------------------------------------------------------------- timers
+
+    def get_timer(self) -> float | None:
+        deadlines = [link.next_tick for link in self._links.values()]
+        if self._next_sweep is not None:
+            deadlines.append(self._next_sweep)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        for link in list(self._links.values()):
+            if link.next_tick <= now:
+                self._tick(link, now)
+        if self._next_sweep is not None and self._next_sweep <= now:
+            self._sweep(now)
+        self.macs.expire(now)
+        self.flush()
+
+    def _sweep(self, now: float) -> None:
+        nearest: float | None = None
+        for link in self._links.values():
+            reasm = link.reasm
+            while reasm:
+                msg_id, r = next(iter(reasm.items()))
+                if r.deadline > now:
+                    if nearest is None or r.deadline < nearest:
+                        nearest = r.deadline
+                    break
+                del reasm[msg_id]
+                self._reasm_bytes -= r.total
+                self.drops["reassembly_timeout"] += 1
+        self._next_sweep = nearest
+
+    def _tick(self, link: _Link, now: float) -> None:
+        cfg = self.config
+        changed = False
+        for seq, (size, sent) in list(link.probes.items()):
+            if now - sent < cfg.probe_timeout:
+                continue
+            del link.probes[seq]
+            if size > link.pmtu:
+                link.upper = min(link.upper, size - 1)
+            elif link.state == "established" and not link.searching:
+                link.settled_misses += 1
+        if link.settled_misses >= 2 and link.pmtu > cfg.pmtu_min:
+            # Full-size heartbeats vanish while the control connection lives: the path shrank.
+            link.upper = link.pmtu - 1
+            link.pmtu = cfg.pmtu_min
+            link.searching = True
+            link.settled_misses = 0
+            changed = True
+        if not link.searching and now >= link.next_reprobe and link.state == "established":
+            link.upper = max(link.pmtu, link.underlay_upper)
+            link.searching = link.upper - link.pmtu >= cfg.pmtu_granularity
+        if link.searching and link.state == "established":
+            # Only a proven path is probed: before the peer answers anything, a lost probe says
+            # nothing about its size.
+            link.next_reprobe = now + cfg.reprobe_interval
+            if not any(size > link.pmtu for size, _ in link.probes.values()):
+                if link.upper - link.pmtu < cfg.pmtu_granularity:
+                    link.searching = False
+                    changed = True
+                else:
+                    span = link.upper - link.pmtu
+                    sizes = sorted(
+                        {
+                            link.pmtu + span * i // cfg.probe_ladder
+                            for i in range(1, cfg.probe_ladder + 1)
+                        }
+                    )
+                    for size in sizes:
+                        if size > link.pmtu:
+                            self._heartbeat(link, size, now)
+        if link.state != "established" or now >= link.next_heartbeat:
+            self._heartbeat(link, link.pmtu, now)
+            link.next_heartbeat = now + (
+                cfg.heartbeat_interval if link.state == "established" else cfg.heartbeat_pending
+            )
+        since = link.last_ack if link.last_ack is not None else link.created
+        if now - since >= cfg.heartbeat_timeout and link.state != "failed":
+            link.state = "failed"
+            link.info = f"UDP heartbeats unanswered for {cfg.heartbeat_timeout:.0f}s"
+            changed = True
+        if changed:
+            self._events.append(LinkStatusChanged(link.name))
+        fast = link.searching or link.state != "established" or bool(link.probes)
+        link.next_tick = min(
+            link.next_heartbeat,
+            now
+            + (min(cfg.probe_timeout, cfg.heartbeat_pending) if fast else cfg.heartbeat_interval),
+        )
+        if link.probes:
+            link.next_tick = min(
+                link.next_tick, min(s for _, s in link.probes.values()) + cfg.probe_timeout
+            )
+
+    def _heartbeat(self, link: _Link, size: int, now: float) -> None:
+        seq = link.probe_seq
+        link.probe_seq = (seq + 1) & 0xFFFFFFFF
+        body = size - HEADER_SIZE - link.overhead
+        link.probes[seq] = (size, now)
+        self._send_message(
+            link, _VK_HEARTBEAT, (_SEQ.pack(seq), bytes(max(0, body - 4))), single=True
+        )
+
+    # ----------------------------------------------------------------- status
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "drops": dict(self.drops),
+            "stats": dict(self.stats),
+            "macs": len(self.macs),
+            "mac_moves": self.macs.moves,
+            "reassembly_bytes": self._reasm_bytes,
+            "links": {str(p): self.link_status(p) for p in self._links},
+        }
+
+
+# --------------------------------------------------------------------- frame helpers
+
+
+def _strip_vnet(frame: bytes | memoryview) -> bytes | None:
+    """Drop the virtio_net_hdr for a peer or TAP without one; finish a partial checksum.
+
+    A GSO super-frame cannot be passed on that way (None)."""
+    flags, gso_type, _hl, _gs, csum_start, csum_offset = _VNET_HDR.unpack_from(frame, 0)
+    if gso_type != 0:
+        return None
+    eth = bytes(frame[VNET_HDR_SIZE:])
+    if flags & _VNET_F_NEEDS_CSUM:
+        completed = complete_checksum(eth, csum_start, csum_offset)
+        if completed is None:
+            return None
+        return completed
+    return eth
+
+
+def _ones_complement_sum(data: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 sum of ``data`` (padded to even length): the sum of 16-bit words mod 0xffff.
+
+    One big-integer conversion does it at C speed: 2**16 == 1 (mod 0xffff)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    value = int.from_bytes(data, "big") % 0xFFFF
+    return value if value or not any(data) else 0xFFFF
+
+
+def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes | None:
+    """Finish a CHECKSUM_PARTIAL frame: the field at ``csum_start + csum_offset`` holds the
+    pseudo-header sum; the one's complement of the sum from ``csum_start`` goes there."""
+    where = csum_start + csum_offset
+    if csum_start >= len(frame) or where + 2 > len(frame):
+        return None
+    out = bytearray(frame)
+    total = _ones_complement_sum(memoryview(out)[csum_start:])
+    csum = (~total) & 0xFFFF
+    out[where : where + 2] = csum.to_bytes(2, "big")
+    return bytes(out)
+
+
+def _checksum(data: bytes | bytearray) -> int:
+    return (~_ones_complement_sum(data)) & 0xFFFF
+
+
+def icmp_too_big(eth_frame: bytes | memoryview, mtu: int) -> bytes | None:
+    """An Ethernet frame answering ``eth_frame`` with ICMP "fragmentation needed" (IPv4, DF set)
+    or ICMPv6 "packet too big", advertising ``mtu``; None when no answer applies."""
+    frame = bytes(eth_frame)
+    if len(frame) < _ETH_HEADER + 20:
+        return None
+    dst_mac, src_mac, ethertype = frame[0:6], frame[6:12], frame[12:14]
+    ip = frame[_ETH_HEADER:]
+    if ethertype == b"\x08\x00" and ip[0] >> 4 == 4:
+        ihl = (ip[0] & 0x0F) * 4
+        if ihl < 20 or len(ip) < ihl or not ip[6] & 0x40:  # no DF: the sender may fragment
+            return None
+        quoted = ip[: ihl + 8]
+        icmp = bytearray(b"\x03\x04\x00\x00\x00\x00" + max(68, mtu).to_bytes(2, "big") + quoted)
+        icmp[2:4] = _checksum(icmp).to_bytes(2, "big")
+        total = 20 + len(icmp)
+        hdr = bytearray(
+            b"\x45\x00"
+            + total.to_bytes(2, "big")
+            + b"\x00\x00\x40\x00\x40\x01\x00\x00"
+            + ip[16:20]
+            + ip[12:16]
+        )
+        hdr[10:12] = _checksum(hdr).to_bytes(2, "big")
+        return src_mac + dst_mac + b"\x08\x00" + bytes(hdr) + bytes(icmp)
+    if ethertype == b"\x86\xdd" and ip[0] >> 4 == 6 and len(ip) >= 40:
+        quoted = ip[: max(0, min(len(ip), 1280 - 48))]
+        body = bytearray(b"\x02\x00\x00\x00" + max(1280, mtu).to_bytes(4, "big") + quoted)
+        src, dst = ip[24:40], ip[8:24]
+        pseudo = src + dst + len(body).to_bytes(4, "big") + b"\x00\x00\x00\x3a"
+        body[2:4] = _checksum(pseudo + bytes(body)).to_bytes(2, "big")
+        hdr6 = b"\x60\x00\x00\x00" + len(body).to_bytes(2, "big") + b"\x3a\x40" + src + dst
+        return src_mac + dst_mac + b"\x86\xdd" + hdr6 + bytes(body)
+    return None
+
+
+def features_of(config: SleeveConfig) -> dict[str, Any]:
+    """What the sleeve advertises in the handshake hello (under the key ``"sleeve"``)."""
+    return {
+        "version": VERSION,
+        "port": config.port,
+        "superframes": config.tap_vnet_hdr,
+        "cipher": config.cipher,
+    }
+
+
+def remote_sleeve(features: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The remote's sleeve features, validated; None when it has no (compatible) sleeve."""
+    raw = features.get("sleeve")
+    if not isinstance(raw, Mapping) or raw.get("version") != VERSION:
+        return None
+    port = raw.get("port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    return {
+        "port": port,
+        "superframes": raw.get("superframes") is True,
+        "cipher": raw.get("cipher") if isinstance(raw.get("cipher"), str) else None,
+    }
