@@ -1,0 +1,103 @@
+"""`weft router`: run one router in the foreground until SIGTERM/SIGINT or ``POST /stop``.
+
+This is where the parts are composed (docs/ARCHITECTURE.md, "Router composition"): the data plane
+(an Overlay chosen by ``--datapath``), then the router, then the parts that plug into it (UI and
+metrics routes, ...), each only if it is installed. A part that is missing is logged, never fatal,
+except the data plane asked for explicitly with ``--datapath sleeve``.
+
+A fatal error is one stderr line starting with ``weft router: error:`` (what `weft launch` shows)
+and exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+
+from weft.errors import ConfigError, WeftError
+from weft.router.config import RouterConfig
+from weft.router.overlay import NullOverlay, Overlay
+from weft.router.router import Router
+
+__all__ = ["FATAL_MARK", "build_overlay", "compose", "run_router", "serve"]
+
+log = logging.getLogger("weft.router")
+
+FATAL_MARK = "weft router: error: "
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+
+# The data plane's factory: ``make_overlay(config: RouterConfig) -> Overlay`` (helper D's module).
+OVERLAY_FACTORIES = {"sleeve": ("weft.router.sleeve", "make_overlay")}
+
+
+def build_overlay(config: RouterConfig) -> Overlay:
+    """The Overlay for ``config.datapath``: ``none`` -> NullOverlay; ``sleeve``/``auto`` -> the
+    sleeve when its module is installed (``auto`` falls back to NullOverlay with a warning)."""
+    if config.datapath == "none":
+        return NullOverlay()
+    module_name, func_name = OVERLAY_FACTORIES["sleeve"]
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, func_name)
+    except (ImportError, AttributeError) as err:
+        if config.datapath == "sleeve":
+            raise ConfigError(f"--datapath sleeve is not available in this build ({err})") from None
+        log.warning("no data plane available (%s): running control plane only", err)
+        return NullOverlay()
+    overlay: Overlay = factory(config)
+    return overlay
+
+
+def compose(router: Router) -> None:
+    """Plug the optional parts into ``router`` (before it starts)."""
+    try:
+        from weft.ui.server import setup_routes
+    except ImportError as err:
+        log.info("UI and metrics not installed (%s)", err)
+    else:
+        hub = setup_routes(router.app, router.status)
+        router.on_status_changed(hub.notify)
+
+
+async def serve(config: RouterConfig) -> int:
+    overlay = build_overlay(config)
+    router = Router(config, overlay)
+    compose(router)
+    await router.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, router.request_stop)
+    await router.wait_stopped()
+    log.info("router %s stopped", router.identity.name)
+    return 0
+
+
+def run_router(config: RouterConfig, log_level: str = "info") -> int:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format=LOG_FORMAT,
+        stream=sys.stderr,
+        force=True,
+    )
+    # aiohttp's own access/server chatter is noise for an operator at "info".
+    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.root.level))
+    try:
+        return asyncio.run(serve(config))
+    except WeftError as err:
+        _fatal(str(err))
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception as err:  # a crash: keep the traceback in the log, and one readable line
+        log.exception("router crashed")
+        _fatal(f"crashed: {type(err).__name__}: {err}")
+        return 1
+
+
+def _fatal(message: str) -> None:
+    print(f"{FATAL_MARK}{message}", file=sys.stderr, flush=True)

@@ -1,0 +1,879 @@
+"""The router: asyncio pumps around the sans-I/O MeshCore, the TCP listener/dialer and the API.
+
+``Router(config, overlay)`` owns one :class:`~weft.gossip.mesh.MeshCore`, the control listener,
+every control :class:`~weft.router.connection.Connection`, and one aiohttp ``Application`` served
+on the HTTP address and the unix socket (docs/ARCHITECTURE.md, "Router composition").
+
+The pump (aioquic's shape): after every input to the core -- a received message, a connection
+added or removed, an API call, the timer -- :meth:`Router.pump` drains ``messages_to_send()`` to the
+connections, handles ``next_event()`` (dials, route changes) and re-arms the one timer from
+``get_timer()``. Nothing else touches the core.
+
+Connection policy decided here (Weave's):
+
+* connect-to-self: the remote has our name and uid -> "cannot connect to ourself"; the address is
+  reported to the mesh so it is never dialled again.
+* name collision: our name, another uid -> refused with a reason naming the address.
+* duplicates: two connections to one peer -> the one with the lower connection uid (local conn id
+  xor remote conn id, the same number on both ends) wins; a peer with a new uid (restarted)
+  replaces its old connection at once.
+* a connection limit (handshaking ones included) and an accept token bucket (20 tokens, one more
+  every 50 ms) bound what strangers can make us do.
+
+Failures stay visible: a refused or failed connection leaves a row (state ``failed``, or
+``retrying`` while the connection maker still dials that address) with the reason, until a
+connection to the same address or peer succeeds. Every close is one log line with peer and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from weft import __version__
+from weft.errors import ConfigError, WeftError
+from weft.gossip.crypto import derive_password_key
+from weft.gossip.handshake import PROTOCOL_VERSIONS, Hello
+from weft.gossip.mesh import MeshConfig, MeshCore
+from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
+from weft.router.config import (
+    DEFAULT_PORT,
+    RouterConfig,
+    format_hostport,
+    load_or_create_name,
+    parse_hostport,
+)
+from weft.router.connection import TAG_OVERLAY, Connection, ConnectionRefused
+from weft.router.overlay import NullOverlay, Overlay, OverlayConnectionParams
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = ["FailureRow", "Router", "TokenBucket"]
+
+log = logging.getLogger("weft.router")
+
+TARGETS_FILE: Final = "targets.json"
+MAX_FAILURE_ROWS: Final = 100
+FAILURE_TTL: Final = 600.0  # seconds a failure row stays without a newer event
+FEATURE_PORT: Final = "weft_port"  # our listen port, so inbound connections get a dialable address
+FEATURE_HB_TIMEOUT: Final = "weft_hb_timeout"  # our read timeout, so the peer heartbeats in time
+
+
+class TokenBucket:
+    """A token bucket with an injected clock: ``take(now)`` returns how long to wait (0: go).
+
+    Full at ``capacity`` tokens; one token comes back every ``interval`` seconds. Weave bounds
+    accepts with 20 tokens / 50 ms; a taker that must wait gets a reserved slot in the future.
+    """
+
+    def __init__(self, capacity: int, interval: float, now: float) -> None:
+        if capacity < 1 or interval <= 0:
+            raise ConfigError("token bucket needs capacity >= 1 and interval > 0")
+        self.capacity = capacity
+        self.interval = interval
+        # The time at which the bucket would be full again; tokens = (now - earliest) / interval.
+        self._full_at = now
+
+    def take(self, now: float) -> float:
+        earliest = now - self.capacity * self.interval
+        start = max(self._full_at, earliest)
+        start += self.interval
+        self._full_at = start
+        return max(0.0, start - now)
+
+
+@dataclass
+class FailureRow:
+    """A failed or refused connection, kept for ``weft status connections``."""
+
+    address: str
+    outbound: bool
+    info: str
+    at: float
+    peer: str | None = None
+    nickname: str | None = None
+    encrypted: bool = False
+    count: int = 1
+
+
+class Router:
+    """One weft router. Construct, add routes/providers to :attr:`app`, then ``await start()``.
+
+    ``overlay``: the data plane (:class:`~weft.router.overlay.NullOverlay` when None). ``rng``:
+    randomness for names, uids and the mesh (seed it in tests).
+    """
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        overlay: Overlay | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        from weft.router import api
+
+        self.config = config = config.validated()
+        self._rng = rng or random.Random()
+        name = load_or_create_name(config.data_dir, config.name, self._rng)
+        self.identity = PeerIdentity(
+            name=name,
+            nickname=config.nickname,
+            uid=random_uid(self._rng),
+            short_id=self._rng.getrandbits(SHORT_ID_BITS),
+        )
+        self.password_key = derive_password_key(config.password) if config.password else None
+        self.overlay: Overlay = overlay if overlay is not None else NullOverlay()
+        self.mesh = MeshCore(self.identity, self._mesh_config(), self._rng, now=self.now())
+        self.port = config.port  # the bound port once started (config.port may be 0)
+        self.http_port: int | None = None
+        self.app: web.Application = api.make_app(self)
+        self.counters: Counter[str] = Counter()
+        self._conns: dict[int, Connection] = {}
+        self._by_peer: dict[PeerName, Connection] = {}
+        self._dialing: set[str] = set()
+        self._failures: dict[tuple[bool, str], FailureRow] = {}
+        self._next_local_id = 1
+        self._status_providers: dict[str, Callable[[], Any]] = {}
+        self._status_callbacks: list[Callable[[], None]] = []
+        self._status_scheduled = False
+        self._pumping = False
+        self._pump_again = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._stop_task: asyncio.Task[None] | None = None
+        self._bucket = TokenBucket(config.accept_burst, config.accept_interval, self.now())
+
+    # -- composition ------------------------------------------------------------------------------
+
+    def _mesh_config(self) -> MeshConfig:
+        return MeshConfig(port=self.config.port or DEFAULT_PORT, discovery=self.config.discovery)
+
+    def add_status_provider(self, key: str, fn: Callable[[], Any]) -> None:
+        """Add a top-level key to ``/status``; ``fn`` runs on the loop, must not block."""
+        if key == "router" or key in self._status_providers:
+            raise ConfigError(f"status key {key!r} is already provided")
+        self._status_providers[key] = fn
+
+    def on_status_changed(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs (coalesced, on the loop) after anything in ``/status`` changed."""
+        self._status_callbacks.append(callback)
+
+    def status_changed(self) -> None:
+        """Note that the status changed; callbacks run once on the next loop iteration."""
+        if self._status_scheduled or not self._status_callbacks:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._status_scheduled = True
+        loop.call_soon(self._run_status_callbacks)
+
+    def _run_status_callbacks(self) -> None:
+        self._status_scheduled = False
+        for cb in list(self._status_callbacks):
+            try:
+                cb()
+            except Exception:
+                log.exception("status callback %r failed", cb)
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen (control port, HTTP API, unix socket), then dial the initial peers.
+
+        Raises ConfigError with a readable reason when an address cannot be bound.
+        """
+        from aiohttp import web
+
+        cfg = self.config
+        try:
+            self._server = await asyncio.start_server(
+                self._accepted, cfg.listen_host, cfg.port, reuse_address=True, limit=1 << 16
+            )
+        except OSError as err:
+            raise ConfigError(
+                f"cannot listen on {format_hostport(cfg.listen_host, cfg.port)}: {_oserror(err)}"
+            ) from None
+        sock = self._server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+        if cfg.port == 0:
+            # the mesh learns our real port (for discovery of inbound-only peers)
+            self.mesh = MeshCore(
+                self.identity,
+                MeshConfig(port=self.port, discovery=cfg.discovery),
+                self._rng,
+                now=self.now(),
+            )
+        self._runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0
+        )
+        await self._runner.setup()
+        host, port = cfg.http_host_port
+        try:
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            await site.start()
+            bound = [a for a in self._runner.addresses if isinstance(a, tuple)]
+            self.http_port = int(bound[0][1]) if bound else port
+        except OSError as err:
+            await self._abort_start()
+            raise ConfigError(
+                f"cannot serve the HTTP API on {cfg.http_addr}: {_oserror(err)}"
+            ) from None
+        if cfg.api_socket is not None:
+            try:
+                cfg.api_socket.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if cfg.api_socket.is_socket():
+                        cfg.api_socket.unlink()
+                await web.UnixSite(self._runner, str(cfg.api_socket)).start()
+            except OSError as err:
+                await self._abort_start()
+                raise ConfigError(
+                    f"cannot serve the API on {cfg.api_socket}: {_oserror(err)}"
+                ) from None
+        peers = list(cfg.peers) if cfg.peers else self._load_targets()
+        if peers:
+            self.mesh.add_targets(peers, self.now())
+            self._save_targets()
+        log.info(
+            "router %s(%s) uid %x listening on %s, API on %s%s, encryption %s",
+            self.identity.name,
+            self.identity.nickname,
+            self.identity.uid,
+            format_hostport(cfg.listen_host, self.port),
+            format_hostport(host, self.http_port),
+            f" and {cfg.api_socket}" if cfg.api_socket else "",
+            "on" if self.password_key else "off",
+        )
+        self.pump()
+
+    async def _abort_start(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def stop(self) -> None:
+        """Close every connection and listener; idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        log.info("router %s stopping", self.identity.name)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            conn.close("router stopping")
+        me = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not me]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        stop_overlay = getattr(self.overlay, "close", None)
+        if callable(stop_overlay):
+            with contextlib.suppress(Exception):
+                result = stop_overlay()
+                if asyncio.iscoroutine(result):
+                    await result
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.config.api_socket is not None:
+            with contextlib.suppress(OSError):
+                if self.config.api_socket.is_socket():
+                    self.config.api_socket.unlink()
+        self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Stop soon (from an API handler or a signal: the reply goes out first)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop())
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- targets (API) ----------------------------------------------------------------------------
+
+    def connect(self, peers: Iterable[str], replace: bool = False) -> list[str]:
+        from weft.router.config import parse_peer
+
+        addresses = [parse_peer(p, self.config.port or 6783) for p in peers]
+        self.mesh.add_targets(addresses, self.now(), replace=replace)
+        self._save_targets()
+        log.info("connect %s%s", " ".join(addresses) or "-", " (replace)" if replace else "")
+        self.pump()
+        return addresses
+
+    def forget(self, peers: Iterable[str]) -> list[str]:
+        from weft.router.config import parse_peer
+
+        addresses = [parse_peer(p, self.config.port or 6783) for p in peers]
+        self.mesh.forget_targets(addresses, self.now())
+        self._save_targets()
+        log.info("forget %s", " ".join(addresses))
+        self.pump()
+        return addresses
+
+    def _direct_targets(self) -> list[str]:
+        return sorted(
+            t["address"]
+            for t in self.mesh.status().get("targets", [])
+            if isinstance(t, dict) and t.get("direct")
+        )
+
+    def _load_targets(self) -> list[str]:
+        path = self.config.data_dir / TARGETS_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as err:
+            log.warning("ignoring unreadable %s: %s", path, err)
+            return []
+        if not isinstance(data, list) or not all(isinstance(a, str) for a in data):
+            log.warning("ignoring malformed %s", path)
+            return []
+        return list(data)
+
+    def _save_targets(self) -> None:
+        path: Path = self.config.data_dir / TARGETS_FILE
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._direct_targets()))
+            tmp.replace(path)
+        except OSError as err:
+            log.warning("cannot persist targets in %s: %s", path, err)
+
+    # -- the pump ---------------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Drain the core: messages, events, timer. Re-entrant calls fold into the running one."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                self._pump_once()
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+        self._arm_timer()
+
+    def _pump_once(self) -> None:
+        mesh = self.mesh
+        batches: dict[int, list[bytes]] = {}
+        for conn_id, tag, payload in mesh.messages_to_send():
+            batches.setdefault(conn_id, []).append(bytes((tag,)) + payload)
+        for conn_id, messages in batches.items():
+            conn = self._conns.get(conn_id)
+            if conn is not None:
+                conn.send_many(messages)
+        changed = False
+        while (event := mesh.next_event()) is not None:
+            changed = True
+            self._handle_event(event)
+        if changed:
+            self.status_changed()
+
+    def _handle_event(self, event: object) -> None:
+        kind = type(event).__name__
+        if kind == "DialRequested":
+            address = str(getattr(event, "address"))  # noqa: B009 - events are duck-typed
+            if not self._stopping:
+                self._spawn(self._dial(address))
+        elif kind == "ConnectionRejected":
+            conn = self._conns.get(int(getattr(event, "conn_id")))  # noqa: B009
+            reason = str(getattr(event, "reason"))  # noqa: B009
+            if conn is not None and conn.accepted:
+                # replaced by a newer connection to the same peer; the core already forgot it
+                self._detach(conn, reason, tell_mesh=False)
+                conn.close(reason)
+        elif kind == "RoutesChanged":
+            try:
+                self.overlay.routes_changed(self.mesh.routes)
+            except Exception:
+                log.exception("overlay.routes_changed failed")
+        else:
+            log.debug("mesh event %r", event)
+
+    def _arm_timer(self) -> None:
+        if self._stopping:
+            return
+        deadline = self.mesh.get_timer()
+        if deadline == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        # MeshCore's clock is time.monotonic(), which is also the loop's default clock.
+        self._timer = loop.call_at(max(deadline, loop.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.mesh.handle_timer(self.now())
+        except Exception:
+            log.exception("mesh timer handling failed")
+        self.pump()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _new_local_id(self) -> int:
+        local_id = self._next_local_id
+        self._next_local_id += 1
+        return local_id
+
+    def _make_connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        outbound: bool,
+        address: str,
+        target: str | None,
+    ) -> Connection:
+        cfg = self.config
+        conn = Connection(
+            self,
+            reader,
+            writer,
+            local_id=self._new_local_id(),
+            outbound=outbound,
+            address=address,
+            target=target,
+            handshake_timeout=cfg.handshake_timeout,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_timeout=cfg.heartbeat_timeout,
+        )
+        self._conns[conn.local_id] = conn
+        self.status_changed()
+        return conn
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        address = format_hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
+        if self._stopping:
+            writer.close()
+            return
+        if len(self._conns) + len(self._dialing) >= self.config.conn_limit:
+            reason = f"connection limit reached ({self.config.conn_limit})"
+            self.counters["refused_conn_limit"] += 1
+            log.warning("refused <- %s: %s", address, reason)
+            self._record_failure(False, address, reason, None, None, False)
+            writer.close()
+            return
+        delay = self._bucket.take(self.now())
+        if delay > 0:
+            self.counters["accept_delayed"] += 1
+            await asyncio.sleep(delay)
+        self.counters["accepted"] += 1
+        conn = self._make_connection(reader, writer, outbound=False, address=address, target=None)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await conn.run()
+
+    async def _dial(self, address: str) -> None:
+        if address in self._dialing:
+            return
+        if len(self._conns) + len(self._dialing) >= self.config.conn_limit:
+            self._dial_failed(address, f"connection limit reached ({self.config.conn_limit})")
+            return
+        self._dialing.add(address)
+        self.status_changed()
+        try:
+            host, port = parse_hostport(address, what="peer", default_port=6783)
+            async with asyncio.timeout(self.config.connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+        except TimeoutError:
+            self._dialing.discard(address)
+            self._dial_failed(address, f"connect timed out after {self.config.connect_timeout:g}s")
+            return
+        except (OSError, WeftError) as err:
+            self._dialing.discard(address)
+            text = _oserror(err) if isinstance(err, OSError) else str(err)
+            self._dial_failed(address, f"cannot connect: {text}")
+            return
+        except asyncio.CancelledError:
+            self._dialing.discard(address)
+            raise
+        self._dialing.discard(address)
+        if self._stopping:
+            writer.close()
+            return
+        conn = self._make_connection(reader, writer, outbound=True, address=address, target=address)
+        await conn.run()
+
+    def _dial_failed(self, address: str, reason: str) -> None:
+        self.counters["dial_failed"] += 1
+        log.info("connect -> %s failed: %s", address, reason)
+        self._record_failure(True, address, reason, None, None, False)
+        self.mesh.dial_failed(address, self.now(), reason)
+        self.pump()
+        self.status_changed()
+
+    # ConnectionHost ---------------------------------------------------------------------------
+
+    def hello_for(self, conn: Connection) -> tuple[Hello, bytes | None]:
+        features: dict[str, Any] = dict(self.overlay.features())
+        features[FEATURE_PORT] = self.port
+        features[FEATURE_HB_TIMEOUT] = self.config.heartbeat_timeout
+        return Hello.from_identity(self.identity, conn.conn_id, features), self.password_key
+
+    def handshake_completed(self, conn: Connection) -> None:
+        result = conn.result
+        assert result is not None
+        remote = result.remote
+        peer_timeout = remote.features.get(FEATURE_HB_TIMEOUT)
+        # Heartbeat often enough for the peer's read timeout too, if it is shorter than ours.
+        if (
+            isinstance(peer_timeout, int | float)
+            and not isinstance(peer_timeout, bool)
+            and peer_timeout > 0
+        ):
+            conn.heartbeat_interval = min(conn.heartbeat_interval, peer_timeout / 3)
+        # MeshCore decides (self, name collision, duplicate tie-break, restarted peer); asking
+        # first gives us the reason, connection_added then applies the same verdict.
+        verdict = self.mesh.admission(remote.identity, conn.uid)
+        now = self.now()
+        added = self.mesh.connection_added(
+            conn.local_id,
+            remote.identity,
+            self._mesh_address(conn),
+            conn.outbound,
+            now,
+            conn_uid=conn.uid,
+        )
+        if not added:
+            conn.mesh_told = True  # the core answered the dial itself (dial_failed / self)
+            self.pump()
+            reason = verdict.reason or "refused by the mesh"
+            if reason == "connection to self":
+                raise ConnectionRefused(
+                    "cannot connect to ourself", record=False, self_connection=True
+                )
+            if reason.startswith("duplicate"):
+                self.counters["duplicate"] += 1
+                raise ConnectionRefused(f"{reason}; the other one wins", record=False)
+            if reason.startswith("peer name collision"):
+                reason = f"{reason} (at {conn.address})"
+            raise ConnectionRefused(reason)
+        conn.state = "pending"
+        conn.accepted = True
+        conn.mesh_told = True
+        self._by_peer[remote.name] = conn
+        self._clear_failures(conn)
+        log.info(
+            "connection %s accepted (%s, protocol v%d)",
+            conn.describe(),
+            "encrypted" if result.encrypted else "plaintext",
+            result.version,
+        )
+        me = self.identity
+        params = OverlayConnectionParams(
+            local_name=me.name,
+            remote_name=remote.name,
+            remote_short_id=remote.short_id,
+            remote_ip=conn.remote_ip,
+            outbound=conn.outbound,
+            data_send_key=result.data_send_key,
+            data_recv_key=result.data_recv_key,
+            remote_features=remote.features,
+            send_control=lambda payload: conn.send(TAG_OVERLAY, payload),
+            on_established=lambda: self._overlay_established(conn),
+            on_status_changed=self.status_changed,
+        )
+        try:
+            conn.overlay = self.overlay.prepare_connection(params)
+        except Exception as err:
+            log.exception("overlay could not prepare %s", conn.describe())
+            raise ConnectionRefused(f"overlay failed: {type(err).__name__}: {err}") from err
+        # the ConnectionRejected events of replaced connections are handled here
+        self.pump()
+        self.status_changed()
+
+    def _mesh_address(self, conn: Connection) -> str:
+        """The address the mesh records for a connection (others may dial it via discovery)."""
+        if conn.outbound and conn.target is not None:
+            return conn.target
+        assert conn.result is not None
+        port = conn.result.remote.features.get(FEATURE_PORT)
+        if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+            return format_hostport(conn.remote_ip, port)
+        return conn.address
+
+    def _overlay_established(self, conn: Connection) -> None:
+        if not conn.accepted or self._by_peer.get(self._peer_name(conn)) is not conn:
+            return
+        if conn.state == "established":
+            return
+        conn.state = "established"
+        log.info("connection %s established", conn.describe())
+        self.mesh.connection_established(conn.local_id, self.now())
+        self.pump()
+        self.status_changed()
+
+    @staticmethod
+    def _peer_name(conn: Connection) -> PeerName:
+        assert conn.result is not None
+        return conn.result.remote.name
+
+    def mesh_message(self, conn: Connection, tag: int, payload: bytes) -> None:
+        if not conn.accepted:
+            return
+        try:
+            self.mesh.receive(conn.local_id, tag, payload, self.now())
+        finally:
+            self.pump()
+
+    def connection_closed(self, conn: Connection, reason: str, record: bool) -> None:
+        self._conns.pop(conn.local_id, None)
+        self._detach(conn, reason)
+        hello = conn.remote_hello
+        if conn.outbound and not conn.mesh_told and conn.target is not None:
+            # the dial ended before the mesh saw a connection: answer its DialRequested
+            self.mesh.dial_failed(conn.target, self.now(), reason)
+        if record and not self._stopping:
+            self.counters["connection_failed"] += 1
+            self._record_failure(
+                conn.outbound,
+                conn.target if conn.outbound and conn.target else conn.address,
+                reason,
+                str(hello.name) if hello is not None else None,
+                hello.nickname if hello is not None else None,
+                conn.encrypted,
+            )
+        if reason == "cannot connect to ourself" and not conn.outbound:
+            log.debug("connection %s closed: %s", conn.describe(), reason)
+        else:
+            log.info("connection %s closed: %s", conn.describe(), reason)
+        self.pump()
+        self.status_changed()
+
+    def _detach(self, conn: Connection, reason: str, *, tell_mesh: bool = True) -> None:
+        """Take a registered connection out of the mesh and the overlay (idempotent)."""
+        if not conn.accepted:
+            return
+        conn.accepted = False
+        assert conn.result is not None
+        name = conn.result.remote.name
+        if self._by_peer.get(name) is conn:
+            del self._by_peer[name]
+        if conn.overlay is not None:
+            try:
+                conn.overlay.stop()
+            except Exception:
+                log.exception("overlay stop failed for %s", conn.describe())
+        if tell_mesh:
+            self.mesh.connection_removed(conn.local_id, self.now(), reason)
+        self.pump()
+
+    # -- failure rows ---------------------------------------------------------------------------
+
+    def _record_failure(
+        self,
+        outbound: bool,
+        address: str,
+        reason: str,
+        peer: str | None,
+        nickname: str | None,
+        encrypted: bool,
+    ) -> None:
+        # Inbound attempts come from ephemeral ports: one row per remote IP is what a user wants.
+        key_addr = address if outbound else _host_part(address)
+        key = (outbound, key_addr)
+        now = self.now()
+        row = self._failures.get(key)
+        if row is None:
+            row = FailureRow(address=address, outbound=outbound, info=reason, at=now)
+            self._failures[key] = row
+        else:
+            row.count += 1
+            row.address, row.info, row.at = address, reason, now
+        row.peer = peer or row.peer
+        row.nickname = nickname or row.nickname
+        row.encrypted = encrypted
+        self._expire_failures(now)
+
+    def _expire_failures(self, now: float) -> None:
+        for key, row in list(self._failures.items()):
+            if now - row.at > FAILURE_TTL:
+                del self._failures[key]
+        if len(self._failures) > MAX_FAILURE_ROWS:
+            oldest = sorted(self._failures.items(), key=lambda kv: kv[1].at)
+            for key, _ in oldest[: len(self._failures) - MAX_FAILURE_ROWS]:
+                del self._failures[key]
+
+    def _clear_failures(self, conn: Connection) -> None:
+        name = str(self._peer_name(conn))
+        for key, row in list(self._failures.items()):
+            if (
+                row.peer == name
+                or (conn.outbound and key == (True, conn.target))
+                or (not conn.outbound and key == (False, conn.remote_ip))
+            ):
+                del self._failures[key]
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The status model (docs/ARCHITECTURE.md): ``{"router": {...}, "overlay": ..., ...}``."""
+        from weft.router.api import jsonable
+
+        now = self.now()
+        mesh_status = self.mesh.status()
+        targets = [dict(t) for t in mesh_status.get("targets", []) if isinstance(t, dict)]
+        for t in targets:
+            nt = t.get("next_try")
+            if isinstance(nt, int | float):
+                t["next_try"] = round(max(0.0, nt - now), 1)  # seconds from now
+        retrying = {t["address"] for t in targets if t.get("state") in ("retrying", "failed")}
+        doc: dict[str, Any] = {
+            "router": {
+                "name": str(self.identity.name),
+                "nickname": self.identity.nickname,
+                "uid": self.identity.uid,
+                "short_id": mesh_status.get("short_id", self.identity.short_id),
+                "version": mesh_status.get("version"),  # of our topology record
+                "software": __version__,
+                "protocol": f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}",
+                "encryption": self.password_key is not None,
+                "discovery": self.config.discovery,
+                "port": self.port,
+                "conn_limit": self.config.conn_limit,
+                "peers": mesh_status.get("peers", []),
+                "connections": self._connection_rows(now, retrying),
+                "targets": targets,
+                "counters": dict(self.counters),
+            },
+            "overlay": self.overlay.status(),
+        }
+        for key, fn in self._status_providers.items():
+            try:
+                doc[key] = fn()
+            except Exception as err:
+                log.exception("status provider %r failed", key)
+                doc[key] = {"error": f"{type(err).__name__}: {err}"}
+        return jsonable(doc)  # type: ignore[no-any-return]
+
+    def _connection_rows(self, now: float, retrying: set[str]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        live_addresses: set[str] = set()
+        for conn in sorted(self._conns.values(), key=lambda c: c.address):
+            hello = conn.remote_hello
+            row: dict[str, Any] = {
+                "peer": str(hello.name) if hello is not None else None,
+                "nickname": hello.nickname if hello is not None else None,
+                "address": conn.address,
+                "outbound": conn.outbound,
+                "state": conn.state,
+                "info": "",
+                "encrypted": conn.encrypted,
+                "datapath": None,
+                "mtu": None,
+                "since": round(now - conn.started, 1),
+            }
+            if conn.state == "connecting":
+                row["info"] = "handshake in progress"
+            if conn.overlay is not None:
+                try:
+                    ov = conn.overlay.status()
+                    row["datapath"] = ov.datapath
+                    row["mtu"] = ov.mtu
+                    row["info"] = ov.info or (
+                        f"{'encrypted ' if conn.encrypted else ''}{ov.datapath} {ov.state}"
+                    )
+                    row["data_encrypted"] = ov.encrypted
+                except Exception as err:
+                    row["info"] = f"overlay status failed: {err}"
+            rows.append(row)
+            if conn.target:
+                live_addresses.add(conn.target)
+        for address in sorted(self._dialing):
+            rows.append(
+                {
+                    "peer": None,
+                    "nickname": None,
+                    "address": address,
+                    "outbound": True,
+                    "state": "connecting",
+                    "info": "dialling",
+                    "encrypted": False,
+                    "datapath": None,
+                    "mtu": None,
+                }
+            )
+            live_addresses.add(address)
+        self._expire_failures(now)
+        for (outbound, _), f in sorted(self._failures.items(), key=lambda kv: kv[1].address):
+            if outbound and f.address in live_addresses:
+                continue
+            state = "retrying" if outbound and f.address in retrying else "failed"
+            rows.append(
+                {
+                    "peer": f.peer,
+                    "nickname": f.nickname,
+                    "address": f.address,
+                    "outbound": f.outbound,
+                    "state": state,
+                    "info": f.info + (f" ({f.count} times)" if f.count > 1 else ""),
+                    "encrypted": f.encrypted,
+                    "datapath": None,
+                    "mtu": None,
+                    "since": round(now - f.at, 1),
+                }
+            )
+        return rows
+
+
+def _oserror(err: OSError) -> str:
+    """``address already in use`` rather than asyncio's long wrapper text."""
+    return os.strerror(err.errno).lower() if err.errno else str(err)
+
+
+def _host_part(address: str) -> str:
+    try:
+        return parse_hostport(address, default_port=0)[0]
+    except ConfigError:
+        return address
