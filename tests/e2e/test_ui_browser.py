@@ -45,7 +45,9 @@ async def graph_snapshot(page: Any) -> dict[str, Any]:
     return snap
 
 
-async def wait_for(page: Any, js_predicate: str, arg: Any = None, timeout_ms: int = WAIT_MS) -> None:
+async def wait_for(
+    page: Any, js_predicate: str, arg: Any = None, timeout_ms: int = WAIT_MS
+) -> None:
     await page.wait_for_function(js_predicate, arg=arg, timeout=timeout_ms)
 
 
@@ -64,14 +66,17 @@ async def wait_for_graph(page: Any, nodes: int, edges: int, timeout_ms: int = WA
 def edge_between(snap: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     for e in snap["edges"]:
         if {e["source"], e["target"]} == {a, b}:
-            return e
-    raise AssertionError(f"no edge {a} - {b} in {[(e['source'], e['target']) for e in snap['edges']]}")
+            found: dict[str, Any] = e
+            return found
+    pairs = [(e["source"], e["target"]) for e in snap["edges"]]
+    raise AssertionError(f"no edge {a} - {b} in {pairs}")
 
 
 def node(snap: dict[str, Any], name: str) -> dict[str, Any]:
     for n in snap["nodes"]:
         if n["name"] == name:
-            return n
+            found: dict[str, Any] = n
+            return found
     raise AssertionError(f"no node {name}")
 
 

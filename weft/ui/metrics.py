@@ -29,7 +29,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,6 +47,9 @@ GetStatus = Callable[[], Mapping[str, Any]]
 
 CONNECTION_STATES = ("established", "pending", "connecting", "retrying", "failed")
 SLEEVE_DROP_REASONS = ("decrypt", "replay", "oversize", "malformed")
+# Every name and label here is a classic Prometheus name, so the text is valid 0.0.4 exposition,
+# which every Prometheus version scrapes (newer prometheus-client labels it 1.0.0 by default).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_LABEL_VALUES = 32  # distinct values per free-text label before the rest become "other"
 _TOKEN_RE = re.compile(r"[^a-z0-9]+")
 
@@ -353,4 +356,4 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its Content-Type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE

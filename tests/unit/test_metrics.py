@@ -1,0 +1,250 @@
+"""Prometheus metrics: gauges match the status model at every scrape; counters; label bounds."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from weft.ui.metrics import (
+    CONNECTION_STATES,
+    Metrics,
+    connection_counts,
+    ipam_counts,
+    label_token,
+    partitions,
+)
+from weft.ui.server import setup_routes
+from weft.ui.synthetic import peer_name, synthetic_status
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    out: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def connection_gauges(samples: Samples) -> dict[tuple[str, str, str], int]:
+    out = {}
+    for (name, labels), value in samples.items():
+        if name == "weft_connections":
+            d = dict(labels)
+            out[(d["state"], d["datapath"], d["encryption"])] = int(value)
+    return out
+
+
+def mixed_status() -> dict[str, Any]:
+    status = synthetic_status(8, degree=6, datapaths=("ovs", "vxlan", "sleeve"), seed=2)
+    conns = status["router"]["connections"]
+    conns[0]["state"] = "pending"
+    conns[1]["state"] = "failed"
+    conns[1]["encrypted"] = False
+    conns.append({"peer": "", "nickname": "", "address": "10.0.0.9:6783", "outbound": True,
+                  "state": "retrying", "info": "connection refused", "encrypted": False,
+                  "datapath": "none", "mtu": None})
+    return status
+
+
+def test_connection_gauges_match_status_exactly() -> None:
+    status = mixed_status()
+    metrics = Metrics(get_status=lambda: status)
+    gauges = connection_gauges(scrape(metrics))
+    expected = connection_counts(status)
+    assert {k: v for k, v in gauges.items() if v} == expected
+    # Counted from the status by hand, independently of connection_counts.
+    for conn in status["router"]["connections"]:
+        key = (conn["state"], conn["datapath"], "yes" if conn["encrypted"] else "no")
+        assert gauges[key] == sum(
+            1 for c in status["router"]["connections"]
+            if (c["state"], c["datapath"], "yes" if c["encrypted"] else "no") == key
+        )
+    assert sum(gauges.values()) == len(status["router"]["connections"])
+    # Zero series for every known state of each datapath/encryption in use.
+    for _, datapath, encryption in expected:
+        for state in CONNECTION_STATES:
+            assert (state, datapath, encryption) in gauges
+
+
+def test_gauges_follow_the_status_at_scrape_time() -> None:
+    holder = {"status": synthetic_status(3)}
+    metrics = Metrics(get_status=lambda: holder["status"])
+    assert sum(connection_gauges(scrape(metrics)).values()) == 2
+    changed = copy.deepcopy(holder["status"])
+    changed["router"]["connections"][0]["state"] = "failed"
+    holder["status"] = changed
+    gauges = connection_gauges(scrape(metrics))
+    assert gauges[("failed", "ovs", "yes")] == 1
+    assert gauges[("established", "ovs", "yes")] == 0
+
+
+async def test_metrics_endpoint_matches_status_endpoint() -> None:
+    status = mixed_status()
+    app = web.Application()
+    metrics = Metrics(get_status=lambda: status)
+    setup_routes(app, lambda: status, metrics=metrics)
+
+    async def handle_status(request: web.Request) -> web.Response:
+        return web.json_response(status)
+
+    app.router.add_get("/status", handle_status)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+        got_status = await (await client.get("/status")).json()
+    gauges: dict[tuple[str, str, str], int] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "weft_connections" and s.value:
+                gauges[(s.labels["state"], s.labels["datapath"], s.labels["encryption"])] = int(
+                    s.value
+                )
+    assert gauges == connection_counts(got_status)
+
+
+def test_peers_partitions_and_unreachable() -> None:
+    status = synthetic_status(10, partitions=2, seed=4)
+    samples = scrape(Metrics(get_status=lambda: status))
+    assert samples[("weft_peers", ())] == 10
+    assert samples[("weft_partitions", ())] == 2
+    assert samples[("weft_unreachable_peers", ())] == 5
+    groups = partitions(status)
+    assert peer_name(1) in groups[0] and len(groups[0]) == 5
+
+
+def test_one_sided_connection_does_not_join_partitions() -> None:
+    status = synthetic_status(3)
+    gone = peer_name(3)
+    for p in status["router"]["peers"]:
+        if p["name"] != gone:  # the others dropped it; its own record is stale
+            p["connections"] = [c for c in p["connections"] if c["name"] != gone]
+    groups = partitions(status)
+    assert groups == [{peer_name(1), peer_name(2)}, {gone}]
+
+
+def test_ipam_gauges() -> None:
+    status = synthetic_status(4)
+    status["ipam"] = {
+        "range": "10.32.0.0/12",
+        "entries": [
+            {"peer": peer_name(1), "owned": 100, "free": 60, "reachable": True},
+            {"peer": peer_name(2), "owned": 50, "free": 50},
+            {"peer": peer_name(3), "owned": 30, "free": 10, "reachable": False},
+            {"peer": peer_name(4), "owned": "x", "free": -1},  # malformed: counts as nothing
+            "garbage",
+        ],
+    }
+    assert ipam_counts(status) == {"allocated": 40, "free": 110, "unreachable": 30}
+    samples = scrape(Metrics(get_status=lambda: status))
+    assert samples[("weft_ipam_allocated_addresses", ())] == 40
+    assert samples[("weft_ipam_free_addresses", ())] == 110
+    assert samples[("weft_ipam_unreachable_addresses", ())] == 30
+
+
+def test_no_ipam_section_no_ipam_series() -> None:
+    status = synthetic_status(2, ipam=False)
+    samples = scrape(Metrics(get_status=lambda: status))
+    assert not any(name.startswith("weft_ipam") for name, _ in samples)
+
+
+def test_fastdp_flows_from_status_or_source() -> None:
+    status: dict[str, Any] = synthetic_status(2)
+    metrics = Metrics(get_status=lambda: status)
+    assert ("weft_fastdp_flows", ()) not in scrape(metrics)
+    status["overlay"] = {"flows": 17}
+    assert scrape(metrics)[("weft_fastdp_flows", ())] == 17
+    metrics.set_fastdp_flows_source(lambda: 42)
+    assert scrape(metrics)[("weft_fastdp_flows", ())] == 42
+
+
+def test_counters() -> None:
+    m = Metrics()
+    m.connection_terminated("Wrong password: confirm did not open")
+    m.connection_terminated("wrong password")
+    m.connection_terminated("protocol version mismatch (ours 1..2, theirs 3..4)")
+    m.gossip_sent("topology", 120)
+    m.gossip_sent("topology", 80, messages=2)
+    m.gossip_received("ipam", 33)
+    m.sleeve_sent(packets=10, nbytes=14000)
+    m.sleeve_received(packets=3, nbytes=900)
+    m.sleeve_dropped("replay")
+    m.sleeve_dropped("decrypt", packets=4)
+    m.fallback("ovs", "sleeve")
+    s = scrape(m)
+    assert s[("weft_connection_terminations_total", (("reason", "wrong_password"),))] == 2
+    assert s[("weft_connection_terminations_total",
+              (("reason", "protocol_version_mismatch"),))] == 1
+    assert s[("weft_gossip_messages_total", (("channel", "topology"), ("direction", "out")))] == 3
+    assert s[("weft_gossip_bytes_total", (("channel", "topology"), ("direction", "out")))] == 200
+    assert s[("weft_gossip_bytes_total", (("channel", "ipam"), ("direction", "in")))] == 33
+    assert s[("weft_sleeve_packets_total", (("direction", "out"),))] == 10
+    assert s[("weft_sleeve_bytes_total", (("direction", "out"),))] == 14000
+    assert s[("weft_sleeve_bytes_total", (("direction", "in"),))] == 900
+    assert s[("weft_sleeve_drops_total", (("reason", "replay"),))] == 1
+    assert s[("weft_sleeve_drops_total", (("reason", "decrypt"),))] == 4
+    assert s[("weft_sleeve_drops_total", (("reason", "oversize"),))] == 0  # preset, zero
+    assert s[("weft_datapath_fallbacks_total",
+              (("from_datapath", "ovs"), ("to_datapath", "sleeve")))] == 1
+    # No status source: no connection gauges, no crash.
+    assert not any(name == "weft_connections" for name, _ in s)
+
+
+def test_free_text_labels_are_bounded() -> None:
+    m = Metrics()
+    for i in range(200):
+        m.connection_terminated(f"reason number {i} word{i}")
+        m.sleeve_dropped(f"weird{i}")
+        m.gossip_received(f"chan{i}", 1)
+    s = scrape(m)
+    reasons = {dict(lb)["reason"] for name, lb in s if name == "weft_connection_terminations_total"}
+    assert len(reasons) <= 33 and "other" in reasons
+    drops = {dict(lb)["reason"] for name, lb in s if name == "weft_sleeve_drops_total"}
+    assert len(drops) <= 33 and "other" in drops
+    channels = {dict(lb)["channel"] for name, lb in s if name == "weft_gossip_messages_total"}
+    assert len(channels) <= 33
+
+
+def test_registries_are_per_router() -> None:
+    a, b = Metrics(), Metrics()  # the global registry would refuse the second set of names
+    a.connection_terminated("eof")
+    assert scrape(a)[("weft_connection_terminations_total", (("reason", "eof"),))] == 1
+    assert ("weft_connection_terminations_total", (("reason", "eof"),)) not in scrape(b)
+
+
+@pytest.mark.parametrize(
+    ("text", "token"),
+    [
+        ("Wrong password: x", "wrong_password"),
+        ("heartbeats unanswered for 60s; using sleeve", "heartbeats_unanswered_for_60s"),
+        ("EOF", "eof"),
+        ("", "unknown"),
+        ("   ::: ", "unknown"),
+        ("read 12 bytes", "read_bytes"),
+        (42, "unknown"),
+        ("x" * 500, "x" * 40),
+    ],
+)
+def test_label_token(text: object, token: str) -> None:
+    assert label_token(text) == token
+
+
+@pytest.mark.parametrize(
+    "status",
+    [{}, {"router": 5}, {"router": {"connections": "x", "peers": [1, None, {"name": 3}]}},
+     {"router": {"connections": [None, {"state": 7, "datapath": None}]}}, {"ipam": []}],
+)
+def test_odd_status_documents_do_not_break_scrapes(status: Mapping[str, Any]) -> None:
+    samples = scrape(Metrics(get_status=lambda: status))
+    assert ("weft_peers", ()) in samples
