@@ -634,6 +634,8 @@ def run(
                 {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
             )
         conf = parse_config(stdin)
+        if conf.get("cniVersion") in SUPPORTED_VERSIONS:
+            version = conf["cniVersion"]  # errors, too, speak the runtime's version
         version = check_version(conf, command)
         if router is None:
             sock = conf.get("socket") or DEFAULT_SOCKET

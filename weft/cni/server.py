@@ -115,11 +115,28 @@ class CniIpam(Protocol):
 class MemoryIpam:
     """An in-memory CniIpam over one subnet: tests, benchmarks, and a router without weft IPAM."""
 
-    def __init__(self, subnet: str = "10.32.0.0/12", reserved: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        subnet: str = "10.32.0.0/12",
+        reserved: tuple[str, ...] = (),
+        state_path: str | None = None,
+    ) -> None:
+        """``state_path``: a JSON file that keeps the allocations across restarts."""
         self.network = ipaddress.ip_network(subnet)
         self.reserved = {ipaddress.ip_address(a) for a in reserved}
         self.by_ident: dict[str, str] = {}
         self.available = True
+        self.state_path = state_path
+        if state_path and os.path.exists(state_path):
+            with open(state_path, encoding="utf-8") as f:
+                self.by_ident = dict(json.load(f))
+
+    def _save(self) -> None:
+        if self.state_path:
+            tmp = self.state_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.by_ident, f)
+            os.replace(tmp, self.state_path)
 
     async def allocate(self, ident: str, subnet: str | None) -> str:
         if not self.available:
@@ -132,13 +149,15 @@ class MemoryIpam:
             if host not in used:
                 cidr = f"{host}/{network.prefixlen}"
                 self.by_ident[ident] = cidr
+                self._save()
                 return cidr
         raise IpamRefused(f"no free address in {network}")
 
     async def release(self, ident: str) -> None:
         if not self.available:
             raise IpamUnavailable("allocator not ready")
-        self.by_ident.pop(ident, None)
+        if self.by_ident.pop(ident, None) is not None:
+            self._save()
 
     async def lookup(self, ident: str) -> list[str]:
         return [self.by_ident[ident]] if ident in self.by_ident else []
@@ -671,7 +690,7 @@ async def serve_unix(app: web.Application, path: str) -> web.AppRunner:
 def main(argv: list[str] | None = None) -> int:
     """A CNI-only router (in-memory allocator, no mesh) for tests and benchmarks::
 
-        python -m weft.cni.server --socket /run/weft/weft.sock --subnet 10.32.0.0/12
+    python -m weft.cni.server --socket /run/weft/weft.sock --subnet 10.32.0.0/12
     """
     import argparse
 
@@ -682,11 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reserve", action="append", default=[], help="address not to allocate")
     parser.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR)
     parser.add_argument("--mtu", type=int, default=None)
+    parser.add_argument("--state", default=None, help="JSON file keeping allocations")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     async def run() -> None:
-        ipam = MemoryIpam(args.subnet, tuple(args.reserve))
+        ipam = MemoryIpam(args.subnet, tuple(args.reserve), args.state)
         config = CniConfig(bridge=args.bridge, spool_dir=args.spool_dir)
         service = CniService(ipam, config, mtu=lambda: args.mtu)
         app = web.Application()
