@@ -181,21 +181,26 @@ class FrameCodec:
             raise SessionClosed(f"session already failed: {self._failed}")
         # Bytes are accumulated in a bytearray only while a frame is incomplete, and parsed only
         # once ``_need`` bytes are there: a 10 MiB frame arriving in 64 KiB reads costs one copy,
-        # not one per read. Parsing works on an immutable bytes object, so memoryview slices
-        # handed to the AEAD can never pin a buffer we want to resize.
+        # not one per read.
+        chunk: bytes | bytearray | memoryview
         if self._buf:
             self._buf += data
             if len(self._buf) < self._need:
                 return []
-            chunk = bytes(self._buf)
+            # Take the buffer over instead of copying it: it is never resized again, so the
+            # memoryview slices handed to the AEAD below cannot pin a buffer we resize.
+            chunk = self._buf
             self._buf = bytearray()
         else:
+            # A caller's bytearray or memoryview is copied: no view of it may outlive this call
+            # (an exception's traceback would keep one alive and block the caller's resizes).
             chunk = data if type(data) is bytes else bytes(data)
         size = len(chunk)
         out: list[bytes] = []
         opener = self._opener
         pos = 0
         view = memoryview(chunk)
+        small = type(chunk) is bytes  # then slicing gives bytes directly (cheapest for small)
         try:
             while True:
                 if size - pos < LENGTH_SIZE:
@@ -210,7 +215,9 @@ class FrameCodec:
                     self._need = LENGTH_SIZE + length
                     break
                 if opener is None:
-                    out.append(chunk[start:end])
+                    out.append(
+                        chunk[start:end] if isinstance(chunk, bytes) else bytes(view[start:end])
+                    )
                 else:
                     if length < TAG_SIZE:
                         raise MessageAuthenticationFailed(
@@ -218,8 +225,8 @@ class FrameCodec:
                             " than the tag)"
                         )
                     # Small bodies: a bytes slice is cheaper for the binding than a memoryview.
-                    body = view[start:end] if length > 4096 else chunk[start:end]
-                    out.append(opener.open(chunk[pos:start], body))
+                    body = chunk[start:end] if small and length <= 4096 else view[start:end]
+                    out.append(opener.open(bytes(view[pos:start]), body))
                 pos = end
         except RemoteProtocolError as err:
             self._failed = err
