@@ -26,20 +26,23 @@ packets cannot push it. The bitmap is a ring of 64-bit words (RFC 6479 / WireGua
 per packet does not depend on the window size. 8192 covers the reordering of a whole GSO burst
 (45 datagrams per 64 KB) many times over; Weave used 2**20 and paid for it in memory.
 
-Cipher choice, measured on this machine kind with ``python -m bench.crypto`` (2 cores, AES-NI +
-VAES + VPCLMULQDQ, cryptography 48 / OpenSSL 3; noisy, medians of several runs; seal, one core)::
+Cipher choice, measured on this machine kind with ``python -m bench.crypto`` (2 shared cores with
+AES-NI, VAES, VPCLMULQDQ; cryptography 48 / OpenSSL 3; one core; Gbit/s; the range of three runs'
+medians, the box being busy with other work)::
 
-    unit      ChaCha20-Poly1305   AES-256-GCM
-    1.5 KB    ~0.53 GB/s          ~0.85 GB/s
-    64 KB     ~1.45 GB/s          ~4.7 GB/s
+                            ChaCha20-Poly1305          AES-256-GCM
+    bare AEAD     1.5 KB    seal 3.4-6.6               seal 4.8-9.5
+                  64 KB     seal 12-16                 seal 16-29
+    DataSealer/   1.5 KB    seal 4.2-4.9, open 2.2-3.3 seal 3.1-6.0, open 2.1-3.9
+    DataOpener    64 KB     seal 11-14,   open 12-14   seal 11-21,   open 18-21
 
-AES-256-GCM wins at both sizes on this hardware (by ~1.6x for MTU-sized packets, where the
-per-call overhead of the Python binding dominates, and ~3x for super-frames). The data plane
-defaults to ``"aes-256-gcm"`` (:data:`DEFAULT_DATA_CIPHER`); ChaCha20-Poly1305 stays available for
-CPUs without AES instructions. Both ends must use the same cipher (routers should advertise it in
-the hello's ``features``); a mismatch can only fail authentication, never deliver garbage. The
-control connection always uses ChaCha20-Poly1305 (the contract in docs/ARCHITECTURE.md); control
-traffic is small next to data traffic.
+AES-256-GCM wins for super-frames (the sleeve's main path: one seal per ~64 KB unit) by about
+1.5x and is level or ahead at MTU size, where the per-call overhead of the Python binding
+dominates. The data plane therefore defaults to ``"aes-256-gcm"`` (:data:`DEFAULT_DATA_CIPHER`);
+ChaCha20-Poly1305 stays available for CPUs without AES instructions. Both ends must use the same
+cipher (routers should advertise it in the hello's ``features``); a mismatch can only fail
+authentication, never deliver garbage. The control connection always uses ChaCha20-Poly1305 (the
+contract in docs/ARCHITECTURE.md); control traffic is small next to data traffic.
 """
 
 from __future__ import annotations
