@@ -324,6 +324,14 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def connections(self) -> list[Connection]:
+        """Our current control connections (handshaking ones included), for diagnostics."""
+        return list(self._conns.values())
+
+    def connection_to(self, peer: PeerName) -> Connection | None:
+        """The accepted connection to ``peer``, if any."""
+        return self._by_peer.get(peer)
+
     # -- targets (API) ----------------------------------------------------------------------------
 
     def connect(self, peers: Iterable[str], replace: bool = False) -> list[str]:
@@ -720,9 +728,7 @@ class Router:
         nickname: str | None,
         encrypted: bool,
     ) -> None:
-        # Inbound attempts come from ephemeral ports: one row per remote IP is what a user wants.
-        key_addr = address if outbound else _host_part(address)
-        key = (outbound, key_addr)
+        key = _failure_key(outbound, address, peer)
         now = self.now()
         row = self._failures.get(key)
         if row is None:
@@ -870,6 +876,13 @@ class Router:
 def _oserror(err: OSError) -> str:
     """``address already in use`` rather than asyncio's long wrapper text."""
     return os.strerror(err.errno).lower() if err.errno else str(err)
+
+
+def _failure_key(outbound: bool, address: str, peer: str | None) -> tuple[bool, str]:
+    """Outbound rows per target; inbound ones (ephemeral ports) per remote IP and peer name."""
+    if outbound:
+        return (True, address)
+    return (False, f"{_host_part(address)}|{peer or ''}")
 
 
 def _host_part(address: str) -> str:

@@ -1,0 +1,258 @@
+"""Real routers, real sockets, one event loop: meshes on 127.0.0.1 with random free ports.
+
+Covers issue 2's "real sockets on loopback": at least 10 routers converge to a full mesh from a
+chain of initial peers; a wrong password and an encryption mismatch are named on both sides; and
+malformed input from a peer (tampered, oversized, unknown tag, garbage gossip) closes only that
+connection while the router keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from weft.gossip.crypto import derive_password_key
+from weft.gossip.handshake import Handshake, Hello
+from weft.gossip.peer import PeerIdentity, PeerName
+from weft.gossip.session import FrameCodec
+from weft.router.config import RouterConfig
+from weft.router.router import Router
+
+TIMEOUT = 60.0  # generous: the machine is shared by many workers
+
+
+async def wait_until(predicate: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def make_router(tmp: Path, i: int, *peers: str, password: bytes | None = None) -> Router:
+    config = RouterConfig(
+        nickname=f"r{i}",
+        data_dir=tmp / f"r{i}",
+        port=0,
+        listen_host="127.0.0.1",
+        http_addr="127.0.0.1:0",
+        api_socket=None,
+        password=password,
+        peers=peers,
+        datapath="none",
+        heartbeat_interval=1.0,
+        heartbeat_timeout=5.0,
+    )
+    return Router(config, rng=random.Random(1000 + i))
+
+
+def rows(router: Router, state: str | None = None) -> list[dict[str, Any]]:
+    conns: list[dict[str, Any]] = router.status()["router"]["connections"]
+    return [c for c in conns if state is None or c["state"] == state]
+
+
+def established_peers(router: Router) -> set[str]:
+    return {str(c["peer"]) for c in rows(router, "established")}
+
+
+def addr(router: Router) -> str:
+    return f"127.0.0.1:{router.port}"
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[Router]]:
+    routers: list[Router] = []
+    yield routers
+    await asyncio.gather(*(r.stop() for r in routers), return_exceptions=True)
+
+
+async def test_ten_routers_converge_to_full_mesh_from_a_chain(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    n = 10
+    for i in range(n):
+        peers = (addr(started[-1]),) if started else ()
+        router = make_router(tmp_path, i, *peers)
+        await router.start()
+        started.append(router)
+    names = {str(r.identity.name) for r in started}
+
+    def full_mesh() -> bool:
+        return all(established_peers(r) == names - {str(r.identity.name)} for r in started)
+
+    await wait_until(full_mesh, "a full mesh of 10 routers")
+
+    def same_topology() -> bool:
+        views = []
+        for r in started:
+            peers = r.status()["router"]["peers"]
+            views.append(
+                {(p["name"], frozenset(c["name"] for c in p["connections"])) for p in peers}
+            )
+        return all(v == views[0] for v in views) and len(views[0]) == n
+
+    await wait_until(same_topology, "every router to hold the same 10-peer topology")
+    for r in started:
+        doc = r.status()
+        assert doc["router"]["encryption"] is False
+        # no router keeps dialling itself: self-addresses are recognised and dropped
+        assert not [c for c in rows(r) if c["state"] == "connecting" and not c["peer"]]
+
+
+async def test_encrypted_pair_and_wrong_password_named_on_both_sides(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    a = make_router(tmp_path, 0, password=b"right")
+    await a.start()
+    started.append(a)
+    b = make_router(tmp_path, 1, addr(a), password=b"right")
+    await b.start()
+    started.append(b)
+    await wait_until(lambda: established_peers(a) == {str(b.identity.name)}, "a-b established")
+    assert all(c["encrypted"] for c in rows(a, "established") + rows(b, "established"))
+    assert a.status()["router"]["encryption"] is True
+
+    intruder = make_router(tmp_path, 2, addr(a), password=b"wrong")
+    await intruder.start()
+    started.append(intruder)
+
+    def names_password(router: Router) -> bool:
+        return any(
+            c["state"] in ("failed", "retrying") and "wrong password" in c["info"]
+            for c in rows(router)
+        )
+
+    await wait_until(lambda: names_password(a), "the accepting router to name the password")
+    await wait_until(lambda: names_password(intruder), "the dialling router to name the password")
+    assert str(intruder.identity.name) not in established_peers(a)
+    assert established_peers(a) == {str(b.identity.name)}  # the good link is untouched
+
+    plain = make_router(tmp_path, 3, addr(a))
+    await plain.start()
+    started.append(plain)
+
+    def names_mismatch(router: Router) -> bool:
+        return any("encryption mismatch" in c["info"] for c in rows(router))
+
+    await wait_until(lambda: names_mismatch(plain), "plaintext side names the mismatch")
+    await wait_until(lambda: names_mismatch(a), "encrypted side names the mismatch")
+
+
+class RawPeer:
+    """A hand-driven peer: real handshake, then whatever bytes a test wants to send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.codec: FrameCodec | None = None
+        self.name: PeerName | None = None
+
+    @classmethod
+    async def connect(cls, router: Router, password: bytes | None, seed: int) -> RawPeer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        peer = cls(reader, writer)
+        rng = random.Random(seed)
+        peer.name = PeerName(rng.getrandbits(47) | (2 << 40))
+        identity = PeerIdentity(peer.name, f"raw{seed}", rng.getrandbits(64) | 1, seed & 0xFFF)
+        loop = asyncio.get_running_loop()
+        key = derive_password_key(password) if password else None
+        hs = Handshake(True, Hello.from_identity(identity, rng.getrandbits(64)), key, loop.time())
+        writer.write(hs.data_to_send())
+        while not hs.done:
+            data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+            assert data, "router closed during the handshake"
+            hs.receive(data, loop.time())
+            writer.write(hs.data_to_send())
+        peer.codec = hs.result.control
+        return peer
+
+    def send_message(self, tag: int, payload: bytes) -> None:
+        assert self.codec is not None
+        self.writer.write(self.codec.encode(bytes((tag,)) + payload))
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def closed_by_router(self) -> bool:
+        """True once the router has closed the stream (EOF)."""
+        try:
+            while True:
+                data = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+                if not data:
+                    return True
+        except (ConnectionError, TimeoutError):
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _tampered(peer: RawPeer) -> None:
+    assert peer.codec is not None
+    frame = bytearray(peer.codec.encode(b"\x04" + b"x" * 40))
+    frame[-1] ^= 0x01
+    peer.send_raw(bytes(frame))
+
+
+def _oversized(peer: RawPeer) -> None:
+    peer.send_raw(struct.pack(">I", 64 * 1024 * 1024) + b"\0" * 16)
+
+
+def _unknown_tag(peer: RawPeer) -> None:
+    peer.send_message(99, b"hello")
+
+
+def _garbage_gossip(peer: RawPeer) -> None:
+    peer.send_message(4, os.urandom(64))
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        (_tampered, "authentication failed"),
+        (_oversized, "too large"),
+        (_unknown_tag, "unknown message tag 99"),
+        (_garbage_gossip, ""),
+    ],
+    ids=["tampered", "oversized", "unknown-tag", "garbage-gossip"],
+)
+async def test_bad_message_closes_only_that_connection(
+    tmp_path: Path,
+    started: list[Router],
+    attack: Callable[[RawPeer], None],
+    reason: str,
+) -> None:
+    a = make_router(tmp_path, 0, password=b"pw")
+    await a.start()
+    started.append(a)
+    b = make_router(tmp_path, 1, addr(a), password=b"pw")
+    await b.start()
+    started.append(b)
+    await wait_until(lambda: established_peers(a) == {str(b.identity.name)}, "a-b established")
+    good = a.connection_to(b.identity.name)
+    assert good is not None
+
+    raw = await RawPeer.connect(a, b"pw", seed=7)
+    assert raw.name is not None
+    await wait_until(lambda: str(raw.name) in {str(c["peer"]) for c in rows(a)}, "raw accepted")
+    failed_before = a.counters["connection_failed"]
+    attack(raw)
+    assert await raw.closed_by_router()
+    raw.close()
+    await wait_until(
+        lambda: a.counters["connection_failed"] == failed_before + 1, "the failure counted"
+    )
+    failures = [c for c in rows(a, "failed") if c["peer"] == str(raw.name)]
+    assert len(failures) == 1 and reason in failures[0]["info"], failures
+    # Only that connection went: the real one is the same object, still established.
+    assert a.connection_to(b.identity.name) is good
+    assert established_peers(a) == {str(b.identity.name)}
+    assert a.status()["router"]["name"] == str(a.identity.name)  # still serving
