@@ -179,9 +179,10 @@ def test_all_at_once_and_leftover(encrypted: bool) -> None:
     if encrypted:
         assert not b.done
         assert a.done
-        # a is done: it sends a confirm-ed session frame right behind nothing else.
+        # a is done; its confirm is still queued, and session frames go right behind it.
         tail = a.data_to_send()
-        assert tail.endswith(b"") and a.result.control.frames_sent == 1
+        assert len(tail) == 4 + len(b"weft confirm v1") + 16
+        assert a.result.control.frames_sent == 1
         frames = a.result.control.encode(b"\x04first") + a.result.control.encode(b"\x05second")
         b.receive(tail + frames, NOW)
     assert a.done and b.done
@@ -647,3 +648,91 @@ def test_fuzz_bitflipped_hello(fields: dict[str, object], mutate_at: int, xor: i
 
 def test_header_size_constant() -> None:
     assert HEADER_SIZE == 6
+
+
+def recorded_stream(encrypted: bool) -> bytes:
+    """Everything an outbound side sends in a good handshake, plus two session frames."""
+    key = pw(b"secret") if encrypted else None
+    a, b = pair(key, key)
+    sent = bytearray()
+    for _ in range(4):
+        data = a.data_to_send()
+        sent += data
+        if data and not b.done:
+            b.receive(data, NOW)
+        back = b.data_to_send()
+        if back and not a.done:
+            a.receive(back, NOW)
+    assert a.done and b.done
+    sent += a.data_to_send()
+    sent += a.result.control.encode_many([b"\x04one", b"\x05two"])
+    return bytes(sent)
+
+
+STREAMS = {flag: recorded_stream(flag) for flag in (False, True)}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    encrypted=st.booleans(),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "cut", "insert"]),
+            st.integers(0, 10_000),
+            st.binary(min_size=1, max_size=8),
+        ),
+        max_size=3,
+    ),
+    chunk=st.integers(1, 200),
+)
+def test_fuzz_mutated_handshake_stream(
+    encrypted: bool, edits: list[tuple[str, int, bytes]], chunk: int
+) -> None:
+    """A real stream with flipped, cut or inserted bytes, delivered in chunks: the receiver ends
+    done (and its session decodes or refuses) or fails with a HandshakeError, nothing else."""
+    stream = bytearray(STREAMS[encrypted])
+    for op, at, blob in edits:
+        at %= len(stream) + 1
+        if op == "flip" and at < len(stream):
+            stream[at] ^= blob[0]
+        elif op == "cut":
+            del stream[at:]
+        else:
+            stream[at:at] = blob
+    # Same seed as in pair(): b's ephemeral and hello match the recorded stream.
+    b = Handshake(
+        False, hello(2, gso=True), pw(b"secret") if encrypted else None, NOW, urandom=seeded(2)
+    )
+    data = bytes(stream)
+    try:
+        for i in range(0, len(data), chunk):
+            piece = data[i : i + chunk]
+            if b.done:
+                b.result.control.feed(piece)
+            else:
+                b.receive(piece, NOW)
+                if b.done and b.result.leftover:
+                    b.result.control.feed(b.result.leftover)
+    except HandshakeError as err:
+        assert b.state is HandshakeState.FAILED and b.error is err
+        assert err.reason in {
+            "bad_magic",
+            "version_mismatch",
+            "malformed",
+            "encryption_mismatch",
+            "wrong_password",
+        }
+    except RemoteProtocolError:
+        assert b.done
+    if not edits:
+        assert b.done
+
+
+def test_recorded_stream_completes() -> None:
+    for encrypted, stream in STREAMS.items():
+        b = Handshake(
+            False, hello(2, gso=True), pw(b"secret") if encrypted else None, NOW, urandom=seeded(2)
+        )
+        b.receive(stream, NOW)
+        assert b.done
+        assert b.result.control.feed(b.result.leftover) == [b"\x04one", b"\x05two"]

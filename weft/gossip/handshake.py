@@ -55,8 +55,6 @@ from weft.errors import LocalError, RemoteProtocolError
 from weft.gossip.crypto import KEY_SIZE, derive_session_keys
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
 from weft.gossip.session import LENGTH_SIZE, TAG_SIZE, FrameCodec, MessageAuthenticationFailed
-from weft.gossip.session import _Opener as Opener
-from weft.gossip.session import _Sealer as Sealer
 
 __all__ = [
     "CONFIRM_MESSAGE",
@@ -434,8 +432,7 @@ class Handshake:
         self._peer_header = b""
         self._hello_frame = b""
         self._peer_hello_frame = b""
-        self._sealer: Sealer | None = None
-        self._opener: Opener | None = None
+        self._codec: FrameCodec | None = None  # encrypted: made when the keys are known
         self._data_keys: tuple[bytes, bytes] | None = None
         self._out += self._header
 
@@ -594,11 +591,11 @@ class Handshake:
                 self._peer_header + self._header + self._peer_hello_frame + self._hello_frame
             )
         keys = derive_session_keys(shared, self._password_key, transcript, self.outbound)
-        self._sealer = Sealer(keys.control_send)
-        self._opener = Opener(keys.control_recv)
         self._data_keys = (keys.data_send, keys.data_recv)
-        prefix = (len(CONFIRM_MESSAGE) + TAG_SIZE).to_bytes(LENGTH_SIZE, "big")
-        self._out += prefix + self._sealer.seal(prefix, CONFIRM_MESSAGE)
+        # The confirm is the codec's first frame each way (counter 0), so the session continues
+        # the same nonce sequence and a confirm can never be replayed as a session frame.
+        self._codec = FrameCodec(keys.control_send, keys.control_recv)
+        self._out += self._codec.encode(CONFIRM_MESSAGE)
         self.state = HandshakeState.AWAIT_CONFIRM
         return True
 
@@ -615,9 +612,11 @@ class Handshake:
             return False
         frame = bytes(buf[:_CONFIRM_FRAME_SIZE])
         del buf[:_CONFIRM_FRAME_SIZE]
-        assert self._opener is not None and self._sealer is not None
+        codec = self._codec
+        assert codec is not None
         try:
-            message = self._opener.open(frame[:LENGTH_SIZE], frame[LENGTH_SIZE:])
+            # Exactly one whole frame of the checked size: feed returns exactly one message.
+            (message,) = codec.feed(frame)
         except MessageAuthenticationFailed:
             raise WrongPassword(
                 "wrong password: the peer's confirm did not authenticate"
@@ -627,7 +626,7 @@ class Handshake:
             raise MalformedHandshake("malformed confirm: unexpected content")
         assert self._data_keys is not None
         send, recv = self._data_keys
-        self._finish(FrameCodec._from_parts(self._sealer, self._opener), send, recv)
+        self._finish(codec, send, recv)
         return False
 
     def _finish(self, codec: FrameCodec, data_send: bytes | None, data_recv: bytes | None) -> None:

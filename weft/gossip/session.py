@@ -126,13 +126,6 @@ class FrameCodec:
         self._need = LENGTH_SIZE  # bytes buffered before parsing is worth trying
         self._failed: RemoteProtocolError | None = None
 
-    @classmethod
-    def _from_parts(cls, sealer: _Sealer | None, opener: _Opener | None) -> FrameCodec:
-        codec = cls()
-        codec._sealer = sealer
-        codec._opener = opener
-        return codec
-
     @property
     def encrypted(self) -> bool:
         return self._sealer is not None
