@@ -82,15 +82,15 @@ class TokenBucket:
             raise ConfigError("token bucket needs capacity >= 1 and interval > 0")
         self.capacity = capacity
         self.interval = interval
-        # The time at which the bucket would be full again; tokens = (now - earliest) / interval.
-        self._full_at = now
+        # Virtual time of the last token handed out; tokens available at ``now`` are
+        # (now - last) / interval, at most ``capacity``. Starts full.
+        self._last = now - capacity * interval
 
     def take(self, now: float) -> float:
-        earliest = now - self.capacity * self.interval
-        start = max(self._full_at, earliest)
-        start += self.interval
-        self._full_at = start
-        return max(0.0, start - now)
+        start = max(self._last, now - self.capacity * self.interval) + self.interval
+        self._last = start
+        wait = start - now
+        return wait if wait > 1e-9 else 0.0  # not a float rounding error's worth of sleep
 
 
 @dataclass
