@@ -736,3 +736,23 @@ def test_recorded_stream_completes() -> None:
         b.receive(stream, NOW)
         assert b.done
         assert b.result.control.feed(b.result.leftover) == [b"\x04one", b"\x05two"]
+
+
+def test_reflected_stream_is_refused() -> None:
+    """Everything we send echoed back (a TCP reflector): refused, never a session with ourselves."""
+    a = Handshake(True, hello(1), pw(b"secret"), NOW, urandom=seeded(1))
+    with pytest.raises(MalformedHello, match="echoed our own ephemeral key"):
+        for _ in range(3):
+            a.receive(a.data_to_send(), NOW)
+
+
+def test_reflected_confirm_does_not_open() -> None:
+    """Control keys differ per direction: our own confirm sent back to us does not open."""
+    a, b = pair(pw(b"secret"), pw(b"secret"))
+    transfer(a, b)
+    transfer(b, a)  # b's header + hello: a queues hello + confirm
+    out = a.data_to_send()
+    hello_len = struct.unpack(">I", out[:4])[0]
+    own_confirm = out[4 + hello_len :]
+    with pytest.raises(WrongPassword):
+        a.receive(own_confirm, NOW)

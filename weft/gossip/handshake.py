@@ -578,6 +578,9 @@ class Handshake:
             return False
         assert self._private is not None and self._password_key is not None
         assert remote.ephemeral is not None
+        if remote.ephemeral == self.local_hello.ephemeral:
+            # A reflector (or a bug) echoing our own bytes: say so rather than "wrong password".
+            raise MalformedHello("malformed hello: the peer echoed our own ephemeral key")
         try:
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(remote.ephemeral))
         except ValueError:  # a low-order point gives an all-zero secret: refused by OpenSSL
