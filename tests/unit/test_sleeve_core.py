@@ -485,7 +485,7 @@ def test_icmp_too_big_when_fragmenting_is_off() -> None:
 
 def test_features_round_trip() -> None:
     cfg = SleeveConfig(port=7000, tap_vnet_hdr=False)
-    parsed = remote_sleeve({"sleeve": features_of(cfg)})
+    parsed = remote_sleeve(features_of(cfg))
     assert parsed == {"port": 7000, "superframes": False, "cipher": cfg.cipher}
     assert remote_sleeve({}) is None
-    assert remote_sleeve({"sleeve": {"version": 1, "port": "x"}}) is None
+    assert remote_sleeve({"sleeve_version": 1, "sleeve_port": "x"}) is None

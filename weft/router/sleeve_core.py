@@ -997,25 +997,26 @@ def icmp_too_big(eth_frame: bytes | memoryview, mtu: int) -> bytes | None:
 
 
 def features_of(config: SleeveConfig) -> dict[str, Any]:
-    """What the sleeve advertises in the handshake hello (under the key ``"sleeve"``)."""
+    """What the sleeve advertises in the handshake hello (flat scalar features, as the hello
+    allows): ``sleeve_version``, ``sleeve_port``, ``sleeve_superframes``, ``sleeve_cipher``."""
     return {
-        "version": VERSION,
-        "port": config.port,
-        "superframes": config.tap_vnet_hdr,
-        "cipher": config.cipher,
+        "sleeve_version": VERSION,
+        "sleeve_port": config.port,
+        "sleeve_superframes": config.tap_vnet_hdr,
+        "sleeve_cipher": config.cipher,
     }
 
 
 def remote_sleeve(features: Mapping[str, Any]) -> dict[str, Any] | None:
     """The remote's sleeve features, validated; None when it has no (compatible) sleeve."""
-    raw = features.get("sleeve")
-    if not isinstance(raw, Mapping) or raw.get("version") != VERSION:
+    if features.get("sleeve_version") != VERSION:
         return None
-    port = raw.get("port")
-    if not isinstance(port, int) or not 0 < port < 65536:
+    port = features.get("sleeve_port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         return None
+    cipher = features.get("sleeve_cipher")
     return {
         "port": port,
-        "superframes": raw.get("superframes") is True,
-        "cipher": raw.get("cipher") if isinstance(raw.get("cipher"), str) else None,
+        "superframes": features.get("sleeve_superframes") is True,
+        "cipher": cipher if isinstance(cipher, str) else None,
     }

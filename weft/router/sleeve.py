@@ -1,0 +1,501 @@
+"""The sleeve overlay: the asyncio pump around :class:`~weft.router.sleeve_core.SleeveCore`.
+
+One UDP socket (port 6783 by default) and the router's TAP on the ``weft`` bridge, both read with
+``loop.add_reader`` in drain loops (until ``EAGAIN``, with a budget so neither starves the
+control connections), and one timer. Everything that decides anything lives in the core; this
+module moves bytes and counts syscalls:
+
+* TAP reads return super-frames (IFF_VNET_HDR + TSO offloads, see :mod:`weft.router.tap`), so one
+  read moves up to ~64 KB;
+* a fragmented super-frame leaves in one ``sendmsg`` with UDP GSO (``UDP_SEGMENT`` cmsg) and
+  arrives, coalesced by UDP GRO, in one ``recvmsg`` whose cmsg gives the segment size;
+* small frames read in one drain are batched per next hop into one datagram;
+* socket buffers are raised with ``SO_RCVBUFFORCE``/``SO_SNDBUFFORCE`` (root), falling back to
+  the unprivileged options.
+
+The per-frame path (``WEFT_SLEEVE_MODE=per-frame``, or automatically towards a peer that does not
+advertise super-frames) opens the TAP without a virtio_net_hdr and uses no GSO/GRO: one frame per
+read, one datagram per send. Each peer advertises ``sleeve_version``, ``sleeve_port``,
+``sleeve_superframes`` and ``sleeve_cipher`` in its hello features; when any connected peer
+lacks super-frames the TAP's offloads are switched off, so the kernel segments and checksums
+before the sleeve sees a frame.
+
+Integration: ``make_overlay(config)`` (what ``weft.router.daemon`` calls) returns a
+:class:`SleeveOverlay`; ``overlay.setup_routes(app)`` adds the bridge API
+(:mod:`weft.router.bridge_api`); ``overlay.close()`` releases the socket and TAP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
+
+from aiohttp import web
+
+from weft.errors import ConfigError
+from weft.gossip.peer import PeerName
+from weft.router.overlay import (
+    OverlayConnection,
+    OverlayConnectionParams,
+    OverlayConnectionStatus,
+    RoutesView,
+)
+from weft.router.sleeve_core import (
+    LinkEstablished,
+    LinkStatusChanged,
+    SleeveConfig,
+    SleeveCore,
+    Transmit,
+    features_of,
+    remote_sleeve,
+)
+
+__all__ = ["SleeveConnection", "SleeveOverlay", "make_overlay"]
+
+log = logging.getLogger("weft.sleeve")
+
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
+UDP_GRO: Final = 104
+IP_MTU_DISCOVER: Final = 10
+IP_PMTUDISC_PROBE: Final = 3  # DF set, the path-MTU cache ignored: our probes find the path
+IP_MTU: Final = 14
+SO_SNDBUFFORCE: Final = 32
+SO_RCVBUFFORCE: Final = 33
+_RECV_SIZE: Final = 65536
+_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+_DRAIN_BUDGET: Final = 256  # reads per readiness callback before yielding to the loop
+_SEGMENT = struct.Struct("=H")
+_INT = struct.Struct("=i")
+DEFAULT_TAP: Final = "weft-tap"
+
+
+class SleeveConnection:
+    """The sleeve side of one control connection (implements ``OverlayConnection``)."""
+
+    def __init__(self, overlay: SleeveOverlay, params: OverlayConnectionParams, problem: str):
+        self.overlay = overlay
+        self.params = params
+        self.problem = problem  # non-empty: this connection can never carry sleeve traffic
+        self.stopped = False
+
+    def control_received(self, payload: bytes) -> None:
+        if not self.problem and not self.stopped:
+            self.overlay.control_received(self, payload)
+
+    def status(self) -> OverlayConnectionStatus:
+        encrypted = self.params.data_send_key is not None
+        if self.problem:
+            return OverlayConnectionStatus("sleeve", "failed", None, self.problem, encrypted)
+        link = self.overlay.link_status(self.params.remote_name)
+        if link is None:
+            return OverlayConnectionStatus("sleeve", "failed", None, "stopped", encrypted)
+        return OverlayConnectionStatus(
+            "sleeve", link["state"], link["mtu"], link["info"], link["encrypted"]
+        )
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.overlay.connection_stopped(self)
+
+
+class SleeveOverlay:
+    """The userspace data plane of one router (implements ``Overlay``).
+
+    Construct it inside the running event loop. ``tap_name=None`` runs without a TAP (UDP only,
+    for tests of the control/heartbeat path); ``bridge=None`` leaves the bridge alone.
+    """
+
+    def __init__(
+        self,
+        config: SleeveConfig | None = None,
+        *,
+        host: str = "0.0.0.0",
+        tap_name: str | None = DEFAULT_TAP,
+        bridge: str | None = "weft",
+        mtu: int | None = None,
+        gso: bool | None = None,
+        gro: bool | None = None,
+        buffer_bytes: int = 16 << 20,
+    ) -> None:
+        from weft.router.bridge import DEFAULT_MTU, Bridge
+
+        cfg = config or SleeveConfig()
+        self.loop = asyncio.get_running_loop()
+        self.drops: Counter[str] = Counter()
+        self.syscalls: Counter[str] = Counter()
+        self._conns: dict[PeerName, SleeveConnection] = {}
+        self._routes: RoutesView | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.core: SleeveCore | None = None
+        self.bridge = Bridge(bridge or "weft", mtu or DEFAULT_MTU)
+        superframes = cfg.tap_vnet_hdr
+        self.gso = superframes if gso is None else gso
+        self.gro = superframes if gro is None else gro
+        self.sock = self._open_socket(host, cfg.port, buffer_bytes)
+        port = self.sock.getsockname()[1]
+        if port != cfg.port:
+            cfg = SleeveConfig(**{**cfg.__dict__, "port": port})
+        self.config = cfg
+        self.tap = None
+        try:
+            if tap_name is not None:
+                from weft.router.tap import Tap
+
+                self.tap = Tap(tap_name, vnet_hdr=superframes, offload=superframes)
+                if bridge is not None:
+                    from weft.router.bridge import ensure_bridge
+
+                    # pyroute2's synchronous API refuses to run on a thread with a running
+                    # loop; a one-off worker thread does it (once, at start).
+                    with ThreadPoolExecutor(1) as pool:
+                        pool.submit(ensure_bridge, bridge, tap_name, mtu or DEFAULT_MTU).result()
+        except BaseException:
+            self.sock.close()
+            if self.tap is not None:
+                self.tap.close()
+            raise
+        self.loop.add_reader(self.sock.fileno(), self._on_udp)
+        if self.tap is not None:
+            self.loop.add_reader(self.tap.fd, self._on_tap)
+        log.info(
+            "sleeve on udp %s:%d, %s, gso %s, gro %s",
+            host,
+            port,
+            "super-frames" if superframes else "per-frame",
+            self.gso,
+            self.gro,
+        )
+
+    def _open_socket(self, host: str, port: int, size: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for force, plain in (
+                (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+            ):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, size)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+            if self.gro:
+                try:
+                    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                except OSError:
+                    self.gro = False
+            if self.gso:
+                try:
+                    sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)
+                except OSError:
+                    self.gso = False
+            sock.bind((host, port))
+        except OSError as err:
+            sock.close()
+            raise ConfigError(f"sleeve cannot use UDP port {port}: {err}") from err
+        return sock
+
+    # ----------------------------------------------------------------- Overlay protocol
+
+    def features(self) -> dict[str, Any]:
+        return features_of(self.config)
+
+    def prepare_connection(self, params: OverlayConnectionParams) -> OverlayConnection:
+        now = self.loop.time()
+        if self.core is None:
+            self.core = SleeveCore(params.local_name, self.config)
+            if self._routes is not None:
+                self.core.routes_changed(self._routes)
+        remote = remote_sleeve(params.remote_features)
+        problem = ""
+        if remote is None:
+            problem = "the peer has no compatible sleeve"
+        elif params.data_send_key is not None and remote["cipher"] != self.config.cipher:
+            problem = f"data cipher mismatch: ours {self.config.cipher}, theirs {remote['cipher']}"
+        conn = SleeveConnection(self, params, problem)
+        if problem or remote is None:
+            log.warning("sleeve to %s unusable: %s", params.remote_name, problem)
+            return conn
+        old = self._conns.get(params.remote_name)
+        if old is not None:
+            old.stopped = True
+        self._conns[params.remote_name] = conn
+        self.core.add_link(
+            params.remote_name,
+            (params.remote_ip, remote["port"]),
+            now,
+            send_key=params.data_send_key,
+            recv_key=params.data_recv_key,
+            superframes=remote["superframes"],
+            underlay_mtu=_underlay_mtu(params.remote_ip, remote["port"]),
+        )
+        self._offload_check()
+        self._process()
+        return conn
+
+    def routes_changed(self, routes: RoutesView) -> None:
+        self._routes = routes
+        if self.core is not None:
+            self.core.routes_changed(routes)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "datapath": "sleeve",
+            "port": self.config.port,
+            "mode": "super-frames" if self.config.tap_vnet_hdr else "per-frame",
+            "gso": self.gso,
+            "gro": self.gro,
+            "tap": self.tap.name if self.tap is not None else None,
+            "tap_offload": bool(self.tap and self.tap.offload),
+            "bridge": self.bridge.name,
+        }
+        if self.core is not None:
+            core = self.core.status(self.loop.time())
+            core["drops"] = dict(Counter(core["drops"]) + self.drops)
+            out.update(core)
+        else:
+            out["drops"] = dict(self.drops)
+        out["syscalls"] = dict(self.syscalls)
+        return out
+
+    def setup_routes(self, app: web.Application) -> None:
+        """Add the bridge API (/expose, /attach, /detach, /ps) to the router's app."""
+        from weft.router.bridge_api import setup_routes
+
+        setup_routes(app, self.bridge)
+
+    def close(self) -> None:
+        for conn in list(self._conns.values()):
+            conn.stopped = True
+        self._conns.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        if self.tap is not None and self.tap.fd >= 0:
+            self.loop.remove_reader(self.tap.fd)
+            self.tap.close()
+
+    # ----------------------------------------------------------------- per connection
+
+    def link_status(self, peer: PeerName) -> dict[str, Any] | None:
+        return self.core.link_status(peer) if self.core is not None else None
+
+    def control_received(self, conn: SleeveConnection, payload: bytes) -> None:
+        if self.core is None or self._conns.get(conn.params.remote_name) is not conn:
+            return
+        self.core.control_received(conn.params.remote_name, payload, self.loop.time())
+        self._process()
+
+    def connection_stopped(self, conn: SleeveConnection) -> None:
+        peer = conn.params.remote_name
+        if self._conns.get(peer) is conn:
+            del self._conns[peer]
+            if self.core is not None:
+                self.core.remove_link(peer)
+            self._offload_check()
+
+    def _offload_check(self) -> None:
+        tap = self.tap
+        if tap is None or not tap.vnet_hdr or self.core is None:
+            return
+        want = self.core.superframes_everywhere
+        if want != tap.offload:
+            tap.set_offload(want)
+            log.info("TAP offloads %s", "on (super-frames)" if want else "off (a per-frame peer)")
+
+    # ----------------------------------------------------------------- pumps
+
+    def _on_tap(self) -> None:
+        tap = self.tap
+        core = self.core
+        if tap is None:
+            return
+        now = self.loop.time()
+        fd = tap.fd
+        n = 0
+        for n in range(1, _DRAIN_BUDGET + 1):
+            try:
+                frame = os.read(fd, 65600)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                self.drops["tap_read_error"] += 1
+                log.warning("TAP read failed: %s", err)
+                break
+            if core is None:
+                self.drops["no_peers"] += 1
+                continue
+            core.frame_from_tap(frame, now)
+            if n % 8 == 0:
+                self._send_transmits(core)
+        self.syscalls["tap_read"] += n
+        self._process()
+
+    def _on_udp(self) -> None:
+        core = self.core
+        sock = self.sock
+        now = self.loop.time()
+        gro = self.gro
+        n = 0
+        for n in range(1, _DRAIN_BUDGET + 1):
+            try:
+                data, anc, flags, addr = sock.recvmsg(_RECV_SIZE, _CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError as err:  # e.g. a queued ICMP error; keep draining
+                self.drops["udp_recv_error"] += 1
+                log.debug("UDP receive error: %s", err)
+                continue
+            if core is None:
+                self.drops["no_peers"] += 1
+                continue
+            if flags & socket.MSG_TRUNC:
+                self.drops["truncated"] += 1
+                continue
+            segment = 0
+            if gro and anc:
+                for level, kind, value in anc:
+                    if level == SOL_UDP and kind == UDP_GRO:
+                        segment = _INT.unpack_from(value.ljust(4, b"\0"))[0]
+            core.datagrams_received(data, addr, now, segment)
+            if n % 8 == 0:
+                self._process(rearm=False)
+        self.syscalls["udp_recv"] += n
+        self._process()
+
+    def _send_transmits(self, core: SleeveCore) -> None:
+        transmits = core.take_transmits()
+        if transmits:
+            for t in transmits:
+                self._send(core, t)
+
+    def _send(self, core: SleeveCore, t: Transmit) -> None:
+        sock = self.sock
+        try:
+            if not t.segment:
+                sock.sendto(t.buffer, t.addr)
+                self.syscalls["udp_send"] += 1
+            elif self.gso:
+                sock.sendmsg(
+                    [t.buffer], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(t.segment))], 0, t.addr
+                )
+                self.syscalls["udp_send"] += 1
+            else:
+                view = memoryview(t.buffer)
+                seg = t.segment
+                for start in range(0, len(view), seg):
+                    sock.sendto(view[start : start + seg], t.addr)
+                    self.syscalls["udp_send"] += 1
+        except BlockingIOError:
+            self.drops["udp_send_blocked"] += 1
+        except OSError as err:
+            if err.errno == errno.EMSGSIZE:
+                core.send_too_big(t.peer, t.segment or len(t.buffer), self.loop.time())
+                self.drops["udp_too_big"] += 1
+            else:
+                self.drops["udp_send_error"] += 1
+                log.debug("UDP send to %s failed: %s", t.addr, err)
+
+    def _process(self, rearm: bool = True) -> None:
+        core = self.core
+        if core is None:
+            return
+        core.flush()
+        self._send_transmits(core)
+        frames = core.take_tap_frames()
+        if frames:
+            tap = self.tap
+            if tap is None:
+                self.drops["no_tap"] += len(frames)
+            else:
+                fd = tap.fd
+                for frame in frames:
+                    try:
+                        os.write(fd, frame)
+                    except OSError:
+                        self.drops["tap_write_error"] += 1
+                self.syscalls["tap_write"] += len(frames)
+        for peer, message in core.take_control():
+            conn = self._conns.get(peer)
+            if conn is not None:
+                try:
+                    conn.params.send_control(message)
+                except Exception:  # the connection is going away; its stop() follows
+                    log.debug("overlay control to %s failed", peer, exc_info=True)
+        while (event := core.next_event()) is not None:
+            conn = self._conns.get(event.peer)
+            if conn is None:
+                continue
+            try:
+                if isinstance(event, LinkEstablished):
+                    conn.params.on_established()
+                if isinstance(event, LinkEstablished | LinkStatusChanged):
+                    conn.params.on_status_changed()
+            except Exception:
+                log.exception("overlay callback failed for %s", event.peer)
+        if rearm:
+            self._arm()
+
+    def _arm(self) -> None:
+        core = self.core
+        deadline = core.get_timer() if core is not None else None
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.core is not None:
+            self.core.handle_timer(self.loop.time())
+        self._process()
+
+
+def _underlay_mtu(ip: str, port: int) -> int:
+    """The local interface MTU towards ``ip`` (1500 when it cannot be read)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((ip, port))
+            return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    except OSError:
+        return 1500
+
+
+def make_overlay(config: Any) -> SleeveOverlay:
+    """The router's data plane from its ``RouterConfig`` (called inside the running loop).
+
+    Sleeve knobs not (yet) in RouterConfig come from the environment:
+    ``WEFT_SLEEVE_MODE`` = ``super-frames`` (default) or ``per-frame``; ``WEFT_MTU`` = the
+    containers' MTU (default 1376); ``WEFT_BRIDGE`` = the bridge name (default ``weft``).
+    """
+    mode = os.environ.get("WEFT_SLEEVE_MODE", "super-frames")
+    if mode not in ("super-frames", "per-frame"):
+        raise ConfigError(f"WEFT_SLEEVE_MODE={mode!r}: expected super-frames or per-frame")
+    mtu_text = os.environ.get("WEFT_MTU", "")
+    try:
+        mtu = int(mtu_text) if mtu_text else None
+    except ValueError:
+        raise ConfigError(f"WEFT_MTU={mtu_text!r} is not a number") from None
+    port = int(getattr(config, "port", 6783) or 0)
+    host = str(getattr(config, "listen_host", "0.0.0.0"))
+    sleeve = SleeveConfig(port=port or 6783, tap_vnet_hdr=mode == "super-frames")
+    return SleeveOverlay(sleeve, host=host, bridge=os.environ.get("WEFT_BRIDGE", "weft"), mtu=mtu)
