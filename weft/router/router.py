@@ -827,9 +827,10 @@ class Router:
                     ov = conn.overlay.status()
                     row["datapath"] = ov.datapath
                     row["mtu"] = ov.mtu
-                    row["info"] = ov.info or (
-                        f"{'encrypted ' if conn.encrypted else ''}{ov.datapath} {ov.state}"
-                    )
+                    if ov.info:
+                        row["info"] = ov.info
+                    elif conn.state == "pending":
+                        row["info"] = f"waiting for the {ov.datapath} data path ({ov.state})"
                     row["data_encrypted"] = ov.encrypted
                 except Exception as err:
                     row["info"] = f"overlay status failed: {err}"
