@@ -35,25 +35,33 @@ OVERLAY_FACTORIES = {"sleeve": ("weft.router.sleeve", "make_overlay")}
 
 
 def build_overlay(config: RouterConfig) -> Overlay:
-    """The Overlay for ``config.datapath``: ``none`` -> NullOverlay; ``sleeve``/``auto`` -> the
-    sleeve when its module is installed (``auto`` falls back to NullOverlay with a warning)."""
+    """The Overlay for ``config.datapath`` (call inside the running loop).
+
+    ``none`` -> NullOverlay. ``sleeve`` -> the sleeve, or a fatal ConfigError saying why not.
+    ``auto`` -> the sleeve when it can be built here, else NullOverlay with a warning (control
+    plane only), so a router still meshes on a host without TUN or without privileges.
+    """
     if config.datapath == "none":
         return NullOverlay()
     module_name, func_name = OVERLAY_FACTORIES["sleeve"]
     try:
         module = importlib.import_module(module_name)
         factory = getattr(module, func_name)
-    except (ImportError, AttributeError) as err:
+        overlay: Overlay = factory(config)
+    except (ImportError, AttributeError, OSError, WeftError) as err:
+        reason = f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
         if config.datapath == "sleeve":
-            raise ConfigError(f"--datapath sleeve is not available in this build ({err})") from None
-        log.warning("no data plane available (%s): running control plane only", err)
+            raise ConfigError(f"--datapath sleeve is not available here: {reason}") from None
+        log.warning("no data plane (%s): running the control plane only", reason)
         return NullOverlay()
-    overlay: Overlay = factory(config)
     return overlay
 
 
 def compose(router: Router) -> None:
     """Plug the optional parts into ``router`` (before it starts)."""
+    overlay_routes = getattr(router.overlay, "setup_routes", None)
+    if callable(overlay_routes):
+        overlay_routes(router.app)  # the data plane's /expose, /attach, /detach, /ps
     try:
         from weft.ui.server import setup_routes
     except ImportError as err:
