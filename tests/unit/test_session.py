@@ -8,6 +8,7 @@ import random
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -336,17 +337,23 @@ def test_data_window_matches_a_model(seed: int, window: int) -> None:
     """Random arrival orders with duplicates and old packets: the opener accepts exactly what a
     set-based model of the window accepts, and never a counter twice."""
     rng = random.Random(seed)
-    s, o = data_pair(window=window)
-    packets = [s.seal(i.to_bytes(4, "big")) for i in range(6 * window)]
+    _, o = data_pair(window=window)
+    aead = AESGCM(K1)
+    limit = 6 * window
+
+    def packet(counter: int) -> bytes:  # what DataSealer makes (test_data_wire_format)
+        header = counter.to_bytes(8, "big")
+        return header + aead.encrypt(bytes(4) + header, counter.to_bytes(4, "big"), header)
+
     seen: set[int] = set()
     highest = -1
     for _ in range(2000):
         # mostly near the front, sometimes far behind, sometimes a duplicate
         base = max(highest, 0)
         jump = rng.randint(-window - 50, 40) if rng.random() < 0.98 else rng.randint(0, window)
-        counter = min(len(packets) - 1, max(0, base + jump))
+        counter = min(limit, max(0, base + jump))
         try:
-            plaintext = o.open(packets[counter])
+            plaintext = o.open(packet(counter))
         except PacketReplayed:
             assert counter in seen
             continue
@@ -378,3 +385,23 @@ def test_data_forged_far_counter_does_not_move_the_window() -> None:
         o.open(forged)
     assert o.highest == -1
     assert o.open(genuine) == b"real"
+
+
+def test_control_wire_format_matches_the_contract() -> None:
+    """ARCHITECTURE.md: uint32 BE length || ChaCha20-Poly1305(nonce = 4 zero bytes || counter,
+    aad = the 4 length bytes); counters from 0 per direction."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    a, _ = codecs(True)
+    a.encode(b"zero")
+    wire = a.encode(b"one")
+    prefix = struct.pack(">I", 3 + 16)
+    nonce = bytes(4) + (1).to_bytes(8, "big")
+    assert wire == prefix + ChaCha20Poly1305(K1).encrypt(nonce, b"one", prefix)
+
+
+def test_data_wire_format() -> None:
+    s, _ = data_pair()
+    packet = s.seal(b"frame", aad=b"outer")
+    header = (0).to_bytes(8, "big")
+    assert packet == header + AESGCM(K1).encrypt(bytes(4) + header, b"frame", header + b"outer")

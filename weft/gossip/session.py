@@ -44,11 +44,10 @@ MAX_FRAME: Final = 10 * 1024 * 1024
 LENGTH_SIZE: Final = 4
 TAG_SIZE: Final = 16
 _MAX_COUNTER: Final = (1 << 64) - 1
-_NONCE_PAD: Final = b"\x00\x00\x00\x00"
 _len = struct.Struct(">I")
 _pack_len = _len.pack
 _unpack_len = _len.unpack_from
-_pack_counter = struct.Struct(">Q").pack
+_pack_nonce = struct.Struct(">4xQ").pack  # 4 zero bytes || 64-bit counter
 
 
 class FrameTooLarge(RemoteProtocolError):
@@ -77,7 +76,7 @@ class _Sealer:
         if counter > _MAX_COUNTER:
             raise LocalError("control counter exhausted: the connection must be re-established")
         self.counter = counter + 1
-        return self._aead.encrypt(_NONCE_PAD + _pack_counter(counter), message, prefix)
+        return self._aead.encrypt(_pack_nonce(counter), message, prefix)
 
 
 class _Opener:
@@ -92,7 +91,7 @@ class _Opener:
     def open(self, prefix: bytes, body: bytes | bytearray | memoryview) -> bytes:
         counter = self.counter
         try:
-            plaintext = self._aead.decrypt(_NONCE_PAD + _pack_counter(counter), body, prefix)
+            plaintext = self._aead.decrypt(_pack_nonce(counter), body, prefix)
         except InvalidTag:
             raise MessageAuthenticationFailed(
                 f"message authentication failed (frame {counter})"
