@@ -215,12 +215,12 @@ def _garbage_gossip(peer: RawPeer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("attack", "reason"),
+    ("attack", "reason", "label"),
     [
-        (_tampered, "authentication failed"),
-        (_oversized, "too large"),
-        (_unknown_tag, "unknown message tag 99"),
-        (_garbage_gossip, ""),
+        (_tampered, "authentication failed", "authentication_failed"),
+        (_oversized, "too large", "frame_too_large"),
+        (_unknown_tag, "unknown message tag 99", "protocol_error"),
+        (_garbage_gossip, "malformed", "protocol_error"),
     ],
     ids=["tampered", "oversized", "unknown-tag", "garbage-gossip"],
 )
@@ -229,6 +229,7 @@ async def test_bad_message_closes_only_that_connection(
     started: list[Router],
     attack: Callable[[RawPeer], None],
     reason: str,
+    label: str,
 ) -> None:
     a = make_router(tmp_path, 0, password=b"pw")
     await a.start()
@@ -244,6 +245,7 @@ async def test_bad_message_closes_only_that_connection(
     assert raw.name is not None
     await wait_until(lambda: str(raw.name) in {str(c["peer"]) for c in rows(a)}, "raw accepted")
     failed_before = a.counters["connection_failed"]
+    label_before = a.counters[f"closed_{label}"]
     attack(raw)
     assert await raw.closed_by_router()
     raw.close()
@@ -252,6 +254,8 @@ async def test_bad_message_closes_only_that_connection(
     )
     failures = [c for c in rows(a, "failed") if c["peer"] == str(raw.name)]
     assert len(failures) == 1 and reason in failures[0]["info"], failures
+    assert a.counters[f"closed_{label}"] == label_before + 1
+    assert a.status()["router"]["counters"][f"closed_{label}"] == label_before + 1
     # Only that connection went: the real one is the same object, still established.
     assert a.connection_to(b.identity.name) is good
     assert established_peers(a) == {str(b.identity.name)}

@@ -34,7 +34,7 @@ from weft.gossip.handshake import (
     HandshakeResult,
     Hello,
 )
-from weft.gossip.session import FrameCodec
+from weft.gossip.session import FrameCodec, FrameTooLarge, MessageAuthenticationFailed
 from weft.router.overlay import OverlayConnection
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "ConnectionRefused",
     "ConnectionStats",
     "conn_uid",
+    "error_label",
 ]
 
 log = logging.getLogger("weft.router")
@@ -72,10 +73,18 @@ class ConnectionRefused(Exception):
     addresses).
     """
 
-    def __init__(self, reason: str, *, record: bool = True, self_connection: bool = False):
+    def __init__(
+        self,
+        reason: str,
+        *,
+        record: bool = True,
+        self_connection: bool = False,
+        label: str = "refused",
+    ):
         super().__init__(reason)
         self.record = record
         self.self_connection = self_connection
+        self.label = label
 
 
 class ConnectionHost(Protocol):
@@ -114,11 +123,27 @@ def conn_uid(local_conn_id: int, remote_conn_id: int) -> int:
 
 
 class _Closing(Exception):
-    """Internal: end the pump with this reason."""
+    """Internal: end the pump with this reason (``label``: short, for counters)."""
 
-    def __init__(self, reason: str, record: bool):
+    def __init__(self, reason: str, record: bool, label: str = "local"):
         super().__init__(reason)
         self.record = record
+        self.label = label
+
+
+def error_label(err: BaseException) -> str:
+    """A short, stable label for counters: the handshake's own labels, else by error kind."""
+    if isinstance(err, HandshakeError):
+        return err.reason
+    if isinstance(err, FrameTooLarge):
+        return "frame_too_large"
+    if isinstance(err, MessageAuthenticationFailed):
+        return "authentication_failed"
+    if isinstance(err, RemoteProtocolError):
+        return "protocol_error"
+    if isinstance(err, OSError):
+        return "io_error"
+    return "internal_error"
 
 
 class Connection:
@@ -170,6 +195,7 @@ class Connection:
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
+        self.close_label = ""  # why it ended, short (set before the host hears of the close)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -193,10 +219,10 @@ class Connection:
 
     # -- control from the host ---------------------------------------------------------------------
 
-    def close(self, reason: str, *, record: bool = False) -> None:
+    def close(self, reason: str, *, record: bool = False, label: str = "local") -> None:
         """Ask the pump to end with ``reason``; safe to call more than once and from callbacks."""
         if self._close is None:
-            self._close = _Closing(reason, record)
+            self._close = _Closing(reason, record, label)
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -217,13 +243,21 @@ class Connection:
         try:
             self.writer.write(data)
         except (ConnectionError, RuntimeError) as err:
-            self.close(f"write failed: {err}", record=True)
+            self.close(f"write failed: {err}", record=True, label="io_error")
             return
         if self.writer.transport.get_write_buffer_size() > MAX_SEND_BUFFER:
             self.close(
                 f"peer is not reading: more than {MAX_SEND_BUFFER >> 20} MiB queued for it",
                 record=True,
+                label="peer_not_reading",
             )
+
+    @property
+    def send_backlog(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        if self._closed:
+            return 0
+        return int(self.writer.transport.get_write_buffer_size())
 
     # -- the pump ----------------------------------------------------------------------------------
 
@@ -231,7 +265,7 @@ class Connection:
         """Run the connection to its end; reports to the host exactly once. Never raises
         (except CancelledError when the whole router task is cancelled)."""
         self._task = asyncio.current_task()
-        reason, record = "closed", False
+        reason, record, label = "closed", False, "local"
         try:
             if self._close is not None:
                 raise self._close
@@ -240,22 +274,25 @@ class Connection:
             self._heartbeat = asyncio.create_task(self._heartbeats())
             await self._read_loop()
         except _Closing as err:
-            reason, record = str(err), err.record
+            reason, record, label = str(err), err.record, err.label
         except ConnectionRefused as err:
-            reason, record = str(err), err.record
+            reason, record, label = str(err), err.record, err.label
         except RemoteProtocolError as err:
-            reason, record = str(err), True
+            reason, record, label = str(err), True, error_label(err)
         except asyncio.CancelledError:
             if self._close is None:
-                self._close = _Closing("router stopping", False)
+                self._close = _Closing("router stopping", False, "stopping")
+                self.close_label = "stopping"
                 self._finish(str(self._close), False)
                 raise
-            reason, record = str(self._close), self._close.record
+            reason, record, label = str(self._close), self._close.record, self._close.label
         except (ConnectionError, OSError) as err:
-            reason, record = f"connection error: {err.strerror or err}", True
+            reason, record, label = f"connection error: {err.strerror or err}", True, "io_error"
         except Exception as err:  # a bug in handling one message must not stop the router
             log.exception("internal error on connection %s", self.describe())
             reason, record = f"internal error: {type(err).__name__}: {err}", True
+            label = "internal_error"
+        self.close_label = label
         self._finish(reason, record)
         await self._close_stream()
 
@@ -328,10 +365,12 @@ class Connection:
                     data = await reader.read(READ_SIZE)
             except TimeoutError:
                 raise _Closing(
-                    f"no message from the peer for {timeout:g}s (heartbeat timeout)", True
+                    f"no message from the peer for {timeout:g}s (heartbeat timeout)",
+                    True,
+                    "heartbeat_timeout",
                 ) from None
             if not data:
-                raise _Closing("connection closed by the peer", True)
+                raise _Closing("connection closed by the peer", True, "closed_by_peer")
             self.stats.bytes_in += len(data)
             self._dispatch(codec.feed(data))
 

@@ -66,6 +66,7 @@ log = logging.getLogger("weft.router")
 TARGETS_FILE: Final = "targets.json"
 MAX_FAILURE_ROWS: Final = 100
 FAILURE_TTL: Final = 600.0  # seconds a failure row stays without a newer event
+SEND_BACKLOG_HIGH: Final = 1 << 20  # bytes queued to a peer before its gossip is held back
 FEATURE_PORT: Final = "weft_port"  # our listen port, so inbound connections get a dialable address
 FEATURE_HB_TIMEOUT: Final = "weft_hb_timeout"  # our read timeout, so the peer heartbeats in time
 
@@ -150,6 +151,7 @@ class Router:
         self._pumping = False
         self._pump_again = False
         self._timer: asyncio.TimerHandle | None = None
+        self._unblock: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -281,8 +283,9 @@ class Router:
             return
         self._stopping = True
         log.info("router %s stopping", self.identity.name)
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._unblock):
+            if handle is not None:
+                handle.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns.values()):
@@ -404,8 +407,13 @@ class Router:
 
     def _pump_once(self) -> None:
         mesh = self.mesh
+        # A connection whose writer is backed up keeps its gossip pending (and merged) in the
+        # core; a short re-pump retries it once the kernel has taken some of the backlog.
+        blocked = {cid for cid, c in self._conns.items() if c.send_backlog > SEND_BACKLOG_HIGH}
+        if blocked and self._unblock is None and not self._stopping:
+            self._unblock = asyncio.get_running_loop().call_later(0.1, self._on_unblock)
         batches: dict[int, list[bytes]] = {}
-        for conn_id, tag, payload in mesh.messages_to_send():
+        for conn_id, tag, payload in mesh.messages_to_send(blocked):
             batches.setdefault(conn_id, []).append(bytes((tag,)) + payload)
         for conn_id, messages in batches.items():
             conn = self._conns.get(conn_id)
@@ -417,6 +425,10 @@ class Router:
             self._handle_event(event)
         if changed:
             self.status_changed()
+
+    def _on_unblock(self) -> None:
+        self._unblock = None
+        self.pump()
 
     def _handle_event(self, event: object) -> None:
         kind = type(event).__name__
@@ -430,7 +442,7 @@ class Router:
             if conn is not None and conn.accepted:
                 # replaced by a newer connection to the same peer; the core already forgot it
                 self._detach(conn, reason, tell_mesh=False)
-                conn.close(reason)
+                conn.close(reason, label="replaced")
         elif kind == "RoutesChanged":
             try:
                 self.overlay.routes_changed(self.mesh.routes)
@@ -599,13 +611,14 @@ class Router:
             reason = verdict.reason or "refused by the mesh"
             if reason == "connection to self":
                 raise ConnectionRefused(
-                    "cannot connect to ourself", record=False, self_connection=True
+                    "cannot connect to ourself", record=False, self_connection=True, label="self"
                 )
             if reason.startswith("duplicate"):
-                self.counters["duplicate"] += 1
-                raise ConnectionRefused(f"{reason}; the other one wins", record=False)
+                raise ConnectionRefused(
+                    f"{reason}; the other one wins", record=False, label="duplicate"
+                )
             if reason.startswith("peer name collision"):
-                reason = f"{reason} (at {conn.address})"
+                raise ConnectionRefused(f"{reason} (at {conn.address})", label="name_collision")
             raise ConnectionRefused(reason)
         conn.state = "pending"
         conn.accepted = True
@@ -636,7 +649,9 @@ class Router:
             conn.overlay = self.overlay.prepare_connection(params)
         except Exception as err:
             log.exception("overlay could not prepare %s", conn.describe())
-            raise ConnectionRefused(f"overlay failed: {type(err).__name__}: {err}") from err
+            raise ConnectionRefused(
+                f"overlay failed: {type(err).__name__}: {err}", label="overlay_error"
+            ) from err
         # the ConnectionRejected events of replaced connections are handled here
         self.pump()
         self.status_changed()
@@ -677,6 +692,7 @@ class Router:
 
     def connection_closed(self, conn: Connection, reason: str, record: bool) -> None:
         self._conns.pop(conn.local_id, None)
+        self.counters[f"closed_{conn.close_label or 'unknown'}"] += 1
         self._detach(conn, reason)
         hello = conn.remote_hello
         if conn.outbound and not conn.mesh_told and conn.target is not None:
