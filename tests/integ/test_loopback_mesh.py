@@ -260,3 +260,107 @@ async def test_bad_message_closes_only_that_connection(
     assert a.connection_to(b.identity.name) is good
     assert established_peers(a) == {str(b.identity.name)}
     assert a.status()["router"]["name"] == str(a.identity.name)  # still serving
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def with_port(router_config: RouterConfig, port: int, *peers: str) -> RouterConfig:
+    from dataclasses import replace
+
+    return replace(router_config, port=port, peers=peers)
+
+
+async def test_simultaneous_dials_keep_exactly_one_connection(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    pa, pb = free_ports(2)
+    a = Router(with_port(make_router(tmp_path, 0).config, pa, f"127.0.0.1:{pb}"))
+    b = Router(with_port(make_router(tmp_path, 1).config, pb, f"127.0.0.1:{pa}"))
+    started.extend([a, b])
+    await asyncio.gather(a.start(), b.start())
+    await wait_until(
+        lambda: (
+            established_peers(a) == {str(b.identity.name)}
+            and established_peers(b) == {str(a.identity.name)}
+        ),
+        "a and b connected",
+    )
+
+    def settled(r: Router) -> bool:  # no second connection still handshaking
+        return all(c.state == "established" for c in r.connections())
+
+    await wait_until(lambda: settled(a) and settled(b), "no connection left handshaking")
+    ca, cb = a.connection_to(b.identity.name), b.connection_to(a.identity.name)
+    assert ca is not None and cb is not None
+    # both ends kept the same TCP connection (the tie-break agrees on both sides)
+    assert ca.writer.get_extra_info("sockname") == cb.writer.get_extra_info("peername")
+    assert len([c for c in a.connections() if c.state == "established"]) == 1
+    assert len([c for c in b.connections() if c.state == "established"]) == 1
+
+
+async def test_connect_to_self_and_name_collision(tmp_path: Path, started: list[Router]) -> None:
+    (pa,) = free_ports(1)
+    a = Router(with_port(make_router(tmp_path, 0).config, pa, f"127.0.0.1:{pa}"))
+    started.append(a)
+    await a.start()
+
+    def self_target_given_up() -> bool:
+        targets = a.status()["router"]["targets"]
+        return any(
+            t["address"] == f"127.0.0.1:{pa}" and t["state"] == "failed" and t["next_try"] is None
+            for t in targets
+        )
+
+    await wait_until(self_target_given_up, "the self target to be given up (never retried)")
+    assert established_peers(a) == set()
+    assert a.counters["closed_self"] >= 1
+
+    from dataclasses import replace
+
+    twin = Router(replace(make_router(tmp_path, 1).config, name=a.identity.name, peers=(addr(a),)))
+    started.append(twin)
+    await twin.start()
+
+    def names_collision(router: Router) -> bool:
+        return any("peer name collision" in c["info"] for c in rows(router))
+
+    await wait_until(lambda: names_collision(a), "a names the collision")
+    await wait_until(lambda: names_collision(twin), "the twin names the collision")
+    assert established_peers(a) == set()
+
+
+async def test_connection_limit_refuses_and_keeps_serving(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    from dataclasses import replace
+
+    a = Router(replace(make_router(tmp_path, 0, password=b"pw").config, conn_limit=2))
+    started.append(a)
+    await a.start()
+    peers = [await RawPeer.connect(a, b"pw", seed=s) for s in (1, 2)]
+    await wait_until(lambda: len(a.connections()) == 2, "two accepted")
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+    assert await reader.read(100) == b""  # closed at once, before any handshake byte
+    writer.close()
+    await wait_until(
+        lambda: any("connection limit reached (2)" in c["info"] for c in rows(a, "failed")),
+        "the refusal to be shown",
+    )
+    assert a.counters["refused_conn_limit"] == 1
+    for p in peers:
+        p.close()
+    await wait_until(lambda: not a.connections(), "the raw peers gone")
+    third = await RawPeer.connect(a, b"pw", seed=3)  # room again
+    await wait_until(lambda: len(a.connections()) == 1, "a new peer accepted")
+    third.close()
