@@ -1,0 +1,273 @@
+"""Sleeve throughput against the kernel, in one run on the same namespaces (needs root).
+
+Two host namespaces on a 1500-MTU veth underlay (``tests/integ/hosts.py``), one container per host,
+and iperf3 TCP for each of:
+
+* ``raw``        host to host over the underlay;
+* ``vxlan``      a hand-made kernel VXLAN (bridge + vxlan + veth per host) between two containers;
+* ``sleeve``     weft's sleeve, plain (super-frames: TAP offloads, UDP GSO/GRO);
+* ``encrypted``  the same with a password (AES-256-GCM per sealed unit);
+* ``per-frame``  the per-frame path (no virtio_net_hdr, no GSO/GRO), plain.
+
+Each figure is the median of ``--runs`` iperf3 runs of ``--seconds``; for the weft modes also the
+CPU seconds per second of each router, its drop counters and its syscalls per MB. The targets
+(issue 3) are ratios to kernel VXLAN in the same run: sleeve >= 0.30, encrypted >= 0.22,
+per-frame >= 0.045. The machine may be shared: compare only figures of one run.
+
+    python -m bench.throughput [--json] [--runs 3] [--seconds 5] [--modes sleeve,encrypted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.integ.hosts import Host, Underlay, run, underlay, wait_for
+
+TARGETS = {"sleeve": 0.30, "encrypted": 0.22, "per-frame": 0.045}
+WEFT_MODES = ("sleeve", "encrypted", "per-frame")
+
+
+def _iperf(client_ns: str, server_ns: str, ip: str, seconds: float) -> dict[str, float]:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        out: dict[str, Any] = {}
+        for _ in range(50):  # the server needs a moment to listen
+            proc = run(
+                ["ip", "netns", "exec", client_ns, "iperf3", "-c", ip, "-t", str(seconds), "-J"],
+                check=False,
+                timeout=seconds + 30,
+            )
+            try:
+                out = json.loads(proc.stdout)
+            except ValueError:
+                out = {}
+            if "end" in out and "sum_received" in out["end"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"iperf3 to {ip} failed: {out.get('error', proc.stderr)}")
+        end = out["end"]
+        return {
+            "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+            "retransmits": float(end["sum_sent"].get("retransmits", 0)),
+        }
+    finally:
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def _status(host: Host) -> dict[str, Any]:
+    proc = host.exec("curl", "-s", "--max-time", "2", "http://127.0.0.1:6784/status", check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        return {}
+    data: dict[str, Any] = json.loads(proc.stdout)
+    return data
+
+
+def _established(host: Host) -> bool:
+    conns = _status(host).get("router", {}).get("connections", [])
+    return any(c.get("state") == "established" for c in conns)
+
+
+def _measure(
+    name: str,
+    client_ns: str,
+    server_ns: str,
+    ip: str,
+    args: argparse.Namespace,
+    routers: list[tuple[Host, subprocess.Popen[bytes]]] | None = None,
+) -> dict[str, Any]:
+    runs = []
+    cpu: list[list[float]] = [[] for _ in routers or []]
+    for _ in range(args.runs):
+        before = [_cpu_seconds(p.pid) for _, p in routers or []]
+        t0 = time.monotonic()
+        runs.append(_iperf(client_ns, server_ns, ip, args.seconds))
+        wall = time.monotonic() - t0
+        for i, (_, p) in enumerate(routers or []):
+            cpu[i].append((_cpu_seconds(p.pid) - before[i]) / wall)
+    result: dict[str, Any] = {
+        "gbps": [round(r["gbps"], 3) for r in runs],
+        "median_gbps": round(statistics.median(r["gbps"] for r in runs), 3),
+        "retransmits": [int(r["retransmits"]) for r in runs],
+    }
+    if routers:
+        result["router_cpu"] = [round(statistics.median(c), 2) for c in cpu]
+        overlays = [_status(h).get("overlay", {}) for h, _ in routers]
+        result["drops"] = [o.get("drops", {}) for o in overlays]
+        result["syscalls"] = [o.get("syscalls", {}) for o in overlays]
+    print(f"{name:>10}: {result['median_gbps']:7.3f} Gbit/s  {result['gbps']}", file=sys.stderr)
+    return result
+
+
+def _vxlan(u: Underlay) -> tuple[str, str]:
+    """A hand-made kernel VXLAN between two containers; returns their namespaces."""
+    names = []
+    for i, host in enumerate(u.hosts[:2]):
+        other = u.hosts[1 - i]
+        ns = host.add_netns("vx")
+        names.append(ns)
+        host.sh(
+            f"ip link add vx0 type vxlan id 42 remote {other.ip} dstport 4789 dev eth0"
+            " && ip link add vxbr type bridge && ip link set vx0 master vxbr"
+            " && ip link add vxh type veth peer name vxc"
+            f" && ip link set vxc netns {ns} && ip link set vxh master vxbr"
+            " && ip link set vx0 up && ip link set vxbr up && ip link set vxh up"
+        )
+        run(["ip", "-n", ns, "link", "set", "vxc", "name", "eth0", "mtu", "1450", "up"])
+        run(["ip", "-n", ns, "addr", "add", f"10.99.0.{i + 1}/24", "dev", "eth0"])
+    return names[0], names[1]
+
+
+def _start_routers(u: Underlay, mode: str) -> list[tuple[Host, subprocess.Popen[bytes]]]:
+    env = {"WEFT_SLEEVE_MODE": "per-frame" if mode == "per-frame" else "super-frames"}
+    if mode == "encrypted":
+        env["WEFT_PASSWORD"] = "bench-password"
+    else:
+        env["WEFT_PASSWORD"] = ""
+    out = []
+    for i, host in enumerate(u.hosts[:2]):
+        peers = [h.ip for h in u.hosts[:2] if h is not host]
+        log = host.data_dir / f"router-{mode}.log"
+        proc = host.spawn(
+            sys.executable,
+            "-m",
+            "weft.router.cli",
+            "router",
+            "--data-dir",
+            str(host.data_dir),
+            "--api-socket",
+            "",
+            "--datapath",
+            "sleeve",
+            "--nickname",
+            f"h{i + 1}",
+            *peers,
+            log=log,
+            env=env,
+        )
+        out.append((host, proc))
+    for host, _ in out:
+        wait_for(lambda h=host: _established(h), timeout=60, what=f"{mode} established")
+    return out
+
+
+def _stop(routers: list[tuple[Host, subprocess.Popen[bytes]]]) -> None:
+    for _, proc in routers:
+        proc.terminate()
+    for _, proc in routers:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _attach(u: Underlay) -> tuple[str, str]:
+    names = []
+    for i, host in enumerate(u.hosts[:2]):
+        ns = f"{host.ns}-c1"
+        if ns not in u.namespaces:
+            host.add_netns("c1")
+            host.exec(
+                sys.executable,
+                "-m",
+                "weft.router.bridge",
+                "attach",
+                ns,
+                "--ip",
+                f"10.32.0.{i + 1}/12",
+            )
+        names.append(ns)
+    return names[0], names[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--modes", default="raw,vxlan," + ",".join(WEFT_MODES), help="comma-separated subset"
+    )
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results: dict[str, Any] = {"runs": args.runs, "seconds": args.seconds, "loadavg_start": None}
+    results["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    with underlay(2) as u:
+        h1, h2 = u.hosts
+        if "raw" in modes:
+            results["raw"] = _measure("raw", h1.ns, h2.ns, h2.ip, args)
+        if "vxlan" in modes:
+            v1, v2 = _vxlan(u)
+            results["vxlan"] = _measure("vxlan", v1, v2, "10.99.0.2", args)
+        for mode in WEFT_MODES:
+            if mode not in modes:
+                continue
+            routers = _start_routers(u, mode)
+            try:
+                c1, c2 = _attach(u)
+                wait_for(
+                    lambda c=c1: (
+                        run(
+                            ["ip", "netns", "exec", c, "ping", "-c1", "-W1", "10.32.0.2"],
+                            check=False,
+                        ).returncode
+                        == 0
+                    ),
+                    timeout=30,
+                    what="container ping",
+                )
+                results[mode] = _measure(mode, c1, c2, "10.32.0.2", args, routers)
+                st = _status(h1).get("overlay", {}).get("links", {})
+                results[mode]["link"] = next(iter(st.values()), None)
+            finally:
+                _stop(routers)
+    results["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    if "vxlan" in results:
+        base = results["vxlan"]["median_gbps"]
+        results["ratios_to_vxlan"] = {
+            m: round(results[m]["median_gbps"] / base, 4) for m in WEFT_MODES if m in results
+        }
+        results["targets"] = TARGETS
+        results["meets_targets"] = {
+            m: results["ratios_to_vxlan"][m] >= TARGETS[m] for m in results["ratios_to_vxlan"]
+        }
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for key in ("raw", "vxlan", *WEFT_MODES):
+            if key in results:
+                r = results[key]
+                extra = f" cpu {r['router_cpu']}" if "router_cpu" in r else ""
+                print(f"{key:>10} {r['median_gbps']:8.3f} Gbit/s{extra}")
+        if "ratios_to_vxlan" in results:
+            print("ratios to kernel VXLAN:", results["ratios_to_vxlan"], "targets:", TARGETS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
