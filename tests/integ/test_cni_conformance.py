@@ -25,6 +25,7 @@ import pytest
 
 from tests.integ.hosts import Host, Underlay, have_netns, run, wait_for
 from weft.cni import install
+from weft.cni.kernel import host_ifname
 from weft.cni.plugin import SUPPORTED_VERSIONS
 
 pytestmark = [
@@ -296,6 +297,17 @@ def test_add_twice_fails_without_breaking_the_first(world: World) -> None:
     assert world.router.allocations()["cni:weftnet:twice:eth0"] == result["ips"][0]["address"]
     world.ok("CHECK", dict(conf, prevResult=result), "twice", netns)
     world.ok("DEL", conf, "twice", netns)
+
+
+def test_add_replaces_a_stale_host_end_of_the_same_attachment(world: World) -> None:
+    stale = host_ifname("weftnet", "stale", "eth0")
+    run(["ip", "-n", world.host.ns, "link", "add", stale, "type", "veth", "peer", "name", "stalep"])
+    netns = world.container()
+    result = world.ok("ADD", world.conf(), "stale", netns)
+    assert result["interfaces"][1]["name"] == stale
+    assert "stalep" not in world.host_links()
+    world.ok("DEL", world.conf(), "stale", netns)
+    assert stale not in world.host_links()
 
 
 def test_add_into_a_missing_netns_is_error_3(world: World) -> None:

@@ -391,15 +391,8 @@ class CniService:
         conf = att.config
         if not os.path.exists(att.netns):
             raise CniError(ERR_UNKNOWN_CONTAINER, "network namespace does not exist", att.netns)
-        info = await asyncio.to_thread(kernel.bridge_info, self.config.bridge)
-        if info is None:
-            raise CniError(
-                ERR_TRY_AGAIN_LATER,
-                f"bridge {self.config.bridge} does not exist yet",
-                "the weft router has not set up its data plane",
-            )
-        mtu = conf.get("mtu") or self.mtu() or info.mtu
-        if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+        mtu = conf.get("mtu") or self.mtu()
+        if mtu is not None and (not isinstance(mtu, int) or not 68 <= mtu <= 65535):
             raise CniError(ERR_INVALID_CONFIG, "mtu must be an integer in 68..65535", repr(mtu))
         hairpin = conf.get("hairpinMode", self.config.hairpin)
 
@@ -419,15 +412,9 @@ class CniService:
             try:
                 addresses = [_ip_cidr(await self.ipam.allocate(att.ident, subnet))]
             except IpamUnavailable as err:
-                raise CniError(
-                    ERR_TRY_AGAIN_LATER, "address allocator not ready", str(err)
-                ) from None
+                raise CniError(ERR_TRY_AGAIN_LATER, "allocator not ready", str(err)) from None
             except IpamRefused as err:
                 raise CniError(ERR_IPAM, "address allocation failed", str(err)) from None
-            for cidr in addresses:
-                gw = info.gateway_for(cidr)
-                if gw:
-                    gateways[cidr] = gw
             dns = conf.get("dns") if isinstance(conf.get("dns"), Mapping) else None
         else:
             ips = delegated.get("ips") or []
@@ -441,12 +428,6 @@ class CniService:
                 routes = _route_list(conf.get("routes"), "routes")
             dns_conf = conf.get("dns")
             dns = dns_conf if isinstance(dns_conf, Mapping) and dns_conf else delegated.get("dns")
-        if not routes:
-            # The default route goes via the bridge's address (``weft expose``) in our subnet.
-            routes = [
-                {"dst": "0.0.0.0/0" if ipaddress.ip_interface(c).version == 4 else "::/0", "gw": gw}
-                for c, gw in gateways.items()
-            ]
         spec = kernel.AttachSpec(
             netns=att.netns,
             ifname=att.ifname,
@@ -464,26 +445,30 @@ class CniService:
             if fresh:
                 await self._release_quietly(att.ident)
             raise
-        ips = []
+        ips_out = []
         for cidr in addresses:
             entry: dict[str, Any] = {"address": cidr, "interface": 2}
-            if cidr in gateways:
-                entry["gateway"] = gateways[cidr]
-            ips.append(entry)
+            if cidr in attached.gateways:
+                entry["gateway"] = attached.gateways[cidr]
+            ips_out.append(entry)
         result: dict[str, Any] = {
             "cniVersion": CURRENT,
             "interfaces": [
-                {"name": self.config.bridge, "mac": info.mac, "mtu": info.mtu},
-                {"name": att.host_ifname, "mac": attached.host_mac, "mtu": mtu},
+                {
+                    "name": self.config.bridge,
+                    "mac": attached.bridge_mac,
+                    "mtu": attached.bridge_mtu,
+                },
+                {"name": att.host_ifname, "mac": attached.host_mac, "mtu": attached.mtu},
                 {
                     "name": att.ifname,
                     "mac": attached.container_mac,
-                    "mtu": mtu,
+                    "mtu": attached.mtu,
                     "sandbox": att.netns,
                 },
             ],
-            "ips": ips,
-            "routes": routes,
+            "ips": ips_out,
+            "routes": [dict(r) for r in attached.routes],
         }
         if dns:
             result["dns"] = dict(dns)
@@ -506,7 +491,7 @@ class CniService:
 
     async def _delete(self, att: _Attachment, weft_ipam: bool) -> None:
         """Remove the veth pair, then release the address (IpamUnavailable: caller decides)."""
-        await asyncio.to_thread(kernel.detach, att.host_ifname, att.netns, att.ifname)
+        await asyncio.to_thread(kernel.detach, att.host_ifname)
         if weft_ipam:
             await self.ipam.release(att.ident)
 
@@ -550,17 +535,15 @@ class CniService:
                 for cidr in addresses:
                     if str(ipaddress.ip_interface(cidr).ip) not in held:
                         problems.append(f"address {cidr} is not allocated to {att.ident}")
-            spec = kernel.AttachSpec(
-                netns=att.netns,
-                ifname=att.ifname,
-                host_ifname=att.host_ifname,
-                bridge=self.config.bridge,
-                mtu=0,
-                hairpin=False,
-                addresses=addresses,
-                gateways=gateways,
+            problems += await asyncio.to_thread(
+                kernel.check,
+                att.netns,
+                att.ifname,
+                att.host_ifname,
+                self.config.bridge,
+                addresses,
+                routes,
             )
-            problems += await asyncio.to_thread(kernel.check, spec, routes, self.config.bridge)
         if problems:
             raise CniError(ERR_CHECK_FAILED, "attachment is not as expected", "; ".join(problems))
 
