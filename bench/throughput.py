@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,10 @@ def _status(host: Host) -> dict[str, Any]:
         return {}
     data: dict[str, Any] = json.loads(proc.stdout)
     return data
+
+
+def _pings(ns: str, ip: str) -> bool:
+    return run(["ip", "netns", "exec", ns, "ping", "-c1", "-W1", ip], check=False).returncode == 0
 
 
 def _established(host: Host) -> bool:
@@ -171,7 +176,7 @@ def _start_routers(u: Underlay, mode: str) -> list[tuple[Host, subprocess.Popen[
         )
         out.append((host, proc))
     for host, _ in out:
-        wait_for(lambda h=host: _established(h), timeout=60, what=f"{mode} established")
+        wait_for(partial(_established, host), timeout=60, what=f"{mode} established")
     return out
 
 
@@ -230,17 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             routers = _start_routers(u, mode)
             try:
                 c1, c2 = _attach(u)
-                wait_for(
-                    lambda c=c1: (
-                        run(
-                            ["ip", "netns", "exec", c, "ping", "-c1", "-W1", "10.32.0.2"],
-                            check=False,
-                        ).returncode
-                        == 0
-                    ),
-                    timeout=30,
-                    what="container ping",
-                )
+                wait_for(partial(_pings, c1, "10.32.0.2"), timeout=30, what="container ping")
                 results[mode] = _measure(mode, c1, c2, "10.32.0.2", args, routers)
                 st = _status(h1).get("overlay", {}).get("links", {})
                 results[mode]["link"] = next(iter(st.values()), None)
