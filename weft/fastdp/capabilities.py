@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from weft.fastdp.errors import wrap_os_error
+from weft.fastdp.errors import DatapathError, wrap_os_error
 
 __all__ = [
     "OVS_FAMILIES",
@@ -73,23 +73,15 @@ class Capabilities:
 
 
 def probe_openvswitch() -> Feature:
-    from pyroute2 import GenericNetlinkSocket
+    from weft.fastdp.ovs import genl_family_ids
 
-    found = []
-    sock = GenericNetlinkSocket()
     try:
-        for family in OVS_FAMILIES:
-            try:
-                msg = sock.discovery(family)
-            except Exception as err:
-                reason = wrap_os_error(f"resolve generic netlink family {family}", err)
-                if getattr(err, "code", None) == errno.ENOENT:
-                    return Feature(False, f"{reason} (openvswitch module not loaded/available)")
-                return Feature(False, str(reason))
-            found.append(f"{family}={msg.get_attr('CTRL_ATTR_FAMILY_ID')}")
-    finally:
-        sock.close()
-    return Feature(True, " ".join(found))
+        ids = genl_family_ids(OVS_FAMILIES)
+    except DatapathError as err:
+        if err.errno == errno.ENOENT:
+            return Feature(False, f"{err} (openvswitch module not loaded/available)")
+        return Feature(False, str(err))
+    return Feature(True, " ".join(f"{name}={ids[name]}" for name in OVS_FAMILIES))
 
 
 def probe_vxlan(ipr: Any | None = None) -> Feature:
@@ -203,7 +195,11 @@ def probe_esp(make_socket: Callable[[], socket.socket] | None = None) -> Feature
             code = _ack_errno(sock.recv(65536))
             if code:
                 failed = wrap_os_error(f"add an ESP SA with {AEAD_NAME}", OSError(code, ""))
-                return Feature(False, str(failed))
+                hint = {
+                    errno.ENOSYS: " (kernel lacks the AEAD for ESP)",
+                    errno.EPROTONOSUPPORT: " (kernel lacks ESP: esp4 module)",
+                }.get(code, "")
+                return Feature(False, f"{failed}{hint}")
             sock.send(encode_delsa(spi, addr))
             code = _ack_errno(sock.recv(65536))
         except OSError as err:

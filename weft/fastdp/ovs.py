@@ -145,6 +145,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x01
 NLM_F_MULTI = 0x02
 NLM_F_ACK = 0x04
+NLM_F_ECHO = 0x08  # OVS answers NEW/DEL/SET by notification: ECHO sends it to us too
 NLM_F_DUMP = 0x300
 NLM_F_CREATE = 0x400
 NLA_TYPE_MASK = 0x3FFF
@@ -693,20 +694,38 @@ def packet_execute(
 # -- the client ---------------------------------------------------------------------------------
 
 
-def resolve_families() -> Families:
-    """Look the four families up once (pyroute2's GenericNetlinkSocket)."""
+def genl_family_ids(names: Sequence[str]) -> dict[str, int]:
+    """Resolve generic netlink family ids with pyroute2's ``GenericNetlinkSocket``.
+
+    Asking for a family lets the kernel load its module (e.g. openvswitch) on demand.
+    DatapathError names the family that is missing.
+    """
     from pyroute2 import GenericNetlinkSocket
+    from pyroute2.netlink import genlmsg
 
     ids: dict[str, int] = {}
     sock = GenericNetlinkSocket()
     try:
-        for name in (OVS_DATAPATH_FAMILY, OVS_VPORT_FAMILY, OVS_FLOW_FAMILY, OVS_PACKET_FAMILY):
+        for i, name in enumerate(names):
             try:
-                ids[name] = int(sock.discovery(name).get_attr("CTRL_ATTR_FAMILY_ID"))
+                if i == 0:
+                    # bind() registers the controller's message class, then resolves the name.
+                    sock.bind(name, genlmsg)
+                    ids[name] = int(sock.prid)
+                else:
+                    ids[name] = int(sock.discovery(name).get_attr("CTRL_ATTR_FAMILY_ID"))
             except Exception as err:
                 raise wrap_os_error(f"resolve generic netlink family {name}", err) from err
     finally:
         sock.close()
+    return ids
+
+
+def resolve_families() -> Families:
+    """Look the four OVS families up once."""
+    ids = genl_family_ids(
+        (OVS_DATAPATH_FAMILY, OVS_VPORT_FAMILY, OVS_FLOW_FAMILY, OVS_PACKET_FAMILY)
+    )
     return Families(
         ids[OVS_DATAPATH_FAMILY],
         ids[OVS_VPORT_FAMILY],
@@ -762,7 +781,7 @@ class OvsClient:
         self, op: str, msg: GenlMessage, *, dump: bool = False, create: bool = False
     ) -> list[GenlMessage]:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_DUMP if dump else 0)
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_DUMP if dump else NLM_F_ECHO)
         flags |= NLM_F_CREATE if create else 0
         wire = GenlMessage(
             msg.family, msg.cmd, msg.dp_ifindex, msg.attrs, msg.version, flags, self._seq

@@ -1,0 +1,83 @@
+"""Kernel datapaths on Debian's own kernel (openvswitch, vxlan, esp4) booted in qemu.
+
+One VM boot for the whole module: tests/e2e/qemu/check_ovs.py runs inside and reports JSON;
+the tests below assert on it. Skipped where qemu, the kernel package or busybox are missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.qemu.harness import missing, run_in_vm
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(missing() is not None, reason=f"test VM unavailable: {missing()}"),
+]
+
+
+@pytest.fixture(scope="module")
+def vm() -> dict[str, Any]:
+    result = run_in_vm(
+        "python3 tests/e2e/qemu/check_ovs.py",
+        env={"PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=900,
+    ).check()
+    lines = result.output.strip().splitlines()
+    assert lines, f"no output from the VM\n{result.console[-3000:]}"
+    report: dict[str, Any] = json.loads(lines[-1])
+    report["boot_seconds"] = result.seconds
+    print(f"VM run took {result.seconds:.1f}s; inside: {report.get('seconds')}")
+    assert "error" not in report, report["error"]
+    return report
+
+
+def test_capabilities_report_openvswitch_vxlan_and_esp(vm: dict[str, Any]) -> None:
+    caps = vm["capabilities"]
+    assert caps["openvswitch"]["available"], caps["openvswitch"]["detail"]
+    assert caps["esp"]["available"], caps["esp"]["detail"]
+    assert caps["vxlan"]["available"]
+    assert caps["fast_datapaths"] == ["ovs", "vxlan"]
+
+
+def test_datapath_and_vports(vm: dict[str, Any]) -> None:
+    assert vm["dp"]["name"] == "weft-e2e-dp" and vm["dp"]["features"] == 3
+    assert vm["dp_found"]
+    assert sorted(map(tuple, vm["vports"])) == [
+        ("vxlan-6784", "vxlan", 6784),
+        ("weft-e2e-dp", "internal", None),  # the datapath's local port
+        ("wfe2e-int", "internal", None),
+    ]
+
+
+def test_flows_install_and_read_back(vm: dict[str, Any]) -> None:
+    assert vm["flow_count"] == 2  # re-installing an identical flow replaced it
+    got = vm["get_flow"]
+    assert got["in_port"] == vm["internal_port_no"]
+    assert got["eth_dst"] == "02:00:00:00:02:02"
+    assert got["actions"][0].startswith("SetTunnelAction(tunnel=TunnelKey(tun_id=8193")
+    assert got["actions"][1] == f"OutputAction(port={vm['vxlan_port_no']})"
+    assert vm["tunnel_flow"] == {"tun_id": 0x1002, "src": "10.9.0.2", "dst": "10.9.0.1"}
+
+
+def test_miss_upcall_and_execute(vm: dict[str, Any]) -> None:
+    up = vm["upcall"]
+    assert up is not None, "no miss upcall arrived"
+    assert up["miss"] and up["in_port"] == vm["internal_port_no"]
+    assert up["eth_src"] == "02:00:00:00:03:03" and up["ethertype"] == 0x88B5
+    assert vm["execute_ok"]
+
+
+def test_delete_flush_errors_and_stale_cleanup(vm: dict[str, Any]) -> None:
+    assert vm["deleted_flow"] and vm["flows_after_delete"] == 1
+    assert vm["flows_after_flush"] == 0 and vm["dp_stats_flows"] == 0
+    assert vm["duplicate_error"] == "create OVS datapath weft-e2e-dp: File exists (EEXIST)"
+    assert vm["deleted"] and not vm["found_after_delete"] and vm["devices_left"] == []
+    assert vm["stale_removed"]
