@@ -318,3 +318,14 @@ def _links(status: dict[str, Any]) -> set[frozenset[str]]:
         for p in status["router"]["peers"]
         for c in p["connections"]
     }
+
+
+async def test_tables_work_without_the_graph_library(page: Any, server: FakeStatusServer) -> None:
+    await page.route("**/vendor/cytoscape.min.js", lambda route: route.abort())
+    await page.goto(server.url + "/ui")
+    await wait_for(page, "() => window.weftGraph && window.weftGraph.ready")
+    assert "did not load" in await page.inner_text("#graph")
+    await page.click("#tabs button[data-view=connections]")
+    await wait_for(page, "() => window.weftGraph.tableRows === 3")
+    body = await page.inner_text("#table-body")
+    assert "vxlan" in body and "sleeve" in body and "encrypted" in body

@@ -277,7 +277,8 @@ class StatusHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
             if not ws.closed:
-                await ws.close()
+                with contextlib.suppress(Exception):  # the peer may be gone mid-close
+                    await ws.close()
         return ws
 
     def _client_message(self, client: _Client, data: str) -> None:
@@ -301,17 +302,25 @@ class StatusHub:
         client.wake.set()
 
     async def _send_loop(self, ws: web.WebSocketResponse, client: _Client) -> None:
-        """The only task writing to ``ws``: replies first, then the newest status if unsent."""
-        while not ws.closed:
-            await client.wake.wait()
-            client.wake.clear()
-            while client.replies:
-                await ws.send_str(client.replies.popleft())
-            message = self._message
-            if message is not None and (client.force or client.sent_seq != self._seq):
-                client.force = False
-                client.sent_seq = self._seq
-                await ws.send_str(message)
+        """The only task writing to ``ws``: replies first, then the newest status if unsent.
+
+        A failed write (the client vanished) closes the socket, which ends the reading side.
+        """
+        try:
+            while not ws.closed:
+                await client.wake.wait()
+                client.wake.clear()
+                while client.replies:
+                    await ws.send_str(client.replies.popleft())
+                message = self._message
+                if message is not None and (client.force or client.sent_seq != self._seq):
+                    client.force = False
+                    client.sent_seq = self._seq
+                    await ws.send_str(message)
+        except (ConnectionError, RuntimeError) as err:  # aiohttp's reset errors are both kinds
+            log.debug("/ws client went away while sending: %s", err)
+            with contextlib.suppress(Exception):
+                await ws.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@
   var ROW_HEIGHT = 24, ROW_OVERSCAN = 20;
 
   var PENDING_STATES = { pending: 1, connecting: 1, retrying: 1 };
-  var HAVE_GRAPH_LIB = typeof window.cytoscape === 'function';
+  var HAVE_GRAPH_LIB = true;       // known once the document (and cytoscape after us) is parsed
+  var domReady = false, earlyMessage = null;
 
   var hook = {
     ready: false, incarnation: null, seq: -1, updates: 0, layouts: 0,
     stats: { malformed: 0, stale: 0, reconnects: 0, errors: 0 },
-    timings: { start: performance.now(), firstStatus: null, drawn: null, lastApplied: null },
+    timings: { start: performance.now(), firstStatus: null, drawn: null, lastApplied: null,
+               lastApplyMs: null },
     cy: null,
     snapshot: snapshot,
     select: function (id) { select(id, true); },
@@ -294,7 +296,7 @@
     if (app.cy && app.cyBig === big) return app.cy;
     if (app.cy) app.cy.destroy();
     app.cy = cytoscape({
-      container: $('graph'), style: graphStyle(big), wheelSensitivity: 0.3,
+      container: $('graph'), style: graphStyle(big),
       minZoom: 0.02, maxZoom: 6, boxSelectionEnabled: false, selectionType: 'single',
       textureOnViewport: big, hideEdgesOnViewport: big, pixelRatio: big ? 1 : 'auto',
       motionBlur: false,
@@ -335,25 +337,51 @@
 
   function runLayout(m) {
     var cy = app.cy, n = m.peers.size;
-    hook.layouts += 1;
     if (n <= FORCE_LAYOUT_MAX) {
       cy.layout({ name: n <= 3 ? 'circle' : 'cose', animate: false, fit: true, padding: 40,
                   randomize: false, componentSpacing: 80, nodeRepulsion: function () { return 8000; },
                   idealEdgeLength: function () { return 90; }, numIter: 600 }).run();
     } else {
       var pos = presetPositions(m);
-      cy.layout({ name: 'preset', animate: false, fit: true, padding: 20,
-                  positions: function (node) { return pos[node.id()] || { x: 0, y: 0 }; } }).run();
+      cy.batch(function () {
+        cy.nodes().forEach(function (node) { var p = pos[node.id()]; if (p) node.position(p); });
+      });
+      fitPositions(pos);
     }
+  }
+
+  // cy.fit() over thousands of elements measures every edge (hundreds of ms); the extent of the
+  // positions we chose ourselves gives the same viewport for free.
+  function fitPositions(pos) {
+    var cy = app.cy, x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    Object.keys(pos).forEach(function (k) {
+      var p = pos[k];
+      if (p.x < x0) x0 = p.x; if (p.x > x1) x1 = p.x;
+      if (p.y < y0) y0 = p.y; if (p.y > y1) y1 = p.y;
+    });
+    if (!isFinite(x0)) return;
+    var pad = 30, w = Math.max(1, x1 - x0), h = Math.max(1, y1 - y0);
+    var zoom = Math.min((cy.width() - 2 * pad) / w, (cy.height() - 2 * pad) / h, 2);
+    zoom = Math.max(cy.minZoom(), zoom);
+    cy.viewport({ zoom: zoom, pan: { x: (cy.width() - zoom * (x0 + x1)) / 2,
+                                     y: (cy.height() - zoom * (y0 + y1)) / 2 } });
   }
 
   function syncGraph(m) {
     var big = m.peers.size > BIG_GRAPH;
     var cy = ensureCy(big);
+    var ids = Array.from(m.peers.keys()).sort().join(',');
+    var relayout = ids !== app.nodeIds;  // peers came or went (edges alone never move nodes)
+    // Big graphs: positions computed here and given to the nodes as they are added, which is
+    // several times cheaper than running even cytoscape's 'preset' layout over them.
+    var pos = relayout && m.peers.size > FORCE_LAYOUT_MAX ? presetPositions(m) : null;
     var want = new Map();
     m.peers.forEach(function (p) {
-      want.set('n:' + p.name, { group: 'nodes', data: { id: 'n:' + p.name, label: peerLabel(p),
-        name: p.name, nickname: p.nickname }, classes: nodeClasses(p, m) });
+      var id = 'n:' + p.name;
+      var w = { group: 'nodes', data: { id: id, label: peerLabel(p), name: p.name,
+        nickname: p.nickname }, classes: nodeClasses(p, m) };
+      if (pos) w.position = pos[id];
+      want.set(id, w);
     });
     m.edges.forEach(function (e) {
       want.set(e.id, { group: 'edges', data: { id: e.id, source: 'n:' + e.a, target: 'n:' + e.b,
@@ -375,12 +403,15 @@
       });
       want.forEach(function (w) { if (w.group === 'nodes') added.push(w); });
       want.forEach(function (w) { if (w.group === 'edges') added.push(w); });
+      if (pos) {  // nodes that already existed move to their new place; new ones came with it
+        cy.nodes().forEach(function (n) { var p = pos[n.id()]; if (p) n.position(p); });
+      }
       if (added.length) cy.add(added);
     });
-    var ids = Array.from(m.peers.keys()).sort().join(',');
-    if (ids !== app.nodeIds) {  // peers came or went: lay out again (edges alone never move nodes)
+    if (relayout) {
       app.nodeIds = ids;
-      runLayout(m);
+      hook.layouts += 1;
+      if (pos) fitPositions(pos); else runLayout(m);
     }
     if (app.selected && cy.getElementById(app.selected).empty()) app.selected = null;
   }
@@ -708,6 +739,7 @@
   // Applying a status
 
   function applyStatus(status) {
+    var t0 = performance.now();
     var m = normalize(status);
     app.model = m;
     syncGraph(m);
@@ -716,6 +748,7 @@
     refreshTable();
     hook.updates += 1;
     hook.timings.lastApplied = performance.now();
+    hook.timings.lastApplyMs = hook.timings.lastApplied - t0;
     document.documentElement.dataset.weftUpdates = String(hook.updates);
     if (!hook.ready) {
       app.cy.one('render', function () {
@@ -727,6 +760,11 @@
   }
 
   function onMessage(data) {
+    if (!domReady) {  // the socket opens while cytoscape is still loading: keep the newest only
+      earlyMessage = data;
+      lastHeard = Date.now();
+      return;
+    }
     var msg;
     try {
       msg = JSON.parse(data);
@@ -852,28 +890,40 @@
       requestAnimationFrame(function () { scrollQueued = false; renderTableRows(); });
     });
     window.addEventListener('resize', function () { if (app.view !== 'graph') renderTableRows(); });
+    HAVE_GRAPH_LIB = typeof window.cytoscape === 'function';
     if (!HAVE_GRAPH_LIB) {
       $('graph').textContent = 'The graph library did not load; the tables still work.';
+      window.cytoscape = stubCytoscape;
     }
-    connect();
+    domReady = true;
+    if (earlyMessage !== null) {
+      var data = earlyMessage;
+      earlyMessage = null;
+      onMessage(data);
+    }
   }
 
-  if (!HAVE_GRAPH_LIB) {
-    // Keep the tables usable without the graph library.
-    window.cytoscape = function () {
-      var noop = function () { return api; };
-      var empty = { forEach: function () {}, map: function () { return []; }, remove: noop,
-        empty: function () { return true; }, nonempty: function () { return false; },
-        removeClass: noop, addClass: noop, filter: function () { return empty; }, unselect: noop };
-      var api = { on: noop, one: function (ev, f) { setTimeout(f, 0); }, batch: function (f) { f(); },
-        elements: function () { return empty; }, nodes: function () { return empty; },
-        edges: function () { return empty; }, add: noop, getElementById: function () { return empty; },
-        $: function () { return empty; }, layout: function () { return { run: noop }; },
-        destroy: noop, resize: noop, fit: noop, zoom: function () { return 1; }, animate: noop };
-      return api;
-    };
+  // Keeps the tables usable without the graph library: a graph that holds nothing.
+  function stubCytoscape() {
+    var api, empty;
+    function self() { return api; }
+    empty = { forEach: function () {}, map: function () { return []; }, remove: self,
+      empty: function () { return true; }, nonempty: function () { return false; },
+      removeClass: self, addClass: self, filter: function () { return empty; }, unselect: self,
+      length: 0 };
+    api = { on: self, one: function (ev, f) { setTimeout(f, 0); }, batch: function (f) { f(); },
+      elements: function () { return empty; }, nodes: function () { return empty; },
+      edges: function () { return empty; }, add: self, getElementById: function () { return empty; },
+      $: function () { return empty; }, layout: function () { return { run: self }; },
+      destroy: self, resize: self, fit: self, zoom: function () { return 1; }, animate: self,
+      minZoom: function () { return 0.02; }, width: function () { return 1; },
+      height: function () { return 1; }, viewport: self };
+    return api;
   }
 
+  // This script runs before cytoscape is parsed (see index.html) so the status transfer overlaps
+  // the library's parsing; the page itself is wired once the document is complete.
+  connect();
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
   else init();
 })();
