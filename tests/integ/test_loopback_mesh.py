@@ -364,3 +364,31 @@ async def test_connection_limit_refuses_and_keeps_serving(
     third = await RawPeer.connect(a, b"pw", seed=3)  # room again
     await wait_until(lambda: len(a.connections()) == 1, "a new peer accepted")
     third.close()
+
+
+async def test_version_mismatch_named_on_both_sides(tmp_path: Path, started: list[Router]) -> None:
+    from weft.gossip.handshake import VersionMismatch
+
+    a = make_router(tmp_path, 0)
+    started.append(a)
+    await a.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+    loop = asyncio.get_running_loop()
+    ident = PeerIdentity(PeerName(0x020000000077), "future", 77, 77)
+    hs = Handshake(True, Hello.from_identity(ident, 1), None, loop.time(), versions=(7, 9))
+    writer.write(hs.data_to_send())
+    with pytest.raises(VersionMismatch, match=r"ours 7\.\.9, theirs 1\.\.1"):
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+            if not data:
+                hs.receive_eof()
+            hs.receive(data, loop.time())
+    writer.close()
+    await wait_until(
+        lambda: any(
+            "protocol version mismatch (ours 1..1, theirs 7..9)" in c["info"]
+            for c in rows(a, "failed")
+        ),
+        "the router to name the version mismatch",
+    )
+    assert a.counters["closed_version_mismatch"] == 1

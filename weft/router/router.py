@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -249,6 +250,8 @@ class Router:
                     if cfg.api_socket.is_socket():
                         cfg.api_socket.unlink()
                 await web.UnixSite(self._runner, str(cfg.api_socket)).start()
+                # the API can stop the router and attach containers: owner and group only
+                cfg.api_socket.chmod(0o660)
             except OSError as err:
                 await self._abort_start()
                 raise ConfigError(
@@ -579,7 +582,9 @@ class Router:
         features: dict[str, Any] = dict(self.overlay.features())
         features[FEATURE_PORT] = self.port
         features[FEATURE_HB_TIMEOUT] = self.config.heartbeat_timeout
-        return Hello.from_identity(self.identity, conn.conn_id, features), self.password_key
+        # the mesh may have reassigned our short id after a clash (ShortIdChanged)
+        identity = dataclasses.replace(self.identity, short_id=self.mesh.short_id)
+        return Hello.from_identity(identity, conn.conn_id, features), self.password_key
 
     def handshake_completed(self, conn: Connection) -> None:
         result = conn.result
