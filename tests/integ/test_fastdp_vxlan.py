@@ -20,8 +20,8 @@ import pytest
 
 from tests.integ.hosts import Host, Underlay, have_netns, run, wait_for
 from weft.fastdp.errors import DatapathError
-from weft.fastdp.fdb import FastPeer, FdbEntry, FdbPlanner, mac_of_peer
-from weft.fastdp.vxlan import FdbReconciler, VxlanConfig, VxlanDevice
+from weft.fastdp.fdb import FdbEntry, mac_of_peer
+from weft.fastdp.vxlan import VxlanConfig, VxlanDatapath, VxlanDevice
 from weft.gossip.peer import PeerName
 
 pytestmark = [
@@ -38,7 +38,7 @@ class Side:
     host: Host
     name: PeerName
     ipr: Any
-    device: VxlanDevice
+    dp: VxlanDatapath
     container: str
     container_ip: str
     container_mac: str
@@ -50,12 +50,15 @@ class Net:
     sides: list[Side]
 
     def reconcile(self, *, carrying: bool = True, with_macs: bool = True) -> None:
+        """Drive each side's VxlanDatapath as the overlay switch would."""
         for side in self.sides:
-            peers = {o.name: FastPeer(o.host.ip, carrying) for o in self.sides if o is not side}
-            macs = (
-                {o.container_mac: o.name for o in self.sides if o is not side} if with_macs else {}
-            )
-            FdbReconciler(side.device).apply(FdbPlanner(side.name).desired(peers, macs))
+            for other in self.sides:
+                if other is not side:
+                    if other.name not in side.dp.peers:
+                        side.dp.peer_started(other.name, other.host.ip)
+                    side.dp.peer_carrying(other.name, carrying)
+            macs = {o.container_mac: o.name for o in self.sides if o is not side}
+            side.dp.macs_changed(macs if with_macs else {})
 
 
 def _container(host: Host, i: int, mtu: int) -> tuple[str, str, str]:
@@ -83,17 +86,17 @@ def net() -> Iterator[Net]:
             host.exec("ip", "link", "add", "weft", "type", "bridge")
             host.exec("ip", "link", "set", "weft", "up")
             ipr = NetNS(host.ns)
-            device = VxlanDevice(ipr, VxlanConfig(local_ip=host.ip))
-            mtu = device.start(NAMES[i - 1])
+            dp = VxlanDatapath(ipr, VxlanConfig(local_ip=host.ip), NAMES[i - 1])
+            mtu = dp.start()
             ns, ip, mac = _container(host, i, mtu)
-            sides.append(Side(host, NAMES[i - 1], ipr, device, ns, ip, mac))
+            sides.append(Side(host, NAMES[i - 1], ipr, dp, ns, ip, mac))
         n = Net(u, sides)
         n.reconcile()
         yield n
     finally:
         for side in sides:
             try:
-                side.device.delete()
+                side.dp.stop()
             finally:
                 side.ipr.close()
         u.close()
@@ -108,11 +111,14 @@ def _ping(ns: str, ip: str, size: int = 56, df: bool = False) -> bool:
 
 def test_devices_mtu_and_fdb(net: Net) -> None:
     a, b = net.sides
-    assert a.device.mtu == 1450
+    assert a.dp.mtu == 1450
+    status = a.dp.status()
+    assert status["peers"] == {str(b.name): {"ip": b.host.ip, "carrying": True}}
+    assert status["vni"] == 0xFFFFFF and status["last_error"] == ""
     details = a.host.exec("ip", "-d", "link", "show", "vxlan-weft").stdout
     assert "dstport 6784" in details and "nolearning" in details and "df set" in details
     assert "master weft" in details and "mtu 1450" in details
-    assert a.device.fdb_entries() == {
+    assert a.dp.device.fdb_entries() == {
         FdbEntry(str(b.name), b.host.ip),
         FdbEntry("00:00:00:00:00:00", b.host.ip),
         FdbEntry(b.container_mac, b.host.ip),
@@ -272,17 +278,18 @@ def test_stale_device_is_replaced_and_foreign_one_refused(net: Net) -> None:
     # A new router in the same host (the old one "crashed"): the stale device is replaced.
     ipr = NetNS(a.host.ns)
     try:
-        fresh = VxlanDevice(ipr, VxlanConfig(local_ip=a.host.ip))
-        assert fresh.remove_stale() == ["vxlan-weft"]
-        assert fresh.find() is None
-        assert fresh.start(a.name) == 1450
-        a.device = fresh
+        probe = VxlanDevice(ipr, VxlanConfig(local_ip=a.host.ip))
+        assert probe.remove_stale() == ["vxlan-weft"]  # what start() does first
+        assert probe.find() is None
+        fresh = VxlanDatapath(ipr, VxlanConfig(local_ip=a.host.ip), a.name)
+        assert fresh.start() == 1450
+        a.dp = fresh
         a.ipr.close()
         a.ipr = ipr
     except BaseException:
         ipr.close()
         raise
-    assert before and a.device.fdb_entries() == frozenset()
+    assert before and a.dp.device.fdb_entries() == frozenset()
     net.reconcile()
     wait_for(lambda: _ping(a.container, b.container_ip), timeout=30, what="ping after restart")
     # A device under another name on our port and VNI (here: the running one, seen by a router
@@ -290,5 +297,5 @@ def test_stale_device_is_replaced_and_foreign_one_refused(net: Net) -> None:
     other = VxlanDevice(a.ipr, VxlanConfig(name="vx2", local_ip=a.host.ip))
     with pytest.raises(DatapathError, match="vxlan-weft already uses UDP 6784 with VNI 16777215"):
         other.start(a.name)
-    assert a.device.find() is not None and other.find() is None
+    assert a.dp.device.find() is not None and other.find() is None
     assert mac_of_peer(a.name) in a.host.exec("bridge", "fdb", "show", "dev", "vxlan-weft").stdout

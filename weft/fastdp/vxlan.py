@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from weft.errors import ConfigError
 from weft.fastdp.errors import DatapathError, wrap_os_error
-from weft.fastdp.fdb import FdbDiff, FdbEntry, diff_fdb, mac_of_peer
+from weft.fastdp.fdb import FastPeer, FdbDiff, FdbEntry, FdbPlanner, diff_fdb, mac_of_peer
 from weft.fastdp.heartbeat import HEARTBEAT_BPF_FILTER
 from weft.gossip.peer import PeerName
 
@@ -41,6 +41,7 @@ __all__ = [
     "FdbReconciler",
     "HeartbeatSocket",
     "VxlanConfig",
+    "VxlanDatapath",
     "VxlanDevice",
     "overlay_mtu",
 ]
@@ -414,3 +415,80 @@ class HeartbeatSocket:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class VxlanDatapath:
+    """The host side of the Linux VXLAN datapath as the overlay switch uses it.
+
+    Owns the device, the desired-FDB inputs and the reconciler; every change re-applies the
+    whole desired FDB (cheap: a dump and a few entries). Runs on the router's loop.
+
+    ``start`` -> ``peer_started`` per connection whose remote offers vxlan -> heartbeats decide
+    ``peer_carrying(name, True/False)`` -> ``macs_changed`` from the MAC cache ->
+    ``peer_stopped`` when the connection goes -> ``stop``.
+    """
+
+    def __init__(self, ipr: Any, config: VxlanConfig, local_name: PeerName) -> None:
+        self.device = VxlanDevice(ipr, config)
+        self.local_name = local_name
+        self.planner = FdbPlanner(local_name)
+        self.reconciler = FdbReconciler(self.device)
+        self.peers: dict[PeerName, FastPeer] = {}
+        self.mac_locations: dict[str, PeerName] = {}
+        self.last_error: str = ""
+
+    @property
+    def mtu(self) -> int | None:
+        return self.device.mtu
+
+    def start(self) -> int:
+        """Remove stale state, create the device; returns the overlay MTU."""
+        return self.device.start(self.local_name)
+
+    def stop(self) -> None:
+        self.device.delete()
+        self.peers.clear()
+
+    def peer_started(self, name: PeerName, ip: str) -> None:
+        """A connection's VXLAN path starts probing (heartbeat entry only)."""
+        self.peers[name] = FastPeer(ip, carrying=False)
+        self.apply()
+
+    def peer_carrying(self, name: PeerName, carrying: bool) -> None:
+        """The overlay switch chose (or dropped) VXLAN for this connection."""
+        peer = self.peers.get(name)
+        if peer is not None and peer.carrying != carrying:
+            self.peers[name] = FastPeer(peer.ip, carrying)
+            self.apply()
+
+    def peer_stopped(self, name: PeerName) -> None:
+        if self.peers.pop(name, None) is not None:
+            self.apply()
+
+    def macs_changed(self, mac_locations: dict[str, PeerName]) -> None:
+        self.mac_locations = dict(mac_locations)
+        self.apply()
+
+    def apply(self) -> FdbDiff:
+        """Bring the kernel in line; a failure is kept in ``last_error`` (shown in status)
+        and raised; the next change retries from the kernel's real state."""
+        try:
+            diff = self.reconciler.apply(self.planner.desired(self.peers, self.mac_locations))
+        except DatapathError as err:
+            self.last_error = str(err)
+            raise
+        self.last_error = ""
+        return diff
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": self.device.config.name,
+            "mtu": self.device.mtu,
+            "vni": self.device.config.vni,
+            "port": self.device.config.port,
+            "peers": {
+                str(name): {"ip": p.ip, "carrying": p.carrying} for name, p in self.peers.items()
+            },
+            "macs": len(self.mac_locations),
+            "last_error": self.last_error,
+        }
