@@ -485,6 +485,8 @@ class Allocator:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
+        if self._left:
+            return None
         times = [p.deadline for p in self._pending.values()]
         times += [p.wait_until for p in self._pending.values() if p.waiting_on is not None]
         times += [
@@ -715,6 +717,7 @@ class Allocator:
         for p in list(self._pending.values()):
             self._fail(p, LocalError("IPAM was reset"))
         self._left = True
+        self._free_due = self._paxos_retry_at = None
         self._changes = StateChanges(wipe=True, range=(self.ring.start, self.ring.end))
         self._dirty = True
         self._gossip_tokens = set()
@@ -762,7 +765,8 @@ class Allocator:
             return
         # Idempotence: the container already has what it asks for.
         for addr, prefix in self._by_cid.get(p.container_id, []):
-            if p.kind == "allocate" and addr in p.subnet and prefix == p.subnet.prefixlen:
+            in_subnet = IPv4Address(addr) in p.subnet and prefix == p.subnet.prefixlen
+            if p.kind == "allocate" and in_subnet:
                 return self._succeed(p, addr, now)
             if p.kind == "claim" and addr == p.address:
                 return self._succeed(p, addr, now)
