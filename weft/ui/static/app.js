@@ -15,7 +15,9 @@
   // until zoomed in, edges hidden while panning, straight "haystack" edges.
   var BIG_GRAPH = 150;
   // Force-directed layout (cose) only up to this many peers; beyond, circles per partition.
-  var FORCE_LAYOUT_MAX = 80;
+  var FORCE_LAYOUT_MAX = 60;
+  // Up to this many peers labels carry the peer name too, and every edge is labelled.
+  var SMALL_GRAPH = 12;
   var MAX_PEERS = 20000;           // refuse to draw absurd documents rather than hang the tab
   var RECONNECT_MIN_MS = 500, RECONNECT_MAX_MS = 10000;
   var PING_EVERY_MS = 25000, SILENCE_LIMIT_MS = 65000;
@@ -236,7 +238,10 @@
   // ---------------------------------------------------------------------------------------
   // Graph
 
-  function peerLabel(p) { return p.nickname ? p.nickname + '\n' + p.name : p.name; }
+  function peerLabel(p, small) {
+    if (!p.nickname) return p.name;
+    return small ? p.nickname + '\n' + p.name : p.nickname;
+  }
   function edgeLabel(e) {
     return e.datapath + (e.encrypted ? ' · encrypted' : ' · plain') +
       (e.state !== 'established' ? ' · ' + e.state : '');
@@ -249,12 +254,15 @@
     if (!p.known) c.push('unknown');
     return c.join(' ');
   }
-  function edgeClasses(e) {
+  function edgeClasses(e, small) {
     var dp = { ovs: 1, fastdp: 1, vxlan: 1, sleeve: 1 }[e.datapath] ? e.datapath : 'unknown';
     if (dp === 'fastdp') dp = 'ovs';
     var st = { established: 1, pending: 1, failed: 1 }[e.state] ? e.state : 'pending';
+    // Labels only where they say something: all edges of a small mesh, else those whose
+    // datapath is known (our own connections) or that are not established.
+    var labelled = small || dp !== 'unknown' || st !== 'established';
     return ['st-' + st, 'dp-' + dp, e.encrypted ? 'enc' : 'plain',
-            e.reachable ? '' : 'unreachable'].join(' ').trim();
+            e.reachable ? '' : 'unreachable', labelled ? 'labelled' : ''].join(' ').replace(/ +/g, ' ').trim();
   }
 
   function graphStyle(big) {
@@ -277,9 +285,10 @@
       { selector: 'node.match', style: { 'border-color': '#e74c3c', 'border-width': 4 } },
       { selector: 'edge', style: {
         'curve-style': big ? 'haystack' : 'bezier', 'line-color': '#8a8f98', 'width': big ? 1 : 2,
-        'label': big ? '' : 'data(label)', 'font-size': 9, 'color': '#4a515c',
+        'label': '', 'font-size': 9, 'color': '#4a515c',
         'text-background-color': '#ffffff', 'text-background-opacity': 0.8,
         'text-background-padding': 1, 'min-zoomed-font-size': 7, 'text-rotation': 'autorotate' } },
+      { selector: 'edge.labelled', style: { 'label': big ? '' : 'data(label)' } },
       { selector: 'edge.dp-ovs', style: { 'line-color': '#2e9e44' } },
       { selector: 'edge.dp-vxlan', style: { 'line-color': '#2b6cb0' } },
       { selector: 'edge.dp-sleeve', style: { 'line-color': '#dd8a1e' } },
@@ -339,8 +348,10 @@
     var cy = app.cy, n = m.peers.size;
     if (n <= FORCE_LAYOUT_MAX) {
       cy.layout({ name: n <= 3 ? 'circle' : 'cose', animate: false, fit: true, padding: 40,
-                  randomize: false, componentSpacing: 80, nodeRepulsion: function () { return 8000; },
-                  idealEdgeLength: function () { return 90; }, numIter: 600 }).run();
+                  randomize: true, componentSpacing: 120, nodeOverlap: 20,
+                  nodeRepulsion: function () { return 400000; },
+                  idealEdgeLength: function () { return n <= SMALL_GRAPH ? 140 : 100; },
+                  gravity: 0.5, numIter: 1000 }).run();
     } else {
       var pos = presetPositions(m);
       cy.batch(function () {
@@ -368,7 +379,7 @@
   }
 
   function syncGraph(m) {
-    var big = m.peers.size > BIG_GRAPH;
+    var big = m.peers.size > BIG_GRAPH, small = m.peers.size <= SMALL_GRAPH;
     var cy = ensureCy(big);
     var ids = Array.from(m.peers.keys()).sort().join(',');
     var relayout = ids !== app.nodeIds;  // peers came or went (edges alone never move nodes)
@@ -378,7 +389,7 @@
     var want = new Map();
     m.peers.forEach(function (p) {
       var id = 'n:' + p.name;
-      var w = { group: 'nodes', data: { id: id, label: peerLabel(p), name: p.name,
+      var w = { group: 'nodes', data: { id: id, label: peerLabel(p, small), name: p.name,
         nickname: p.nickname }, classes: nodeClasses(p, m) };
       if (pos) w.position = pos[id];
       want.set(id, w);
@@ -386,7 +397,7 @@
     m.edges.forEach(function (e) {
       want.set(e.id, { group: 'edges', data: { id: e.id, source: 'n:' + e.a, target: 'n:' + e.b,
         label: edgeLabel(e), state: e.state, datapath: e.datapath, encrypted: e.encrypted },
-        classes: edgeClasses(e) });
+        classes: edgeClasses(e, small) });
     });
     var added = [];
     cy.batch(function () {
