@@ -1,0 +1,1012 @@
+"""MeshCore: the sans-I/O mesh (topology, routes, gossip channels, connection maker).
+
+Driven by three sources only - API calls, :meth:`MeshCore.receive` and
+:meth:`MeshCore.handle_timer` - it produces :meth:`MeshCore.messages_to_send`,
+:meth:`MeshCore.next_event` and :meth:`MeshCore.get_timer`. It never reads a clock or touches a
+socket; every call that can change state takes ``now`` (seconds, any monotonic origin).
+
+Topology gossip (what makes it scale, unlike Weave's whole-topology gossip):
+
+* A change (our own record, or records newly learned from a neighbour) is queued as *names* on
+  ``fanout`` random connections (``ceil(2*log2 n)``, at least 2; never the one it came from).
+  Each connection flushes its queue ``gossip_delay`` after the first queued name, but at most
+  once per ``gossip_interval`` (default 1 s, as Weave's coalescing); a flush sends the *current*
+  record of each queued name, so bursts coalesce to the newest versions. Receivers relay only
+  records that improved their view, so propagation stops by itself.
+* Anti-entropy repairs whatever was lost: every ``anti_entropy_interval`` (jittered) we send one
+  random neighbour a 16-byte hash of our version vector. On mismatch it answers with its vector
+  (``name -> (uid, version)``); we answer with only the records newer than that vector plus a
+  request for the names where it is ahead; it answers the request. A new connection starts with
+  the dialer's vector, so a joining peer downloads the topology once.
+* Steady state therefore costs one small hash message per peer per interval.
+
+Application channels (weaveworks/mesh shape, see channel.py): ``register_channel`` returns a
+:class:`~weft.gossip.channel.GossipSender`. Outgoing gossip/broadcast data is kept pending per
+connection and merged there (``GossipData.merge``) until :meth:`messages_to_send` drains it; a
+connection the router reports as ``blocked`` keeps coalescing. Gossip and broadcasts for
+channels we do not know are relayed (surrogate; gossip deduplicated by hash for a minute).
+Unicast and broadcast relaying use the "all connections" routes, the overlay uses the data ones
+(:attr:`MeshCore.routes`).
+
+Events (frozen dataclasses, past tense, from :meth:`next_event`):
+``DialRequested`` (the core has asked for a dial: the router must answer with
+``connection_added`` or ``dial_failed``), ``ConnectionRejected`` (close that connection with the
+reason; the core already forgot it), ``TopologyChanged``, ``RoutesChanged``, ``PeersRemoved``,
+``PeerRestarted``, ``ShortIdChanged``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from weft.errors import ConfigError, LocalError
+from weft.gossip.channel import GossipData, GossipHandler
+from weft.gossip.connection_maker import BackoffConfig, ConnectionMaker, host_of
+from weft.gossip.peer import PeerIdentity, PeerName
+from weft.gossip.routes import Routes
+from weft.gossip.topology import ConnectionSummary, PeerRecord, Topology, decode_record
+from weft.gossip.wire import (
+    CHANNEL_TOPOLOGY,
+    TAG_BROADCAST,
+    TAG_GOSSIP,
+    TAG_UNICAST,
+    Announcement,
+    DigestHash,
+    DigestVector,
+    RecordRequest,
+    TopologyUpdate,
+    decode_envelope,
+    decode_topology,
+    encode_announce,
+    encode_broadcast,
+    encode_digest_hash,
+    encode_digest_vector,
+    encode_gossip,
+    encode_request,
+    encode_unicast,
+    encode_update,
+)
+
+__all__ = [
+    "Admission",
+    "ConnectionRejected",
+    "DialRequested",
+    "MeshConfig",
+    "MeshCore",
+    "MeshEvent",
+    "MeshStats",
+    "PeerRestarted",
+    "PeersRemoved",
+    "RoutesChanged",
+    "ShortIdChanged",
+    "TopologyChanged",
+]
+
+_UPDATE_CHUNK = 1 << 20  # split topology updates into messages of about 1 MiB
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh tuning. Every default is documented and chosen for 1..1000+ peers."""
+
+    port: int = 6783  # default control port, used to turn discovered hosts into addresses
+    discovery: bool = True  # dial peers learned from others' records
+    fanout: int | None = None  # neighbours per topology change; None: ceil(2*log2 n), min 2
+    gossip_delay: float = 0.05  # wait after the first queued change before flushing (batching)
+    gossip_interval: float = 1.0  # at most one topology update per connection per interval
+    anti_entropy_interval: float = 5.0  # mean period of digest exchange with one neighbour
+    anti_entropy_quiet: float = 1.0  # answer a digest mismatch only this long after a change
+    channel_gossip_interval: float = 30.0  # full state of application channels (as Weave)
+    eager_record_bytes: int = 512  # records up to this size are pushed; larger ones announced
+    request_timeout: float = 1.0  # re-request an announced record from another peer after this
+    recalc_delay: float = 0.1  # routes/GC/discovery recalculated this long after a change
+    gc_grace: float = 2.0  # a peer must stay unreachable this long before it is dropped
+    surrogate_ttl: float = 60.0  # how long relayed unknown-channel gossip is remembered
+    backoff: BackoffConfig = field(default_factory=BackoffConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mesh port {self.port} is not in 1..65535")
+        if self.fanout is not None and self.fanout < 1:
+            raise ConfigError("mesh fanout must be at least 1")
+        for name in ("gossip_interval", "anti_entropy_interval", "channel_gossip_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"mesh {name} must be positive")
+        for name in (
+            "gossip_delay",
+            "recalc_delay",
+            "gc_grace",
+            "surrogate_ttl",
+            "anti_entropy_quiet",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"mesh {name} must not be negative")
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DialRequested:
+    """The core requested a dial; answer with ``connection_added`` or ``dial_failed``."""
+
+    address: str
+
+
+@dataclass(frozen=True)
+class ConnectionRejected:
+    """The core dropped this connection (duplicate, to self, name collision): close it."""
+
+    conn_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TopologyChanged:
+    """Some record changed (coalesced: one event per batch of changes)."""
+
+
+@dataclass(frozen=True)
+class RoutesChanged:
+    """The connection graph changed; ``MeshCore.routes`` now answers with new routes."""
+
+
+@dataclass(frozen=True)
+class PeersRemoved:
+    """Records garbage-collected because the peers stayed unreachable."""
+
+    names: tuple[PeerName, ...]
+
+
+@dataclass(frozen=True)
+class PeerRestarted:
+    """A peer came back with a new incarnation uid."""
+
+    name: PeerName
+    old_uid: int
+    new_uid: int
+
+
+@dataclass(frozen=True)
+class ShortIdChanged:
+    """Our short id clashed with a lower-named peer's and was reassigned."""
+
+    short_id: int
+
+
+MeshEvent = (
+    DialRequested
+    | ConnectionRejected
+    | TopologyChanged
+    | RoutesChanged
+    | PeersRemoved
+    | PeerRestarted
+    | ShortIdChanged
+)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Verdict for a new connection: accept (maybe replacing another) or reject with a reason."""
+
+    accept: bool
+    replaces: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class MeshStats:
+    """Counters (monotonic) for metrics and benchmarks."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    topology_bytes_sent: int = 0
+    records_sent: int = 0
+    records_received: int = 0
+    records_new: int = 0
+    unicast_dropped: int = 0
+    surrogate_relayed: int = 0
+    gc_removed: int = 0
+
+
+@dataclass
+class _Conn:
+    conn_id: int
+    remote: PeerIdentity
+    address: str
+    outbound: bool
+    conn_uid: int
+    added_at: float
+    established: bool = False
+    listen_address: str = ""  # host:default port (covers targets for an inbound connection)
+    queue: list[tuple[int, bytes]] = field(default_factory=list)  # encoded, in order
+    pending_names: set[PeerName] = field(default_factory=set)  # topology records to flush
+    pending_since: float | None = None
+    due: float | None = None  # when the queued names flush (pending_since set)
+    last_flush: float = -math.inf
+    pending_app: dict[tuple[int, str, PeerName], list[GossipData]] = field(default_factory=dict)
+    # What the remote is known to hold (it sent or we sent it): name -> (version, uid). Updates
+    # skip records the remote already has, which removes most duplicates in dense meshes.
+    known: dict[PeerName, tuple[int, int]] = field(default_factory=dict)
+
+    def note_known(self, name: PeerName, version: int, uid: int) -> None:
+        have = self.known.get(name)
+        if have is None or (version, uid) > have:
+            self.known[name] = (version, uid)
+
+    def has(self, rec: PeerRecord) -> bool:
+        have = self.known.get(rec.name)
+        return have is not None and have >= (rec.version, rec.uid)
+
+    def flush_due(self, cfg: MeshConfig) -> float | None:
+        if self.pending_since is None:
+            return None
+        return max(self.pending_since + cfg.gossip_delay, self.last_flush + cfg.gossip_interval)
+
+
+class _RoutesProxy:
+    """A stable RoutesView: always answers from the core's current routes."""
+
+    def __init__(self, core: MeshCore, data: bool) -> None:
+        self._core = core
+        self._data = data
+
+    def unicast_next_hop(self, dst: PeerName) -> PeerName | None:
+        return self._core._routes(self._data).unicast_next_hop(dst)
+
+    def broadcast_next_hops(self, src: PeerName) -> list[PeerName]:
+        return self._core._routes(self._data).broadcast_next_hops(src)
+
+    def unicast_table(self) -> dict[PeerName, PeerName]:
+        return self._core._routes(self._data).unicast_table()
+
+
+class _Sender:
+    """The GossipSender handed to an application channel."""
+
+    def __init__(self, core: MeshCore, channel: str) -> None:
+        self._core = core
+        self._channel = channel
+
+    def gossip(self, data: GossipData) -> None:
+        self._core._app_gossip(self._channel, data, exclude=None)
+
+    def broadcast(self, data: GossipData) -> None:
+        self._core._app_broadcast(self._channel, self._core.name, data)
+
+    def unicast(self, dst: PeerName, payload: bytes) -> None:
+        self._core._app_unicast(self._channel, dst, payload)
+
+
+class MeshCore:
+    """The mesh of one peer. Not thread-safe; all calls from one loop/thread."""
+
+    def __init__(
+        self,
+        identity: PeerIdentity,
+        config: MeshConfig | None = None,
+        rng: random.Random | None = None,
+        now: float = 0.0,
+    ) -> None:
+        self.identity = identity
+        self.name = identity.name
+        self.config = config or MeshConfig()
+        self._rng = rng or random.Random()
+        self._topology = Topology(identity, self._rng)
+        self._conns: dict[int, _Conn] = {}
+        self._by_name: dict[PeerName, int] = {}
+        self._events: deque[MeshEvent] = deque()
+        self._topology_event_queued = False
+        self._routes_event_queued = False
+        self._channels: dict[str, GossipHandler] = {}
+        self._cm = ConnectionMaker(self.config.backoff, self._rng, self.config.port)
+        self._route_cache: dict[bool, Routes] = {}
+        self._recalc_at: float | None = None
+        self._graph_changed = False
+        self._gc_wanted = False
+        self._unreachable_since: dict[PeerName, float] = {}
+        self._gc_at: float | None = None
+        self._discovery_dirty: set[PeerName] = set()
+        self._addresses_by_peer: dict[PeerName, dict[str, int]] = {}
+        self._next_anti_entropy = now + self._jitter(self.config.anti_entropy_interval)
+        self._next_channel_gossip = now + self._jitter(self.config.channel_gossip_interval)
+        self._surrogate_seen: dict[bytes, float] = {}
+        self._out_conns: set[int] = set()  # connections with something to send
+        self._flush_heap: list[tuple[float, int]] = []  # (due, conn id); stale entries skipped
+        self._last_change = -math.inf
+        # announced records we asked for: name -> ((version, uid), ask again after)
+        self._requested: dict[PeerName, tuple[tuple[int, int], float]] = {}
+        self.stats = MeshStats()
+        self.routes = _RoutesProxy(self, data=True)
+        self.routes_all = _RoutesProxy(self, data=False)
+
+    # ==== public API ============================================================================
+
+    @property
+    def topology(self) -> Topology:
+        """Read-only use, please: the records this peer knows."""
+        return self._topology
+
+    @property
+    def short_id(self) -> int:
+        return self._topology.short_id
+
+    def admission(self, remote: PeerIdentity, conn_uid: int) -> Admission:
+        """Would a new connection to ``remote`` be kept? (Weave's rules; pure query.)
+
+        Connection to self (our name and uid) and a name collision (our name, another uid) are
+        refused. A second connection to a connected peer: the lower ``conn_uid`` (local conn id
+        xor remote conn id, the same on both ends) wins; a connection to a newer incarnation
+        (different uid) always replaces the old one.
+        """
+        if remote.name == self.name:
+            if remote.uid == self.identity.uid:
+                return Admission(False, reason="connection to self")
+            return Admission(
+                False, reason=f"peer name collision: another peer is also called {self.name}"
+            )
+        old_id = self._by_name.get(remote.name)
+        if old_id is None:
+            return Admission(True)
+        old = self._conns[old_id]
+        if old.remote.uid != remote.uid or conn_uid < old.conn_uid:
+            return Admission(True, replaces=old_id)
+        return Admission(False, reason=f"duplicate connection to {remote.name}")
+
+    def connection_added(
+        self,
+        conn_id: int,
+        remote: PeerIdentity,
+        address: str,
+        outbound: bool,
+        now: float,
+        conn_uid: int | None = None,
+    ) -> bool:
+        """A control connection finished its handshake. Returns False if it was rejected
+        (a ``ConnectionRejected`` event is queued for it, and for a connection it replaced).
+
+        ``address``: for outbound connections the address we dialed (the target's), for inbound
+        ones the remote's ``host:port`` as seen. ``conn_uid`` defaults to ``conn_id``.
+        """
+        if conn_id in self._conns:
+            raise LocalError(f"connection {conn_id} added twice")
+        uid = conn_id if conn_uid is None else conn_uid
+        verdict = self.admission(remote, uid)
+        if not verdict.accept:
+            if outbound:
+                if verdict.reason == "connection to self":
+                    self._cm.dialed_self(address)
+                else:
+                    self._cm.dial_failed(address, now, verdict.reason)
+            self._events.append(ConnectionRejected(conn_id, verdict.reason))
+            self._after_change(now)
+            return False
+        if verdict.replaces is not None:
+            self._drop_connection(verdict.replaces, now, "replaced by a newer connection")
+            self._events.append(
+                ConnectionRejected(verdict.replaces, "replaced by a newer connection")
+            )
+        # Decide the opening digest before our record changes: a peer we did not know (a
+        # joiner, the other side of a healed partition) or an empty view needs the whole
+        # vector; otherwise both sides are already gossiping and a hash suffices.
+        full_sync = remote.name not in self._topology or len(self._topology) == 1
+        conn = _Conn(conn_id, remote, address, outbound, uid, now)
+        conn.listen_address = f"{_bracket(host_of(address))}:{self.config.port}"
+        self._conns[conn_id] = conn
+        self._by_name[remote.name] = conn_id
+        if outbound:
+            self._cm.connection_succeeded(address, remote.name, now)
+        self._sync_connected()
+        self._discovery_dirty.add(remote.name)
+        self._local_changed(now)
+        if outbound:
+            # The dialer opens the topology exchange.
+            if full_sync:
+                self._send_topology(conn, encode_digest_vector(self._topology.digest()))
+            else:
+                self._send_digest_hash(conn)
+        for name, handler in self._channels.items():
+            self._pend_app(conn, TAG_GOSSIP, name, self.name, handler.snapshot())
+        self._after_change(now)
+        return True
+
+    def connection_established(self, conn_id: int, now: float) -> None:
+        """The overlay proved this connection's data path (idempotent)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.established:
+            return
+        conn.established = True
+        self._local_changed(now)
+        self._after_change(now)
+
+    def connection_removed(self, conn_id: int, now: float, reason: str) -> None:
+        """The control connection is gone (idempotent; unknown ids are ignored)."""
+        if conn_id not in self._conns:
+            return
+        self._drop_connection(conn_id, now, reason)
+        self._after_change(now)
+
+    def receive(self, conn_id: int, tag: int, payload: bytes, now: float) -> None:
+        """A message with tag 4, 5 or 6 arrived. Raises RemoteProtocolError on bad input
+        (the router closes that connection with ``str(err)``)."""
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return  # a connection we already dropped; the router is closing it
+        self.stats.messages_received += 1
+        self.stats.bytes_received += len(payload)
+        env = decode_envelope(tag, payload)
+        if tag == TAG_GOSSIP:
+            if env.channel == CHANNEL_TOPOLOGY:
+                self._on_topology(conn, env.body, now)
+            else:
+                self._on_app_gossip(conn, env.channel, env.body, now)
+        elif tag == TAG_UNICAST:
+            assert env.dst is not None
+            self._on_unicast(env.channel, env.src, env.dst, env.body, payload)
+        else:
+            self._on_broadcast(conn, env.channel, env.src, env.body, payload)
+        self._after_change(now)
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now`` (once ``get_timer()`` has passed; extra calls are ok)."""
+        cfg = self.config
+        if self._recalc_at is not None and now >= self._recalc_at:
+            self._recalc_at = None
+            self._recalculate(now)
+        if self._gc_at is not None and now >= self._gc_at:
+            self._gc_at = None
+            self._collect_garbage(now)
+        if now >= self._next_anti_entropy:
+            self._next_anti_entropy = now + self._jitter(cfg.anti_entropy_interval)
+            self._anti_entropy()
+        if now >= self._next_channel_gossip:
+            self._next_channel_gossip = now + self._jitter(cfg.channel_gossip_interval)
+            for name, handler in self._channels.items():
+                self._app_gossip(name, handler.snapshot(), exclude=None)
+        heap = self._flush_heap
+        while heap and heap[0][0] <= now:
+            due, conn_id = heapq.heappop(heap)
+            conn = self._conns.get(conn_id)
+            if conn is not None and conn.due == due:
+                self._flush_topology(conn, now)
+        if self._surrogate_seen and len(self._surrogate_seen) > 1024:
+            self._surrogate_seen = {h: t for h, t in self._surrogate_seen.items() if t > now}
+        self._poll_dials(now)
+
+    def get_timer(self) -> float | None:
+        """The earliest time ``handle_timer`` has work to do."""
+        times = [self._next_anti_entropy]
+        if self._channels:
+            times.append(self._next_channel_gossip)
+        if self._recalc_at is not None:
+            times.append(self._recalc_at)
+        if self._gc_at is not None:
+            times.append(self._gc_at)
+        cm = self._cm.next_deadline()
+        if cm is not None:
+            times.append(cm)
+        heap = self._flush_heap
+        while heap:
+            due, conn_id = heap[0]
+            conn = self._conns.get(conn_id)
+            if conn is not None and conn.due == due:
+                times.append(due)
+                break
+            heapq.heappop(heap)  # stale entry
+        return min(times)
+
+    def messages_to_send(self, blocked: Container[int] = ()) -> list[tuple[int, int, bytes]]:
+        """Drain outgoing ``(conn_id, tag, payload)``. Connections in ``blocked`` (the router's
+        writer is backed up) keep their data pending, merged, for a later call."""
+        out: list[tuple[int, int, bytes]] = []
+        if not self._out_conns:
+            return out
+        kept: set[int] = set()
+        for conn_id in sorted(self._out_conns):
+            conn = self._conns.get(conn_id)
+            if conn is None:
+                continue
+            if conn_id in blocked:
+                kept.add(conn_id)
+                continue
+            if conn.pending_app:
+                self._encode_app(conn)
+            if conn.queue:
+                for tag, payload in conn.queue:
+                    out.append((conn.conn_id, tag, payload))
+                    self.stats.messages_sent += 1
+                    self.stats.bytes_sent += len(payload)
+                conn.queue = []
+        self._out_conns = kept
+        return out
+
+    def next_event(self) -> MeshEvent | None:
+        if not self._events:
+            return None
+        ev = self._events.popleft()
+        if isinstance(ev, TopologyChanged):
+            self._topology_event_queued = False
+        elif isinstance(ev, RoutesChanged):
+            self._routes_event_queued = False
+        return ev
+
+    def register_channel(self, name: str, handler: GossipHandler) -> _Sender:
+        """Attach an application channel (e.g. "ipam"); returns its GossipSender."""
+        if name == CHANNEL_TOPOLOGY or not name or len(name) > 64:
+            raise LocalError(f"invalid gossip channel name {name!r}")
+        if name in self._channels:
+            raise LocalError(f"gossip channel {name!r} registered twice")
+        self._channels[name] = handler
+        return _Sender(self, name)
+
+    def add_targets(self, addresses: Iterable[str], now: float, replace: bool = False) -> None:
+        """Direct targets (launch arguments, ``connect``); ``replace`` swaps the whole set."""
+        self._cm.add_direct(addresses, now, replace)
+        self._cm.set_connected(self._connected_addresses(), self._by_name)
+        self._poll_dials(now)
+
+    def forget_targets(self, addresses: Iterable[str], now: float) -> None:
+        self._cm.forget(addresses)
+        self._poll_dials(now)
+
+    def direct_targets(self) -> list[str]:
+        """The direct targets (to persist across restarts)."""
+        return self._cm.direct_targets()
+
+    def dial_failed(self, address: str, now: float, reason: str) -> None:
+        """A dial from ``DialRequested`` failed (refused, timeout, handshake error...)."""
+        self._cm.dial_failed(address, now, reason)
+        self._poll_dials(now)
+
+    def connected_peers(self) -> dict[PeerName, int]:
+        """Peer name -> conn id of our current connections."""
+        return dict(self._by_name)
+
+    def status(self) -> dict[str, Any]:
+        """Mesh part of ``/status``: our record fields, peers[], connections[], targets[]."""
+        me = self._topology.ourself
+        recs = self._topology.records
+        return {
+            "name": str(self.name),
+            "nickname": me.nickname,
+            "uid": me.uid,
+            "version": me.version,
+            "short_id": me.short_id,
+            "peers": [recs[n].to_status() for n in sorted(recs)],
+            "connections": [
+                {
+                    "conn_id": c.conn_id,
+                    "peer": str(c.remote.name),
+                    "nickname": c.remote.nickname,
+                    "address": c.address,
+                    "outbound": c.outbound,
+                    "state": "established" if c.established else "pending",
+                }
+                for c in sorted(self._conns.values(), key=lambda c: c.remote.name)
+            ],
+            "targets": self._cm.status(),
+            "routes": {
+                str(dst): str(hop) for dst, hop in sorted(self.routes.unicast_table().items())
+            },
+        }
+
+    # ==== internals: connections ===============================================================
+
+    def _jitter(self, interval: float) -> float:
+        return interval * (0.5 + self._rng.random())
+
+    def _drop_connection(self, conn_id: int, now: float, reason: str) -> None:
+        conn = self._conns.pop(conn_id)
+        self._out_conns.discard(conn_id)
+        if self._by_name.get(conn.remote.name) == conn_id:
+            del self._by_name[conn.remote.name]
+        if conn.outbound:
+            self._cm.connection_lost(conn.address, now, reason)
+        self._sync_connected()
+        self._discovery_dirty.add(conn.remote.name)
+        self._gc_wanted = True
+        self._local_changed(now)
+
+    def _connected_addresses(self) -> set[str]:
+        out = set()
+        for c in self._conns.values():
+            out.add(c.address)
+            out.add(c.listen_address)
+        return out
+
+    def _sync_connected(self) -> None:
+        self._cm.set_connected(self._connected_addresses(), self._by_name)
+
+    def _local_changed(self, now: float) -> None:
+        conns = [
+            ConnectionSummary(c.remote.name, c.address, c.outbound, c.established)
+            for c in self._conns.values()
+        ]
+        old = self._topology.ourself
+        if self._topology.set_local_connections(conns):
+            new = self._topology.ourself
+            self._index_addresses(old, new)
+            self._topology_changed(now)
+            self._queue_names([self.name], exclude=None, now=now)
+
+    def _poll_dials(self, now: float) -> None:
+        for address in self._cm.poll(now):
+            self._events.append(DialRequested(address))
+
+    # ==== internals: topology gossip ===========================================================
+
+    def _fanout(self) -> int:
+        if self.config.fanout is not None:
+            return self.config.fanout
+        n = max(2, len(self._topology))
+        return max(2, math.ceil(2 * math.log2(n)))
+
+    def _random_conns(self, exclude: int | None) -> list[_Conn]:
+        cands = [c for c in self._conns.values() if c.conn_id != exclude]
+        k = self._fanout()
+        if len(cands) <= k:
+            return cands
+        return self._rng.sample(cands, k)
+
+    def _queue_names(
+        self,
+        names: Iterable[PeerName],
+        exclude: int | None,
+        now: float,
+        also: _Conn | None = None,
+    ) -> None:
+        names = list(names)
+        if not names:
+            return
+        targets = self._random_conns(exclude)
+        if also is not None and also not in targets:
+            targets.append(also)
+        for conn in targets:
+            conn.pending_names.update(names)
+            if conn.pending_since is None:
+                conn.pending_since = now
+                due = conn.flush_due(self.config)
+                assert due is not None
+                conn.due = due
+                heapq.heappush(self._flush_heap, (due, conn.conn_id))
+
+    def _flush_topology(self, conn: _Conn, now: float) -> None:
+        names = conn.pending_names
+        conn.pending_names = set()
+        conn.pending_since = None
+        conn.due = None
+        conn.last_flush = now
+        records = [r for n in names if (r := self._topology.get(n)) is not None]
+        self._offer_records(conn, records)
+
+    def _offer_records(self, conn: _Conn, records: list[PeerRecord]) -> None:
+        """Gossip: push small records, announce large ones (the remote asks for those)."""
+        limit = self.config.eager_record_bytes
+        push: list[PeerRecord] = []
+        announce: dict[PeerName, tuple[int, int]] = {}
+        for rec in records:
+            if conn.has(rec):
+                continue
+            if len(rec.blob) <= limit:
+                push.append(rec)
+            else:
+                announce[rec.name] = (rec.uid, rec.version)
+        if push:
+            self._send_records(conn, push)
+        if announce:
+            self._send_topology(conn, encode_announce(announce))
+
+    def _send_records(self, conn: _Conn, records: list[PeerRecord]) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        sent = 0
+        for rec in records:
+            if conn.has(rec):
+                continue
+            conn.note_known(rec.name, rec.version, rec.uid)
+            sent += 1
+            chunk.append(rec.blob)
+            size += len(rec.blob)
+            if size >= _UPDATE_CHUNK:
+                self._send_topology(conn, encode_update(chunk))
+                chunk, size = [], 0
+        if chunk:
+            self._send_topology(conn, encode_update(chunk))
+        self.stats.records_sent += sent
+
+    def _send_topology(self, conn: _Conn, body: bytes) -> None:
+        payload = encode_gossip(CHANNEL_TOPOLOGY, self.name, body)
+        self.stats.topology_bytes_sent += len(payload)
+        self._enqueue(conn, TAG_GOSSIP, payload)
+
+    def _anti_entropy(self) -> None:
+        if not self._conns:
+            return
+        self._send_digest_hash(self._rng.choice(list(self._conns.values())))
+
+    def _send_digest_hash(self, conn: _Conn) -> None:
+        self._send_topology(
+            conn, encode_digest_hash(self._topology.digest_hash(), len(self._topology))
+        )
+
+    def _on_topology(self, conn: _Conn, body: bytes, now: float) -> None:
+        msg = decode_topology(body)
+        if isinstance(msg, TopologyUpdate):
+            records = [decode_record(b) for b in msg.blobs]
+            self.stats.records_received += len(records)
+            for r in records:
+                conn.note_known(r.name, r.version, r.uid)
+            self._merge(records, conn, now)
+        elif isinstance(msg, DigestHash):
+            # While changes are flowing, gossip is doing the work and vectors would only ship
+            # records that are about to arrive anyway: repair once things are quiet.
+            quiet = now - self._last_change >= self.config.anti_entropy_quiet
+            if quiet and msg.hash != self._topology.digest_hash():
+                self._send_topology(conn, encode_digest_vector(self._topology.digest()))
+        elif isinstance(msg, DigestVector):
+            for name, (uid, version) in msg.vector.items():
+                conn.note_known(name, version, uid)
+            newer = self._topology.newer_than(msg.vector)
+            if newer:
+                self._send_records(conn, newer)
+            wanted = self._topology.wanted_from(msg.vector)
+            if wanted:
+                self._send_topology(conn, encode_request(wanted))
+        elif isinstance(msg, Announcement):
+            for name, (uid, version) in msg.vector.items():
+                conn.note_known(name, version, uid)
+            wanted = []
+            timeout = self.config.request_timeout
+            for name in self._topology.wanted_from(msg.vector):
+                uid, version = msg.vector[name]
+                asked = self._requested.get(name)
+                if asked is not None and asked[0] >= (version, uid) and asked[1] > now:
+                    continue  # already asked someone for this version
+                self._requested[name] = ((version, uid), now + timeout)
+                wanted.append(name)
+            if wanted:
+                self._send_topology(conn, encode_request(wanted))
+            if len(self._requested) > 4 * len(self._topology) + 64:
+                self._requested = {n: a for n, a in self._requested.items() if a[1] > now}
+        else:
+            assert isinstance(msg, RecordRequest)
+            recs = [x for n in msg.names if (x := self._topology.get(n)) is not None]
+            if recs:
+                self._send_records(conn, recs)
+
+    def _merge(self, records: list[PeerRecord], source: _Conn, now: float) -> None:
+        result = self._topology.merge(records)
+        if not result.changed:
+            return
+        self.stats.records_new += len(result.new)
+        for old, new in result.replaced:
+            self._index_addresses(old, new)
+            self._unreachable_since.pop(new.name, None)
+        if result.added or result.connections_removed or result.restarted:
+            self._gc_wanted = True
+        for name, old_uid, new_uid in result.restarted:
+            self._events.append(PeerRestarted(name, old_uid, new_uid))
+            self._cm.peer_alive(name, now)
+        for name in result.added:
+            self._cm.peer_alive(name, now)
+        if result.short_id_changed:
+            self._events.append(ShortIdChanged(self._topology.short_id))
+        relay = [r.name for r in result.new if r.name != self.name]
+        self._queue_names(relay, exclude=source.conn_id, now=now)
+        if result.self_bumped:
+            # our corrected record must reach the peer that had the stale one, and beyond
+            self._queue_names([self.name], exclude=None, now=now, also=source)
+        self._topology_changed(now)
+
+    def _topology_changed(self, now: float) -> None:
+        self._last_change = now
+        self._graph_changed = True
+        self._route_cache.clear()
+        if not self._topology_event_queued:
+            self._topology_event_queued = True
+            self._events.append(TopologyChanged())
+        if self._recalc_at is None:
+            self._recalc_at = now + self.config.recalc_delay
+
+    def _recalculate(self, now: float) -> None:
+        if self._graph_changed:
+            self._graph_changed = False
+            if not self._routes_event_queued:
+                self._routes_event_queued = True
+                self._events.append(RoutesChanged())
+        if self._gc_wanted:
+            self._gc_wanted = False
+            self._collect_garbage(now)
+        self._refresh_discovery(now)
+
+    def _collect_garbage(self, now: float) -> None:
+        reachable = self._topology.reachable()
+        grace = self.config.gc_grace
+        due: list[PeerName] = []
+        later: float | None = None
+        for name in self._topology.records:
+            if name in reachable:
+                continue
+            since = self._unreachable_since.setdefault(name, now)
+            if now - since >= grace:
+                due.append(name)
+            else:
+                later = since + grace if later is None else min(later, since + grace)
+        for name in list(self._unreachable_since):
+            if name in reachable:
+                del self._unreachable_since[name]
+        if due:
+            for name in due:
+                rec = self._topology.get(name)
+                if rec is not None:
+                    self._index_addresses(rec, None)
+                self._unreachable_since.pop(name, None)
+            gone = self._topology.remove(due)
+            self.stats.gc_removed += len(gone)
+            self._events.append(PeersRemoved(tuple(sorted(gone))))
+            self._topology_changed(now)
+        if later is not None:
+            self._gc_at = later if self._gc_at is None else min(self._gc_at, later)
+
+    # ==== internals: discovery ==================================================================
+
+    def _index_addresses(self, old: PeerRecord | None, new: PeerRecord | None) -> None:
+        """Keep ``peer -> {address: refcount}`` from everybody's connection summaries."""
+        if not self.config.discovery:
+            return
+        port = self.config.port
+        rec = new if new is not None else old
+        if rec is None or rec.name == self.name:
+            return
+        old_set = set(old.connections) if old is not None else set()
+        new_set = set(new.connections) if new is not None else set()
+        for conns, delta in ((old_set - new_set, -1), (new_set - old_set, 1)):
+            for c in conns:
+                if c.name == self.name:
+                    continue
+                addrs = _discovery_addresses(c.address, c.outbound, port)
+                book = self._addresses_by_peer.setdefault(c.name, {})
+                for a in addrs:
+                    n = book.get(a, 0) + delta
+                    if n > 0:
+                        book[a] = n
+                    else:
+                        book.pop(a, None)
+                if not book:
+                    del self._addresses_by_peer[c.name]
+                self._discovery_dirty.add(c.name)
+
+    def _refresh_discovery(self, now: float) -> None:
+        if not self.config.discovery:
+            self._discovery_dirty.clear()
+            return
+        for name in self._discovery_dirty:
+            if name == self.name or name in self._by_name:
+                self._cm.set_discovered(name, (), now)
+            else:
+                self._cm.set_discovered(name, self._addresses_by_peer.get(name, {}), now)
+        self._discovery_dirty.clear()
+        self._poll_dials(now)
+
+    # ==== internals: routes =====================================================================
+
+    def _routes(self, data: bool) -> Routes:
+        r = self._route_cache.get(data)
+        if r is None:
+            r = self._route_cache[data] = Routes(self.name, self._topology.records, data=data)
+        return r
+
+    # ==== internals: application channels ======================================================
+
+    def _pend_app(self, conn: _Conn, tag: int, channel: str, src: PeerName, d: GossipData) -> None:
+        conn.pending_app.setdefault((tag, channel, src), []).append(d)
+        self._out_conns.add(conn.conn_id)
+
+    def _enqueue(self, conn: _Conn, tag: int, payload: bytes) -> None:
+        conn.queue.append((tag, payload))
+        self._out_conns.add(conn.conn_id)
+
+    def _encode_app(self, conn: _Conn) -> None:
+        for (tag, channel, src), items in conn.pending_app.items():
+            data = items[0]
+            for more in items[1:]:
+                data = data.merge(more)
+            for part in data.encode():
+                if tag == TAG_GOSSIP:
+                    conn.queue.append((tag, encode_gossip(channel, src, part)))
+                else:
+                    conn.queue.append((tag, encode_broadcast(channel, src, part)))
+        conn.pending_app = {}
+
+    def _app_gossip(self, channel: str, data: GossipData, exclude: int | None) -> None:
+        for conn in self._random_conns(exclude):
+            self._pend_app(conn, TAG_GOSSIP, channel, self.name, data)
+
+    def _app_broadcast(self, channel: str, src: PeerName, data: GossipData) -> None:
+        for hop in self._routes(False).broadcast_next_hops(src):
+            conn_id = self._by_name.get(hop)
+            if conn_id is not None:
+                self._pend_app(self._conns[conn_id], TAG_BROADCAST, channel, src, data)
+
+    def _app_unicast(self, channel: str, dst: PeerName, payload: bytes) -> None:
+        self._forward_unicast(dst, encode_unicast(channel, self.name, dst, payload))
+
+    def _forward_unicast(self, dst: PeerName, message: bytes) -> None:
+        hop = self._routes(False).unicast_next_hop(dst)
+        conn_id = self._by_name.get(hop) if hop is not None else None
+        if conn_id is None:
+            self.stats.unicast_dropped += 1
+            return
+        self._enqueue(self._conns[conn_id], TAG_UNICAST, message)
+
+    def _on_unicast(
+        self, channel: str, src: PeerName, dst: PeerName, body: bytes, raw: bytes
+    ) -> None:
+        if dst != self.name:
+            self._forward_unicast(dst, raw)
+            return
+        handler = self._channels.get(channel)
+        if handler is not None:
+            handler.on_unicast(src, body)
+
+    def _on_broadcast(
+        self, conn: _Conn, channel: str, src: PeerName, body: bytes, raw: bytes
+    ) -> None:
+        if src == self.name:
+            return
+        handler = self._channels.get(channel)
+        if handler is not None:
+            data = handler.on_broadcast(src, body)
+            if data is not None:
+                self._app_broadcast(channel, src, data)
+            return
+        # surrogate: relay the broadcast unchanged along the tree
+        self.stats.surrogate_relayed += 1
+        for hop in self._routes(False).broadcast_next_hops(src):
+            conn_id = self._by_name.get(hop)
+            if conn_id is not None and conn_id != conn.conn_id:
+                self._enqueue(self._conns[conn_id], TAG_BROADCAST, raw)
+
+    def _on_app_gossip(self, conn: _Conn, channel: str, body: bytes, now: float) -> None:
+        handler = self._channels.get(channel)
+        if handler is not None:
+            delta = handler.on_gossip(body)
+            if delta is not None:
+                self._app_gossip(channel, delta, exclude=conn.conn_id)
+            return
+        # surrogate: relay unknown-channel gossip once per ttl
+        key = hashlib.blake2b(channel.encode() + b"\0" + body, digest_size=16).digest()
+        seen = self._surrogate_seen.get(key)
+        if seen is not None and seen > now:
+            return
+        self._surrogate_seen[key] = now + self.config.surrogate_ttl
+        self.stats.surrogate_relayed += 1
+        raw = encode_gossip(channel, self.name, body)
+        for c in self._random_conns(conn.conn_id):
+            self._enqueue(c, TAG_GOSSIP, raw)
+
+    def _after_change(self, now: float) -> None:
+        self._poll_dials(now)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _discovery_addresses(address: str, outbound: bool, port: int) -> tuple[str, ...]:
+    """Where to dial a peer seen at ``address``: the address itself when it was dialed
+    (outbound: it is the peer's listening address), and always its host on the default port
+    (an inbound connection shows an ephemeral port)."""
+    default = f"{_bracket(host_of(address))}:{port}"
+    return (default, address) if outbound and address != default else (default,)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

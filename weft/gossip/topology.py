@@ -1,0 +1,442 @@
+"""Topology records, their merge, garbage collection and anti-entropy digests (no I/O).
+
+A *record* describes one peer incarnation as that peer last announced it: name, nickname, uid,
+version, short id and its connections ``(name, address, outbound, established)``. Every peer
+owns exactly one record (its own) and only it bumps the version; everybody else just keeps the
+best copy they have heard of.
+
+Merge rule (a join-semilattice, so gossip converges whatever the order or duplication):
+the record with the higher ``version`` wins, then the higher ``uid``; a tie on both (only a
+misbehaving peer produces it) is broken by the encoded bytes so the merge stays commutative.
+
+A record about *ourselves* that is not exactly ours (an older incarnation's, or a forged one)
+makes us bump our version above it, so our real record wins everywhere - this is how a restarted
+peer (new uid, version starting at 1) replaces its old record.
+
+Records are encoded once into a compact msgpack *blob* and carried as such; decoded records are
+interned by blob (a record is immutable), which keeps a simulation of many peers in one process
+small and makes relaying a record free of re-encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from weft.errors import RemoteProtocolError
+from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
+
+__all__ = [
+    "MAX_ADDRESS_LEN",
+    "MAX_CONNECTIONS",
+    "MAX_NICKNAME_LEN",
+    "ConnectionSummary",
+    "MergeResult",
+    "PeerRecord",
+    "Topology",
+    "decode_record",
+    "make_record",
+    "merge_records",
+    "record_wins",
+]
+
+MAX_NICKNAME_LEN = 255
+MAX_ADDRESS_LEN = 300
+MAX_CONNECTIONS = 10_000  # per record; Weave's connection limit is 200 by default
+_MAX_RECORD_BYTES = MAX_CONNECTIONS * (MAX_ADDRESS_LEN + 32) + 1024
+_UINT64 = 1 << 64
+_SHORT_IDS = 1 << SHORT_ID_BITS
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSummary:
+    """One connection as its owner announces it."""
+
+    name: PeerName  # the remote peer
+    address: str  # "host:port" as the owner sees the remote (outbound: what it dialed)
+    outbound: bool
+    established: bool
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class PeerRecord:
+    """One peer's announced state. Build with :func:`make_record`; ``blob`` is its encoding."""
+
+    name: PeerName
+    nickname: str
+    uid: int
+    version: int
+    short_id: int
+    connections: tuple[ConnectionSummary, ...]
+    blob: bytes = field(repr=False, compare=False)
+    conn_names: frozenset[PeerName] = field(repr=False, compare=False)
+
+    @property
+    def key(self) -> tuple[int, int, bytes]:
+        """Merge order: version, then uid, then the encoding (ties only from a bad peer)."""
+        return (self.version, self.uid, self.blob)
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "name": str(self.name),
+            "nickname": self.nickname,
+            "uid": self.uid,
+            "version": self.version,
+            "short_id": self.short_id,
+            "connections": [
+                {
+                    "name": str(c.name),
+                    "address": c.address,
+                    "outbound": c.outbound,
+                    "established": c.established,
+                }
+                for c in self.connections
+            ],
+        }
+
+
+# Interned decoded records, keyed by their blob (content-identical => same immutable object).
+_INTERN: weakref.WeakValueDictionary[bytes, PeerRecord] = weakref.WeakValueDictionary()
+
+
+def make_record(
+    name: PeerName,
+    nickname: str,
+    uid: int,
+    version: int,
+    short_id: int,
+    connections: Iterable[ConnectionSummary],
+) -> PeerRecord:
+    """Build (and encode) a record; connections are sorted by remote name for a canonical blob."""
+    conns = tuple(sorted(connections, key=lambda c: (c.name, c.address)))
+    blob = msgpack.packb(
+        [
+            int(name),
+            nickname,
+            uid,
+            version,
+            short_id,
+            [[int(c.name), c.address, c.outbound, c.established] for c in conns],
+        ],
+        use_bin_type=True,
+    )
+    return PeerRecord(
+        name=name,
+        nickname=nickname,
+        uid=uid,
+        version=version,
+        short_id=short_id,
+        connections=conns,
+        blob=blob,
+        conn_names=frozenset(c.name for c in conns),
+    )
+
+
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed peer record: {what}")
+
+
+def _int(value: object, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value < high:
+        raise _bad(f"{what} must be an integer in [{low}, {high})")
+    return value
+
+
+def _str(value: object, what: str, limit: int) -> str:
+    if type(value) is not str or len(value) > limit:
+        raise _bad(f"{what} must be a string of at most {limit} characters")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise _bad(f"{what} must be a boolean")
+    return value
+
+
+def decode_record(blob: bytes) -> PeerRecord:
+    """Decode one record blob; anything malformed raises :class:`RemoteProtocolError` only."""
+    if type(blob) is not bytes:
+        raise _bad("record is not a byte string")
+    cached = _INTERN.get(blob)
+    if cached is not None:
+        return cached
+    if len(blob) > _MAX_RECORD_BYTES:
+        raise _bad(f"record of {len(blob)} bytes is too large")
+    try:
+        obj = msgpack.unpackb(
+            blob,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=MAX_ADDRESS_LEN,
+            max_bin_len=0,
+            max_array_len=MAX_CONNECTIONS,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as err:  # msgpack raises several unrelated types on bad input
+        raise _bad(f"undecodable ({type(err).__name__})") from None
+    if type(obj) is not list or len(obj) != 6:
+        raise _bad("expected a 6-element array")
+    name = PeerName(_int(obj[0], "name", 0, 1 << 48))
+    nickname = _str(obj[1], "nickname", MAX_NICKNAME_LEN)
+    uid = _int(obj[2], "uid", 1, _UINT64)
+    version = _int(obj[3], "version", 1, 1 << 63)
+    short_id = _int(obj[4], "short id", 0, _SHORT_IDS)
+    raw_conns = obj[5]
+    if type(raw_conns) is not list:
+        raise _bad("connections must be an array")
+    conns: list[ConnectionSummary] = []
+    seen: set[PeerName] = set()
+    for raw in raw_conns:
+        if type(raw) is not list or len(raw) != 4:
+            raise _bad("connection must be a 4-element array")
+        cname = PeerName(_int(raw[0], "connection name", 0, 1 << 48))
+        if cname == name:
+            raise _bad("peer lists a connection to itself")
+        if cname in seen:
+            raise _bad("peer lists the same connection twice")
+        seen.add(cname)
+        conns.append(
+            ConnectionSummary(
+                name=cname,
+                address=_str(raw[1], "connection address", MAX_ADDRESS_LEN),
+                outbound=_bool(raw[2], "outbound"),
+                established=_bool(raw[3], "established"),
+            )
+        )
+    record = PeerRecord(
+        name=name,
+        nickname=nickname,
+        uid=uid,
+        version=version,
+        short_id=short_id,
+        connections=tuple(conns),
+        blob=blob,
+        conn_names=frozenset(seen),
+    )
+    _INTERN[blob] = record
+    return record
+
+
+def record_wins(new: PeerRecord, old: PeerRecord | None) -> bool:
+    """True when ``new`` should replace ``old`` under the merge rule."""
+    return old is None or new.key > old.key
+
+
+def merge_records(
+    state: Mapping[PeerName, PeerRecord], incoming: Iterable[PeerRecord]
+) -> dict[PeerName, PeerRecord]:
+    """The pure merge (no self handling): per name, the winning record. Used by tests as the law."""
+    out = dict(state)
+    for rec in incoming:
+        if record_wins(rec, out.get(rec.name)):
+            out[rec.name] = rec
+    return out
+
+
+@dataclass
+class MergeResult:
+    """What one :meth:`Topology.merge` changed."""
+
+    new: list[PeerRecord] = field(default_factory=list)  # records to relay (incl. our bumped one)
+    added: list[PeerName] = field(default_factory=list)  # names we had no record for
+    restarted: list[tuple[PeerName, int, int]] = field(default_factory=list)  # (name, old, new uid)
+    replaced: list[tuple[PeerRecord | None, PeerRecord]] = field(default_factory=list)
+    connections_removed: bool = False  # a record lost a connection (GC may be due)
+    self_bumped: bool = False
+    short_id_changed: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.new)
+
+
+class Topology:
+    """The set of records one peer knows, with its own record kept authoritative.
+
+    Not thread-safe; owned by one :class:`~weft.gossip.mesh.MeshCore`.
+    """
+
+    def __init__(self, identity: PeerIdentity, rng: random.Random) -> None:
+        self._rng = rng
+        self.name = identity.name
+        self._nickname = identity.nickname
+        self._uid = identity.uid
+        self._short_id = identity.short_id % _SHORT_IDS
+        self._version = 1
+        self._conns: tuple[ConnectionSummary, ...] = ()
+        self._records: dict[PeerName, PeerRecord] = {}
+        self._hash: bytes | None = None
+        self._rebuild_self()
+
+    # --- our own record -------------------------------------------------------------------
+
+    @property
+    def ourself(self) -> PeerRecord:
+        return self._records[self.name]
+
+    @property
+    def short_id(self) -> int:
+        return self._short_id
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def _rebuild_self(self) -> PeerRecord:
+        rec = make_record(
+            self.name, self._nickname, self._uid, self._version, self._short_id, self._conns
+        )
+        self._records[self.name] = rec
+        self._hash = None
+        return rec
+
+    def set_local_connections(self, connections: Iterable[ConnectionSummary]) -> bool:
+        """Replace our connection list; bumps our version when it changed. True if changed."""
+        conns = tuple(sorted(connections, key=lambda c: (c.name, c.address)))
+        if conns == self._conns:
+            return False
+        self._conns = conns
+        self._version += 1
+        self._rebuild_self()
+        return True
+
+    def _resolve_short_id(self) -> bool:
+        """Weave's rule: on a short-id clash the lower name keeps it; the other picks anew."""
+        clash = any(
+            r.short_id == self._short_id and r.name < self.name
+            for r in self._records.values()
+            if r.name != self.name
+        )
+        if not clash:
+            return False
+        used = {r.short_id for r in self._records.values() if r.name != self.name}
+        free = [i for i in range(_SHORT_IDS) if i not in used]
+        if not free:
+            return False  # more than 4096 peers: collisions are unavoidable; keep ours
+        self._short_id = self._rng.choice(free)
+        self._version += 1
+        self._rebuild_self()
+        return True
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @property
+    def records(self) -> Mapping[PeerName, PeerRecord]:
+        return self._records
+
+    def get(self, name: PeerName) -> PeerRecord | None:
+        return self._records.get(name)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._records
+
+    # --- merging ----------------------------------------------------------------------------
+
+    def merge(self, incoming: Iterable[PeerRecord]) -> MergeResult:
+        """Merge records heard from a peer; returns what changed (``new`` = what to relay)."""
+        result = MergeResult()
+        bump_to = 0
+        for rec in incoming:
+            if rec.name == self.name:
+                mine = self._records[self.name]
+                if rec.uid == self._uid and rec.version <= self._version:
+                    continue  # our own, current or older
+                if rec.key != mine.key:
+                    bump_to = max(bump_to, rec.version)
+                continue
+            old = self._records.get(rec.name)
+            if not record_wins(rec, old):
+                continue
+            self._records[rec.name] = rec
+            result.new.append(rec)
+            result.replaced.append((old, rec))
+            if old is None:
+                result.added.append(rec.name)
+            else:
+                if old.uid != rec.uid:
+                    result.restarted.append((rec.name, old.uid, rec.uid))
+                if not old.conn_names <= rec.conn_names:
+                    result.connections_removed = True
+        if result.new or bump_to:
+            self._hash = None
+        if bump_to:
+            self._version = max(self._version, bump_to) + 1
+            result.self_bumped = True
+        if any(r.short_id == self._short_id for r in result.new) and self._resolve_short_id():
+            result.short_id_changed = True
+            result.self_bumped = True
+        elif result.self_bumped:
+            self._rebuild_self()
+        if result.self_bumped:
+            result.new.append(self._records[self.name])
+        return result
+
+    def remove(self, names: Iterable[PeerName]) -> list[PeerName]:
+        """Drop records (garbage collection); never our own. Returns the names removed."""
+        gone = [n for n in names if n != self.name and self._records.pop(n, None) is not None]
+        if gone:
+            self._hash = None
+        return gone
+
+    def reachable(self) -> set[PeerName]:
+        """Names reachable from us following every announced connection (GC's notion)."""
+        seen = {self.name}
+        stack = [self.name]
+        records = self._records
+        while stack:
+            rec = records.get(stack.pop())
+            if rec is None:
+                continue
+            for other in rec.conn_names:
+                if other not in seen and other in records:
+                    seen.add(other)
+                    stack.append(other)
+        return seen
+
+    # --- anti-entropy -----------------------------------------------------------------------
+
+    def digest(self) -> dict[PeerName, tuple[int, int]]:
+        """Version vector: name -> (uid, version)."""
+        return {n: (r.uid, r.version) for n, r in self._records.items()}
+
+    def digest_hash(self) -> bytes:
+        """A 16-byte hash of the version vector (equal hashes => nothing to exchange)."""
+        if self._hash is None:
+            h = hashlib.blake2b(digest_size=16)
+            pack = struct.Struct(">QQQ").pack
+            for n in sorted(self._records):
+                r = self._records[n]
+                h.update(pack(n, r.uid, r.version))
+            self._hash = h.digest()
+        return self._hash
+
+    def newer_than(self, vector: Mapping[PeerName, tuple[int, int]]) -> list[PeerRecord]:
+        """Our records the vector's owner lacks or holds an older version of."""
+        out = []
+        for n, r in self._records.items():
+            theirs = vector.get(n)
+            if theirs is None or (r.version, r.uid) > (theirs[1], theirs[0]):
+                out.append(r)
+        return out
+
+    def wanted_from(self, vector: Mapping[PeerName, tuple[int, int]]) -> list[PeerName]:
+        """Names for which the vector's owner holds something newer than we do."""
+        out = []
+        for n, (uid, version) in vector.items():
+            mine = self._records.get(n)
+            if mine is None or (version, uid) > (mine.version, mine.uid):
+                out.append(n)
+        return out
