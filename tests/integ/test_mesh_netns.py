@@ -6,7 +6,7 @@ encrypted; cutting one host's underlay link makes the others drop it and keep th
 restoring it heals; a router with a wrong password is refused and `weft status connections` on
 both sides names the password as the reason.
 
-The heartbeat is shortened (0.5 s, read timeout 2 s) so a cut link is noticed in bounded time.
+The heartbeat is shortened (0.5 s, read timeout 3 s) so a cut link is noticed in bounded time.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 N = 4  # the mesh; host N+1 is the intruder with a wrong password
-HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"]
+HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "3"]
 TIMEOUT = 60.0
 
 
@@ -176,3 +176,10 @@ def test_wrong_password_is_refused_and_named_on_both_sides(mesh: Mesh) -> None:
     assert name not in established(target)
     assert established(intruder) == {}
     assert full_mesh(mesh, mesh.hosts)  # the mesh is unaffected
+
+    # `weft stop` ends the intruder's router; after that its CLI gets a one-line error
+    weft(intruder, "stop")
+    proc = intruder.exec(sys.executable, "-m", "weft.router.cli", "status", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("weft status: cannot reach the weft router at 127.0.0.1:6784")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
