@@ -246,6 +246,8 @@ async def test_bad_message_closes_only_that_connection(
     await wait_until(lambda: str(raw.name) in {str(c["peer"]) for c in rows(a)}, "raw accepted")
     failed_before = a.counters["connection_failed"]
     label_before = a.counters[f"closed_{label}"]
+    closed: list[tuple[str, str]] = []
+    a.on_connection_closed(lambda lab, why: closed.append((lab, why)))
     attack(raw)
     assert await raw.closed_by_router()
     raw.close()
@@ -256,6 +258,7 @@ async def test_bad_message_closes_only_that_connection(
     assert len(failures) == 1 and reason in failures[0]["info"], failures
     assert a.counters[f"closed_{label}"] == label_before + 1
     assert a.status()["router"]["counters"][f"closed_{label}"] == label_before + 1
+    assert closed == [(label, failures[0]["info"])]
     # Only that connection went: the real one is the same object, still established.
     assert a.connection_to(b.identity.name) is good
     assert established_peers(a) == {str(b.identity.name)}

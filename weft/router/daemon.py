@@ -63,12 +63,15 @@ def compose(router: Router) -> None:
     if callable(overlay_routes):
         overlay_routes(router.app)  # the data plane's /expose, /attach, /detach, /ps
     try:
+        from weft.ui.metrics import Metrics
         from weft.ui.server import setup_routes
     except ImportError as err:
         log.info("UI and metrics not installed (%s)", err)
     else:
-        hub = setup_routes(router.app, router.status)
+        metrics = Metrics(get_status=router.status)
+        hub = setup_routes(router.app, router.status, metrics=metrics)
         router.on_status_changed(hub.notify)
+        router.on_connection_closed(lambda label, _reason: metrics.connection_terminated(label))
 
 
 async def serve(config: RouterConfig) -> int:

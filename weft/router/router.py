@@ -148,6 +148,7 @@ class Router:
         self._next_local_id = 1
         self._status_providers: dict[str, Callable[[], Any]] = {}
         self._status_callbacks: list[Callable[[], None]] = []
+        self._closed_callbacks: list[Callable[[str, str], None]] = []
         self._status_scheduled = False
         self._pumping = False
         self._pump_again = False
@@ -176,6 +177,11 @@ class Router:
     def on_status_changed(self, callback: Callable[[], None]) -> None:
         """``callback()`` runs (coalesced, on the loop) after anything in ``/status`` changed."""
         self._status_callbacks.append(callback)
+
+    def on_connection_closed(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(label, reason)`` after each control connection ends (e.g. for metrics);
+        ``label`` is the short counter label (see ``counters``), ``reason`` the logged text."""
+        self._closed_callbacks.append(callback)
 
     def status_changed(self) -> None:
         """Note that the status changed; callbacks run once on the next loop iteration."""
@@ -697,7 +703,13 @@ class Router:
 
     def connection_closed(self, conn: Connection, reason: str, record: bool) -> None:
         self._conns.pop(conn.local_id, None)
-        self.counters[f"closed_{conn.close_label or 'unknown'}"] += 1
+        label = conn.close_label or "unknown"
+        self.counters[f"closed_{label}"] += 1
+        for callback in list(self._closed_callbacks):
+            try:
+                callback(label, reason)
+            except Exception:
+                log.exception("connection-closed callback %r failed", callback)
         self._detach(conn, reason)
         hello = conn.remote_hello
         if conn.outbound and not conn.mesh_told and conn.target is not None:
