@@ -43,7 +43,10 @@ ROUTER_RESULT: dict[str, Any] = {
 
 
 class FakeRouter:
-    """Records every request; answers from ``answers`` (route -> answer or exception)."""
+    """Records every request; answers from ``answers`` (route -> answer or exception).
+
+    Like the real router it opens ``netnsRef`` while answering: the plugin must keep it valid.
+    """
 
     def __init__(self, answers: Mapping[str, Any] | None = None) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
@@ -51,6 +54,8 @@ class FakeRouter:
 
     def post(self, route: str, body: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         self.calls.append((route, dict(body)))
+        if "netnsRef" in body:
+            assert os.stat(body["netnsRef"]).st_ino == os.stat("/proc/self/ns/net").st_ino
         answer = self.answers.get(route, {})
         if isinstance(answer, BaseException):
             raise answer
@@ -566,3 +571,22 @@ def test_plugin_process_answers_version_quickly() -> None:
     took = time.perf_counter() - start
     assert json.loads(out.stdout)["cniVersion"] == "1.0.0"
     print(f"plugin VERSION round trip {took * 1000:.1f} ms", file=sys.stderr)
+
+
+def test_add_into_a_file_that_is_not_a_namespace_is_error_3(tmp_path: Path) -> None:
+    plain = tmp_path / "netns-mount-point"  # what a bind mount looks like from outside
+    plain.write_text("")
+    router = FakeRouter()
+    status, out = invoke("ADD", conf(), router, CNI_NETNS=str(plain))
+    assert status == 1 and out is not None and out["code"] == 3
+    assert "not a network namespace" in out["msg"]
+    assert router.calls == []
+
+
+def test_add_hands_the_router_a_path_it_can_open() -> None:
+    router = FakeRouter({"/cni/add": {"result": ROUTER_RESULT}})
+    status, _ = invoke("ADD", conf(), router)
+    assert status == 0
+    ref = router.calls[0][1]["netnsRef"]
+    assert ref.startswith(f"/proc/{os.getpid()}/fd/")
+    assert not os.path.exists(ref)  # closed once the router has answered

@@ -568,14 +568,47 @@ def _prev_result(conf: Mapping[str, Any], version: str) -> dict[str, Any] | None
     return to_current(prev, version)
 
 
+def netns_ref(netns: str) -> tuple[str, int]:
+    """A path to the container's namespace that the router can open, whatever its mounts.
+
+    Runtimes often create CNI_NETNS as a bind mount inside their own mount namespace (podman
+    under ``ip netns exec``, for one), where the router - another process, maybe in another mount
+    namespace - sees only the empty mount point. So the plugin opens the namespace itself and
+    hands the router ``/proc/<our pid>/fd/<fd>``, valid while we wait for its answer; the caller
+    closes the fd afterwards. Raises error 3 when there is no namespace.
+    """
+    try:
+        fd = os.open(netns, os.O_RDONLY)
+    except OSError as err:
+        detail = f"{netns}: {err.strerror}"
+        raise CniError(ERR_UNKNOWN_CONTAINER, "network namespace does not exist", detail) from None
+    if os.fstat(fd).st_dev != os.stat("/proc/self/ns/net").st_dev:  # not on nsfs
+        os.close(fd)
+        raise CniError(ERR_UNKNOWN_CONTAINER, "not a network namespace", netns)
+    return f"/proc/{os.getpid()}/fd/{fd}", fd
+
+
 def cmd_add(
     env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
 ) -> dict[str, Any]:
-    netns = env["CNI_NETNS"]
-    if not os.path.exists(netns):
-        raise CniError(ERR_UNKNOWN_CONTAINER, "network namespace does not exist", netns)
+    ref, fd = netns_ref(env["CNI_NETNS"])
+    try:
+        return _add(env, stdin, conf, version, router, ref)
+    finally:
+        os.close(fd)
+
+
+def _add(
+    env: Mapping[str, str],
+    stdin: bytes,
+    conf: dict[str, Any],
+    version: str,
+    router: RouterClient,
+    ref: str,
+) -> dict[str, Any]:
     prev = _prev_result(conf, version)
     request = _base_request(env, conf)
+    request["netnsRef"] = ref
     delegated: DelegatedIpam | None = None
     if not _uses_weft_ipam(conf):
         delegated = DelegatedIpam(conf["ipam"]["type"], env, stdin, version)
@@ -622,12 +655,15 @@ def cmd_check(
     if not _uses_weft_ipam(conf):
         DelegatedIpam(conf["ipam"]["type"], env, stdin, version).call("CHECK")
     request = _base_request(env, conf)
+    request["netnsRef"], fd = netns_ref(env["CNI_NETNS"])
     request["prevResult"] = prev
     request["weftIpam"] = _uses_weft_ipam(conf)
     try:
         router.post("/cni/check", request, OTHER_TIMEOUT)
     except RouterUnreachable as err:
         raise CniError(ERR_TRY_AGAIN_LATER, "weft router is not reachable", str(err)) from None
+    finally:
+        os.close(fd)
 
 
 def cmd_status(

@@ -235,9 +235,10 @@ def _route_list(value: object, where: str) -> list[dict[str, Any]]:
 class _Attachment:
     network: str
     container_id: str
-    netns: str
+    netns: str  # CNI_NETNS, as the runtime named it (results carry it as ``sandbox``)
     ifname: str
     config: Mapping[str, Any]
+    netns_path: str  # where this process can open it (see plugin.netns_ref)
 
     @property
     def ident(self) -> str:
@@ -258,7 +259,9 @@ def _attachment(body: Mapping[str, Any], *, netns_required: bool) -> _Attachment
     config = body.get("config") or {}
     if not isinstance(config, Mapping):
         raise CniError(ERR_DECODING, "request field 'config' must be an object")
-    return _Attachment(network, cid, netns, ifname, config)
+    ref = body.get("netnsRef")
+    path = ref if isinstance(ref, str) and ref and os.path.exists(ref) else netns
+    return _Attachment(network, cid, netns, ifname, config, path)
 
 
 class CniService:
@@ -389,7 +392,7 @@ class CniService:
 
     async def _add(self, att: _Attachment, delegated: Mapping[str, Any] | None) -> dict[str, Any]:
         conf = att.config
-        if not os.path.exists(att.netns):
+        if not os.path.exists(att.netns_path):
             raise CniError(ERR_UNKNOWN_CONTAINER, "network namespace does not exist", att.netns)
         mtu = conf.get("mtu") or self.mtu()
         if mtu is not None and (not isinstance(mtu, int) or not 68 <= mtu <= 65535):
@@ -429,7 +432,7 @@ class CniService:
             dns_conf = conf.get("dns")
             dns = dns_conf if isinstance(dns_conf, Mapping) and dns_conf else delegated.get("dns")
         spec = kernel.AttachSpec(
-            netns=att.netns,
+            netns=att.netns_path,
             ifname=att.ifname,
             host_ifname=att.host_ifname,
             bridge=self.config.bridge,
@@ -537,7 +540,7 @@ class CniService:
                         problems.append(f"address {cidr} is not allocated to {att.ident}")
             problems += await asyncio.to_thread(
                 kernel.check,
-                att.netns,
+                att.netns_path,
                 att.ifname,
                 att.host_ifname,
                 self.config.bridge,
@@ -574,7 +577,7 @@ class CniService:
             if ident in valid:
                 continue
             _, _, cid, ifname = ident.split(":", 3)
-            att = _Attachment(network, cid, "", ifname, {})
+            att = _Attachment(network, cid, "", ifname, {}, "")
             async with self._locked(ident):
                 try:
                     await self._delete(att, True)
