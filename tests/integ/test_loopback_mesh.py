@@ -395,3 +395,27 @@ async def test_version_mismatch_named_on_both_sides(tmp_path: Path, started: lis
         "the router to name the version mismatch",
     )
     assert a.counters["closed_version_mismatch"] == 1
+
+
+async def test_accept_rate_is_bounded_by_a_token_bucket(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    from dataclasses import replace
+
+    a = Router(replace(make_router(tmp_path, 0).config, accept_burst=2, accept_interval=0.5))
+    started.append(a)
+    await a.start()
+    loop = asyncio.get_running_loop()
+    streams = []
+    first_byte_after = []
+    for _ in range(3):
+        t0 = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+        streams.append(writer)
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"weft"  # its header
+        first_byte_after.append(loop.time() - t0)
+    # the burst of 2 is served at once; the third waits for a token (0.5 s minus what passed)
+    assert a.counters["accept_delayed"] == 1
+    assert first_byte_after[2] >= 0.3, first_byte_after
+    for w in streams:
+        w.close()

@@ -144,6 +144,7 @@ class Router:
         self._conns: dict[int, Connection] = {}
         self._by_peer: dict[PeerName, Connection] = {}
         self._dialing: set[str] = set()
+        self._accept_waiting = 0
         self._failures: dict[tuple[bool, str], FailureRow] = {}
         self._next_local_id = 1
         self._status_providers: dict[str, Callable[[], Any]] = {}
@@ -518,13 +519,17 @@ class Router:
         self.status_changed()
         return conn
 
+    def _connection_count(self) -> int:
+        """Connections counted against ``conn_limit``: live, dialling, waiting for a token."""
+        return len(self._conns) + len(self._dialing) + self._accept_waiting
+
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         address = format_hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
         if self._stopping:
             writer.close()
             return
-        if len(self._conns) + len(self._dialing) >= self.config.conn_limit:
+        if self._connection_count() >= self.config.conn_limit:
             reason = f"connection limit reached ({self.config.conn_limit})"
             self.counters["refused_conn_limit"] += 1
             log.warning("refused <- %s: %s", address, reason)
@@ -533,8 +538,17 @@ class Router:
             return
         delay = self._bucket.take(self.now())
         if delay > 0:
+            # Weave's listener waits for a token before accepting; we accepted already, so the
+            # wait happens here, counted against the connection limit meanwhile.
             self.counters["accept_delayed"] += 1
-            await asyncio.sleep(delay)
+            self._accept_waiting += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._accept_waiting -= 1
+            if self._stopping:
+                writer.close()
+                return
         self.counters["accepted"] += 1
         conn = self._make_connection(reader, writer, outbound=False, address=address, target=None)
         task = asyncio.current_task()
@@ -546,7 +560,7 @@ class Router:
     async def _dial(self, address: str) -> None:
         if address in self._dialing:
             return
-        if len(self._conns) + len(self._dialing) >= self.config.conn_limit:
+        if self._connection_count() >= self.config.conn_limit:
             self._dial_failed(address, f"connection limit reached ({self.config.conn_limit})")
             return
         self._dialing.add(address)
