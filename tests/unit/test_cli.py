@@ -304,3 +304,33 @@ def test_client_import_stays_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    commands = ["launch", "router", "status", "report", "connect", "forget", "stop"]
+    commands += ["expose", "attach", "detach", "ps"]
+    for command in commands:
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: weft {command}" in out and "--http-addr" in out
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(c in listing for c in [*commands, "demo"])
+
+
+def test_demo_gets_its_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weft.router import demo
+
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(list(argv))
+        return 0
+
+    monkeypatch.setattr(demo, "main", fake_main)
+    assert cli.main(["demo", "--help"]) == 0
+    assert cli.main(["demo", "--hosts", "4", "--down"]) == 0
+    assert seen == [["--help"], ["--hosts", "4", "--down"]]

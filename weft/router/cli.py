@@ -457,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        # `weft demo` has its own parser (weft.router.demo); hand it everything, --help included
+        from weft.router import demo
+
+        return int(demo.main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "launch":
