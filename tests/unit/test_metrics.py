@@ -248,3 +248,58 @@ def test_label_token(text: object, token: str) -> None:
 def test_odd_status_documents_do_not_break_scrapes(status: Mapping[str, Any]) -> None:
     samples = scrape(Metrics(get_status=lambda: status))
     assert ("weft_peers", ()) in samples
+
+
+def test_counters_from_the_status_model_plus_increments() -> None:
+    status: dict[str, Any] = synthetic_status(2)
+    status["router"]["counters"] = {
+        "accepted": 4, "dial_failed": 2, "closed_wrong_password": 3, "closed_heartbeat_timeout": 1,
+    }
+    status["overlay"] = {
+        "datapath": "sleeve",
+        "stats": {"messages_in": 10, "messages_out": 12, "tap_frames_in": 30,
+                  "tap_frames_out": 31, "bytes_in": 1000, "relayed": 5},
+        "drops": {"tampered": 2, "no_route": 7, "replayed": 1},
+    }
+    metrics = Metrics(get_status=lambda: status)
+    metrics.connection_terminated("wrong password")
+    metrics.sleeve_dropped("tampered", packets=3)
+    s = scrape(metrics)
+    # Terminations come only from connection_terminated (the daemon wires it to the router's
+    # on_connection_closed), never also from the closed_* counters: no double counting.
+    assert s[("weft_connection_terminations_total", (("reason", "wrong_password"),))] == 1
+    assert ("weft_connection_terminations_total", (("reason", "heartbeat_timeout"),)) not in s
+    assert not any(dict(lb).get("event", "").startswith("closed_") for _, lb in s)
+    assert s[("weft_connection_events_total", (("event", "accepted"),))] == 4
+    assert s[("weft_connection_events_total", (("event", "dial_failed"),))] == 2
+    assert s[("weft_sleeve_packets_total", (("direction", "in"),))] == 10
+    assert s[("weft_sleeve_packets_total", (("direction", "out"),))] == 12
+    assert s[("weft_sleeve_frames_total", (("direction", "out"),))] == 31
+    assert s[("weft_sleeve_bytes_total", (("direction", "in"),))] == 1000
+    assert s[("weft_sleeve_bytes_total", (("direction", "out"),))] == 0
+    assert s[("weft_sleeve_drops_total", (("reason", "tampered"),))] == 5
+    assert s[("weft_sleeve_drops_total", (("reason", "no_route"),))] == 7
+    assert s[("weft_sleeve_drops_total", (("reason", "oversize"),))] == 0
+    # Counters follow the status: a later scrape sees the new values.
+    status["overlay"]["stats"]["messages_in"] = 11
+    assert scrape(metrics)[("weft_sleeve_packets_total", (("direction", "in"),))] == 11
+
+
+async def test_setup_routes_binds_and_exposes_metrics() -> None:
+    from weft.ui.server import metrics_of
+
+    status = synthetic_status(3)
+    early = Metrics()  # made before the router exists, handed to the data plane
+    early.fallback("ovs", "sleeve")
+    app = web.Application()
+    setup_routes(app, lambda: status, metrics=early)
+    assert metrics_of(app) is early
+    async with TestClient(TestServer(app)) as client:
+        text = await (await client.get("/metrics")).text()
+    assert 'weft_connections{datapath="ovs",encryption="yes",state="established"} 1.0' in text
+    assert (
+        'weft_datapath_fallbacks_total{from_datapath="ovs",to_datapath="sleeve"} 1.0' in text
+    )
+    other = web.Application()
+    setup_routes(other, lambda: status)
+    assert metrics_of(other) is not early

@@ -5,9 +5,13 @@ Two kinds of series:
 * **Gauges read from the status model at scrape time** (so ``/metrics`` can never disagree with
   ``/status``): connections by state, datapath and encryption; peers, unreachable peers and
   partitions; IPAM addresses allocated, free and owned by unreachable peers; fast-datapath flows.
-* **Counters the router's parts increment** through the named methods of :class:`Metrics`:
-  connection terminations by reason, gossip messages and bytes by channel and direction, sleeve
-  packets and bytes by direction and drops by reason, datapath fallbacks.
+* **Counters**, each the sum of what the status model's own monotonic counters say at scrape time
+  and of what the router's parts add through the named methods of :class:`Metrics`: connection
+  terminations by reason (``connection_terminated``, wired by the daemon to the router's
+  ``on_connection_closed``), other connection events (``router.counters`` except ``closed_*``),
+  sleeve packets, frames, bytes by direction and drops by reason (``overlay.stats`` /
+  ``overlay.drops``), gossip messages and bytes by channel and direction, datapath fallbacks.
+  A part that already reports a count in the status needs no wiring at all.
 
 Label values that come from the network or from error texts (reasons, channel names) are
 normalised to short ``snake_case`` tokens and capped in number per metric, so a misbehaving peer
@@ -17,8 +21,11 @@ Status fields read (see docs/ARCHITECTURE.md, "The status model"); every one may
 
     router.connections[]     {state, datapath, encrypted}
     router.peers[]           {name, connections[{name}]}          -> reachability, partitions
+    router.counters          {accepted: n, dial_failed: n, ...}   (closed_* ignored, see above)
     ipam                     {entries[{peer, owned, free, reachable}]}   (address counts)
-    overlay                  {flows}                               (fast-datapath flow count)
+    overlay                  {flows, drops{reason: n},
+                              stats{messages_in, messages_out, tap_frames_in, tap_frames_out,
+                                    bytes_in, bytes_out}}           (each one optional)
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ import re
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -46,7 +54,10 @@ __all__ = [
 GetStatus = Callable[[], Mapping[str, Any]]
 
 CONNECTION_STATES = ("established", "pending", "connecting", "retrying", "failed")
-SLEEVE_DROP_REASONS = ("decrypt", "replay", "oversize", "malformed")
+# The sleeve's own drop labels (weft/router/sleeve_core.py, weft/gossip/crypto.py) that always
+# get a series, zero included: "tampered" is a packet that failed to decrypt/authenticate,
+# "replayed" and "too_old" fail the replay window.
+SLEEVE_DROP_REASONS = ("tampered", "replayed", "too_old", "oversize", "malformed", "truncated")
 # Every name and label here is a classic Prometheus name, so the text is valid 0.0.4 exposition,
 # which every Prometheus version scrapes (newer prometheus-client labels it 1.0.0 by default).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -182,8 +193,92 @@ def ipam_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
 # The collector and the counters
 
 
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str  # without the _total suffix (prometheus-client adds it)
+    help: str
+    labels: tuple[str, ...]
+
+
+_TERMINATIONS = _Family(
+    "weft_connection_terminations", "Connections closed, by reason.", ("reason",)
+)
+_CONN_EVENTS = _Family(
+    "weft_connection_events",
+    "Other connection events of the router (accepted, dial_failed, refused_conn_limit, ...).",
+    ("event",),
+)
+_GOSSIP_MESSAGES = _Family(
+    "weft_gossip_messages", "Gossip messages by channel and direction (in/out).",
+    ("channel", "direction"),
+)
+_GOSSIP_BYTES = _Family(
+    "weft_gossip_bytes", "Gossip payload bytes by channel and direction (in/out).",
+    ("channel", "direction"),
+)
+_SLEEVE_PACKETS = _Family(
+    "weft_sleeve_packets", "Sleeve UDP packets by direction (in/out).", ("direction",)
+)
+_SLEEVE_FRAMES = _Family(
+    "weft_sleeve_frames", "Ethernet frames carried by the sleeve, by direction (in/out).",
+    ("direction",),
+)
+_SLEEVE_BYTES = _Family(
+    "weft_sleeve_bytes", "Sleeve UDP payload bytes by direction (in/out).", ("direction",)
+)
+_SLEEVE_DROPS = _Family(
+    "weft_sleeve_drops",
+    "Sleeve packets dropped, by reason (tampered = failed to decrypt, replayed, oversize, ...).",
+    ("reason",),
+)
+_FALLBACKS = _Family(
+    "weft_datapath_fallbacks",
+    "Connections that moved from one datapath to another (e.g. ovs -> sleeve).",
+    ("from_datapath", "to_datapath"),
+)
+_COUNTER_FAMILIES = (
+    _TERMINATIONS, _CONN_EVENTS, _GOSSIP_MESSAGES, _GOSSIP_BYTES, _SLEEVE_PACKETS,
+    _SLEEVE_FRAMES, _SLEEVE_BYTES, _SLEEVE_DROPS, _FALLBACKS,
+)
+
+
+def _status_counters(status: Mapping[str, Any]) -> dict[str, Tally[tuple[str, ...]]]:
+    """Counts the status model reports itself, keyed by family name."""
+    out: dict[str, Tally[tuple[str, ...]]] = {f.name: Tally() for f in _COUNTER_FAMILIES}
+    for key, value in _mapping(_router(status).get("counters")).items():
+        if not isinstance(key, str):
+            continue
+        # closed_<label> are terminations, which reach us through connection_terminated (the
+        # daemon wires it to the router's on_connection_closed): counting them here too would
+        # count them twice.
+        if not key.startswith("closed_"):
+            out[_CONN_EVENTS.name][(key,)] += _count(value)
+    overlay = _mapping(status.get("overlay"))
+    stats = _mapping(overlay.get("stats"))
+    for direction in ("in", "out"):
+        for family, key in (
+            (_SLEEVE_PACKETS, f"messages_{direction}"),
+            (_SLEEVE_FRAMES, f"tap_frames_{direction}"),
+            (_SLEEVE_BYTES, f"bytes_{direction}"),
+        ):
+            if key in stats:
+                out[family.name][(direction,)] += _count(stats[key])
+    for reason, value in _mapping(overlay.get("drops")).items():
+        if isinstance(reason, str):
+            out[_SLEEVE_DROPS.name][(reason,)] += _count(value)
+    return out
+
+
 class _StatusCollector(Collector):
-    """Gauges computed from one ``get_status()`` call per scrape."""
+    """Every family, computed from one ``get_status()`` call per scrape plus the tallies."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -191,7 +286,7 @@ class _StatusCollector(Collector):
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())  # computed per scrape; nothing to check at registration
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         get_status = self._metrics.get_status
         status: Mapping[str, Any] = get_status() if get_status is not None else {}
         if not isinstance(status, Mapping):
@@ -239,73 +334,48 @@ class _StatusCollector(Collector):
         if flows is not None:
             yield GaugeMetricFamily("weft_fastdp_flows", "Fast-datapath flows installed.", flows)
 
+        from_status = _status_counters(status)
+        tallies = self._metrics.tallies()
+        for family in _COUNTER_FAMILIES:
+            values = from_status[family.name] + tallies[family.name]
+            if family is _SLEEVE_DROPS:
+                for reason in SLEEVE_DROP_REASONS:
+                    values.setdefault((reason,), 0)
+            elif family is _SLEEVE_PACKETS or family is _SLEEVE_BYTES:
+                for direction in ("in", "out"):
+                    values.setdefault((direction,), 0)
+            metric = CounterMetricFamily(family.name, family.help, labels=list(family.labels))
+            for labels, value in sorted(values.items()):
+                metric.add_metric(list(labels), value)
+            yield metric
+
 
 class Metrics:
-    """A router's metrics: its own registry, status-derived gauges and counters to increment.
+    """A router's metrics: its own registry, status-derived series and counters to increment.
 
     Every method is cheap, thread-safe and never raises on odd label text. On hot paths count
-    per batch (``sleeve_sent(packets=n, nbytes=b)``), not per packet.
+    per batch (``sleeve_sent(packets=n, nbytes=b)``), not per packet. Counts the status model
+    already carries (see the module docstring) must not also be reported here: they would be
+    counted twice.
     """
 
     def __init__(self, get_status: GetStatus | None = None) -> None:
         self.get_status = get_status
         self.registry = CollectorRegistry(auto_describe=False)
         self._flows_source: Callable[[], int] | None = None
+        self._lock = threading.Lock()
+        self._tallies: dict[str, Tally[tuple[str, ...]]] = {
+            f.name: Tally() for f in _COUNTER_FAMILIES
+        }
         self._reason = _BoundedLabel()
         self._channel = _BoundedLabel(preset=("topology", "ipam", "dns"))
         self._drop_reason = _BoundedLabel(preset=SLEEVE_DROP_REASONS)
         self._datapath = _BoundedLabel(preset=("ovs", "vxlan", "sleeve", "none"))
-        reg = self.registry
-        self.connection_terminations = Counter(
-            "weft_connection_terminations",
-            "Connections closed, by reason.",
-            ["reason"],
-            registry=reg,
-        )
-        self.gossip_messages = Counter(
-            "weft_gossip_messages",
-            "Gossip messages by channel and direction (in/out).",
-            ["channel", "direction"],
-            registry=reg,
-        )
-        self.gossip_bytes = Counter(
-            "weft_gossip_bytes",
-            "Gossip payload bytes by channel and direction (in/out).",
-            ["channel", "direction"],
-            registry=reg,
-        )
-        self.sleeve_packets = Counter(
-            "weft_sleeve_packets",
-            "Sleeve UDP packets by direction (in/out).",
-            ["direction"],
-            registry=reg,
-        )
-        self.sleeve_bytes = Counter(
-            "weft_sleeve_bytes",
-            "Sleeve UDP payload bytes by direction (in/out).",
-            ["direction"],
-            registry=reg,
-        )
-        self.sleeve_drops = Counter(
-            "weft_sleeve_drops",
-            "Sleeve packets dropped, by reason (decrypt, replay, oversize, malformed, ...).",
-            ["reason"],
-            registry=reg,
-        )
-        self.fallbacks = Counter(
-            "weft_datapath_fallbacks",
-            "Connections that moved from one datapath to another (e.g. ovs -> sleeve).",
-            ["from_datapath", "to_datapath"],
-            registry=reg,
-        )
-        # Cached children for the hot paths, and zero series for the reasons we know.
-        self._sleeve_in_packets = self.sleeve_packets.labels("in")
-        self._sleeve_out_packets = self.sleeve_packets.labels("out")
-        self._sleeve_in_bytes = self.sleeve_bytes.labels("in")
-        self._sleeve_out_bytes = self.sleeve_bytes.labels("out")
-        for reason in SLEEVE_DROP_REASONS:
-            self.sleeve_drops.labels(reason)
-        reg.register(_StatusCollector(self))
+        self.registry.register(_StatusCollector(self))
+
+    def bind_status(self, get_status: GetStatus) -> None:
+        """Read the status model from ``get_status`` (for metrics made before the router)."""
+        self.get_status = get_status
 
     # -- status-derived ---------------------------------------------------------------------
 
@@ -325,32 +395,42 @@ class Metrics:
 
     # -- counters -------------------------------------------------------------------------------
 
+    def _add(self, family: _Family, labels: tuple[str, ...], n: int) -> None:
+        if n > 0:
+            with self._lock:
+                self._tallies[family.name][labels] += n
+
+    def tallies(self) -> dict[str, Tally[tuple[str, ...]]]:
+        """A copy of what was added through the methods, per family."""
+        with self._lock:
+            return {name: Tally(t) for name, t in self._tallies.items()}
+
     def connection_terminated(self, reason: str) -> None:
-        self.connection_terminations.labels(self._reason(reason)).inc()
+        self._add(_TERMINATIONS, (self._reason(reason),), 1)
 
     def gossip_sent(self, channel: str, nbytes: int, messages: int = 1) -> None:
         label = self._channel(channel)
-        self.gossip_messages.labels(label, "out").inc(messages)
-        self.gossip_bytes.labels(label, "out").inc(nbytes)
+        self._add(_GOSSIP_MESSAGES, (label, "out"), messages)
+        self._add(_GOSSIP_BYTES, (label, "out"), nbytes)
 
     def gossip_received(self, channel: str, nbytes: int, messages: int = 1) -> None:
         label = self._channel(channel)
-        self.gossip_messages.labels(label, "in").inc(messages)
-        self.gossip_bytes.labels(label, "in").inc(nbytes)
+        self._add(_GOSSIP_MESSAGES, (label, "in"), messages)
+        self._add(_GOSSIP_BYTES, (label, "in"), nbytes)
 
     def sleeve_sent(self, packets: int, nbytes: int) -> None:
-        self._sleeve_out_packets.inc(packets)
-        self._sleeve_out_bytes.inc(nbytes)
+        self._add(_SLEEVE_PACKETS, ("out",), packets)
+        self._add(_SLEEVE_BYTES, ("out",), nbytes)
 
     def sleeve_received(self, packets: int, nbytes: int) -> None:
-        self._sleeve_in_packets.inc(packets)
-        self._sleeve_in_bytes.inc(nbytes)
+        self._add(_SLEEVE_PACKETS, ("in",), packets)
+        self._add(_SLEEVE_BYTES, ("in",), nbytes)
 
     def sleeve_dropped(self, reason: str, packets: int = 1) -> None:
-        self.sleeve_drops.labels(self._drop_reason(reason)).inc(packets)
+        self._add(_SLEEVE_DROPS, (self._drop_reason(reason),), packets)
 
     def fallback(self, from_datapath: str, to_datapath: str) -> None:
-        self.fallbacks.labels(self._datapath(from_datapath), self._datapath(to_datapath)).inc()
+        self._add(_FALLBACKS, (self._datapath(from_datapath), self._datapath(to_datapath)), 1)
 
     # -- exposition -------------------------------------------------------------------------------
 

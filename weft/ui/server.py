@@ -47,6 +47,8 @@ from weft.errors import ConfigError
 from weft.ui.metrics import Metrics
 
 __all__ = [
+    "HUB_KEY",
+    "METRICS_KEY",
     "STATIC_DIR",
     "Coalescer",
     "HubConfig",
@@ -54,6 +56,7 @@ __all__ = [
     "add_metrics_route",
     "add_ui_routes",
     "is_cross_site",
+    "metrics_of",
     "refuse_cross_site",
     "setup_routes",
 ]
@@ -463,6 +466,10 @@ def add_metrics_route(app: web.Application, metrics: Metrics) -> None:
     app.router.add_get("/metrics", handle_metrics)
 
 
+HUB_KEY = web.AppKey("weft_ui_hub", StatusHub)
+METRICS_KEY = web.AppKey("weft_metrics", Metrics)
+
+
 def setup_routes(
     app: web.Application,
     get_status: GetStatus,
@@ -473,13 +480,24 @@ def setup_routes(
     """Add ``/ui``, ``/ui/static``, ``/ws`` and ``/metrics`` to ``app``; return the hub.
 
     The router keeps the returned hub and calls ``hub.notify()`` whenever its status may have
-    changed. Pass a shared ``hub`` and ``metrics`` when several apps (e.g. 127.0.0.1:6784 and
-    the :6782 status port) serve the same router; without ``metrics`` a gauge-only one is made.
+    changed. Without ``metrics`` one is made reading ``get_status``; a given one that reads no
+    status yet is bound to ``get_status``. Either way it is ``metrics_of(app)``, for the parts
+    that count things. Pass a shared ``hub`` and ``metrics`` when several apps (e.g.
+    127.0.0.1:6784 and the :6782 status port) serve the same router.
     """
     if hub is None:
         hub = StatusHub(get_status)
     if metrics is None:
         metrics = Metrics(get_status=get_status)
+    elif metrics.get_status is None:
+        metrics.bind_status(get_status)
+    app[HUB_KEY] = hub
+    app[METRICS_KEY] = metrics
     add_ui_routes(app, hub)
     add_metrics_route(app, metrics)
     return hub
+
+
+def metrics_of(app: web.Application) -> Metrics:
+    """The :class:`Metrics` that ``setup_routes`` installed on ``app`` (KeyError if none)."""
+    return app[METRICS_KEY]

@@ -24,6 +24,7 @@
   var ROW_HEIGHT = 24, ROW_OVERSCAN = 20;
 
   var PENDING_STATES = { pending: 1, connecting: 1, retrying: 1 };
+  var STATE_RANK = { established: 5, pending: 4, connecting: 3, retrying: 2, failed: 1 };
   var HAVE_GRAPH_LIB = true;       // known once the document (and cytoscape after us) is parsed
   var domReady = false, earlyMessage = null;
 
@@ -144,13 +145,18 @@
     var localConns = arr(router.connections).filter(isObj).map(function (c) {
       return { peer: str(c.peer), nickname: str(c.nickname), address: str(c.address),
                outbound: c.outbound === true, state: str(c.state, 'unknown') || 'unknown',
-               info: str(c.info), encrypted: c.encrypted === true,
-               datapath: str(c.datapath) || 'none', mtu: num(c.mtu) };
+               info: str(c.info), controlEncrypted: c.encrypted === true,
+               // Data-plane encryption when the overlay reports it separately.
+               dataEncrypted: typeof c.data_encrypted === 'boolean' ? c.data_encrypted : null,
+               datapath: str(c.datapath) || 'none', mtu: num(c.mtu), since: num(c.since) };
     });
     localConns.forEach(function (c) {
+      c.encrypted = c.controlEncrypted && c.dataEncrypted !== false;
       if (!localName || !c.peer || c.peer === localName) return;
       addPeer(c.peer, c.nickname);
-      edgeFor(localName, c.peer).local = c;
+      // A peer can have several rows (a live connection and a recent failure): show the best.
+      var e = edgeFor(localName, c.peer);
+      if (!e.local || STATE_RANK[c.state] > STATE_RANK[e.local.state]) e.local = c;
     });
 
     // Partitions: peers joined by connections that both sides report (as weft/ui/metrics.py).
@@ -195,7 +201,11 @@
         e.state = l.state === 'established' ? 'established'
           : l.state === 'failed' ? 'failed' : PENDING_STATES[l.state] ? 'pending' : l.state;
         e.datapath = l.datapath; e.encrypted = l.encrypted; e.mtu = l.mtu;
-        e.address = l.address; e.info = l.info; e.outbound = l.outbound;
+        e.address = l.address; e.info = l.info; e.outbound = l.outbound; e.since = l.since;
+        e.encryptionDetail = l.controlEncrypted
+          ? (l.dataEncrypted === false ? 'control only; data plane NOT encrypted'
+             : l.dataEncrypted ? 'control and data plane' : 'control connection')
+          : 'none';
       } else {
         e.state = ra && rb && ra.established && rb.established ? 'established' : 'pending';
         e.datapath = (ra && ra.datapath) || (rb && rb.datapath) || 'unknown';
@@ -568,7 +578,9 @@
       ['state', stateSpan(e.state)], ['address', e.address],
       ['direction', e.outbound === null ? '' : e.outbound ? 'outbound from here' : 'inbound'],
       ['datapath', e.datapath === 'unknown' ? 'unknown (only the two peers know it)' : e.datapath],
-      ['encryption', (e.encrypted ? 'encrypted' : 'plain') + (e.encryptionAssumed ? ' (mesh setting)' : '')],
+      ['encryption', (e.encrypted ? 'encrypted' : 'plain') + (e.encryptionAssumed ? ' (mesh setting)'
+        : e.encryptionDetail ? ' (' + e.encryptionDetail + ')' : '')],
+      ['for', e.since === null || e.since === undefined ? '' : Math.round(e.since) + ' s'],
       ['MTU', e.mtu === null ? '' : String(e.mtu)],
       ['reason', e.info],
     ]));
