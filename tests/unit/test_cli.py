@@ -284,6 +284,7 @@ def test_renderings_are_aligned_and_name_reasons() -> None:
     assert "encrypted" in conns[1] and "1414" in conns[1]
     peers = render_peers(STATUS)
     assert "02:00:00:00:00:01(one)" in peers and "10.0.0.2:6783" in peers
+    assert "->  10.0.0.2:6783  02:00:00:00:00:02(two)  established" in peers
     assert "connected" in render_targets(STATUS)
     summary = render_summary(STATUS)
     assert "Peers: 2 (with 1 established connections)" in summary

@@ -86,7 +86,9 @@ def render_summary(doc: Doc) -> str:
 def render_peers(doc: Doc) -> str:
     """Every peer we know, then one indented line per connection it reports."""
     lines: list[str] = []
-    for p in sorted(_list(_router(doc).get("peers")), key=lambda p: str(p.get("name", ""))):
+    peers = _list(_router(doc).get("peers"))
+    nicknames = {p.get("name"): p.get("nickname") for p in peers}
+    for p in sorted(peers, key=lambda p: str(p.get("name", ""))):
         lines.append(
             f"{_peer_label(p.get('name'), p.get('nickname'))}  uid={p.get('uid', '?')}"
             f"  version={p.get('version', '?')}  short_id={p.get('short_id', '?')}"
@@ -97,7 +99,7 @@ def render_peers(doc: Doc) -> str:
                 (
                     "  ->" if c.get("outbound") else "  <-",
                     c.get("address", ""),
-                    _peer_label(c.get("name"), c.get("nickname")),
+                    _peer_label(c.get("name"), c.get("nickname") or nicknames.get(c.get("name"))),
                     "established" if c.get("established") else "pending",
                 )
             )
