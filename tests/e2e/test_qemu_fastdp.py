@@ -81,3 +81,23 @@ def test_delete_flush_errors_and_stale_cleanup(vm: dict[str, Any]) -> None:
     assert vm["duplicate_error"] == "create OVS datapath weft-e2e-dp: File exists (EEXIST)"
     assert vm["deleted"] and not vm["found_after_delete"] and vm["devices_left"] == []
     assert vm["stale_removed"]
+
+
+def test_containers_ping_over_ovs_tunnels_decided_by_the_planner(vm: dict[str, Any]) -> None:
+    assert vm["mesh_ping"] == 0, vm["mesh_stats"]
+    assert vm["mesh_ping_full_mtu"] == 0  # 1450-byte DF packets cross the tunnel
+    c1, c2 = "0a:00:00:00:00:01", "0a:00:00:00:00:02"
+    flows1, flows2 = vm["mesh_flows"]["1"], vm["mesh_flows"]["2"]
+    # h1: container 1 -> tunnel (in port 2 = bridge), and from h2's tunnel (VNI 2 | 1 << 12).
+    assert any(f.startswith(f"in=2 {c1}>{c2} tun=None") for f in flows1)
+    assert any(f.startswith(f"in=1 {c2}>{c1} tun={0x1002}") for f in flows1)
+    assert any(f.startswith(f"in=1 {c1}>{c2} tun={0x2001}") for f in flows2)
+    unicast = [f for f in flows1 + flows2 if f"{c1}>{c2}" in f or f"{c2}>{c1}" in f]
+    assert all(not f.endswith("pk=0") for f in unicast)  # the pings went through them
+    assert vm["mesh_macs"]["1"][c2] == "02:00:00:00:00:02"
+    assert vm["mesh_macs"]["2"][c1] == "02:00:00:00:00:01"
+
+
+def test_full_size_heartbeat_probe_crosses_the_ovs_tunnel(vm: dict[str, Any]) -> None:
+    # Host 2 got the 1464-byte probe as a miss on its vxlan port (1), no flow installed.
+    assert vm["mesh_stats"]["heartbeats"] == [[2, 1464, 1]]

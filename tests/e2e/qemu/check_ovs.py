@@ -7,7 +7,10 @@ Kept as one script so the VM boots once and Python imports (slow under TCG) happ
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import select
 import socket
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import traceback
 from typing import Any
 
 from weft.fastdp.capabilities import probe_capabilities
+from weft.fastdp.heartbeat import encode_probe
 from weft.fastdp.ovs import (
     FlowKey,
     OutputAction,
@@ -26,7 +30,10 @@ from weft.fastdp.ovs import (
     VportType,
     exact_mask,
     pair_vni,
+    resolve_families,
 )
+from weft.fastdp.ovs_flows import OvsFlowPlanner, OvsPeer, OvsPorts
+from weft.gossip.peer import PeerName
 
 DP = "weft-e2e-dp"
 results: dict[str, Any] = {}
@@ -145,6 +152,142 @@ def ovs_checks() -> None:
     client.close()
 
 
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_netns(name: str) -> None:
+    """Move this (single-threaded) process into a named network namespace."""
+    fd = os.open(f"/run/netns/{name}" if name else "/proc/1/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+    finally:
+        os.close(fd)
+
+
+def sh(script: str) -> None:
+    subprocess.run(["sh", "-ec", script], check=True)
+
+
+def two_hosts() -> None:
+    """Two hosts (netns) on a veth underlay, a container each on bridge weft, OVS datapaths
+    with flows decided by OvsFlowPlanner from miss upcalls: containers ping across."""
+    sh(
+        """
+        for h in 1 2; do ip netns add h$h; ip netns add c$h; done
+        ip link add u1 netns h1 type veth peer name u2 netns h2
+        for h in 1 2; do
+          ip -n h$h link set lo up; ip -n c$h link set lo up
+          ip -n h$h addr add 192.168.5.$h/24 dev u$h; ip -n h$h link set u$h up
+          ip -n h$h link add weft type bridge; ip -n h$h link set weft up
+          ip -n h$h link add vethwe-b type veth peer name vethwe-dp
+          ip -n h$h link set vethwe-b master weft up; ip -n h$h link set vethwe-dp up
+          ip -n h$h link set vethwe-b mtu 1450; ip -n h$h link set vethwe-dp mtu 1450
+          ip -n h$h link add ve$h type veth peer name ethwe netns c$h
+          ip -n h$h link set ve$h master weft mtu 1450 up
+          ip -n c$h link set ethwe mtu 1450 address 0a:00:00:00:00:0$h up
+          ip -n c$h addr add 10.40.0.$h/24 dev ethwe
+        done
+        """
+    )
+    families = resolve_families()
+    names = {1: PeerName.parse("02:00:00:00:00:01"), 2: PeerName.parse("02:00:00:00:00:02")}
+    hosts = {}
+    for h in (1, 2):
+        enter_netns(f"h{h}")
+        client = OvsClient(families)
+        client.remove_stale("weft-dp")
+        dp = client.create_datapath("weft-dp")
+        vx = client.create_vport(dp, VportType.VXLAN, "vxlan-6784", dst_port=6784)
+        br = client.create_vport(dp, VportType.NETDEV, "vethwe-dp")
+        other = 3 - h
+        planner = OvsFlowPlanner(names[h], h, f"192.168.5.{h}", OvsPorts(br.port_no, vx.port_no))
+        planner.set_peers({names[other]: OvsPeer(f"192.168.5.{other}", other, True)})
+        hosts[h] = (client, dp, planner, vx)
+    enter_netns("")
+    stats: dict[str, Any] = {"upcalls": 0, "installed": 0, "heartbeats": [], "invalidated": 0}
+
+    def pump(timeout: float) -> None:
+        ready, _, _ = select.select([c for c, *_ in hosts.values()], [], [], timeout)
+        for h, (client, dp, planner, _vx) in hosts.items():
+            if client not in ready:
+                continue
+            for up in client.receive_upcalls():
+                stats["upcalls"] += 1
+                d = planner.miss(up.key)
+                if d.kind == "heartbeat":
+                    stats["heartbeats"].append((h, len(up.packet), up.key.in_port))
+                    continue
+                for key in d.invalidate:
+                    client.delete_flow(dp, key)
+                    stats["invalidated"] += 1
+                client.install_flow(dp, d.key, list(d.actions), d.mask)
+                stats["installed"] += 1
+                if d.kind == "forward" and up.key.in_port is not None:
+                    client.execute(dp, up.packet, list(d.actions), up.key.in_port)
+
+    def run_while_pumping(args: list[str], limit: float = 60) -> int:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + limit
+        while proc.poll() is None and time.monotonic() < deadline:
+            pump(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait()
+
+    results["mesh_ping"] = run_while_pumping(
+        ["ip", "netns", "exec", "c1", "ping", "-c", "3", "-W", "3", "10.40.0.2"]
+    )
+    results["mesh_ping_full_mtu"] = run_while_pumping(
+        [
+            "ip",
+            "netns",
+            "exec",
+            "c2",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "3",
+            "-M",
+            "do",
+            "-s",
+            "1422",
+            "10.40.0.1",
+        ]
+    )
+    # A fast-path heartbeat probe: full-size frame executed into h1's tunnel towards h2.
+    client1, dp1, _planner1, vx1 = hosts[1]
+    probe = encode_probe(names[1], names[2], 1, 1450 + 14)
+    tunnel = TunnelKey(
+        tun_id=pair_vni(1, 2),
+        ipv4_src="192.168.5.1",
+        ipv4_dst="192.168.5.2",
+        ttl=64,
+        dont_fragment=True,
+    )
+    client1.execute(dp1, probe, [SetTunnelAction(tunnel), OutputAction(vx1.port_no)])
+    deadline = time.monotonic() + 10
+    while not stats["heartbeats"] and time.monotonic() < deadline:
+        pump(0.1)
+    results["mesh_stats"] = stats
+    results["mesh_flows"] = {
+        h: sorted(
+            f"in={f.key.in_port} {f.key.eth_src}>{f.key.eth_dst} "
+            f"tun={f.key.tunnel.tun_id if f.key.tunnel else None} pk={f.packets}"
+            for f in client.dump_flows(dp)
+        )
+        for h, (client, dp, _p, _v) in hosts.items()
+    }
+    results["mesh_macs"] = {
+        h: {m: str(w) for m, w in p.macs.items()} for h, (_, _, p, _) in hosts.items()
+    }
+    for client, dp, _p, _v in hosts.values():
+        client.delete_datapath(dp.name)
+        client.close()
+
+
 def main() -> None:
     t0 = step("start")
     try:
@@ -152,6 +295,8 @@ def main() -> None:
         step("capabilities")
         ovs_checks()
         step("ovs")
+        two_hosts()
+        step("two_hosts")
     except Exception:
         results["error"] = traceback.format_exc()
     results["seconds"] = {k: round(v - t0, 2) for k, v in timings.items()}
