@@ -179,3 +179,25 @@ async def test_stop_endpoint_stops_the_router(tmp_path: Path) -> None:
         assert not (tmp_path / "api.sock").exists()
     finally:
         await router.stop()
+
+
+async def test_status_port_is_read_only(tmp_path: Path) -> None:
+    import aiohttp
+
+    router = make(tmp_path, status_addr="127.0.0.1:0")
+    await router.start()
+    try:
+        base = f"http://127.0.0.1:{router.status_port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/status") as resp:
+                assert (await resp.json())["router"]["name"] == str(router.identity.name)
+            for path in ("/connect", "/forget", "/stop"):
+                async with session.post(f"{base}{path}", json={"peers": []}) as resp:
+                    assert resp.status in (404, 405)
+        async with (  # the real API still answers: nothing was stopped
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{router.http_port}/status") as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        await router.stop()

@@ -84,5 +84,8 @@ async def test_compose_mounts_overlay_ui_and_metrics(tmp_path: Path) -> None:
         metrics = await (await client.get("/metrics")).text()
         assert "weft_connection_terminations" in metrics
         assert (await client.get("/ui/")).status == 200
+    async with TestClient(TestServer(router.status_app)) as client:
+        assert "weft_connection_terminations" in await (await client.get("/metrics")).text()
+        assert (await client.get("/status")).status == 200
     await router.stop()
     assert overlay.closed

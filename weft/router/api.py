@@ -29,7 +29,7 @@ from weft.gossip.peer import PeerName
 if TYPE_CHECKING:
     from weft.router.router import Router
 
-__all__ = ["MAX_BODY", "jsonable", "make_app", "read_json"]
+__all__ = ["MAX_BODY", "jsonable", "make_app", "make_status_app", "read_json"]
 
 log = logging.getLogger("weft.router.api")
 
@@ -154,4 +154,17 @@ def make_app(router: Router) -> web.Application:
     app.router.add_post("/connect", connect)
     app.router.add_post("/forget", forget)
     app.router.add_post("/stop", stop)
+    return app
+
+
+def make_status_app(router: Router) -> web.Application:
+    """The read-only app served on ``--status-addr``: ``GET /status`` and ``/report`` only
+    (the daemon adds the UI and ``/metrics``). Nothing here changes the router's state."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        return web.json_response(router.status())
+
+    app.router.add_get("/status", status)
+    app.router.add_get("/report", status)
     return app

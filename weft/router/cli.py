@@ -138,6 +138,11 @@ def _add_router_options(p: argparse.ArgumentParser) -> None:
         help="unix socket serving the same API; '' disables it (default %(default)s)",
     )
     p.add_argument(
+        "--status-addr",
+        default="",
+        help="serve read-only status, UI and /metrics here too, e.g. 0.0.0.0:6782 (default: off)",
+    )
+    p.add_argument(
         "--password-file",
         help="file holding the mesh password (or set $WEFT_PASSWORD); enables encryption",
     )
@@ -195,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         port=args.port,
         http_addr=args.http_addr,
         api_socket=Path(args.api_socket) if args.api_socket else None,
+        status_addr=args.status_addr or None,
         password=password,
         discovery=not args.no_discovery,
         conn_limit=args.conn_limit,

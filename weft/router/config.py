@@ -60,6 +60,8 @@ class RouterConfig:
     * ``listen_host`` — ``0.0.0.0``: the address the control listener binds.
     * ``http_addr`` — ``127.0.0.1:6784``: the HTTP API (``host:port``; port 0 picks a free one).
     * ``api_socket`` — ``/run/weft/weft.sock``: the same API on a unix socket (None: off).
+    * ``status_addr`` — None (off): a read-only status, UI and Prometheus ``/metrics`` endpoint,
+      e.g. ``0.0.0.0:6782`` (Weave's status port) for scraping from other hosts.
     * ``password`` — the mesh password (bytes) or None for plaintext; from ``--password-file``
       or the environment variable ``WEFT_PASSWORD``.
     * ``discovery`` — True: also connect to peers learned from others' topology records.
@@ -82,6 +84,7 @@ class RouterConfig:
     listen_host: str = "0.0.0.0"
     http_addr: str = DEFAULT_HTTP_ADDR
     api_socket: Path | None = Path(DEFAULT_API_SOCKET)
+    status_addr: str | None = None
     password: bytes | None = field(default=None, repr=False)
     discovery: bool = True
     conn_limit: int = 200
@@ -111,6 +114,8 @@ class RouterConfig:
                 " no spaces"
             )
         parse_hostport(self.http_addr, what="--http-addr")
+        if self.status_addr:
+            parse_hostport(self.status_addr, what="--status-addr")
         if self.api_socket is not None and len(os.fsencode(self.api_socket)) > _MAX_UNIX_PATH:
             raise ConfigError(
                 f"--api-socket {self.api_socket} is too long for a unix socket"

@@ -70,6 +70,7 @@ def compose(router: Router) -> None:
     else:
         metrics = Metrics(get_status=router.status)
         hub = setup_routes(router.app, router.status, metrics=metrics)
+        setup_routes(router.status_app, router.status, hub=hub, metrics=metrics)
         router.on_status_changed(hub.notify)
         router.on_connection_closed(lambda label, _reason: metrics.connection_terminated(label))
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -48,7 +49,6 @@ from weft.gossip.handshake import PROTOCOL_VERSIONS, Hello
 from weft.gossip.mesh import MeshConfig, MeshCore
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
 from weft.router.config import (
-    DEFAULT_PORT,
     RouterConfig,
     format_hostport,
     load_or_create_name,
@@ -136,10 +136,23 @@ class Router:
         )
         self.password_key = derive_password_key(config.password) if config.password else None
         self.overlay: Overlay = overlay if overlay is not None else NullOverlay()
-        self.mesh = MeshCore(self.identity, self._mesh_config(), self._rng, now=self.now())
-        self.port = config.port  # the bound port once started (config.port may be 0)
+        # Port 0 (tests): bind now, so the mesh and the overlay know the real port from the start.
+        self._listen_sock: socket.socket | None = None
+        self.port = config.port
+        if config.port == 0:
+            self._listen_sock = _bound_socket(config.listen_host)
+            self.port = int(self._listen_sock.getsockname()[1])
+        self.mesh = MeshCore(
+            self.identity,
+            MeshConfig(port=self.port, discovery=config.discovery),
+            self._rng,
+            now=self.now(),
+        )
         self.http_port: int | None = None
+        self.status_port: int | None = None
         self.app: web.Application = api.make_app(self)
+        # read-only twin of the API for --status-addr (status, report; UI and metrics plug in)
+        self.status_app: web.Application = api.make_status_app(self)
         self.counters: Counter[str] = Counter()
         self._conns: dict[int, Connection] = {}
         self._by_peer: dict[PeerName, Connection] = {}
@@ -158,6 +171,7 @@ class Router:
         self._timer_at: float | None = None
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._status_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -165,9 +179,6 @@ class Router:
         self._bucket = TokenBucket(config.accept_burst, config.accept_interval, self.now())
 
     # -- composition ------------------------------------------------------------------------------
-
-    def _mesh_config(self) -> MeshConfig:
-        return MeshConfig(port=self.config.port or DEFAULT_PORT, discovery=self.config.discovery)
 
     def add_status_provider(self, key: str, fn: Callable[[], Any]) -> None:
         """Add a top-level key to ``/status``; ``fn`` runs on the loop, must not block."""
@@ -218,23 +229,18 @@ class Router:
 
         cfg = self.config
         try:
-            self._server = await asyncio.start_server(
-                self._accepted, cfg.listen_host, cfg.port, reuse_address=True, limit=1 << 16
-            )
+            if self._listen_sock is not None:
+                self._server = await asyncio.start_server(
+                    self._accepted, sock=self._listen_sock, limit=1 << 16
+                )
+            else:
+                self._server = await asyncio.start_server(
+                    self._accepted, cfg.listen_host, cfg.port, reuse_address=True, limit=1 << 16
+                )
         except OSError as err:
             raise ConfigError(
                 f"cannot listen on {format_hostport(cfg.listen_host, cfg.port)}: {_oserror(err)}"
             ) from None
-        sock = self._server.sockets[0]
-        self.port = int(sock.getsockname()[1])
-        if cfg.port == 0:
-            # the mesh learns our real port (for discovery of inbound-only peers)
-            self.mesh = MeshCore(
-                self.identity,
-                MeshConfig(port=self.port, discovery=cfg.discovery),
-                self._rng,
-                now=self.now(),
-            )
         self._runner = web.AppRunner(
             self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0
         )
@@ -264,18 +270,34 @@ class Router:
                 raise ConfigError(
                     f"cannot serve the API on {cfg.api_socket}: {_oserror(err)}"
                 ) from None
+        if cfg.status_addr:
+            shost, sport = parse_hostport(cfg.status_addr, what="--status-addr")
+            self._status_runner = web.AppRunner(
+                self.status_app, handle_signals=False, access_log=None, shutdown_timeout=2.0
+            )
+            await self._status_runner.setup()
+            try:
+                await web.TCPSite(self._status_runner, shost, sport, reuse_address=True).start()
+            except OSError as err:
+                await self._abort_start()
+                raise ConfigError(
+                    f"cannot serve status on {cfg.status_addr}: {_oserror(err)}"
+                ) from None
+            bound = [a for a in self._status_runner.addresses if isinstance(a, tuple)]
+            self.status_port = int(bound[0][1]) if bound else sport
         peers = list(cfg.peers) if cfg.peers else self._load_targets()
         if peers:
             self.mesh.add_targets(peers, self.now())
             self._save_targets()
         log.info(
-            "router %s(%s) uid %x listening on %s, API on %s%s, encryption %s",
+            "router %s(%s) uid %x listening on %s, API on %s%s%s, encryption %s",
             self.identity.name,
             self.identity.nickname,
             self.identity.uid,
             format_hostport(cfg.listen_host, self.port),
             format_hostport(host, self.http_port),
             f" and {cfg.api_socket}" if cfg.api_socket else "",
+            f", status on {cfg.status_addr}" if cfg.status_addr else "",
             "on" if self.password_key else "off",
         )
         self.pump()
@@ -283,8 +305,9 @@ class Router:
     async def _abort_start(self) -> None:
         if self._server is not None:
             self._server.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._status_runner):
+            if runner is not None:
+                await runner.cleanup()
 
     async def stop(self) -> None:
         """Close every connection and listener; idempotent."""
@@ -315,8 +338,11 @@ class Router:
                 result = stop_overlay()
                 if asyncio.iscoroutine(result):
                     await result
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._status_runner):
+            if runner is not None:
+                await runner.cleanup()
+        if self._listen_sock is not None:
+            self._listen_sock.close()
         if self.config.api_socket is not None:
             with contextlib.suppress(OSError):
                 if self.config.api_socket.is_socket():
@@ -924,6 +950,19 @@ class Router:
 def _oserror(err: OSError) -> str:
     """``address already in use`` rather than asyncio's long wrapper text."""
     return os.strerror(err.errno).lower() if err.errno else str(err)
+
+
+def _bound_socket(host: str) -> socket.socket:
+    """A TCP socket bound to ``host`` on a free port (for ``port=0``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot bind a port on {host}: {_oserror(err)}") from None
+    return sock
 
 
 def _failure_key(outbound: bool, address: str, peer: str | None) -> tuple[bool, str]:
