@@ -151,6 +151,8 @@
                datapath: str(c.datapath) || 'none', mtu: num(c.mtu), since: num(c.since) };
     });
     localConns.forEach(function (c) {
+      // Without a data plane ("none") there is nothing unencrypted to warn about.
+      if (c.datapath === 'none') c.dataEncrypted = null;
       c.encrypted = c.controlEncrypted && c.dataEncrypted !== false;
       if (!localName || !c.peer || c.peer === localName) return;
       addPeer(c.peer, c.nickname);
