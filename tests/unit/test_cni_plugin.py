@@ -423,6 +423,19 @@ def test_gc_forwards_valid_attachments() -> None:
     assert router.calls == [("/cni/gc", {"network": "weftnet", "valid": valid, "weftIpam": True})]
 
 
+def test_gc_without_valid_attachments_is_error_7_and_releases_nothing() -> None:
+    router = FakeRouter()
+    status, out = invoke("GC", conf("1.1.0"), router)
+    assert status == 1 and out is not None and out["code"] == 7
+    assert router.calls == []
+
+
+def test_gc_with_an_empty_list_releases_everything() -> None:
+    router = FakeRouter()
+    status, _ = invoke("GC", conf("1.1.0", **{"cni.dev/valid-attachments": []}), router)
+    assert status == 0 and router.calls[0][1]["valid"] == []
+
+
 def test_gc_with_bad_attachments_is_error_7() -> None:
     status, out = invoke("GC", conf("1.1.0", **{"cni.dev/valid-attachments": [{"x": 1}]}))
     assert status == 1 and out is not None and out["code"] == 7
@@ -487,7 +500,12 @@ def test_delegated_ipam_is_undone_when_the_router_fails(tmp_path: Path) -> None:
 
 def test_delegated_ipam_gets_del_check_gc_status(tmp_path: Path) -> None:
     bindir, log = make_ipam(tmp_path, SUPPORTED_VERSIONS)
-    stdin = conf("1.1.0", ipam={"type": "fake-ipam"}, prevResult=ROUTER_RESULT)
+    stdin = conf(
+        "1.1.0",
+        ipam={"type": "fake-ipam"},
+        prevResult=ROUTER_RESULT,
+        **{"cni.dev/valid-attachments": []},
+    )
     for command in ("CHECK", "DEL", "GC", "STATUS"):
         status, out = invoke(command, stdin, FakeRouter(), CNI_PATH=str(bindir))
         assert status == 0, (command, out)
@@ -503,9 +521,8 @@ def test_delegated_ipam_stuck_at_1_0_0_is_asked_again_at_1_0_0(tmp_path: Path) -
     assert status == 0 and out is not None and out["cniVersion"] == "1.1.0"
     assert [(c["cmd"], c["version"]) for c in calls(log)] == [("ADD", "1.1.0"), ("ADD", "1.0.0")]
     # GC and STATUS do not exist before 1.1.0: nothing more to ask such a plugin
-    status, out = invoke(
-        "GC", conf("1.1.0", ipam={"type": "fake-ipam"}), FakeRouter(), CNI_PATH=str(bindir)
-    )
+    gc_conf = conf("1.1.0", ipam={"type": "fake-ipam"}, **{"cni.dev/valid-attachments": []})
+    status, out = invoke("GC", gc_conf, FakeRouter(), CNI_PATH=str(bindir))
     assert status == 0, out
 
 

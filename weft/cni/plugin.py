@@ -687,7 +687,9 @@ def cmd_status(
 def cmd_gc(
     env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
 ) -> None:
-    valid = conf.get("cni.dev/valid-attachments", [])
+    valid = conf.get("cni.dev/valid-attachments")
+    if valid is None:  # not the same as an empty list: that one would release everything
+        raise CniError(ERR_INVALID_CONFIG, "GC needs cni.dev/valid-attachments")
     if not isinstance(valid, list) or not all(
         isinstance(a, dict)
         and isinstance(a.get("containerID"), str)
