@@ -139,18 +139,21 @@ def test_ipam_gauges() -> None:
     status["ipam"] = {
         "range": "10.32.0.0/12",
         "entries": [
-            {"peer": peer_name(1), "owned": 100, "free": 60, "reachable": True},
+            {"peer": peer_name(1), "owned": 100, "free": 60, "reachable": True},  # us
             {"peer": peer_name(2), "owned": 50, "free": 50},
             {"peer": peer_name(3), "owned": 30, "free": 10, "reachable": False},
-            {"peer": peer_name(4), "owned": "x", "free": -1},  # malformed: counts as nothing
+            {"peer": peer_name(4), "owned": "x", "free": -1, "reachable": False},  # malformed
             "garbage",
         ],
     }
-    assert ipam_counts(status) == {"allocated": 40, "free": 110, "unreachable": 30}
+    assert ipam_counts(status) == {"owned": 100, "free": 60, "allocated": 40, "unreachable": 30}
+    status["ipam"]["allocated"] = 38  # what the allocator says it handed out wins
+    status["ipam"]["unreachable"] = 31
     samples = scrape(Metrics(get_status=lambda: status))
-    assert samples[("weft_ipam_allocated_addresses", ())] == 40
-    assert samples[("weft_ipam_free_addresses", ())] == 110
-    assert samples[("weft_ipam_unreachable_addresses", ())] == 30
+    assert samples[("weft_ipam_owned_addresses", ())] == 100
+    assert samples[("weft_ipam_free_addresses", ())] == 60
+    assert samples[("weft_ipam_allocated_addresses", ())] == 38
+    assert samples[("weft_ipam_unreachable_addresses", ())] == 31
 
 
 def test_no_ipam_section_no_ipam_series() -> None:

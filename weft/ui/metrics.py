@@ -4,7 +4,8 @@ Two kinds of series:
 
 * **Gauges read from the status model at scrape time** (so ``/metrics`` can never disagree with
   ``/status``): connections by state, datapath and encryption; peers, unreachable peers and
-  partitions; IPAM addresses allocated, free and owned by unreachable peers; fast-datapath flows.
+  partitions; IPAM addresses owned, free and allocated here, and owned by unreachable peers;
+  fast-datapath flows.
 * **Counters**, each the sum of what the status model's own monotonic counters say at scrape time
   and of what the router's parts add through the named methods of :class:`Metrics`: connection
   terminations by reason (``connection_terminated``, wired by the daemon to the router's
@@ -22,7 +23,7 @@ Status fields read (see docs/ARCHITECTURE.md, "The status model"); every one may
     router.connections[]     {state, datapath, encrypted}
     router.peers[]           {name, connections[{name}]}          -> reachability, partitions
     router.counters          {accepted: n, dial_failed: n, ...}   (closed_* ignored, see above)
-    ipam                     {entries[{peer, owned, free, reachable}]}   (address counts)
+    ipam                     {allocated, unreachable, entries[{peer, owned, free, reachable}]}
     overlay                  {flows, drops{reason: n},
                               stats{messages_in, messages_out, tap_frames_in, tap_frames_out,
                                     bytes_in, bytes_out}}           (each one optional)
@@ -169,32 +170,48 @@ def partitions(status: Mapping[str, Any]) -> list[set[str]]:
 
 
 def ipam_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
-    """Mesh-wide address counts: allocated, free, unreachable (owned by unreachable peers).
+    """This router's address counts: owned, free, allocated, and unreachable (mesh-wide).
 
+    ``owned``/``free`` are the local peer's entry; ``allocated`` is ``ipam.allocated`` (the
+    addresses our containers hold) or else owned - free; ``unreachable`` is ``ipam.unreachable``
+    or else the sum owned by unreachable entries. Per router, so that summing the series of all
+    routers gives the mesh's totals (except ``unreachable``, which every router sees alike).
     None when the status has no ``ipam`` section (IPAM not running).
     """
     ipam = status.get("ipam")
     if not isinstance(ipam, Mapping):
         return None
-    allocated = free = unreachable = 0
+    local = _router(status).get("name")
+    owned = free = unreachable = 0
     for entry in _dicts(ipam.get("entries")):
-        owned, nfree = entry.get("owned"), entry.get("free")
-        owned = owned if isinstance(owned, int) and owned >= 0 else 0
-        nfree = nfree if isinstance(nfree, int) and 0 <= nfree <= owned else 0
+        n_owned, n_free = _count(entry.get("owned")), _count(entry.get("free"))
+        n_free = min(n_free, n_owned)
         if entry.get("reachable", True) is False:
-            unreachable += owned
-        else:
-            allocated += owned - nfree
-            free += nfree
-    return {"allocated": allocated, "free": free, "unreachable": unreachable}
+            unreachable += n_owned
+        if entry.get("peer") == local:
+            owned, free = n_owned, n_free
+    allocated = ipam.get("allocated")
+    total_unreachable = ipam.get("unreachable")
+    return {
+        "owned": owned,
+        "free": free,
+        "allocated": _count(allocated) if _is_count(allocated) else owned - free,
+        "unreachable": (
+            _count(total_unreachable) if _is_count(total_unreachable) else unreachable
+        ),
+    }
 
 
-# ---------------------------------------------------------------------------------------------
-# The collector and the counters
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The collector and the counters
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -324,8 +341,9 @@ class _StatusCollector(Collector):
         ipam = ipam_counts(status)
         if ipam is not None:
             for key, help_text in (
-                ("allocated", "Addresses in use, over all reachable peers' ranges."),
-                ("free", "Addresses free, over all reachable peers' ranges."),
+                ("owned", "Addresses in this router's ranges of the allocation range."),
+                ("free", "Addresses free in this router's ranges."),
+                ("allocated", "Addresses this router has given to containers."),
                 ("unreachable", "Addresses owned by unreachable peers (reclaim with rmpeer)."),
             ):
                 yield GaugeMetricFamily(f"weft_ipam_{key}_addresses", help_text, ipam[key])

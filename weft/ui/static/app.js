@@ -242,7 +242,8 @@
       localName: localName, nickname: str(router.nickname), meshEncrypted: meshEncrypted,
       peers: peers, edges: edges, components: comps, localConns: localConns,
       targets: arr(router.targets).filter(isObj),
-      ipam: ipam ? { range: str(ipam.range), byPeer: ipamByPeer } : null,
+      ipam: ipam ? { range: str(ipam.range), byPeer: ipamByPeer, allocated: num(ipam.allocated),
+                     error: str(ipam.error) } : null,
       containers: containers,
     };
   }
@@ -536,6 +537,7 @@
       var ip = m.ipam.byPeer.get(name);
       if (ip) {
         box.appendChild(dl([['owned', fmtInt(ip.owned)], ['free', fmtInt(ip.free)],
+                            ['allocated here', isLocal ? fmtInt(m.ipam.allocated) : ''],
                             ['reachable', ip.reachable ? 'yes' : 'NO (reclaim with rmpeer)']]));
         if (ip.ranges.length) {
           var rl = el('ul');
@@ -544,7 +546,8 @@
           box.appendChild(rl);
         }
       } else {
-        box.appendChild(el('p', 'owns no addresses', 'muted'));
+        box.appendChild(el('p', m.ipam.error ? 'IPAM status failed: ' + m.ipam.error
+                                             : 'owns no addresses', 'muted'));
       }
     }
     if (isLocal) {
