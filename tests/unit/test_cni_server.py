@@ -382,3 +382,24 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         CniConfig(drain_interval=0)
     assert server.CniConfig().bridge == "weft"
+
+
+def test_setup_cni_adds_routes_and_status(tmp_path: Path) -> None:
+    class FakeRouter:
+        def __init__(self) -> None:
+            self.app = web.Application()
+            self.providers: dict[str, Any] = {}
+
+        def add_status_provider(self, key: str, fn: Any) -> None:
+            self.providers[key] = fn
+
+    router = FakeRouter()
+    service = server.setup_cni(router, MemoryIpam(), CniConfig(spool_dir=str(tmp_path / "s")))
+    paths = {r.resource.canonical for r in router.app.router.routes() if r.resource is not None}
+    assert {"/cni/add", "/cni/del", "/cni/check", "/cni/status", "/cni/gc"} <= paths
+    assert router.providers["cni"]() == {
+        "bridge": "weft",
+        "spool_dir": str(tmp_path / "s"),
+        "pending_releases": 0,
+    }
+    assert service.config.spool_dir == str(tmp_path / "s")

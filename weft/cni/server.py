@@ -69,6 +69,7 @@ __all__ = [
     "IpamUnavailable",
     "MemoryIpam",
     "attachment_id",
+    "setup_cni",
     "setup_routes",
 ]
 
@@ -372,6 +373,14 @@ class CniService:
         if (self._drain_task is None or self._drain_task.done()) and self.pending():
             self._drain_task = asyncio.get_running_loop().create_task(self._drain_loop())
 
+    def status_json(self) -> dict[str, Any]:
+        """The ``cni`` key of ``/status``: bridge, spool and how many releases are pending."""
+        return {
+            "bridge": self.config.bridge,
+            "spool_dir": self.config.spool_dir,
+            "pending_releases": len(self.pending()),
+        }
+
     async def close(self) -> None:
         if self._drain_task is not None:
             self._drain_task.cancel()
@@ -660,6 +669,27 @@ def setup_routes(app: web.Application, service: CniService) -> None:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
+
+
+class _Composable(Protocol):
+    """The parts of weft.router.router.Router that CNI plugs into."""
+
+    app: web.Application
+
+    def add_status_provider(self, key: str, fn: Callable[[], Any]) -> None: ...
+
+
+def setup_cni(
+    router: _Composable,
+    ipam: CniIpam,
+    config: CniConfig | None = None,
+    mtu: Callable[[], int | None] = lambda: None,
+) -> CniService:
+    """Compose CNI into a router before it starts: the /cni routes and a ``cni`` status key."""
+    service = CniService(ipam, config, mtu)
+    setup_routes(router.app, service)
+    router.add_status_provider("cni", service.status_json)
+    return service
 
 
 async def serve_unix(app: web.Application, path: str) -> web.AppRunner:
