@@ -364,6 +364,39 @@ def test_del_with_router_down_succeeds_and_spools(tmp_path: Path) -> None:
     assert status == 0 and len(list(spool.iterdir())) == 1
 
 
+def test_del_without_an_answer_spools_too(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    router = FakeRouter({"/cni/del": plugin.RouterNoAnswer(11, "no answer from the weft router")})
+    status, _ = invoke("DEL", conf(spoolDir=str(spool)), router)
+    assert status == 0
+    assert [f.name for f in spool.iterdir()] == ["weftnet:c0ffee:eth0.json"]
+
+
+def test_router_that_hangs_up_is_error_11_on_add(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    path = str(tmp_path / "hangup.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=hang_up)
+    thread.start()
+    try:
+        status, out = run(env_for("ADD"), conf(socket=path))
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert status == 1 and json.loads(out)["code"] == 11
+    assert "no answer" in json.loads(out)["msg"]
+
+
 def test_status_with_router_down_is_50(tmp_path: Path) -> None:
     status, out = run(env_for("STATUS"), conf("1.1.0", socket=str(tmp_path / "x.sock")))
     assert status == 1 and json.loads(out)["code"] == 50

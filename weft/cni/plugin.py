@@ -104,6 +104,8 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "CniError",
     "RouterClient",
+    "RouterNoAnswer",
+    "RouterUnreachable",
     "from_current",
     "main",
     "run",
@@ -338,6 +340,10 @@ class RouterUnreachable(Exception):
     """The router's socket is missing, refuses or times out: nothing was done there."""
 
 
+class RouterNoAnswer(CniError):
+    """The request went out but no (valid) answer came back: the router may have acted on it."""
+
+
 def _http_body(raw: bytes) -> tuple[int, bytes]:
     """Status and body of an HTTP/1.1 response read to EOF (Content-Length or chunked)."""
     head, sep, body = raw.partition(b"\r\n\r\n")
@@ -406,7 +412,7 @@ class RouterClient:
             except (OSError, ValueError) as err:
                 # The request went out; the router may have acted on it. ADD reports "try
                 # again"; DEL is idempotent, so the runtime's retry is harmless.
-                raise CniError(
+                raise RouterNoAnswer(
                     ERR_TRY_AGAIN_LATER, "no answer from the weft router", f"{self.path}: {err}"
                 ) from None
         finally:
@@ -638,7 +644,8 @@ def cmd_del(
     request["weftIpam"] = _uses_weft_ipam(conf)
     try:
         router.post("/cni/del", request, OTHER_TIMEOUT)
-    except RouterUnreachable as err:
+    except (RouterUnreachable, RouterNoAnswer) as err:
+        # Replaying a DEL is harmless (idempotent), so "maybe done" is spooled like "not done".
         spool_dir = str(conf.get("spoolDir") or DEFAULT_SPOOL_DIR)
         _write_spool(spool_dir, request)
         print(f"weft: router unreachable ({err}); release spooled in {spool_dir}", file=sys.stderr)
