@@ -101,3 +101,13 @@ def test_containers_ping_over_ovs_tunnels_decided_by_the_planner(vm: dict[str, A
 def test_full_size_heartbeat_probe_crosses_the_ovs_tunnel(vm: dict[str, Any]) -> None:
     # Host 2 got the 1464-byte probe as a miss on its vxlan port (1), no flow installed.
     assert vm["mesh_stats"]["heartbeats"] == [[2, 1464, 1]]
+
+
+def test_esp_wire_carries_only_esp_and_the_mtu_shrinks(vm: dict[str, Any]) -> None:
+    assert vm["esp_ping"] == 0
+    wire = vm["esp_wire"]
+    assert wire["esp"] > 0 and wire["plain_vxlan"] == 0, wire
+    # With ESP the 1450-byte probe cannot cross (DF); 1450 - ESP_OVERHEAD does.
+    assert vm["esp_probes"] == [[2, 1410 + 14]]
+    assert vm["esp_state_after_remove_1"] == "" and vm["esp_state_after_remove_2"] == ""
+    assert vm["esp_stale_removed"] == [2, 2]  # inbound + outbound SA, in + out policy

@@ -12,13 +12,16 @@ import json
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from weft.fastdp.capabilities import probe_capabilities
+from weft.fastdp.esp import ESP_OVERHEAD, EspPair, XfrmClient, esp_key
 from weft.fastdp.heartbeat import encode_probe
 from weft.fastdp.ovs import (
     FlowKey,
@@ -218,6 +221,7 @@ def two_hosts() -> None:
                 d = planner.miss(up.key)
                 if d.kind == "heartbeat":
                     stats["heartbeats"].append((h, len(up.packet), up.key.in_port))
+                    _HEARTBEATS.append((h, len(up.packet)))
                     continue
                 for key in d.invalidate:
                     client.delete_flow(dp, key)
@@ -271,7 +275,7 @@ def two_hosts() -> None:
     deadline = time.monotonic() + 10
     while not stats["heartbeats"] and time.monotonic() < deadline:
         pump(0.1)
-    results["mesh_stats"] = stats
+    results["mesh_stats"] = json.loads(json.dumps(stats))  # a snapshot before ESP
     results["mesh_flows"] = {
         h: sorted(
             f"in={f.key.in_port} {f.key.eth_src}>{f.key.eth_dst} "
@@ -283,9 +287,98 @@ def two_hosts() -> None:
     results["mesh_macs"] = {
         h: {m: str(w) for m, w in p.macs.items()} for h, (_, _, p, _) in hosts.items()
     }
+    esp_checks(hosts, names, pump, run_while_pumping)
     for client, dp, _p, _v in hosts.values():
         client.delete_datapath(dp.name)
         client.close()
+
+
+def esp_checks(
+    hosts: dict[int, Any],
+    names: dict[int, PeerName],
+    pump: Callable[[float], None],
+    run_while_pumping: Callable[[list[str]], int],
+) -> None:
+    """With ESP between the hosts, the underlay carries ESP and no plain UDP 6784."""
+    ips = {1: "192.168.5.1", 2: "192.168.5.2"}
+    xfrm = {}
+    spis = {}
+    for h in (1, 2):
+        enter_netns(f"h{h}")
+        xfrm[h] = XfrmClient()
+        xfrm[h].remove_stale()
+        spis[h] = xfrm[h].alloc_spi(ips[h], ips[3 - h])  # exchanged over control in weft
+    enter_netns("")
+    data_key = {1: os.urandom(32), 2: os.urandom(32)}  # h's send key = the other's recv key
+    for h in (1, 2):
+        o = 3 - h
+        pair = EspPair(ips[h], ips[o], in_spi=spis[h], out_spi=spis[o])
+        xfrm[h].install(pair, send_key=esp_key(data_key[h]), recv_key=esp_key(data_key[o]))
+    enter_netns("h2")
+    cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    cap.bind(("u2", 0))
+    cap.setblocking(False)
+    enter_netns("")
+    results["esp_ping"] = run_while_pumping(
+        ["ip", "netns", "exec", "c1", "ping", "-c", "3", "-W", "3", "10.40.0.2"]
+    )
+    # Full-size probes: 1450 no longer fits with ESP (DF), 1450 - 40 does.
+    client1, dp1, _p, vx1 = hosts[1]
+    tunnel = TunnelKey(
+        tun_id=pair_vni(1, 2), ipv4_src=ips[1], ipv4_dst=ips[2], ttl=64, dont_fragment=True
+    )
+    before = len(hosts_heartbeats(hosts))
+    for seq, mtu in ((2, 1450), (3, 1450 - ESP_OVERHEAD)):
+        probe = encode_probe(names[1], names[2], seq, mtu + 14)
+        try:
+            client1.execute(dp1, probe, [SetTunnelAction(tunnel), OutputAction(vx1.port_no)])
+        except Exception as err:
+            results[f"esp_probe_{mtu}_error"] = str(err)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pump(0.1)
+    results["esp_probes"] = hosts_heartbeats(hosts)[before:]
+    esp = plain = 0
+    while True:
+        try:
+            frame = cap.recv(65536)
+        except BlockingIOError:
+            break
+        if frame[12:14] != b"\x08\x00":
+            continue
+        proto = frame[23]
+        ihl = (frame[14] & 0x0F) * 4
+        if proto == 50:
+            esp += 1
+        elif proto == 17 and struct.unpack_from("!H", frame, 14 + ihl + 2)[0] == 6784:
+            plain += 1
+    cap.close()
+    results["esp_wire"] = {"esp": esp, "plain_vxlan": plain}
+    for h in (1, 2):
+        o = 3 - h
+        enter_netns(f"h{h}")
+        xfrm[h].remove(EspPair(ips[h], ips[o], in_spi=spis[h], out_spi=spis[o]))
+        results[f"esp_state_after_remove_{h}"] = (
+            subprocess.run(["ip", "xfrm", "state"], capture_output=True, text=True).stdout
+            + subprocess.run(["ip", "xfrm", "policy"], capture_output=True, text=True).stdout
+        )
+    # Stale cleanup: install again, then a fresh client removes everything of ours.
+    enter_netns("h1")
+    spi = xfrm[1].alloc_spi(ips[1], ips[2])
+    xfrm[1].install(EspPair(ips[1], ips[2], spi, 0x4242), esp_key(b"a" * 32), esp_key(b"b" * 32))
+    fresh = XfrmClient()
+    results["esp_stale_removed"] = list(fresh.remove_stale())
+    fresh.close()
+    enter_netns("")
+    for c in xfrm.values():
+        c.close()
+
+
+def hosts_heartbeats(hosts: dict[int, Any]) -> list[Any]:
+    return list(_HEARTBEATS)
+
+
+_HEARTBEATS: list[Any] = []
 
 
 def main() -> None:
