@@ -37,8 +37,9 @@
     snapshot: snapshot,
     select: function (id) { select(id, true); },
     setView: function (v) { setView(v); },
-    // Feed a raw message as if it came from /ws (tests of malformed and stale input).
-    receive: function (data) { onMessage(data); },
+    // Feed a raw message as if it came from /ws (tests of malformed and stale input); applied
+    // before this returns.
+    receive: function (data) { onMessage(data); applyPending(); },
   };
   window.weftGraph = hook;
 
@@ -807,7 +808,23 @@
     if (msg.type !== 'status') { hook.stats.malformed += 1; return; }
     if (!isObj(msg.status) || typeof msg.seq !== 'number') { hook.stats.malformed += 1; return; }
     var inc = typeof msg.incarnation === 'string' ? msg.incarnation : '';
-    if (inc === hook.incarnation && msg.seq <= hook.seq) { hook.stats.stale += 1; return; }
+    if (inc === accepted.incarnation && msg.seq <= accepted.seq) { hook.stats.stale += 1; return; }
+    accepted.incarnation = inc; accepted.seq = msg.seq;
+    attempt = 0;
+    setConnState('live', 'live');
+    // Apply on the next turn of the event loop, newest first: statuses that arrive while the
+    // page is still busy drawing the previous one replace each other instead of queueing.
+    pendingMsg = msg;
+    if (!applyQueued) { applyQueued = true; setTimeout(applyPending, 0); }
+  }
+
+  var accepted = { incarnation: null, seq: -1 }, pendingMsg = null, applyQueued = false;
+
+  function applyPending() {
+    applyQueued = false;
+    var msg = pendingMsg;
+    pendingMsg = null;
+    if (msg === null) return;
     try {
       applyStatus(msg.status);
     } catch (err) {
@@ -815,10 +832,9 @@
       console.error('weft: cannot show this status:', err);
       return;
     }
-    hook.incarnation = inc; hook.seq = msg.seq;
+    hook.incarnation = typeof msg.incarnation === 'string' ? msg.incarnation : '';
+    hook.seq = msg.seq;
     if (hook.timings.firstStatus === null) hook.timings.firstStatus = performance.now();
-    attempt = 0;
-    setConnState('live', 'live');
   }
 
   // ---------------------------------------------------------------------------------------
