@@ -111,6 +111,7 @@ class ConnectionMaker:
     rng: random.Random
     port: int = 6783
     targets: dict[str, Target] = field(default_factory=dict)
+    ourself: PeerName | None = None
     own_addresses: set[str] = field(default_factory=set)
     _connected_addresses: set[str] = field(default_factory=set)
     _connected_names: set[PeerName] = field(default_factory=set)
@@ -153,7 +154,13 @@ class ConnectionMaker:
         for addr in wanted:
             found = self.targets.get(addr)
             if found is None:
-                found = self.targets[addr] = Target(address=addr, next_try=now, state="retrying")
+                # Both ends discover each other at once; let the lower name dial first so a
+                # full mesh does not open every connection twice (the duplicate would lose the
+                # tie-break anyway). The other end dials after a jittered initial interval.
+                when = now
+                if self.ourself is not None and self.ourself > name:
+                    when = now + self.backoff.initial * self._jitter()
+                found = self.targets[addr] = Target(address=addr, next_try=when, state="retrying")
                 found.peer = name
                 found.discovered_for = name
                 self._refresh_connected(found)
@@ -250,9 +257,12 @@ class ConnectionMaker:
     def _schedule_retry(self, t: Target, now: float) -> None:
         b = self.backoff
         t.interval = b.initial if t.interval <= 0 else min(b.cap, t.interval * b.factor)
-        jitter = b.jitter_low + self.rng.random() * (b.jitter_high - b.jitter_low)
-        t.next_try = now + t.interval * jitter
+        t.next_try = now + t.interval * self._jitter()
         t.state = "failed" if t.interval >= b.cap else "retrying"
+
+    def _jitter(self) -> float:
+        b = self.backoff
+        return b.jitter_low + self.rng.random() * (b.jitter_high - b.jitter_low)
 
     def _refresh_connected(self, t: Target) -> None:
         connected = t.address in self._connected_addresses or (

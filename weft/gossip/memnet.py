@@ -385,6 +385,7 @@ class MemNet:
             if not p.alive:
                 continue
             core = p.core
+            core.sync_local(self.now)
             me = core.topology.ourself
             assert me.uid == core.identity.uid, "own record has a foreign uid"
             connected = core.connected_peers()

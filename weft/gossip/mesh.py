@@ -107,6 +107,7 @@ class MeshConfig:
     channel_gossip_interval: float = 30.0  # full state of application channels (as Weave)
     eager_record_bytes: int = 512  # records up to this size are pushed; larger ones announced
     request_timeout: float = 1.0  # re-request an announced record from another peer after this
+    local_delay: float = 0.02  # our record is rebuilt this long after a connection event
     recalc_delay: float = 0.1  # routes/GC/discovery recalculated this long after a change
     gc_grace: float = 2.0  # a peer must stay unreachable this long before it is dropped
     surrogate_ttl: float = 60.0  # how long relayed unknown-channel gossip is remembered
@@ -122,6 +123,7 @@ class MeshConfig:
                 raise ConfigError(f"mesh {name} must be positive")
         for name in (
             "gossip_delay",
+            "local_delay",
             "recalc_delay",
             "gc_grace",
             "surrogate_ttl",
@@ -248,6 +250,16 @@ class _Conn:
         have = self.known.get(rec.name)
         return have is not None and have >= (rec.version, rec.uid)
 
+    _summary: ConnectionSummary | None = None
+
+    def summary(self) -> ConnectionSummary:
+        s = self._summary
+        if s is None or s.established != self.established:
+            s = self._summary = ConnectionSummary(
+                self.remote.name, self.address, self.outbound, self.established
+            )
+        return s
+
     def flush_due(self, cfg: MeshConfig) -> float | None:
         if self.pending_since is None:
             return None
@@ -309,7 +321,9 @@ class MeshCore:
         self._topology_event_queued = False
         self._routes_event_queued = False
         self._channels: dict[str, GossipHandler] = {}
-        self._cm = ConnectionMaker(self.config.backoff, self._rng, self.config.port)
+        self._cm = ConnectionMaker(
+            self.config.backoff, self._rng, self.config.port, ourself=identity.name
+        )
         self._route_cache: dict[bool, Routes] = {}
         self._recalc_at: float | None = None
         self._graph_changed = False
@@ -317,13 +331,14 @@ class MeshCore:
         self._unreachable_since: dict[PeerName, float] = {}
         self._gc_at: float | None = None
         self._discovery_dirty: set[PeerName] = set()
-        self._addresses_by_peer: dict[PeerName, dict[str, int]] = {}
         self._next_anti_entropy = now + self._jitter(self.config.anti_entropy_interval)
         self._next_channel_gossip = now + self._jitter(self.config.channel_gossip_interval)
         self._surrogate_seen: dict[bytes, float] = {}
         self._out_conns: set[int] = set()  # connections with something to send
+        self._conn_list: list[_Conn] | None = None  # cache of _conns values, by id
         self._flush_heap: list[tuple[float, int]] = []  # (due, conn id); stale entries skipped
         self._last_change = -math.inf
+        self._local_at: float | None = None  # when our record is rebuilt
         # announced records we asked for: name -> ((version, uid), ask again after)
         self._requested: dict[PeerName, tuple[tuple[int, int], float]] = {}
         self.stats = MeshStats()
@@ -334,8 +349,13 @@ class MeshCore:
 
     @property
     def topology(self) -> Topology:
-        """Read-only use, please: the records this peer knows."""
+        """Read-only use, please: the records this peer knows (our own record may lag our
+        connections by ``local_delay``; see :meth:`sync_local`)."""
         return self._topology
+
+    def sync_local(self, now: float) -> None:
+        """Apply pending changes of our connections to our record now (tests, status)."""
+        self._apply_local(now)
 
     @property
     def short_id(self) -> int:
@@ -403,10 +423,10 @@ class MeshCore:
         conn = _Conn(conn_id, remote, address, outbound, uid, now)
         conn.listen_address = f"{_bracket(host_of(address))}:{self.config.port}"
         self._conns[conn_id] = conn
+        self._conn_list = None
         self._by_name[remote.name] = conn_id
         if outbound:
             self._cm.connection_succeeded(address, remote.name, now)
-        self._sync_connected()
         self._discovery_dirty.add(remote.name)
         self._local_changed(now)
         if outbound:
@@ -460,6 +480,8 @@ class MeshCore:
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now`` (once ``get_timer()`` has passed; extra calls are ok)."""
         cfg = self.config
+        if self._local_at is not None and now >= self._local_at:
+            self._apply_local(now)
         if self._recalc_at is not None and now >= self._recalc_at:
             self._recalc_at = None
             self._recalculate(now)
@@ -486,6 +508,8 @@ class MeshCore:
     def get_timer(self) -> float | None:
         """The earliest time ``handle_timer`` has work to do."""
         times = [self._next_anti_entropy]
+        if self._local_at is not None:
+            times.append(self._local_at)
         if self._channels:
             times.append(self._next_channel_gossip)
         if self._recalc_at is not None:
@@ -607,12 +631,12 @@ class MeshCore:
 
     def _drop_connection(self, conn_id: int, now: float, reason: str) -> None:
         conn = self._conns.pop(conn_id)
+        self._conn_list = None
         self._out_conns.discard(conn_id)
         if self._by_name.get(conn.remote.name) == conn_id:
             del self._by_name[conn.remote.name]
         if conn.outbound:
             self._cm.connection_lost(conn.address, now, reason)
-        self._sync_connected()
         self._discovery_dirty.add(conn.remote.name)
         self._gc_wanted = True
         self._local_changed(now)
@@ -628,14 +652,18 @@ class MeshCore:
         self._cm.set_connected(self._connected_addresses(), self._by_name)
 
     def _local_changed(self, now: float) -> None:
-        conns = [
-            ConnectionSummary(c.remote.name, c.address, c.outbound, c.established)
-            for c in self._conns.values()
-        ]
-        old = self._topology.ourself
+        """Our connections changed: rebuild our record after ``local_delay`` (coalescing a
+        burst of connection events into one version bump)."""
+        if self._local_at is None:
+            self._local_at = now + self.config.local_delay
+
+    def _apply_local(self, now: float) -> None:
+        if self._local_at is None:
+            return
+        self._local_at = None
+        self._sync_connected()
+        conns = [c.summary() for c in self._conns.values()]
         if self._topology.set_local_connections(conns):
-            new = self._topology.ourself
-            self._index_addresses(old, new)
             self._topology_changed(now)
             self._queue_names([self.name], exclude=None, now=now)
 
@@ -652,11 +680,15 @@ class MeshCore:
         return max(2, math.ceil(2 * math.log2(n)))
 
     def _random_conns(self, exclude: int | None) -> list[_Conn]:
-        cands = [c for c in self._conns.values() if c.conn_id != exclude]
+        if self._conn_list is None:
+            self._conn_list = [self._conns[i] for i in sorted(self._conns)]
+        cands = self._conn_list
         k = self._fanout()
-        if len(cands) <= k:
-            return cands
-        return self._rng.sample(cands, k)
+        if len(cands) <= k + (exclude is not None):
+            return [c for c in cands if c.conn_id != exclude]
+        picked = self._rng.sample(cands, k + 1)
+        out = [c for c in picked if c.conn_id != exclude]
+        return out[:k]
 
     def _queue_names(
         self,
@@ -861,30 +893,29 @@ class MeshCore:
     # ==== internals: discovery ==================================================================
 
     def _index_addresses(self, old: PeerRecord | None, new: PeerRecord | None) -> None:
-        """Keep ``peer -> {address: refcount}`` from everybody's connection summaries."""
+        """Mark peers whose discovered addresses may have changed with this record change."""
         if not self.config.discovery:
             return
+        if new is None:
+            assert old is not None
+            self._discovery_dirty |= old.conn_names
+        elif old is None:
+            self._discovery_dirty |= new.conn_names
+        else:
+            # Only membership matters: a peer keeps the address it was connected at.
+            self._discovery_dirty |= old.conn_names ^ new.conn_names
+
+    def _addresses_of(self, name: PeerName) -> set[str]:
+        """Addresses others announce for ``name`` (see ``_discovery_addresses``)."""
         port = self.config.port
-        rec = new if new is not None else old
-        if rec is None or rec.name == self.name:
-            return
-        old_set = set(old.connections) if old is not None else set()
-        new_set = set(new.connections) if new is not None else set()
-        for conns, delta in ((old_set - new_set, -1), (new_set - old_set, 1)):
-            for c in conns:
-                if c.name == self.name:
-                    continue
-                addrs = _discovery_addresses(c.address, c.outbound, port)
-                book = self._addresses_by_peer.setdefault(c.name, {})
-                for a in addrs:
-                    n = book.get(a, 0) + delta
-                    if n > 0:
-                        book[a] = n
-                    else:
-                        book.pop(a, None)
-                if not book:
-                    del self._addresses_by_peer[c.name]
-                self._discovery_dirty.add(c.name)
+        out: set[str] = set()
+        for rec in self._topology.records.values():
+            if name in rec.conn_names and rec.name != self.name:
+                for c in rec.connections:
+                    if c.name == name:
+                        out.update(_discovery_addresses(c.address, c.outbound, port))
+                        break
+        return out
 
     def _refresh_discovery(self, now: float) -> None:
         if not self.config.discovery:
@@ -894,7 +925,7 @@ class MeshCore:
             if name == self.name or name in self._by_name:
                 self._cm.set_discovered(name, (), now)
             else:
-                self._cm.set_discovered(name, self._addresses_by_peer.get(name, {}), now)
+                self._cm.set_discovered(name, self._addresses_of(name), now)
         self._discovery_dirty.clear()
         self._poll_dials(now)
 
