@@ -132,7 +132,7 @@
       var e = edges.get(k);
       if (!e) {
         var ab = a < b ? [a, b] : [b, a];
-        e = { id: 'e:' + k, a: ab[0], b: ab[1], reports: {}, local: null };
+        e = { id: 'e:' + k, a: ab[0], b: ab[1], reports: Object.create(null), local: null };
         edges.set(k, e);
       }
       return e;
@@ -788,6 +788,16 @@
     }
   }
 
+  // uids are 64-bit: beyond 2^53 a JS number is not exact, so keep their source text (JSON.parse
+  // source access; browsers without it fall back to the rounded number).
+  function keepBigIntegers(key, value, context) {
+    if (typeof value === 'number' && !Number.isSafeInteger(value) && Number.isInteger(value) &&
+        context && typeof context.source === 'string') {
+      return context.source;
+    }
+    return value;
+  }
+
   function onMessage(data) {
     if (!domReady) {  // the socket opens while cytoscape is still loading: keep the newest only
       earlyMessage = data;
@@ -796,7 +806,7 @@
     }
     var msg;
     try {
-      msg = JSON.parse(data);
+      msg = JSON.parse(data, keepBigIntegers);
     } catch (err) {
       hook.stats.malformed += 1;
       return;
