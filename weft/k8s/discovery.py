@@ -1,0 +1,399 @@
+"""``--k8s``: follow the node list through the Kubernetes API and drive the router from it.
+
+The asyncio shell around weft/k8s/core.py, with kubernetes_asyncio as the API client: LIST
+``/api/v1/nodes`` (optionally with a label selector), then WATCH from the list's resourceVersion
+until the server ends the watch (``watch_timeout``) or it fails; then LIST again. A watch that
+answers 410 Gone (our resourceVersion is too old) is relisted at once; any other failure (API
+down, 403 Forbidden, garbage) leaves the router's targets as they were - the mesh keeps running on
+what it knew - and is retried with backoff. The first failure after a success, and the first
+success after failures, are each logged once; single retries only at debug level.
+
+Every change of the node set sets the router's direct targets (``replace``: the node list is the
+peer list) and looks for IPAM space to reclaim (:func:`~weft.k8s.core.choose_reclaims`), as does a
+timer every ``reclaim_interval`` (a dead router is only "unreachable" after its connections time
+out).
+
+Composition: ``setup_k8s(router, ipam, config)`` before ``router.start()`` - see its docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+
+from weft.errors import ConfigError, RemoteProtocolError, WeftError
+from weft.gossip.peer import PeerName
+from weft.k8s.core import (
+    ApiHealth,
+    ApiRecovered,
+    ApiUnreachable,
+    K8sConfig,
+    NodeDeleted,
+    NodeView,
+    TargetsChanged,
+    choose_reclaims,
+)
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from kubernetes_asyncio.client import ApiClient
+
+    from weft.router.router import Router
+
+__all__ = ["IpamAdmin", "K8sDiscovery", "K8sMesh", "RouterMesh", "setup_k8s"]
+
+log = logging.getLogger("weft.k8s")
+
+
+class K8sMesh(Protocol):
+    """What discovery drives; every method runs on the event loop and must not block."""
+
+    @property
+    def local_peer(self) -> PeerName: ...
+
+    def set_targets(self, addresses: Sequence[str]) -> None:
+        """Make ``addresses`` (``host:port``) the router's direct targets, replacing others."""
+        ...
+
+    def reachable_peers(self) -> set[PeerName]:
+        """Peers reachable over the mesh now."""
+        ...
+
+    def ipam_owners(self) -> Mapping[PeerName, int] | None:
+        """Addresses owned per peer in the IPAM ring; None when there is no ring (yet)."""
+        ...
+
+    async def rmpeer(self, peer: PeerName) -> int:
+        """Take over ``peer``'s IPAM space; returns the addresses taken (WeftError: refused)."""
+        ...
+
+
+class IpamAdmin(Protocol):
+    """The IPAM service as RouterMesh uses it: the ``ipam`` status object and rmpeer."""
+
+    def status(self) -> Mapping[str, Any]:
+        """``{"ready": bool, "entries": [{"peer": "aa:..", "owned": int, ...}], ...}``."""
+        ...
+
+    async def rmpeer(self, name: PeerName) -> int: ...
+
+
+class RouterMesh:
+    """:class:`K8sMesh` over a :class:`~weft.router.router.Router` and the IPAM service."""
+
+    def __init__(self, router: Router, ipam: IpamAdmin | None) -> None:
+        self.router = router
+        self.ipam = ipam
+
+    @property
+    def local_peer(self) -> PeerName:
+        return self.router.identity.name
+
+    def set_targets(self, addresses: Sequence[str]) -> None:
+        self.router.connect(addresses, replace=True)
+
+    def reachable_peers(self) -> set[PeerName]:
+        return set(self.router.mesh.routes.unicast_table())
+
+    def ipam_owners(self) -> Mapping[PeerName, int] | None:
+        if self.ipam is None:
+            return None
+        status = self.ipam.status()
+        if not status.get("ready"):
+            return None
+        owners: dict[PeerName, int] = {}
+        for entry in status.get("entries") or []:
+            owners[PeerName.parse(str(entry["peer"]))] = int(entry.get("owned") or 0)
+        return owners
+
+    async def rmpeer(self, peer: PeerName) -> int:
+        if self.ipam is None:
+            raise ConfigError("no IPAM service to reclaim space with")
+        return await self.ipam.rmpeer(peer)
+
+
+class K8sDiscovery:
+    """Nodes -> router targets, deleted nodes -> IPAM reclaim. ``start``/``stop`` on the loop."""
+
+    def __init__(
+        self,
+        config: K8sConfig,
+        mesh: K8sMesh,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.mesh = mesh
+        self.clock = clock
+        self.view = NodeView(config)
+        self.health = ApiHealth(config, rng or random.Random())
+        self.deleted: dict[PeerName, str] = {}  # peer -> node name, for the logs
+        self.reclaimed: list[dict[str, Any]] = []
+        self._refusals: dict[PeerName, str] = {}  # last rmpeer refusal logged per peer
+        self._tasks: list[asyncio.Task[None]] = []
+        self._api: ApiClient | None = None
+        self._reclaim_wakeup = asyncio.Event()
+        self.lists = 0  # LISTs done (tests, status)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self._api = await self._make_api_client()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow(), name="k8s-follow"),
+            loop.create_task(self._reclaim_loop(), name="k8s-reclaim"),
+        ]
+        log.info("k8s: following nodes as %s (peer %s)", self.config.node_name,
+                 self.mesh.local_peer)
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    async def _make_api_client(self) -> ApiClient:
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio import config as kconfig
+
+        cfg = client.Configuration()
+        try:
+            if self.config.api_url:
+                cfg.host = self.config.api_url
+            elif self.config.kubeconfig:
+                await kconfig.load_kube_config(
+                    config_file=self.config.kubeconfig, client_configuration=cfg
+                )
+            else:
+                kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except (kconfig.ConfigException, OSError) as err:
+            raise ConfigError(
+                f"--k8s: no Kubernetes API configuration ({err}); run inside a pod with a"
+                " service account, or give --k8s-api / --kubeconfig"
+            ) from None
+        return client.ApiClient(configuration=cfg)
+
+    def status(self) -> dict[str, Any]:
+        """The ``k8s`` object of ``/status``."""
+        now = self.clock()
+        h = self.health
+        return {
+            "node": self.config.node_name,
+            "api": {None: "starting", True: "ok", False: "unreachable"}[h.ok],
+            "since": round(now - h.since, 1) if h.since is not None else None,
+            "failures": h.failures,
+            "last_error": h.last_error,
+            "nodes": [
+                {"name": n.name, "internal_ip": n.internal_ip, "peer": str(n.peer)}
+                for n in sorted(self.view.nodes.values(), key=lambda n: n.name)
+            ],
+            "targets": list(self.view.targets),
+            "reclaimed": list(self.reclaimed),
+        }
+
+    # ------------------------------------------------------------------ following the API
+
+    async def _follow(self) -> None:
+        from kubernetes_asyncio.client import ApiException
+
+        while True:
+            try:
+                version = await self._list()
+                self._succeeded()
+                await self._watch(version)
+            except asyncio.CancelledError:
+                raise
+            except ApiException as err:
+                if err.status == 410:  # Gone: our version is too old; relist now
+                    log.debug("k8s: watch expired (%s); listing again", err.reason)
+                    continue
+                await self._failed(f"HTTP {err.status} {err.reason}".strip())
+            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+                await self._failed(f"{type(err).__name__}: {err}".rstrip(": "))
+            except (ValueError, KeyError, TypeError, RemoteProtocolError) as err:
+                await self._failed(f"unexpected answer from the API server: {err}")
+            except Exception as err:  # the client library's own errors: never stop following
+                await self._failed(f"{type(err).__name__}: {str(err)[:200]}")
+
+    def _v1(self) -> Any:
+        from kubernetes_asyncio import client
+
+        return client.CoreV1Api(self._api)
+
+    async def _list(self) -> str:
+        """LIST the nodes, apply them; returns the list's resourceVersion."""
+        kwargs: dict[str, Any] = {"_preload_content": False,
+                                  "_request_timeout": self.config.request_timeout}
+        if self.config.label_selector:
+            kwargs["label_selector"] = self.config.label_selector
+        from kubernetes_asyncio.client import ApiException
+
+        resp = await self._v1().list_node(**kwargs)
+        try:
+            raw = await resp.read()
+        finally:
+            resp.release()
+        if resp.status != 200:
+            reason = resp.reason or ""
+            with contextlib.suppress(ValueError, AttributeError):
+                status = json.loads(raw)  # a Status object: {"reason", "message", "code"}
+                reason = f"{status.get('reason') or reason}: {status.get('message')}"
+            raise ApiException(status=resp.status, reason=reason)
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("kind") not in (None, "NodeList"):
+            raise RemoteProtocolError("the node LIST did not return a NodeList")
+        items = doc.get("items") or []
+        if not isinstance(items, list):
+            raise RemoteProtocolError("NodeList.items is not a list")
+        self.view.listed(items)
+        self.lists += 1
+        self._apply()
+        version = (doc.get("metadata") or {}).get("resourceVersion")
+        return str(version or "")
+
+    async def _watch(self, version: str) -> None:
+        """WATCH from ``version`` until the server ends the watch."""
+        from kubernetes_asyncio.watch import Watch
+
+        kwargs: dict[str, Any] = {
+            "timeout_seconds": self.config.watch_timeout,
+            "allow_watch_bookmarks": True,
+            "_request_timeout": self.config.watch_timeout + self.config.request_timeout,
+        }
+        if version:
+            kwargs["resource_version"] = version
+        if self.config.label_selector:
+            kwargs["label_selector"] = self.config.label_selector
+        # return_type "object": events carry the node as plain JSON (no model classes)
+        async with Watch(return_type="object").stream(self._v1().list_node, **kwargs) as stream:
+            async for event in stream:
+                if not isinstance(event, dict):
+                    raise RemoteProtocolError("a watch event is not a JSON object")
+                self.view.watched(str(event.get("type")), event.get("raw_object"))
+                self._apply()
+
+    def _succeeded(self) -> None:
+        event = self.health.succeeded(self.clock())
+        if event is not None:
+            self._log(event)
+
+    async def _failed(self, reason: str) -> None:
+        delay, event = self.health.failed(reason, self.clock())
+        if event is not None:
+            self._log(event)
+        else:
+            log.debug("k8s: API still unreachable (%s); next try in %.1f s", reason, delay)
+        await asyncio.sleep(delay)
+
+    def _log(self, event: ApiUnreachable | ApiRecovered) -> None:
+        if isinstance(event, ApiUnreachable):
+            log.warning(
+                "k8s: API server unreachable (%s); keeping the %d known nodes as peers,"
+                " retrying with backoff up to %g s",
+                event.reason,
+                len(self.view.nodes),
+                self.config.retry_max,
+            )
+        else:
+            log.info("k8s: API server reachable again after %d failed attempts", event.failures)
+
+    def _apply(self) -> None:
+        changed = False
+        while (event := self.view.next_event()) is not None:
+            if isinstance(event, TargetsChanged):
+                log.info("k8s: %d peer nodes: %s", len(event.targets),
+                         " ".join(event.targets) or "-")
+                self.mesh.set_targets(event.targets)
+            elif isinstance(event, NodeDeleted):
+                log.info("k8s: node %s (peer %s) deleted", event.name, event.peer)
+                self.deleted[event.peer] = event.name
+                changed = True
+        if changed:
+            self._reclaim_wakeup.set()
+
+    # ------------------------------------------------------------------ reclaiming
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._reclaim_wakeup.wait(), self.config.reclaim_interval)
+            self._reclaim_wakeup.clear()
+            try:
+                await self.reclaim()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("k8s: reclaim check failed")
+
+    async def reclaim(self) -> list[tuple[PeerName, int]]:
+        """Take over the space of orphaned peers if this router is the one to (see core)."""
+        if not self.view.synced:
+            return []
+        owners = self.mesh.ipam_owners()
+        if not owners:
+            return []
+        chosen = choose_reclaims(
+            self.mesh.local_peer, self.view.peers(), owners, self.mesh.reachable_peers()
+        )
+        done = []
+        for peer in chosen:
+            node = self.deleted.get(peer, "a node no longer listed")
+            try:
+                taken = await self.mesh.rmpeer(peer)
+            except WeftError as err:
+                if self._refusals.get(peer) != str(err):  # once per reason, not per retry
+                    self._refusals[peer] = str(err)
+                    log.info("k8s: cannot reclaim the space of %s (%s) yet: %s", peer, node, err)
+                continue
+            self._refusals.pop(peer, None)
+            log.info("k8s: reclaimed %d addresses of peer %s (%s)", taken, peer, node)
+            self.reclaimed.append({"peer": str(peer), "node": node, "addresses": taken})
+            del self.reclaimed[:-20]
+            done.append((peer, taken))
+        return done
+
+
+def setup_k8s(router: Router, ipam: IpamAdmin | None, config: K8sConfig) -> K8sDiscovery:
+    """Follow the node list for ``router`` (call before ``router.start()``).
+
+    The router must run with ``RouterConfig(name=peer_name_for_node(config.node_name))`` so that
+    other routers can tell its peer name from its node; a mismatch is refused here.
+    ``ipam``: the IPAM service (status + rmpeer), None to only follow targets.
+    """
+    from weft.k8s.core import peer_name_for_node
+
+    expected = peer_name_for_node(config.node_name)
+    if router.identity.name != expected:
+        raise ConfigError(
+            f"--k8s: the router's peer name is {router.identity.name}, but node"
+            f" {config.node_name!r} means {expected}; start it with --name {expected}"
+        )
+    discovery = K8sDiscovery(config, RouterMesh(router, ipam))
+
+    async def on_startup(app: web.Application) -> None:
+        del app
+        await discovery.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        del app
+        await discovery.stop()
+
+    router.app.on_startup.append(on_startup)
+    router.app.on_cleanup.append(on_cleanup)
+    router.add_status_provider("k8s", discovery.status)
+    return discovery
