@@ -84,7 +84,7 @@ def test_delete_flush_errors_and_stale_cleanup(vm: dict[str, Any]) -> None:
 
 
 def test_containers_ping_over_ovs_tunnels_decided_by_the_planner(vm: dict[str, Any]) -> None:
-    assert vm["mesh_ping"] == 0, vm["mesh_stats"]
+    assert vm["mesh_ping"] == 0, vm["mesh_status"]
     assert vm["mesh_ping_full_mtu"] == 0  # 1450-byte DF packets cross the tunnel
     c1, c2 = "0a:00:00:00:00:01", "0a:00:00:00:00:02"
     flows1, flows2 = vm["mesh_flows"]["1"], vm["mesh_flows"]["2"]
@@ -99,8 +99,18 @@ def test_containers_ping_over_ovs_tunnels_decided_by_the_planner(vm: dict[str, A
 
 
 def test_full_size_heartbeat_probe_crosses_the_ovs_tunnel(vm: dict[str, Any]) -> None:
-    # Host 2 got the 1464-byte probe as a miss on its vxlan port (1), no flow installed.
-    assert vm["mesh_stats"]["heartbeats"] == [[2, 1464, 1]]
+    # Host 2 got the 1464-byte probe as a miss on its vxlan port, no flow installed for it.
+    assert vm["mesh_probes"] == [[2, 1464]]
+    status = vm["mesh_status"]["2"]
+    assert status["probes_received"] == 1 and status["errors"] == 0, status
+    assert status["flows"] and status["flows"] >= 2 and status["mtu"] == 1450
+
+
+def test_ovs_datapath_start_and_stop(vm: dict[str, Any]) -> None:
+    assert vm["mesh_mtu_1"] == vm["mesh_mtu_2"] == 1450
+    # stop() removed the datapath, its vports and the veth pair into the bridge.
+    for name in ("weft-dp", "vxlan-6784", "vethwe-b", "vethwe-dp"):
+        assert name not in vm["mesh_left"]
 
 
 def test_esp_wire_carries_only_esp_and_the_mtu_shrinks(vm: dict[str, Any]) -> None:

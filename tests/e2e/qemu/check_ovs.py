@@ -35,7 +35,8 @@ from weft.fastdp.ovs import (
     pair_vni,
     resolve_families,
 )
-from weft.fastdp.ovs_flows import OvsFlowPlanner, OvsPeer, OvsPorts
+from weft.fastdp.ovs_datapath import OvsConfig, OvsDatapath
+from weft.fastdp.ovs_flows import OvsPeer
 from weft.gossip.peer import PeerName
 
 DP = "weft-e2e-dp"
@@ -174,8 +175,8 @@ def sh(script: str) -> None:
 
 
 def two_hosts() -> None:
-    """Two hosts (netns) on a veth underlay, a container each on bridge weft, OVS datapaths
-    with flows decided by OvsFlowPlanner from miss upcalls: containers ping across."""
+    """Two hosts (netns) on a veth underlay, a container each on bridge weft, and the OVS
+    datapath of each built by OvsDatapath, whose flows come from miss upcalls."""
     sh(
         """
         for h in 1 2; do ip netns add h$h; ip netns add c$h; done
@@ -184,9 +185,6 @@ def two_hosts() -> None:
           ip -n h$h link set lo up; ip -n c$h link set lo up
           ip -n h$h addr add 192.168.5.$h/24 dev u$h; ip -n h$h link set u$h up
           ip -n h$h link add weft type bridge; ip -n h$h link set weft up
-          ip -n h$h link add vethwe-b type veth peer name vethwe-dp
-          ip -n h$h link set vethwe-b master weft up; ip -n h$h link set vethwe-dp up
-          ip -n h$h link set vethwe-b mtu 1450; ip -n h$h link set vethwe-dp mtu 1450
           ip -n h$h link add ve$h type veth peer name ethwe netns c$h
           ip -n h$h link set ve$h master weft mtu 1450 up
           ip -n c$h link set ethwe mtu 1450 address 0a:00:00:00:00:0$h up
@@ -194,42 +192,27 @@ def two_hosts() -> None:
         done
         """
     )
+    from pyroute2 import NetNS
+
     families = resolve_families()
     names = {1: PeerName.parse("02:00:00:00:00:01"), 2: PeerName.parse("02:00:00:00:00:02")}
-    hosts = {}
+    ips = {1: "192.168.5.1", 2: "192.168.5.2"}
+    hosts: dict[int, OvsDatapath] = {}
     for h in (1, 2):
         enter_netns(f"h{h}")
-        client = OvsClient(families)
-        client.remove_stale("weft-dp")
-        dp = client.create_datapath("weft-dp")
-        vx = client.create_vport(dp, VportType.VXLAN, "vxlan-6784", dst_port=6784)
-        br = client.create_vport(dp, VportType.NETDEV, "vethwe-dp")
-        other = 3 - h
-        planner = OvsFlowPlanner(names[h], h, f"192.168.5.{h}", OvsPorts(br.port_no, vx.port_no))
-        planner.set_peers({names[other]: OvsPeer(f"192.168.5.{other}", other, True)})
-        hosts[h] = (client, dp, planner, vx)
-    enter_netns("")
-    stats: dict[str, Any] = {"upcalls": 0, "installed": 0, "heartbeats": [], "invalidated": 0}
+        client = OvsClient(families)  # its sockets live in h's namespace
+        enter_netns("")
+        ovs = OvsDatapath(NetNS(f"h{h}"), OvsConfig(), names[h], h, ips[h], client)
+        results[f"mesh_mtu_{h}"] = ovs.start()
+        ovs.set_peers({names[3 - h]: OvsPeer(ips[3 - h], 3 - h, carrying=True)})
+        hosts[h] = ovs
+    heartbeats: list[tuple[int, int]] = []
 
     def pump(timeout: float) -> None:
-        ready, _, _ = select.select([c for c, *_ in hosts.values()], [], [], timeout)
-        for h, (client, dp, planner, _vx) in hosts.items():
-            if client not in ready:
-                continue
-            for up in client.receive_upcalls():
-                stats["upcalls"] += 1
-                d = planner.miss(up.key)
-                if d.kind == "heartbeat":
-                    stats["heartbeats"].append((h, len(up.packet), up.key.in_port))
-                    _HEARTBEATS.append((h, len(up.packet)))
-                    continue
-                for key in d.invalidate:
-                    client.delete_flow(dp, key)
-                    stats["invalidated"] += 1
-                client.install_flow(dp, d.key, list(d.actions), d.mask)
-                stats["installed"] += 1
-                if d.kind == "forward" and up.key.in_port is not None:
-                    client.execute(dp, up.packet, list(d.actions), up.key.in_port)
+        ready, _, _ = select.select(list(hosts.values()), [], [], timeout)
+        for h, ovs in hosts.items():
+            if ovs in ready:
+                heartbeats.extend((h, p.size) for p in ovs.handle_upcalls())
 
     def run_while_pumping(args: list[str], limit: float = 60) -> int:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -240,67 +223,50 @@ def two_hosts() -> None:
             proc.kill()
         return proc.wait()
 
-    results["mesh_ping"] = run_while_pumping(
-        ["ip", "netns", "exec", "c1", "ping", "-c", "3", "-W", "3", "10.40.0.2"]
-    )
-    results["mesh_ping_full_mtu"] = run_while_pumping(
-        [
-            "ip",
-            "netns",
-            "exec",
-            "c2",
-            "ping",
-            "-c",
-            "2",
-            "-W",
-            "3",
-            "-M",
-            "do",
-            "-s",
-            "1422",
-            "10.40.0.1",
-        ]
-    )
-    # A fast-path heartbeat probe: full-size frame executed into h1's tunnel towards h2.
-    client1, dp1, _planner1, vx1 = hosts[1]
-    probe = encode_probe(names[1], names[2], 1, 1450 + 14)
-    tunnel = TunnelKey(
-        tun_id=pair_vni(1, 2),
-        ipv4_src="192.168.5.1",
-        ipv4_dst="192.168.5.2",
-        ttl=64,
-        dont_fragment=True,
-    )
-    client1.execute(dp1, probe, [SetTunnelAction(tunnel), OutputAction(vx1.port_no)])
-    deadline = time.monotonic() + 10
-    while not stats["heartbeats"] and time.monotonic() < deadline:
-        pump(0.1)
-    results["mesh_stats"] = json.loads(json.dumps(stats))  # a snapshot before ESP
+    def probes(frames: list[bytes]) -> list[tuple[int, int]]:
+        before = len(heartbeats)
+        for frame in frames:
+            hosts[1].send_probe(ips[2], 2, frame)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pump(0.1)
+        return heartbeats[before:]
+
+    ping = ["ip", "netns", "exec", "c1", "ping", "-c", "3", "-W", "3", "10.40.0.2"]
+    big = ["ip", "netns", "exec", "c2", "ping", "-c", "2", "-W", "3", "-M", "do", "-s", "1422"]
+    results["mesh_ping"] = run_while_pumping(ping)
+    results["mesh_ping_full_mtu"] = run_while_pumping([*big, "10.40.0.1"])
+    # A fast-path heartbeat probe: a full-size frame through h1's tunnel towards h2.
+    results["mesh_probes"] = probes([encode_probe(names[1], names[2], 1, 1450 + 14)])
+    results["mesh_status"] = {h: ovs.status() for h, ovs in hosts.items()}
     results["mesh_flows"] = {
         h: sorted(
             f"in={f.key.in_port} {f.key.eth_src}>{f.key.eth_dst} "
             f"tun={f.key.tunnel.tun_id if f.key.tunnel else None} pk={f.packets}"
-            for f in client.dump_flows(dp)
+            for f in ovs.client.dump_flows(ovs.client.find_datapath("weft-dp"))  # type: ignore[arg-type]
         )
-        for h, (client, dp, _p, _v) in hosts.items()
+        for h, ovs in hosts.items()
     }
     results["mesh_macs"] = {
-        h: {m: str(w) for m, w in p.macs.items()} for h, (_, _, p, _) in hosts.items()
+        h: {m: str(w) for m, w in (ovs.planner.macs if ovs.planner else {}).items()}
+        for h, ovs in hosts.items()
     }
-    esp_checks(hosts, names, pump, run_while_pumping)
-    for client, dp, _p, _v in hosts.values():
-        client.delete_datapath(dp.name)
-        client.close()
+    esp_checks(names, ips, lambda: run_while_pumping(ping), probes)
+    for ovs in hosts.values():
+        ovs.stop()
+        ovs.client.close()
+    results["mesh_left"] = subprocess.run(
+        ["ip", "-n", "h1", "-br", "link"], capture_output=True, text=True
+    ).stdout
 
 
 def esp_checks(
-    hosts: dict[int, Any],
     names: dict[int, PeerName],
-    pump: Callable[[float], None],
-    run_while_pumping: Callable[[list[str]], int],
+    ips: dict[int, str],
+    ping: Callable[[], int],
+    probes: Callable[[list[bytes]], list[tuple[int, int]]],
 ) -> None:
     """With ESP between the hosts, the underlay carries ESP and no plain UDP 6784."""
-    ips = {1: "192.168.5.1", 2: "192.168.5.2"}
     xfrm = {}
     spis = {}
     for h in (1, 2):
@@ -319,25 +285,14 @@ def esp_checks(
     cap.bind(("u2", 0))
     cap.setblocking(False)
     enter_netns("")
-    results["esp_ping"] = run_while_pumping(
-        ["ip", "netns", "exec", "c1", "ping", "-c", "3", "-W", "3", "10.40.0.2"]
+    results["esp_ping"] = ping()
+    # Full-size probes: 1450 no longer fits with ESP (DF), 1450 - ESP_OVERHEAD does.
+    results["esp_probes"] = probes(
+        [
+            encode_probe(names[1], names[2], 2, 1450 + 14),
+            encode_probe(names[1], names[2], 3, 1450 - ESP_OVERHEAD + 14),
+        ]
     )
-    # Full-size probes: 1450 no longer fits with ESP (DF), 1450 - 40 does.
-    client1, dp1, _p, vx1 = hosts[1]
-    tunnel = TunnelKey(
-        tun_id=pair_vni(1, 2), ipv4_src=ips[1], ipv4_dst=ips[2], ttl=64, dont_fragment=True
-    )
-    before = len(hosts_heartbeats(hosts))
-    for seq, mtu in ((2, 1450), (3, 1450 - ESP_OVERHEAD)):
-        probe = encode_probe(names[1], names[2], seq, mtu + 14)
-        try:
-            client1.execute(dp1, probe, [SetTunnelAction(tunnel), OutputAction(vx1.port_no)])
-        except Exception as err:
-            results[f"esp_probe_{mtu}_error"] = str(err)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        pump(0.1)
-    results["esp_probes"] = hosts_heartbeats(hosts)[before:]
     esp = plain = 0
     while True:
         try:
@@ -372,13 +327,6 @@ def esp_checks(
     enter_netns("")
     for c in xfrm.values():
         c.close()
-
-
-def hosts_heartbeats(hosts: dict[int, Any]) -> list[Any]:
-    return list(_HEARTBEATS)
-
-
-_HEARTBEATS: list[Any] = []
 
 
 def main() -> None:
