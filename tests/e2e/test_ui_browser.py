@@ -331,3 +331,26 @@ async def test_tables_work_without_the_graph_library(page: Any, server: FakeStat
     await wait_for(page, "() => window.weftGraph.tableRows === 3")
     body = await page.inner_text("#table-body")
     assert "vxlan" in body and "sleeve" in body and "encrypted" in body
+
+
+async def test_connections_table_lists_dials_to_unknown_peers(
+    page: Any, server: FakeStatusServer
+) -> None:
+    status = json.loads(json.dumps(server.get_status()))
+    status["router"]["connections"].append(
+        {"peer": None, "nickname": None, "address": "10.9.9.9:6783", "outbound": True,
+         "state": "failed", "info": "wrong password: confirm did not open (3 times)",
+         "encrypted": True, "datapath": None, "mtu": None, "since": 12.3}
+    )
+    server.set_status(status)
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    assert "1 connection failed" in await page.inner_text("#banner")
+    await page.click("#tabs button[data-view=connections]")
+    await wait_for(page, "() => window.weftGraph.tableRows === 4")
+    await page.fill("#table-search", "10.9.9.9")
+    await wait_for(page, "() => window.weftGraph.tableRows === 1")
+    await page.click("#table-body tr.row >> nth=0")
+    details = await page.inner_text("#details")
+    assert "wrong password" in details and "10.9.9.9:6783" in details and "failed" in details
+    assert page.problems.errors == []

@@ -182,12 +182,16 @@
       if (!groups.has(r)) groups.set(r, []);
       groups.get(r).push(p.name);
     });
-    var comps = Array.from(groups.values()).sort(function (x, y) {
-      var lx = x.indexOf(localName) >= 0 ? 0 : 1, ly = y.indexOf(localName) >= 0 ? 0 : 1;
-      if (lx !== ly) return lx - ly;
-      if (x.length !== y.length) return y.length - x.length;
-      return x.slice().sort()[0] < y.slice().sort()[0] ? -1 : 1;
-    });
+    // The local peer's part first, then by size, then by smallest name (stable across updates).
+    var comps = Array.from(groups.values()).map(function (names) {
+      var min = names[0];
+      names.forEach(function (n) { if (n < min) min = n; });
+      return { names: names, min: min, local: names.indexOf(localName) >= 0 };
+    }).sort(function (x, y) {
+      if (x.local !== y.local) return x.local ? -1 : 1;
+      if (x.names.length !== y.names.length) return y.names.length - x.names.length;
+      return x.min < y.min ? -1 : x.min > y.min ? 1 : 0;
+    }).map(function (c) { return c.names; });
     comps.forEach(function (names, i) {
       names.forEach(function (n) {
         var p = peers.get(n);
@@ -505,6 +509,11 @@
     if (!m || !id) { box.appendChild(el('p', 'Click a peer or a connection for details.', 'muted')); return; }
     if (id.indexOf('n:') === 0) renderPeer(box, m, id.slice(2));
     else if (id.indexOf('e:') === 0) renderEdge(box, m, m.edges.get(id.slice(2)));
+    else if (id.indexOf('c:') === 0) {
+      renderLocalConn(box, m, m.localConns.filter(function (c) {
+        return !c.peer && c.address === id.slice(2);
+      })[0]);
+    }
   }
 
   function renderPeer(box, m, name) {
@@ -605,6 +614,17 @@
     }
   }
 
+  function renderLocalConn(box, m, c) {
+    if (!c || c.peer) { box.appendChild(el('p', 'This connection is gone.', 'muted')); return; }
+    box.appendChild(el('h2', 'Connection to ' + (c.address || '?')));
+    box.appendChild(dl([
+      ['state', stateSpan(c.state)], ['address', c.address],
+      ['direction', c.outbound ? 'outbound from here' : 'inbound'],
+      ['peer', 'not known yet'], ['reason', c.info],
+      ['for', c.since === null ? '' : Math.round(c.since) + ' s'],
+    ]));
+  }
+
   function select(id, center) {
     app.selected = id;
     var cy = app.cy;
@@ -657,6 +677,13 @@
         rows.push({ id: e.id, from: (pa.nickname || e.a), to: (pb.nickname || e.b), state: e.state,
           datapath: e.datapath, encryption: e.encrypted ? 'encrypted' : 'plain', mtu: e.mtu,
           address: e.address, info: e.info, _names: e.a + ' ' + e.b });
+      });
+      // Our connections to addresses whose peer is not known (dialling, failed handshakes).
+      m.localConns.forEach(function (c) {
+        if (c.peer) return;
+        rows.push({ id: 'c:' + c.address, from: m.nickname || m.localName, to: c.address, state: c.state,
+          datapath: c.datapath, encryption: c.controlEncrypted ? 'encrypted' : 'plain', mtu: c.mtu,
+          address: c.address, info: c.info, _names: m.localName });
       });
     }
     var cols = COLUMNS[view];
