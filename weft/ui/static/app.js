@@ -424,8 +424,10 @@
         if (!w) { ele.remove(); return; }
         var d = ele.data();
         if (d.label !== w.data.label || d.state !== w.data.state || d.datapath !== w.data.datapath ||
-            d.encrypted !== w.data.encrypted) {
-          ele.data(w.data);
+            d.encrypted !== w.data.encrypted || d.nickname !== w.data.nickname) {
+          // Never id/source/target: fixed for an element's life (the id encodes them).
+          ele.data({ label: w.data.label, state: w.data.state, datapath: w.data.datapath,
+                     encrypted: w.data.encrypted, nickname: w.data.nickname });
         }
         if (ele.classes().join(' ') !== w.classes) ele.classes(w.classes);
         want.delete(ele.id());
@@ -442,7 +444,8 @@
       hook.layouts += 1;
       if (pos) fitPositions(pos); else runLayout(m);
     }
-    if (app.selected && cy.getElementById(app.selected).empty()) app.selected = null;
+    // A selected peer or connection that disappeared stays selected: the details panel says it
+    // is gone, which is news to the user, until something else is picked.
   }
 
   function snapshot() {
