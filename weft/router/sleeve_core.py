@@ -129,6 +129,7 @@ FLAG_VNET: Final = 0x01
 BROADCAST: Final = b"\x00" * 6
 _ETH_HEADER: Final = 14
 _IP_UDP_OVERHEAD: Final = 28  # IPv4 20 + UDP 8
+_MAX_UDP: Final = 65507  # the largest IPv4 UDP payload
 # The largest message: one super-frame record (virtio header + 14 + VLAN 4 + 64 KiB IP) sealed.
 MAX_MESSAGE: Final = RECORD_HEADER_SIZE + VNET_HDR_SIZE + 18 + 65535 + DATA_OVERHEAD
 _KINDS: Final = frozenset((_VK_DATA, _VK_HEARTBEAT))
@@ -144,7 +145,7 @@ _VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum
 class SleeveConfig:
     """Sleeve tuning; the defaults suit a LAN and follow Weave where Weave had a value."""
 
-    port: int = 6783  # UDP port of the sleeve
+    port: int = 6783  # UDP port of the sleeve (0: any free port, for tests)
     tap_vnet_hdr: bool = True  # the local TAP delivers/accepts a virtio_net_hdr (super-frames)
     fragment: bool = True  # fragment frames larger than a datagram (False: ICMP too-big instead)
     heartbeat_pending: float = 0.5  # heartbeat period until the first acknowledgement (Weave)
@@ -164,8 +165,8 @@ class SleeveConfig:
     cipher: DataCipher = DEFAULT_DATA_CIPHER
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"sleeve port {self.port} is not a UDP port (1..65535)")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"sleeve port {self.port} is not a UDP port (1..65535, 0: any)")
         if self.pmtu_min < HEADER_SIZE + DATA_OVERHEAD + RECORD_HEADER_SIZE + 64:
             raise ConfigError(f"pmtu_min {self.pmtu_min} is too small for one frame")
         for name in ("heartbeat_pending", "heartbeat_interval", "heartbeat_timeout"):
@@ -324,7 +325,7 @@ class SleeveCore:
         use = cipher or self.config.cipher
         sealer = DataSealer(send_key, use) if send_key is not None else None
         opener = DataOpener(recv_key, use) if recv_key is not None else None
-        upper = max(self.config.pmtu_min, underlay_mtu - _IP_UDP_OVERHEAD)
+        upper = max(self.config.pmtu_min, min(_MAX_UDP, underlay_mtu - _IP_UDP_OVERHEAD))
         link = _Link(
             peer, self.local_bytes, addr, sealer, opener, superframes, upper, self.config, now
         )

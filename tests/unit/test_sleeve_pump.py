@@ -1,0 +1,149 @@
+"""The asyncio pump: two SleeveOverlays on loopback UDP (no TAP), wired as the router does."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from weft.errors import ConfigError
+from weft.gossip.peer import PeerName
+from weft.router.bridge import Attachment
+from weft.router.bridge_api import setup_routes
+from weft.router.overlay import OverlayConnection, OverlayConnectionParams
+from weft.router.sleeve import SleeveOverlay
+from weft.router.sleeve_core import SleeveConfig
+
+A, B = PeerName(0x020000000001), PeerName(0x020000000002)
+
+
+def _params(
+    local: PeerName,
+    remote: PeerName,
+    features: dict[str, Any],
+    keys: tuple[bytes, bytes] | None,
+    send: Callable[[bytes], None],
+    established: asyncio.Event,
+) -> OverlayConnectionParams:
+    return OverlayConnectionParams(
+        local_name=local,
+        remote_name=remote,
+        remote_short_id=1,
+        remote_ip="127.0.0.1",
+        outbound=local < remote,
+        data_send_key=keys[0] if keys else None,
+        data_recv_key=keys[1] if keys else None,
+        remote_features=features,
+        send_control=send,
+        on_established=established.set,
+    )
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+async def test_two_overlays_establish_over_loopback(encrypted: bool) -> None:
+    cfg = SleeveConfig(port=0, tap_vnet_hdr=False)
+    ov_a = SleeveOverlay(cfg, host="127.0.0.1", tap_name=None, bridge=None)
+    ov_b = SleeveOverlay(cfg, host="127.0.0.1", tap_name=None, bridge=None)
+    try:
+        assert ov_a.features()["sleeve_port"] != ov_b.features()["sleeve_port"]
+        k1, k2 = os.urandom(32), os.urandom(32)
+        conns: dict[str, OverlayConnection] = {}
+        est_a, est_b = asyncio.Event(), asyncio.Event()
+        conns["a"] = ov_a.prepare_connection(
+            _params(A, B, ov_b.features(), (k1, k2) if encrypted else None,
+                    lambda m: conns["b"].control_received(m), est_a)
+        )  # fmt: skip
+        conns["b"] = ov_b.prepare_connection(
+            _params(B, A, ov_a.features(), (k2, k1) if encrypted else None,
+                    lambda m: conns["a"].control_received(m), est_b)
+        )  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(est_a.wait(), est_b.wait()), timeout=10)
+        st = conns["a"].status()
+        assert st.datapath == "sleeve" and st.state == "established"
+        assert st.encrypted is encrypted
+        # The PMTU search continues after establishment (loopback: up to a 65507-byte datagram).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while "probing" in conns["a"].status().info and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        st = conns["a"].status()
+        assert "probing" not in st.info and st.mtu is not None and st.mtu > 60000, st
+        status = ov_a.status()
+        assert status["mode"] == "per-frame" and status["links"][str(B)]["state"] == "established"
+        conns["a"].stop()
+        assert conns["a"].status().state == "failed"
+    finally:
+        ov_a.close()
+        ov_b.close()
+
+
+async def test_peer_without_sleeve_is_reported_not_established() -> None:
+    ov = SleeveOverlay(SleeveConfig(port=0), host="127.0.0.1", tap_name=None, bridge=None)
+    try:
+        conn = ov.prepare_connection(_params(A, B, {}, None, lambda m: None, asyncio.Event()))
+        st = conn.status()
+        assert st.state == "failed" and "no compatible sleeve" in st.info
+    finally:
+        ov.close()
+
+
+class FakeBridge:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def expose(self, cidr: str | None) -> list[str]:
+        if cidr is None:
+            raise ConfigError("a CIDR is required")
+        self.calls.append(("expose", cidr))
+        return [cidr]
+
+    def hide(self, cidr: str) -> list[str]:
+        return []
+
+    def attach(self, netns: str, ips: list[str], ifname: str, mtu: int | None) -> Attachment:
+        self.calls.append(("attach", netns, ips, ifname, mtu))
+        return Attachment(netns, f"/run/netns/{netns}", ifname, "vwe0", "02:00:00:00:00:01", ips)
+
+    def detach(self, netns: str) -> bool:
+        return netns == "c1"
+
+    def ps(self) -> list[dict[str, Any]]:
+        return [{"netns": "c1"}]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ConfigError as err:
+        return web.json_response({"error": str(err)}, status=400)
+
+
+async def test_bridge_api_shapes() -> None:
+    fake = FakeBridge()
+    app = web.Application(middlewares=[_errors])
+    setup_routes(app, fake)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        r = await client.post("/attach", json={"netns": "c1", "ip": ["10.32.0.2/12"]})
+        assert r.status == 200
+        assert await r.json() == {
+            "netns": "c1", "ifname": "ethwe", "host_ifname": "vwe0",
+            "mac": "02:00:00:00:00:01", "addresses": ["10.32.0.2/12"],
+        }  # fmt: skip
+        assert fake.calls[-1] == ("attach", "c1", ["10.32.0.2/12"], "ethwe", None)
+        r = await client.post("/attach", json={"netns": "c1", "ip": "10.32.0.2/12", "mtu": "x"})
+        assert r.status == 400
+        r = await client.post("/expose", json={"cidr": None})
+        assert r.status == 400 and "CIDR" in (await r.json())["error"]
+        r = await client.post("/expose", json={"cidr": "10.32.0.1/12"})
+        assert await r.json() == {"addresses": ["10.32.0.1/12"]}
+        assert (await client.post("/detach", json={"netns": "c1"})).status == 200
+        assert (await client.post("/detach", json={"netns": "zz"})).status == 400
+        assert await (await client.get("/ps")).json() == [{"netns": "c1"}]
+        assert (await client.post("/attach", data=b"[1]")).status == 400
