@@ -1,0 +1,389 @@
+"""MeshCore wired by hand with a stepped clock: topology exchange, channels, relaying,
+tie-breaks, self/collision detection, restarts, GC, coalescing and hostile input."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weft.errors import ConfigError, LocalError, RemoteProtocolError
+from weft.gossip.channel import GossipData
+from weft.gossip.mesh import (
+    ConnectionRejected,
+    DialRequested,
+    MeshConfig,
+    MeshCore,
+    MeshEvent,
+    PeerRestarted,
+    PeersRemoved,
+    RoutesChanged,
+    TopologyChanged,
+)
+from weft.gossip.peer import PeerIdentity, PeerName
+from weft.gossip.wire import TAG_BROADCAST, TAG_GOSSIP, TAG_UNICAST, encode_gossip
+
+
+class SetData:
+    """A grow-only set: the simplest GossipData."""
+
+    def __init__(self, items: set[int] | frozenset[int]) -> None:
+        self.items = set(items)
+
+    def encode(self) -> list[bytes]:
+        return [msgpack.packb(sorted(self.items))]
+
+    def merge(self, other: GossipData) -> GossipData:
+        assert isinstance(other, SetData)
+        self.items |= other.items
+        return self
+
+
+class SetHandler:
+    def __init__(self) -> None:
+        self.state: set[int] = set()
+        self.unicasts: list[tuple[PeerName, bytes]] = []
+        self.broadcasts: list[tuple[PeerName, set[int]]] = []
+        self.gossips = 0
+
+    @staticmethod
+    def decode(payload: bytes) -> set[int]:
+        try:
+            items = msgpack.unpackb(payload)
+        except Exception as err:
+            raise RemoteProtocolError(f"bad set payload: {err}") from None
+        if type(items) is not list or any(type(i) is not int for i in items):
+            raise RemoteProtocolError("bad set payload")
+        return set(items)
+
+    def _delta(self, payload: bytes) -> SetData | None:
+        new = self.decode(payload) - self.state
+        self.state |= new
+        return SetData(new) if new else None
+
+    def on_unicast(self, src: PeerName, payload: bytes) -> None:
+        self.unicasts.append((src, payload))
+
+    def on_broadcast(self, src: PeerName, payload: bytes) -> GossipData | None:
+        self.broadcasts.append((src, self.decode(payload)))
+        return self._delta(payload)
+
+    def on_gossip(self, payload: bytes) -> GossipData | None:
+        self.gossips += 1
+        return self._delta(payload)
+
+    def snapshot(self) -> GossipData:
+        return SetData(self.state)
+
+
+class Harness:
+    """Zero-latency wiring of cores with a hand-stepped clock."""
+
+    def __init__(self, config: MeshConfig | None = None) -> None:
+        self.config = config or MeshConfig(discovery=False)
+        self.now = 0.0
+        self.cores: list[MeshCore] = []
+        self.links: dict[tuple[int, int], tuple[MeshCore, int]] = {}
+        self.events: dict[int, list[MeshEvent]] = {}
+        self.blocked: dict[int, set[int]] = {}
+        self.sent: list[tuple[int, int, int, bytes]] = []
+        self._next = 1
+
+    def core(self, i: int, uid: int | None = None) -> MeshCore:
+        ident = PeerIdentity(PeerName(0x020000000000 + i), f"p{i}", uid or 1000 + i, i)
+        c = MeshCore(ident, self.config, random.Random(i), self.now)
+        self.cores.append(c)
+        self.events[id(c)] = []
+        return c
+
+    def link(self, a: MeshCore, b: MeshCore, conn_uid: int | None = None) -> tuple[int, int]:
+        ia, ib = self._next, self._next + 1
+        self._next += 2
+        self.links[(id(a), ia)] = (b, ib)
+        self.links[(id(b), ib)] = (a, ia)
+        uid = conn_uid if conn_uid is not None else ia
+        a.connection_added(ia, b.identity, f"h{int(b.name) & 255}:6783", True, self.now, uid)
+        b.connection_added(ib, a.identity, f"h{int(a.name) & 255}:40000", False, self.now, uid)
+        a.connection_established(ia, self.now)
+        b.connection_established(ib, self.now)
+        return ia, ib
+
+    def unlink(self, a: MeshCore, conn_id: int) -> None:
+        b, ib = self.links.pop((id(a), conn_id))
+        self.links.pop((id(b), ib), None)
+        a.connection_removed(conn_id, self.now, "test")
+        b.connection_removed(ib, self.now, "test")
+
+    def deliver(self) -> int:
+        n = 0
+        moved = True
+        while moved:
+            moved = False
+            for c in list(self.cores):
+                for conn_id, tag, payload in c.messages_to_send(self.blocked.get(id(c), set())):
+                    target = self.links.get((id(c), conn_id))
+                    self.sent.append((id(c), conn_id, tag, payload))
+                    if target is not None:
+                        target[0].receive(target[1], tag, payload, self.now)
+                        moved = True
+                        n += 1
+                while (ev := c.next_event()) is not None:
+                    self.events[id(c)].append(ev)
+        return n
+
+    def run(self, seconds: float, step: float = 0.01) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = round(self.now + step, 6)
+            for c in self.cores:
+                t = c.get_timer()
+                if t is not None and t <= self.now:
+                    c.handle_timer(self.now)
+            self.deliver()
+
+
+def names(core: MeshCore) -> set[PeerName]:
+    return set(core.topology.records)
+
+
+def test_two_peers_exchange_topology_and_routes() -> None:
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    h.link(a, b)
+    h.run(2.0)
+    assert names(a) == names(b) == {a.name, b.name}
+    assert a.topology.digest_hash() == b.topology.digest_hash()
+    assert a.routes.unicast_next_hop(b.name) == b.name
+    assert a.routes.broadcast_next_hops(a.name) == [b.name]
+    evs = h.events[id(a)]
+    assert any(isinstance(e, TopologyChanged) for e in evs)
+    assert any(isinstance(e, RoutesChanged) for e in evs)
+    st_ = a.status()
+    assert st_["connections"][0]["state"] == "established"
+    assert {p["name"] for p in st_["peers"]} == {str(a.name), str(b.name)}
+
+
+def test_line_relays_unicast_broadcast_gossip_and_unknown_channels() -> None:
+    h = Harness()
+    a, b, c = h.core(1), h.core(2), h.core(3)
+    ha, hc = SetHandler(), SetHandler()
+    sa = a.register_channel("set", ha)
+    c.register_channel("set", hc)  # b does not know "set": it relays as a surrogate
+    h.link(a, b)
+    h.link(b, c)
+    h.run(3.0)
+    assert names(a) == names(c) == {a.name, b.name, c.name}
+    assert a.routes.unicast_next_hop(c.name) == b.name
+
+    sa.unicast(c.name, b"hello")
+    h.deliver()
+    assert hc.unicasts == [(a.name, b"hello")]
+
+    sa.broadcast(SetData({1, 2}))
+    h.deliver()
+    assert hc.broadcasts == [(a.name, {1, 2})] and hc.state == {1, 2}
+
+    sa.gossip(SetData({3}))
+    h.deliver()
+    assert 3 in hc.state
+    assert b.stats.surrogate_relayed >= 2
+
+
+def test_pending_channel_data_coalesces_on_a_blocked_connection() -> None:
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    sa = a.register_channel("set", SetHandler())
+    hb = SetHandler()
+    b.register_channel("set", hb)
+    ia, _ = h.link(a, b)
+    h.run(1.0)
+    h.blocked[id(a)] = {ia}
+    for i in range(10):
+        sa.gossip(SetData({i}))
+    h.deliver()
+    assert hb.state == set()
+    before = hb.gossips
+    h.blocked.clear()
+    h.deliver()
+    assert hb.state == set(range(10))
+    assert hb.gossips - before == 1  # ten sends, one merged message
+
+
+def test_duplicate_connection_lower_conn_uid_wins() -> None:
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    first, _ = h.link(a, b, conn_uid=50)
+    ib = h._next + 1
+    h.link(a, b, conn_uid=10)  # lower: replaces the first on both sides
+    h.deliver()
+    assert ConnectionRejected(first, "replaced by a newer connection") in h.events[id(a)]
+    assert a.connected_peers() == {b.name: ib - 1}
+    h.link(a, b, conn_uid=99)  # higher: rejected
+    h.deliver()
+    rejected = [e for e in h.events[id(a)] if isinstance(e, ConnectionRejected)]
+    assert rejected[-1].reason.startswith("duplicate connection")
+    assert len(a.connected_peers()) == 1
+
+
+def test_connection_to_self_and_name_collision_are_refused() -> None:
+    h = Harness()
+    a = h.core(1)
+    twin = PeerIdentity(a.name, "twin", a.identity.uid + 1, 9)
+    assert a.admission(a.identity, 5).reason == "connection to self"
+    assert "name collision" in a.admission(twin, 5).reason
+    a.add_targets(["10.9.9.9"], 0.0)
+    assert a.next_event() == DialRequested("10.9.9.9:6783")
+    assert not a.connection_added(7, a.identity, "10.9.9.9:6783", True, 0.0)
+    assert a.next_event() == ConnectionRejected(7, "connection to self")
+    a.handle_timer(1000.0)
+    assert a.next_event() is None  # never dials itself again
+    assert a.status()["targets"][0]["last_error"] == "connection to self"
+
+
+def test_dial_failure_backs_off_then_retries() -> None:
+    h = Harness()
+    a = h.core(1)
+    a.add_targets(["10.0.0.5:6783"], 0.0)
+    assert a.next_event() == DialRequested("10.0.0.5:6783")
+    a.dial_failed("10.0.0.5:6783", 0.0, "connection refused")
+    t = a.get_timer()
+    assert t is not None
+    row = a.status()["targets"][0]
+    assert row["state"] == "retrying" and 1.0 <= row["next_try"] < 3.0
+    a.handle_timer(row["next_try"])
+    assert a.next_event() == DialRequested("10.0.0.5:6783")
+
+
+def test_restarted_peer_replaces_its_record() -> None:
+    h = Harness()
+    a, b, c = h.core(1), h.core(2), h.core(3)
+    _, _ib = h.link(a, b)
+    h.link(b, c)
+    h.run(2.0)
+    for _ in range(3):  # push b's version up
+        _x, _y = h.link(b, h.core(10 + _))
+        h.run(0.5)
+    old_uid = b.identity.uid
+    h.cores.remove(b)
+    for (cid, conn_id), _target in list(h.links.items()):
+        if cid == id(b):
+            other, oid = h.links.pop((cid, conn_id))
+            h.links.pop((id(other), oid), None)
+            other.connection_removed(oid, h.now, "reset")
+    b2 = h.core(2, uid=old_uid + 1)
+    h.link(a, b2)
+    h.link(b2, c)
+    h.run(3.0)
+    for core in (a, c, b2):
+        rec = core.topology.get(b2.name)
+        assert rec is not None and rec.uid == old_uid + 1
+    assert any(isinstance(e, PeerRestarted) and e.new_uid == old_uid + 1 for e in h.events[id(a)])
+
+
+def test_unreachable_peers_are_garbage_collected_after_grace() -> None:
+    h = Harness()
+    a, b, c = h.core(1), h.core(2), h.core(3)
+    h.link(a, b)
+    _, ic = h.link(b, c)
+    h.run(2.0)
+    assert c.name in a.topology
+    h.unlink(c, ic)
+    h.run(1.0)
+    assert c.name in a.topology  # grace period
+    h.run(3.0)
+    assert c.name not in a.topology and c.name not in b.topology
+    assert any(isinstance(e, PeersRemoved) and c.name in e.names for e in h.events[id(a)])
+
+
+def test_steady_state_sends_only_digest_hashes() -> None:
+    h = Harness()
+    cores = [h.core(i) for i in range(1, 5)]
+    for x, y in itertools.pairwise(cores):
+        h.link(x, y)
+    h.run(5.0)
+    h.sent.clear()
+    h.run(30.0, step=0.05)
+    topo = [p for (_, _, tag, p) in h.sent if tag == TAG_GOSSIP]
+    assert topo, "anti-entropy should still run"
+    assert max(len(p) for p in topo) < 64  # hashes only, no records
+    per_peer_per_s = sum(len(p) for p in topo) / 4 / 30.0
+    assert per_peer_per_s < 50
+
+
+def test_api_misuse_and_config_validation() -> None:
+    h = Harness()
+    a = h.core(1)
+    a.register_channel("set", SetHandler())
+    with pytest.raises(LocalError):
+        a.register_channel("set", SetHandler())
+    with pytest.raises(LocalError):
+        a.register_channel("topology", SetHandler())
+    with pytest.raises(ConfigError):
+        MeshConfig(port=0)
+    with pytest.raises(ConfigError):
+        MeshConfig(gossip_interval=0)
+    a.receive(12345, TAG_GOSSIP, b"\x00", 0.0)  # unknown connection: ignored
+
+
+# --- hostile input: anything either works or raises RemoteProtocolError -------------------------
+
+_core_pair: dict[str, Any] = {}
+
+
+def _target() -> tuple[MeshCore, int]:
+    if not _core_pair:
+        h = Harness()
+        a, b = h.core(1), h.core(2)
+        a.register_channel("set", SetHandler())
+        ia, _ = h.link(a, b)
+        _core_pair["v"] = (a, ia)
+    v: tuple[MeshCore, int] = _core_pair["v"]
+    return v
+
+
+leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.text(max_size=8)
+    | st.binary(max_size=40)
+)
+shapes = st.recursive(leaf, lambda inner: st.lists(inner, max_size=5), max_leaves=16)
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([0, 3, TAG_GOSSIP, TAG_UNICAST, TAG_BROADCAST, 7, 200]), st.binary(max_size=80)
+)
+def test_garbage_bytes_only_raise_remote_protocol_error(tag: int, payload: bytes) -> None:
+    a, ia = _target()
+    with contextlib.suppress(RemoteProtocolError):
+        a.receive(ia, tag, payload, 1.0)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([TAG_GOSSIP, TAG_UNICAST, TAG_BROADCAST]), shapes, shapes)
+def test_structured_garbage_only_raises_remote_protocol_error(
+    tag: int, body: Any, channel_body: Any
+) -> None:
+    a, ia = _target()
+    payloads = []
+    for obj in (body, ["topology", 5, channel_body], ["set", 5, channel_body]):
+        try:
+            payloads.append(msgpack.packb(obj, use_bin_type=True))
+        except (OverflowError, ValueError, TypeError):
+            continue
+    try:
+        inner = msgpack.packb(channel_body, use_bin_type=True)
+        payloads.append(encode_gossip("topology", PeerName(5), inner))
+    except (OverflowError, ValueError, TypeError):
+        pass
+    for p in payloads:
+        with contextlib.suppress(RemoteProtocolError):
+            a.receive(ia, tag, p, 1.0)
