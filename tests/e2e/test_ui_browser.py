@@ -300,7 +300,24 @@ async def test_table_search_and_sort(page: Any) -> None:
         await wait_for(page, "() => window.weftGraph.tableRows === 150")
         await page.fill("#table-search", "")
         await wait_for(page, "() => window.weftGraph.tableRows === 300")
+        # Virtual scrolling: at the very bottom the last peer is rendered and in view.
+        await page.click("#table-head th[data-key=nickname]")  # ascending
+        await page.evaluate(
+            "() => { const s = document.getElementById('table-scroll');"
+            " s.scrollTop = s.scrollHeight; }"
+        )
+        await wait_for(
+            page,
+            """() => { const rows = document.querySelectorAll('#table-body tr.row');
+                 const last = rows[rows.length - 1];
+                 if (!last || !last.textContent.includes('host-0300')) return false;
+                 const s = document.getElementById('table-scroll').getBoundingClientRect();
+                 const r = last.getBoundingClientRect();
+                 return r.bottom <= s.bottom + 1 && r.top >= s.top; }""",
+        )
+        await page.evaluate("() => { document.getElementById('table-scroll').scrollTop = 0; }")
         # Sort by nickname twice: descending puts host-0300 first.
+        await page.click("#table-head th[data-key=name]")
         await page.click("#table-head th[data-key=nickname]")
         await page.click("#table-head th[data-key=nickname]")
         first = await page.inner_text("#table-body tr.row >> nth=0")

@@ -45,7 +45,7 @@
 
   var app = {
     model: null, selected: null, view: 'graph', cy: null, cyBig: null,
-    nodeIds: '', sortKey: null, sortDir: 1, rows: [], filtered: [],
+    nodeIds: '', sortKey: null, sortDir: 1, rows: [], filtered: [], rowHeight: 0,
   };
 
   // ---------------------------------------------------------------------------------------
@@ -740,12 +740,12 @@
   function renderTableRows() {
     if (app.view === 'graph') return;
     var scroller = $('table-scroll'), body = $('table-body'), rows = app.filtered;
-    var cols = COLUMNS[app.view];
-    var first = Math.max(0, Math.floor(scroller.scrollTop / ROW_HEIGHT) - ROW_OVERSCAN);
-    var count = Math.ceil((scroller.clientHeight || 600) / ROW_HEIGHT) + 2 * ROW_OVERSCAN;
+    var cols = COLUMNS[app.view], rh = app.rowHeight || ROW_HEIGHT;
+    var first = Math.max(0, Math.floor(scroller.scrollTop / rh) - ROW_OVERSCAN);
+    var count = Math.ceil((scroller.clientHeight || 600) / rh) + 2 * ROW_OVERSCAN;
     var last = Math.min(rows.length, first + count);
     var html = '';
-    if (first > 0) html += '<tr class="spacer" data-h="' + first * ROW_HEIGHT + '"><td colspan="' + cols.length + '"></td></tr>';
+    if (first > 0) html += '<tr class="spacer" data-rows="' + first + '"><td colspan="' + cols.length + '"></td></tr>';
     for (var i = first; i < last; i++) {
       var r = rows[i];
       html += '<tr class="row' + (r.id === app.selected ? ' selected' : '') + '" data-id="' + esc(r.id) + '">';
@@ -756,11 +756,18 @@
       }
       html += '</tr>';
     }
-    if (last < rows.length) html += '<tr class="spacer" data-h="' + (rows.length - last) * ROW_HEIGHT + '"><td colspan="' + cols.length + '"></td></tr>';
+    if (last < rows.length) html += '<tr class="spacer" data-rows="' + (rows.length - last) + '"><td colspan="' + cols.length + '"></td></tr>';
     body.innerHTML = html;
+    // The real row height (borders included) keeps the spacers exact; measured once.
+    if (!app.rowHeight) {
+      var sample = body.querySelector('tr.row');
+      var h = sample ? sample.getBoundingClientRect().height : 0;
+      if (h > 0) app.rowHeight = h;
+    }
+    rh = app.rowHeight || ROW_HEIGHT;
     // Spacer heights through the CSSOM (inline style attributes are blocked by our CSP).
     Array.prototype.forEach.call(body.querySelectorAll('tr.spacer'), function (tr) {
-      tr.firstChild.style.height = tr.dataset.h + 'px';
+      tr.firstChild.style.height = Number(tr.dataset.rows) * rh + 'px';
     });
     hook.tableRows = rows.length;
   }
