@@ -364,3 +364,17 @@ async def test_dns_rebinding_is_refused(env: Env) -> None:
             "/connect", headers={"Host": name, "Origin": f"http://{name}"}, json={}
         )
         assert resp.status == 200, name
+
+
+async def test_no_rendering_without_clients(env: Env) -> None:
+    client, hub, source = env
+    calls = source.calls
+    for i in range(5):
+        source.status = synthetic_status(3, seed=i + 10)
+        hub.notify()
+    # Let the coalescing timer fire: a WebSocket round trip needs more than one loop turn.
+    ws = await client.ws_connect("/ws")
+    first = await receive_json(ws)
+    assert first["status"] == source.status  # a new client gets the current status...
+    assert source.calls - calls == 1  # ...rendered once for it, never for the empty room
+    await ws.close()

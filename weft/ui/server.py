@@ -220,7 +220,8 @@ class StatusHub:
         self._timer = None
         loop = asyncio.get_running_loop()
         if self._coalescer.flush_due(loop.time()):
-            self._refresh()
+            if self._clients:  # nobody watching: render nothing (a new client renders afresh)
+                self._refresh()
         elif self._coalescer.pending:  # woke early (clock granularity): try again at the deadline
             self._timer = loop.call_at(self._coalescer.next_flush_at, self._on_timer)
 
