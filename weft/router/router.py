@@ -158,6 +158,7 @@ class Router:
         self._by_peer: dict[PeerName, Connection] = {}
         self._dialing: set[str] = set()
         self._accept_waiting = 0
+        self._backlogged: set[int] = set()  # conn ids whose send backlog was high
         self._failures: dict[tuple[bool, str], FailureRow] = {}
         self._next_local_id = 1
         self._status_providers: dict[str, Callable[[], Any]] = {}
@@ -444,8 +445,14 @@ class Router:
     def _pump_once(self) -> None:
         mesh = self.mesh
         # A connection whose writer is backed up keeps its gossip pending (and merged) in the
-        # core; a short re-pump retries it once the kernel has taken some of the backlog.
-        blocked = {cid for cid, c in self._conns.items() if c.send_backlog > SEND_BACKLOG_HIGH}
+        # core; a short re-pump retries it once the kernel has taken some of the backlog. Only
+        # connections seen backed up after a send are checked (not every connection per pump).
+        blocked = {
+            cid
+            for cid in self._backlogged
+            if (c := self._conns.get(cid)) is not None and c.send_backlog > SEND_BACKLOG_HIGH
+        }
+        self._backlogged = blocked
         if blocked and self._unblock is None and not self._stopping:
             self._unblock = asyncio.get_running_loop().call_later(0.1, self._on_unblock)
         batches: dict[int, list[bytes]] = {}
@@ -455,6 +462,8 @@ class Router:
             conn = self._conns.get(conn_id)
             if conn is not None:
                 conn.send_many(messages)
+                if conn.send_backlog > SEND_BACKLOG_HIGH:
+                    self._backlogged.add(conn_id)
         changed = False
         while (event := mesh.next_event()) is not None:
             changed = True
