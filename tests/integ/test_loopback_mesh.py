@@ -419,3 +419,21 @@ async def test_accept_rate_is_bounded_by_a_token_bucket(
     assert first_byte_after[2] >= 0.3, first_byte_after
     for w in streams:
         w.close()
+
+
+async def test_a_stranger_on_the_control_port_is_refused(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    a = make_router(tmp_path, 0)
+    started.append(a)
+    await a.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), TIMEOUT)  # our header, then the close
+    assert data.startswith(b"weft")
+    writer.close()
+    await wait_until(
+        lambda: any("not a weft peer" in c["info"] for c in rows(a, "failed")), "the refusal row"
+    )
+    assert a.counters["closed_bad_magic"] == 1
+    assert a.status()["router"]["name"] == str(a.identity.name)
