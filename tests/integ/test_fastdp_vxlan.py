@@ -20,6 +20,7 @@ import pytest
 
 from tests.integ.hosts import Host, Underlay, have_netns, run, wait_for
 from weft.fastdp.errors import DatapathError
+from weft.fastdp.esp import InboundGuard
 from weft.fastdp.fdb import FdbEntry, mac_of_peer
 from weft.fastdp.vxlan import VxlanConfig, VxlanDatapath, VxlanDevice
 from weft.gossip.peer import PeerName
@@ -299,3 +300,23 @@ def test_stale_device_is_replaced_and_foreign_one_refused(net: Net) -> None:
         other.start(a.name)
     assert a.dp.device.find() is not None and other.find() is None
     assert mac_of_peer(a.name) in a.host.exec("bridge", "fdb", "show", "dev", "vxlan-weft").stdout
+
+
+def test_inbound_guard_drops_plain_vxlan_from_encrypted_peers(net: Net) -> None:
+    a, b = net.sides
+    wait_for(lambda: _ping(a.container, b.container_ip), timeout=30, what="ping before guard")
+    guard = InboundGuard(nft=("ip", "netns", "exec", b.host.ns, "nft"))
+    guard.start()
+    try:
+        guard.require_esp_from(a.host.ip)  # a sends plain VXLAN (no ESP in this kernel)
+        assert not _ping(a.container, b.container_ip)
+        rules = b.host.exec("nft", "list", "table", "inet", "weft-esp").stdout
+        assert "ipsec missing" in rules and "packets 0 " not in rules  # nft spells secpath so
+        guard.forget(a.host.ip)
+        guard.forget(a.host.ip)  # idempotent
+        wait_for(lambda: _ping(a.container, b.container_ip), timeout=30, what="ping unguarded")
+        guard.start()  # restarting empties the set (a crashed router's elements go)
+        assert _ping(a.container, b.container_ip)
+    finally:
+        guard.stop()
+    assert "weft-esp" not in b.host.exec("nft", "list", "tables").stdout

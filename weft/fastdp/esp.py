@@ -42,6 +42,7 @@ __all__ = [
     "WEFT_POLICY_PRIORITY",
     "WEFT_REQID",
     "EspPair",
+    "InboundGuard",
     "XfrmClient",
     "encode_allocspi",
     "encode_delpolicy",
@@ -349,3 +350,73 @@ class XfrmClient:
             )
             n_pol += 1
         return n_sa, n_pol
+
+
+GUARD_TABLE = "weft-esp"
+
+
+class InboundGuard:
+    """Drop plain (non-ESP) VXLAN from peers whose connection is encrypted.
+
+    The kernel's xfrm "in" policies are not checked for packets a UDP tunnel socket consumes,
+    so an nftables rule does it: ``ip saddr @encrypted udp dport 6784 meta secpath missing
+    drop`` in table ``inet weft-esp`` (input hook). ESP-decapsulated packets pass the input hook
+    again with a secpath and are accepted. One element per encrypted peer.
+
+    ``nft`` is the command prefix (e.g. ``("ip", "netns", "exec", ns, "nft")`` in tests).
+    """
+
+    def __init__(self, nft: tuple[str, ...] = ("nft",), port: int = VXLAN_PORT) -> None:
+        self.nft = nft
+        self.port = port
+
+    def _run(self, op: str, script: str) -> None:
+        import subprocess
+
+        try:
+            proc = subprocess.run(
+                [*self.nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            raise wrap_os_error(op, err) from err
+        if proc.returncode != 0:
+            raise DatapathError(op, proc.stderr.strip() or f"nft exited {proc.returncode}")
+
+    def start(self) -> None:
+        """(Re)create the table empty: a crashed router's elements are dropped with it."""
+        self._run(
+            f"create nftables table inet {GUARD_TABLE}",
+            f"table inet {GUARD_TABLE} {{}}\n"
+            f"delete table inet {GUARD_TABLE}\n"
+            f"table inet {GUARD_TABLE} {{\n"
+            "  set encrypted { type ipv4_addr; }\n"
+            "  chain input {\n"
+            "    type filter hook input priority -10; policy accept;\n"
+            f"    ip saddr @encrypted udp dport {self.port} meta secpath missing counter drop\n"
+            "  }\n"
+            "}\n",
+        )
+
+    def require_esp_from(self, ip: str) -> None:
+        address = str(ipaddress.IPv4Address(ip))
+        self._run(
+            f"require ESP from {address}",
+            f"add element inet {GUARD_TABLE} encrypted {{ {address} }}\n",
+        )
+
+    def forget(self, ip: str) -> None:
+        address = str(ipaddress.IPv4Address(ip))
+        try:
+            self._run(
+                f"stop requiring ESP from {address}",
+                f"delete element inet {GUARD_TABLE} encrypted {{ {address} }}\n",
+            )
+        except DatapathError as err:
+            if "No such file or directory" not in err.reason:
+                raise
+
+    def stop(self) -> None:
+        self._run(
+            f"delete nftables table inet {GUARD_TABLE}",
+            f"table inet {GUARD_TABLE} {{}}\ndelete table inet {GUARD_TABLE}\n",
+        )
