@@ -378,3 +378,20 @@ async def test_no_rendering_without_clients(env: Env) -> None:
     assert first["status"] == source.status  # a new client gets the current status...
     assert source.calls - calls == 1  # ...rendered once for it, never for the empty room
     await ws.close()
+
+
+async def test_non_finite_numbers_become_null(env: Env) -> None:
+    client, _, source = env
+    source.status = {"router": {"name": "x", "rate": float("nan"), "list": [float("inf"), 1.5]}}
+    ws = await client.ws_connect("/ws")
+    msg = await asyncio.wait_for(ws.receive(), RECEIVE_TIMEOUT)
+    assert "NaN" not in msg.data and "Infinity" not in msg.data
+    status = json.loads(msg.data)["status"]
+    assert status == {"router": {"name": "x", "rate": None, "list": [None, 1.5]}}
+    await ws.close()
+
+
+def test_notify_without_a_running_loop_is_harmless() -> None:
+    hub = StatusHub(Source({}))
+    hub.notify()  # e.g. from setup code before the loop runs: ignored, never raises
+    assert hub.seq == 0

@@ -185,7 +185,10 @@ class StatusHub:
         """The status may have changed: push it to clients soon (coalesced)."""
         if self._closed:
             return
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop running: no client can be connected either
+            return
         deadline = self._coalescer.notify(loop.time())
         if deadline is not None:
             self._timer = loop.call_at(deadline, self._on_timer)
@@ -228,8 +231,7 @@ class StatusHub:
     def _refresh(self) -> bool:
         """Render the status; if it changed, bump seq and wake every client. True if it worked."""
         try:
-            status = self._get_status()
-            status_json = json.dumps(status, separators=(",", ":"), default=str)
+            status_json = _to_json(self._get_status())
         except Exception:  # a bug in a status producer must not kill the live view
             log.exception("rendering the status for /ws failed")
             return False
@@ -325,6 +327,24 @@ class StatusHub:
             log.debug("/ws client went away while sending: %s", err)
             with contextlib.suppress(Exception):
                 await ws.close()
+
+
+def _to_json(status: Mapping[str, Any]) -> str:
+    """Compact JSON a browser can parse: NaN and infinities (not JSON) become null."""
+    try:
+        return json.dumps(status, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(status), separators=(",", ":"), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
