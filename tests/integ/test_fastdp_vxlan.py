@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integ.hosts import Host, Underlay, have_netns, run, wait_for
+from weft.errors import ConfigError
 from weft.fastdp.errors import DatapathError
 from weft.fastdp.esp import InboundGuard
 from weft.fastdp.fdb import FdbEntry, mac_of_peer
@@ -320,3 +321,19 @@ def test_inbound_guard_drops_plain_vxlan_from_encrypted_peers(net: Net) -> None:
     finally:
         guard.stop()
     assert "weft-esp" not in b.host.exec("nft", "list", "tables").stdout
+
+
+def test_underlay_mtu_detection(net: Net) -> None:
+    a, b = net.sides
+    by_address = VxlanDevice(a.ipr, VxlanConfig(name="vxmtu", vni=5, local_ip=a.host.ip))
+    assert by_address.detect_underlay_mtu() == 1500
+    by_route = VxlanDevice(a.ipr, VxlanConfig(name="vxmtu", vni=5))
+    with pytest.raises(ConfigError, match="no default route"):
+        by_route.detect_underlay_mtu()
+    a.host.exec("ip", "route", "add", "default", "via", b.host.ip)
+    try:
+        assert by_route.detect_underlay_mtu() == 1500
+    finally:
+        a.host.exec("ip", "route", "del", "default")
+    with pytest.raises(ConfigError, match="no interface has the local address"):
+        VxlanDevice(a.ipr, VxlanConfig(name="vxmtu", local_ip="10.255.0.1")).detect_underlay_mtu()
