@@ -203,6 +203,23 @@ async def test_container_life_cycle_with_weft_ipam(env: Env) -> None:
     assert env.ipam.by_ident == {}
 
 
+async def test_gateway_release_in_docker_20_order_and_shared_pools(env: Env) -> None:
+    """dockerd 20.10 calls ReleaseAddress(gateway) and ReleasePool before DeleteNetwork."""
+    d = await env.start()
+    pool_id, gw = await create_weft_network(d, NET)
+    await create_weft_network(d, "5e" * 32)  # a second network on the same pool
+    gw_ip = gw.split("/")[0]
+    # first network removed: the gateway stays (the other network uses it)
+    await d.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": gw_ip})
+    await d.call("IpamDriver.ReleasePool", {"PoolID": pool_id})
+    await d.call("NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+    assert list(env.ipam.by_ident.values()) == [gw] and env.kernel.exposed == {gw}
+    await d.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": gw_ip})
+    await d.call("IpamDriver.ReleasePool", {"PoolID": pool_id})
+    await d.call("NetworkDriver.DeleteNetwork", {"NetworkID": "5e" * 32})
+    assert env.ipam.by_ident == {} and env.kernel.exposed == set()
+
+
 async def test_specific_addresses_and_subpool(env: Env) -> None:
     d = await env.start()
     pool = await d.call("IpamDriver.RequestPool", {"Pool": "10.40.0.0/16",

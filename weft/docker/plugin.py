@@ -351,6 +351,7 @@ class DockerPlugin:
         handler = self.methods.get(method)
         if handler is None:
             raise ConfigError(f"unknown plugin method {method[:80]!r}")
+        log.debug("docker %s %s", method, json.dumps(body)[:500])
         async with self._lock:
             return await handler(body)
 
@@ -652,11 +653,15 @@ class DockerPlugin:
         if ident is None:
             log.info("docker released %s, which weft did not allocate here", addr)
             return {}
-        if ident.startswith("docker:gw:") and any(
-            n.gateway and str(ipaddress.ip_interface(n.gateway).ip) == addr
-            for n in self.store.networks.values()
-        ):
-            return {}  # the pool's gateway is still another network's
+        if ident.startswith("docker:gw:"):
+            # Docker 20.10 releases the gateway before DeleteNetwork (others after it): keep a
+            # pool's gateway while a second network on this host still uses it.
+            users = [
+                n for n in self.store.networks.values()
+                if n.gateway and str(ipaddress.ip_interface(n.gateway).ip) == addr
+            ]
+            if len(users) > 1:
+                return {}
         await self._release(ident)
         return {}
 
