@@ -488,11 +488,11 @@ class SleeveOverlay:
         sock = self.sock
         try:
             if not t.segment:
-                sock.sendto(t.buffer, t.addr)
+                sock.sendmsg(t.pieces, (), 0, t.addr)
                 self.syscalls["udp_send"] += 1
             elif self.gso:
                 sock.sendmsg(
-                    [t.buffer], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(t.segment))], 0, t.addr
+                    t.pieces, [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(t.segment))], 0, t.addr
                 )
                 self.syscalls["udp_send"] += 1
             else:
@@ -508,7 +508,7 @@ class SleeveOverlay:
             self.drops["udp_send_blocked"] += 1
         except OSError as err:
             if err.errno == errno.EMSGSIZE:
-                size = t.segment or len(t.buffer)
+                size = t.segment or sum(len(p) for p in t.pieces)
                 if blocking:
                     self.loop.call_soon_threadsafe(self._too_big, t.peer, size)
                 else:

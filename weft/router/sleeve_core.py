@@ -122,6 +122,8 @@ _VK_HEARTBEAT: Final = (VERSION << 4) | KIND_HEARTBEAT
 
 _HEADER = struct.Struct(">B6sQIIHH")
 HEADER_SIZE: Final = _HEADER.size  # 27
+_PREFIX = struct.Struct(">B6sQI")  # the part of the header shared by a message's fragments
+_TAIL = struct.Struct(">IHH")  # offset, index, count
 _RECORD = struct.Struct(">6s6sBI")
 RECORD_HEADER_SIZE: Final = _RECORD.size  # 17
 VNET_HDR_SIZE: Final = 10
@@ -180,13 +182,19 @@ class SleeveConfig:
 
 @dataclass(frozen=True)
 class Transmit:
-    """Datagrams to send to ``addr``: ``buffer`` holds back-to-back datagrams of ``segment``
-    bytes (the last may be shorter); ``segment == 0`` means one datagram (UDP GSO otherwise)."""
+    """Datagrams to send to ``addr``: ``pieces`` (a scatter-gather list, so nothing is joined in
+    userspace) hold back-to-back datagrams of ``segment`` bytes, the last may be shorter;
+    ``segment == 0`` means one datagram (UDP GSO otherwise)."""
 
     peer: PeerName
     addr: tuple[str, int]
-    buffer: bytes
+    pieces: tuple[bytes | memoryview, ...]
     segment: int
+
+    @property
+    def buffer(self) -> bytes:
+        """The datagrams joined (for the paths without scatter-gather, and tests)."""
+        return b"".join(self.pieces)
 
 
 @dataclass(frozen=True)
@@ -207,13 +215,25 @@ SleeveEvent = LinkEstablished | LinkStatusChanged
 
 
 class _Reassembly:
-    __slots__ = ("buf", "chunk", "count", "deadline", "got", "kind", "last_offset", "mask", "total")
+    """An incomplete message: its fragments as views, joined once when the last one arrives."""
+
+    __slots__ = (
+        "chunk",
+        "count",
+        "deadline",
+        "got",
+        "kind",
+        "last_offset",
+        "mask",
+        "parts",
+        "total",
+    )
 
     def __init__(self, kind: int, total: int, count: int, deadline: float) -> None:
         self.kind = kind
         self.total = total
         self.count = count
-        self.buf = bytearray(total)
+        self.parts: list[bytes | memoryview] = [b""] * count
         self.mask = 0
         self.got = 0
         self.chunk = -1
@@ -294,6 +314,7 @@ class SleeveCore:
         self._events: list[SleeveEvent] = []
         self._reasm_bytes = 0
         self._next_sweep: float | None = None
+        self._tail_cache: dict[tuple[int, int], list[bytes]] = {}
         self._eth = VNET_HDR_SIZE if self.config.tap_vnet_hdr else 0
         self._tap_flags = FLAG_VNET if self.config.tap_vnet_hdr else 0
 
@@ -514,38 +535,51 @@ class SleeveCore:
     def _send_message(
         self, link: _Link, vk: int, parts: Iterable[bytes | memoryview], single: bool = False
     ) -> None:
-        plain = b"".join(parts)
+        pieces: list[bytes | memoryview]
         if link.sealer is not None:
             msg_id = link.sealer.next_counter
-            blob = link.sealer.seal(plain, link.aad_data if vk == _VK_DATA else link.aad_heartbeat)
+            blob = link.sealer.seal(
+                b"".join(parts), link.aad_data if vk == _VK_DATA else link.aad_heartbeat
+            )
+            pieces = [blob]
+            total = len(blob)
         else:
             msg_id = link.seq
             link.seq = (link.seq + 1) & 0xFFFFFFFFFFFFFFFF
-            blob = plain
-        total = len(blob)
+            pieces = list(parts)
+            total = sum(len(p) for p in pieces)
         pmtu = link.pmtu
         chunk = pmtu - HEADER_SIZE
         self.stats["messages_out"] += 1
         if total <= chunk or single:
-            buf = _HEADER.pack(vk, self.local_bytes, msg_id, total, 0, 0, 1) + blob
-            self._transmits.append(Transmit(link.name, link.addr, buf, 0))
+            header = _HEADER.pack(vk, self.local_bytes, msg_id, total, 0, 0, 1)
+            self._transmits.append(Transmit(link.name, link.addr, (header, *pieces), 0))
             return
         count = -(-total // chunk)
-        view = memoryview(blob)
+        cuts = _cut(pieces, chunk)
+        tails = self._tails(chunk, count)
+        prefix = _PREFIX.pack(vk, self.local_bytes, msg_id, total)
         per_send = max(1, min(self.config.max_gso_segments, self.config.max_gso_bytes // pmtu))
-        pack = _HEADER.pack
-        local = self.local_bytes
-        index = 0
-        while index < count:
+        for index in range(0, count, per_send):
             stop = min(count, index + per_send)
-            pieces: list[bytes | memoryview] = []
+            out: list[bytes | memoryview] = []
             for i in range(index, stop):
-                offset = i * chunk
-                pieces.append(pack(vk, local, msg_id, total, offset, i, count))
-                pieces.append(view[offset : offset + chunk])
+                out.append(prefix)
+                out.append(tails[i])
+                out.extend(cuts[i])
             segment = pmtu if stop - index > 1 else 0
-            self._transmits.append(Transmit(link.name, link.addr, b"".join(pieces), segment))
-            index = stop
+            self._transmits.append(Transmit(link.name, link.addr, tuple(out), segment))
+
+    def _tails(self, chunk: int, count: int) -> list[bytes]:
+        """``offset || index || count`` of every fragment, cached per cut."""
+        key = (chunk, count)
+        tails = self._tail_cache.get(key)
+        if tails is None:
+            if len(self._tail_cache) > 256:
+                self._tail_cache.clear()
+            tails = [_TAIL.pack(i * chunk, i, count) for i in range(count)]
+            self._tail_cache[key] = tails
+        return tails
 
     # ----------------------------------------------------------------- UDP side
 
@@ -589,6 +623,8 @@ class SleeveCore:
         vk, sender, msg_id, total, offset, index, count = header
         chunk = segment - HEADER_SIZE
         if count < 2 or vk not in _KINDS or total > MAX_MESSAGE or offset != index * chunk:
+            return 0
+        if count > self._max_count(total):
             return 0
         last = total - (count - 1) * chunk  # the last fragment's size
         if not 0 < last <= chunk:
@@ -656,15 +692,14 @@ class SleeveCore:
         reasm.chunk = chunk
         if index + run == count:
             reasm.last_offset = (count - 1) * chunk
-        data = b"".join(parts)
-        reasm.buf[offset : offset + len(data)] = data
+        reasm.parts[index : index + run] = parts
         reasm.mask |= bits
         reasm.got += run
         if reasm.got == count:
             del link.reasm[msg_id]
             self._reasm_bytes -= total
             self.stats["reassembled"] += 1
-            self._message(link, vk, msg_id, reasm.buf, addr, segment, now)
+            self._message(link, vk, msg_id, b"".join(reasm.parts), addr, segment, now)
         return end
 
     def _datagram(
@@ -685,7 +720,12 @@ class SleeveCore:
         if total > MAX_MESSAGE:
             self.drops["oversize"] += 1
             return
-        if index >= count or offset + size > total or (count == 1 and size != total):
+        if (
+            index >= count
+            or offset + size > total
+            or (count == 1 and size != total)
+            or count > self._max_count(total)
+        ):
             self.drops["malformed"] += 1
             return
         opener = link.opener
@@ -737,14 +777,19 @@ class SleeveCore:
                 self._abandon(link, msg_id, "malformed")
                 return
             reasm.last_offset = offset
-        reasm.buf[offset : offset + size] = payload
+        reasm.parts[index] = payload
         reasm.mask |= bit
         reasm.got += 1
         if reasm.got == count:
             del link.reasm[msg_id]
             self._reasm_bytes -= total
             self.stats["reassembled"] += 1
-            self._message(link, vk, msg_id, reasm.buf, addr, end - start, now)
+            self._message(link, vk, msg_id, b"".join(reasm.parts), addr, end - start, now)
+
+    def _max_count(self, total: int) -> int:
+        """No sender cuts smaller than ``pmtu_min`` datagrams, which bounds the fragment count
+        (and so what one incomplete message can hold)."""
+        return total // (self.config.pmtu_min - HEADER_SIZE) + 1
 
     def _abandon(self, link: _Link, msg_id: int, reason: str) -> None:
         reasm = link.reasm.pop(msg_id, None)
@@ -1022,6 +1067,37 @@ class SleeveCore:
 
 
 # --------------------------------------------------------------------- frame helpers
+
+
+def _cut(parts: list[bytes | memoryview], chunk: int) -> list[list[bytes | memoryview]]:
+    """The pieces of each ``chunk``-sized fragment of the concatenation of ``parts``, as views
+    (nothing is copied; the kernel gathers them)."""
+    if len(parts) == 1:
+        view = memoryview(parts[0])
+        return [[view[o : o + chunk]] for o in range(0, len(view), chunk)]
+    if len(parts) == 2 and len(parts[0]) < chunk:  # record header + one large frame
+        head, body = parts[0], memoryview(parts[1])
+        first = chunk - len(head)
+        return [[head, body[:first]]] + [
+            [body[o : o + chunk]] for o in range(first, len(body), chunk)
+        ]
+    out: list[list[bytes | memoryview]] = []
+    current: list[bytes | memoryview] = []
+    room = chunk
+    for part in parts:
+        view = memoryview(part)
+        pos, n = 0, len(view)
+        while pos < n:
+            take = min(room, n - pos)
+            current.append(view[pos : pos + take])
+            pos += take
+            room -= take
+            if room == 0:
+                out.append(current)
+                current, room = [], chunk
+    if current:
+        out.append(current)
+    return out
 
 
 def _strip_vnet(frame: bytes | memoryview) -> bytes | None:
