@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,13 +28,10 @@ from pathlib import Path
 
 __all__ = ["DemoPlan", "main"]
 
-PREFIX = "weftdemo"
-SWITCH_NS = f"{PREFIX}-sw"
-STATE_DIR = Path("/var/lib/weft-demo")
-RUN_DIR = Path("/run/weft-demo")
+DEFAULT_PREFIX = "weftdemo"
 UNDERLAY_NET = "192.168.200"
 OVERLAY_PREFIX = 12  # the default IPAM range 10.32.0.0/12
-UI_FORWARD_ADDR = ("127.0.0.1", 6790)
+DEFAULT_UI_PORT = 6790
 CLONE_NEWNET = 0x40000000
 
 
@@ -43,15 +41,28 @@ class DemoPlan:
 
     hosts: int = 3
     containers_per_host: int = 2
+    prefix: str = DEFAULT_PREFIX  # every namespace and directory name starts with it
+
+    @property
+    def switch_ns(self) -> str:
+        return f"{self.prefix}-sw"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path("/var/lib") / self.prefix
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("/run") / self.prefix
 
     def host_ns(self, i: int) -> str:
-        return f"{PREFIX}-h{i}"
+        return f"{self.prefix}-h{i}"
 
     def host_ip(self, i: int) -> str:
         return f"{UNDERLAY_NET}.{i}"
 
     def container_ns(self, i: int, j: int) -> str:
-        return f"{PREFIX}-h{i}-c{j}"
+        return f"{self.prefix}-h{i}-c{j}"
 
     def container_ip(self, i: int, j: int) -> str:
         return f"10.32.{i}.{j}"
@@ -82,43 +93,47 @@ def _weft_exe() -> str:
     return shutil.which("weft") or sys.argv[0]
 
 
-def _existing_demo_namespaces() -> list[str]:
+def _existing_demo_namespaces(prefix: str) -> list[str]:
     out = _sh(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [name for name in names if name.startswith(f"{prefix}-")]
 
 
-def down() -> None:
+def down(plan: DemoPlan) -> None:
     """Remove every namespace, process and file the demo made. Safe to run repeatedly."""
-    pid_file = RUN_DIR / "forwarder.pid"
+    pid_file = plan.run_dir / "forwarder.pid"
     if pid_file.exists():
         with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
         pid_file.unlink(missing_ok=True)
-    namespaces = _existing_demo_namespaces()
+    namespaces = _existing_demo_namespaces(plan.prefix)
     for ns in namespaces:
         for pid in _sh(["ip", "netns", "pids", ns], check=False).split():
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
     for ns in sorted(namespaces, reverse=True):
         _sh(["ip", "netns", "del", ns], check=False)
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
-    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    shutil.rmtree(plan.run_dir, ignore_errors=True)
+    shutil.rmtree(plan.state_dir, ignore_errors=True)
     print(f"weft demo: removed {len(namespaces)} namespaces")
 
 
 def _build_underlay(plan: DemoPlan) -> None:
-    _sh(["ip", "netns", "add", SWITCH_NS])
-    _sh(["ip", "-n", SWITCH_NS, "link", "set", "lo", "up"])
-    _sh(["ip", "-n", SWITCH_NS, "link", "add", "br0", "type", "bridge"])
-    _sh(["ip", "-n", SWITCH_NS, "link", "set", "br0", "up"])
+    sw = plan.switch_ns
+    _sh(["ip", "netns", "add", sw])
+    _sh(["ip", "-n", sw, "link", "set", "lo", "up"])
+    _sh(["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])
+    _sh(["ip", "-n", sw, "link", "set", "br0", "up"])
     for i in plan.host_indexes():
         ns = plan.host_ns(i)
         _sh(["ip", "netns", "add", ns])
         _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-        _sh(["ip", "link", "add", f"wdp{i}", "type", "veth", "peer", "name", f"wde{i}"])
-        _sh(["ip", "link", "set", f"wdp{i}", "netns", SWITCH_NS, "name", f"p{i}"])
-        _sh(["ip", "link", "set", f"wde{i}", "netns", ns, "name", "eth0"])
-        _sh(["ip", "-n", SWITCH_NS, "link", "set", f"p{i}", "master", "br0", "up"])
+        # temporary names in the root namespace are unique per prefix, then renamed inside
+        tmp = f"{plan.prefix[:8]}{i}"
+        _sh(["ip", "link", "add", f"{tmp}p", "type", "veth", "peer", "name", f"{tmp}e"])
+        _sh(["ip", "link", "set", f"{tmp}p", "netns", sw, "name", f"p{i}"])
+        _sh(["ip", "link", "set", f"{tmp}e", "netns", ns, "name", "eth0"])
+        _sh(["ip", "-n", sw, "link", "set", f"p{i}", "master", "br0", "up"])
         _sh(["ip", "-n", ns, "addr", "add", f"{plan.host_ip(i)}/24", "dev", "eth0"])
         _sh(["ip", "-n", ns, "link", "set", "eth0", "up"])
         for j in range(1, plan.containers_per_host + 1):
@@ -128,10 +143,10 @@ def _build_underlay(plan: DemoPlan) -> None:
 
 
 def _launch_routers(plan: DemoPlan, password: str | None) -> None:
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
     password_args: list[str] = []
     if password:
-        pw_file = RUN_DIR / "password"
+        pw_file = plan.run_dir / "password"
         pw_file.write_text(password)
         pw_file.chmod(0o600)
         password_args = ["--password-file", str(pw_file)]
@@ -143,9 +158,9 @@ def _launch_routers(plan: DemoPlan, password: str | None) -> None:
             "--nickname",
             f"host{i}",
             "--data-dir",
-            str(STATE_DIR / f"h{i}"),
+            str(plan.state_dir / f"h{i}"),
             "--api-socket",
-            str(RUN_DIR / f"h{i}.sock"),
+            str(plan.run_dir / f"h{i}.sock"),
             *password_args,
             *peers,
             timeout=120,
@@ -241,37 +256,38 @@ async def _forward(ns: str, listen: tuple[str, int], target: tuple[str, int]) ->
         await server.serve_forever()
 
 
-def _start_forwarder(plan: DemoPlan) -> None:
-    log = open(RUN_DIR / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child
+def _start_forwarder(plan: DemoPlan, port: int) -> None:
+    log = open(plan.run_dir / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child
+    args = ["--forward-ui", plan.host_ns(1), "--ui-port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weft.router.demo", "--forward-ui", plan.host_ns(1)],
+        [sys.executable, "-m", "weft.router.demo", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    (RUN_DIR / "forwarder.pid").write_text(str(proc.pid))
+    (plan.run_dir / "forwarder.pid").write_text(str(proc.pid))
 
 
-def up(plan: DemoPlan, password: str | None) -> int:
-    if _existing_demo_namespaces():
+def up(plan: DemoPlan, password: str | None, ui_port: int) -> int:
+    if _existing_demo_namespaces(plan.prefix):
         print("weft demo: removing the previous demo first")
-        down()
+        down(plan)
     try:
         _build_underlay(plan)
         _launch_routers(plan, password)
         _attach_containers(plan)
     except BaseException:
         print("weft demo: set-up failed; removing what was made", file=sys.stderr)
-        down()
+        down(plan)
         raise
     print("weft demo: pinging every container from every other host...")
     ok = _ping_all(plan, time.monotonic() + 90)
     print()
     print(_weft_in(plan.host_ns(1), "status", check=False))
     print(_weft_in(plan.host_ns(1), "status", "connections", check=False))
-    _start_forwarder(plan)
-    host, port = UI_FORWARD_ADDR
-    print(f"weft demo: UI of host1 at http://{host}:{port}/ui")
+    if ui_port:
+        _start_forwarder(plan, ui_port)
+        print(f"weft demo: UI of host1 at http://127.0.0.1:{ui_port}/ui")
     print(
         f"weft demo: try `ip netns exec {plan.host_ns(1)} weft status`;"
         " remove everything with `weft demo --down`"
@@ -289,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--down", action="store_true", help="remove the demo and everything it made"
     )
+    parser.add_argument(
+        "--ui-port",
+        type=int,
+        default=DEFAULT_UI_PORT,
+        help=f"serve host1's UI on 127.0.0.1:PORT here (default {DEFAULT_UI_PORT}; 0: don't)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help=f"name prefix of everything the demo makes (default {DEFAULT_PREFIX})",
+    )
     parser.add_argument("--forward-ui", metavar="NETNS", help=argparse.SUPPRESS)
     return parser
 
@@ -296,18 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.forward_ui:
-        asyncio.run(_forward(args.forward_ui, UI_FORWARD_ADDR, ("127.0.0.1", 6784)))
+        listen = ("127.0.0.1", args.ui_port)
+        asyncio.run(_forward(args.forward_ui, listen, ("127.0.0.1", 6784)))
         return 0
     if os.geteuid() != 0:
         print("weft demo: needs root (it creates network namespaces)", file=sys.stderr)
         return 1
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", args.prefix):
+        print("weft demo: --prefix must be 1-10 lowercase letters or digits", file=sys.stderr)
+        return 2
     if args.down:
-        down()
+        down(DemoPlan(prefix=args.prefix))
         return 0
     if not 2 <= args.hosts <= 50:
         print("weft demo: --hosts must be between 2 and 50", file=sys.stderr)
         return 2
-    return up(DemoPlan(hosts=args.hosts), args.password)
+    return up(DemoPlan(hosts=args.hosts, prefix=args.prefix), args.password, args.ui_port)
 
 
 if __name__ == "__main__":
