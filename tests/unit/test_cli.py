@@ -335,3 +335,26 @@ def test_demo_gets_its_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.main(["demo", "--help"]) == 0
     assert cli.main(["demo", "--hosts", "4", "--down"]) == 0
     assert seen == [["--help"], ["--hosts", "4", "--down"]]
+
+
+def test_router_options_build_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEFT_PASSWORD", "from-env")
+    monkeypatch.setenv(cli.HTTP_ADDR_ENV, "127.0.0.1:7777")
+    parser = cli.build_parser()
+    argv = ["router", "--data-dir", str(tmp_path), "--no-discovery", "--conn-limit", "5"]
+    argv += ["--heartbeat-interval", "1", "--heartbeat-timeout", "3", "--api-socket", ""]
+    argv += ["--status-addr", "0.0.0.0:6782", "--name", "02:00:00:00:00:09", "10.0.0.1"]
+    args = parser.parse_args(argv)
+    config = cli.config_from_args(args)
+    assert config.password == b"from-env"
+    assert config.http_addr == "127.0.0.1:7777"
+    assert config.discovery is False and config.conn_limit == 5
+    assert (config.heartbeat_interval, config.heartbeat_timeout) == (1.0, 3.0)
+    assert config.api_socket is None and config.status_addr == "0.0.0.0:6782"
+    assert str(config.name) == "02:00:00:00:00:09"
+    assert config.peers == ("10.0.0.1:6783",)
+    # a password file wins over the environment
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    args = parser.parse_args(["router", "--data-dir", str(tmp_path), "--password-file", str(pw)])
+    assert cli.config_from_args(args).password == b"from-file"
