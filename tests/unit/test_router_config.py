@@ -52,7 +52,7 @@ def test_peers_are_normalised_with_the_default_port() -> None:
         ({"port": -1}, "--port -1 out of range"),
         ({"nickname": "  "}, "--nickname must not be empty"),
         ({"nickname": "a b"}, "no spaces"),
-        ({"nickname": "x" * 65}, "up to 64"),
+        ({"nickname": "x" * 256}, "up to 255"),
         ({"http_addr": "localhost"}, "expected host:port"),
         ({"http_addr": "127.0.0.1:http"}, "port must be a number"),
         ({"conn_limit": 0}, "--conn-limit 0 invalid"),

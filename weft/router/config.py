@@ -38,7 +38,7 @@ DEFAULT_DATA_DIR: Final = "/var/lib/weft"
 PASSWORD_ENV: Final = "WEFT_PASSWORD"
 DATAPATHS: Final = ("auto", "sleeve", "none")
 NAME_FILE: Final = "peer-name"
-_MAX_NICKNAME: Final = 64
+_MAX_NICKNAME: Final = 255  # as the handshake's hello allows
 _MAX_UNIX_PATH: Final = 107  # sun_path is 108 bytes including the terminating NUL
 
 
