@@ -46,7 +46,17 @@ from weft import __version__
 from weft.errors import ConfigError, WeftError
 from weft.gossip.crypto import derive_password_key
 from weft.gossip.handshake import PROTOCOL_VERSIONS, Hello
-from weft.gossip.mesh import MeshConfig, MeshCore
+from weft.gossip.mesh import (
+    ConnectionRejected,
+    DialRequested,
+    MeshConfig,
+    MeshCore,
+    MeshEvent,
+    PeerRestarted,
+    PeersRemoved,
+    RoutesChanged,
+    ShortIdChanged,
+)
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
 from weft.router.config import (
     RouterConfig,
@@ -170,6 +180,7 @@ class Router:
         self._timer: asyncio.TimerHandle | None = None
         self._unblock: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._timer_not_before = 0.0
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._status_runner: web.AppRunner | None = None
@@ -394,13 +405,6 @@ class Router:
         self.pump()
         return addresses
 
-    def _direct_targets(self) -> list[str]:
-        return sorted(
-            t["address"]
-            for t in self.mesh.status().get("targets", [])
-            if isinstance(t, dict) and t.get("direct")
-        )
-
     def _load_targets(self) -> list[str]:
         path = self.config.data_dir / TARGETS_FILE
         try:
@@ -419,7 +423,7 @@ class Router:
         path: Path = self.config.data_dir / TARGETS_FILE
         try:
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._direct_targets()))
+            tmp.write_text(json.dumps(self.mesh.direct_targets()))
             tmp.replace(path)
         except OSError as err:
             log.warning("cannot persist targets in %s: %s", path, err)
@@ -475,24 +479,27 @@ class Router:
         self._unblock = None
         self.pump()
 
-    def _handle_event(self, event: object) -> None:
-        kind = type(event).__name__
-        if kind == "DialRequested":
-            address = str(getattr(event, "address"))  # noqa: B009 - events are duck-typed
+    def _handle_event(self, event: MeshEvent) -> None:
+        if isinstance(event, DialRequested):
             if not self._stopping:
-                self._spawn(self._dial(address))
-        elif kind == "ConnectionRejected":
-            conn = self._conns.get(int(getattr(event, "conn_id")))  # noqa: B009
-            reason = str(getattr(event, "reason"))  # noqa: B009
+                self._spawn(self._dial(event.address))
+        elif isinstance(event, ConnectionRejected):
+            conn = self._conns.get(event.conn_id)
             if conn is not None and conn.accepted:
                 # replaced by a newer connection to the same peer; the core already forgot it
-                self._detach(conn, reason, tell_mesh=False)
-                conn.close(reason, label="replaced")
-        elif kind == "RoutesChanged":
+                self._detach(conn, event.reason, tell_mesh=False)
+                conn.close(event.reason, label="replaced")
+        elif isinstance(event, RoutesChanged):
             try:
                 self.overlay.routes_changed(self.mesh.routes)
             except Exception:
                 log.exception("overlay.routes_changed failed")
+        elif isinstance(event, PeersRemoved):
+            log.info("forgot unreachable peers %s", " ".join(str(n) for n in event.names))
+        elif isinstance(event, PeerRestarted):
+            log.info("peer %s restarted (uid %x -> %x)", event.name, event.old_uid, event.new_uid)
+        elif isinstance(event, ShortIdChanged):
+            log.info("our short id clashed and is now %d", event.short_id)
         else:
             log.debug("mesh event %r", event)
 
@@ -510,7 +517,8 @@ class Router:
             return
         loop = asyncio.get_running_loop()
         # MeshCore's clock is time.monotonic(), which is also the loop's default clock.
-        self._timer = loop.call_at(max(deadline, loop.time()), self._on_timer)
+        at = max(deadline, loop.time(), self._timer_not_before)
+        self._timer = loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -518,7 +526,9 @@ class Router:
         try:
             self.mesh.handle_timer(self.now())
         except Exception:
+            # a bug in the core: log it, and do not spin on a deadline that stays in the past
             log.exception("mesh timer handling failed")
+            self._timer_not_before = self.now() + 1.0
         self.pump()
 
     # -- connections ---------------------------------------------------------------------------
