@@ -47,10 +47,11 @@ def synthetic_status(
     for members in groups:
         m = len(members)
         if m >= 2:
+            before = len(links)
             for k in range(m if m > 2 else 1):
                 a, b = members[k], members[(k + 1) % m]
                 links.add((min(a, b), max(a, b)))
-            extra = max(0, (degree * m) // 2 - len(links))
+            extra = max(0, (degree * m) // 2 - (len(links) - before))
             for _ in range(extra * 3):
                 if extra <= 0:
                     break

@@ -283,7 +283,37 @@
             e.reachable ? '' : 'unreachable', labelled ? 'labelled' : ''].join(' ').replace(/ +/g, ' ').trim();
   }
 
+  // Big graphs: one selector per element kind, the look computed here into data fields. Matching
+  // a dozen class selectors against thousands of elements was a quarter of the first draw.
+  var DP_COLORS = { ovs: '#2e9e44', vxlan: '#2b6cb0', sleeve: '#dd8a1e', unknown: '#8a8f98' };
+  var PART_FILLS = ['#b39ddb', '#ef9a9a', '#80cbc4', '#ffcc80', '#b0bec5'];
+
+  function bigNodeLook(p, m) {
+    var fill = p.name === m.localName ? '#1f4f8f'
+      : !p.known ? '#c7cbd1'
+      : p.component > 0 ? PART_FILLS[(p.component - 1) % PART_FILLS.length]
+      : '#5b8fd1';
+    return { fill: fill, size: p.name === m.localName ? 14 : 8 };
+  }
+  function bigEdgeLook(e) {
+    var dp = DP_COLORS[e.datapath] ? e.datapath : e.datapath === 'fastdp' ? 'ovs' : 'unknown';
+    return { color: e.state === 'failed' ? '#d0342c' : DP_COLORS[dp], width: e.encrypted ? 1.5 : 1,
+             ls: e.state === 'failed' ? 'dotted' : e.state === 'established' ? 'solid' : 'dashed',
+             op: e.reachable ? 1 : 0.45 };
+  }
+
   function graphStyle(big) {
+    if (big) {
+      return [
+        { selector: 'node', style: { 'label': '', 'width': 'data(size)', 'height': 'data(size)',
+          'background-color': 'data(fill)', 'border-width': 0 } },
+        { selector: 'node.match', style: { 'border-color': '#e74c3c', 'border-width': 3 } },
+        { selector: 'edge', style: { 'curve-style': 'haystack', 'line-color': 'data(color)',
+          'width': 'data(width)', 'line-style': 'data(ls)', 'opacity': 'data(op)' } },
+        { selector: ':selected', style: { 'overlay-color': '#2b6cb0', 'overlay-opacity': 0.35,
+          'overlay-padding': 4 } },
+      ];
+    }
     return [
       { selector: 'node', style: {
         'label': big ? '' : 'data(label)', 'text-wrap': 'wrap', 'font-size': 10,
@@ -407,28 +437,31 @@
     var want = new Map();
     m.peers.forEach(function (p) {
       var id = 'n:' + p.name;
-      var w = { group: 'nodes', data: { id: id, label: peerLabel(p, small), name: p.name,
-        nickname: p.nickname }, classes: nodeClasses(p, m) };
+      var data = { id: id, label: peerLabel(p, small), name: p.name, nickname: p.nickname };
+      if (big) Object.assign(data, bigNodeLook(p, m));
+      var w = { group: 'nodes', data: data, classes: nodeClasses(p, m) };
       if (pos) w.position = pos[id];
       want.set(id, w);
     });
     m.edges.forEach(function (e) {
-      want.set(e.id, { group: 'edges', data: { id: e.id, source: 'n:' + e.a, target: 'n:' + e.b,
-        label: edgeLabel(e), state: e.state, datapath: e.datapath, encrypted: e.encrypted },
-        classes: edgeClasses(e, small) });
+      var data = { id: e.id, source: 'n:' + e.a, target: 'n:' + e.b, label: edgeLabel(e),
+        state: e.state, datapath: e.datapath, encrypted: e.encrypted };
+      if (big) Object.assign(data, bigEdgeLook(e));
+      want.set(e.id, { group: 'edges', data: data, classes: edgeClasses(e, small) });
     });
     var added = [];
     cy.batch(function () {
       cy.elements().forEach(function (ele) {
         var w = want.get(ele.id());
         if (!w) { ele.remove(); return; }
-        var d = ele.data();
-        if (d.label !== w.data.label || d.state !== w.data.state || d.datapath !== w.data.datapath ||
-            d.encrypted !== w.data.encrypted || d.nickname !== w.data.nickname) {
+        var d = ele.data(), changed = null;
+        for (var k in w.data) {
           // Never id/source/target: fixed for an element's life (the id encodes them).
-          ele.data({ label: w.data.label, state: w.data.state, datapath: w.data.datapath,
-                     encrypted: w.data.encrypted, nickname: w.data.nickname });
+          if (k !== 'id' && k !== 'source' && k !== 'target' && d[k] !== w.data[k]) {
+            (changed = changed || {})[k] = w.data[k];
+          }
         }
+        if (changed) ele.data(changed);
         if (ele.classes().join(' ') !== w.classes) ele.classes(w.classes);
         want.delete(ele.id());
       });
