@@ -191,6 +191,7 @@ class Connection:
         self.started = time.monotonic()
         self.stats = ConnectionStats()
         self._codec: FrameCodec | None = None
+        self._pending: list[bytes] = []  # messages that arrived together with the handshake
         self._close: _Closing | None = None
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -399,5 +400,3 @@ class Connection:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             self.send(TAG_HEARTBEAT, b"")
-
-    _pending: list[bytes]
