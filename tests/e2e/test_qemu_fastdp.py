@@ -121,3 +121,11 @@ def test_esp_wire_carries_only_esp_and_the_mtu_shrinks(vm: dict[str, Any]) -> No
     assert vm["esp_probes"] == [[2, 1410 + 14]]
     assert vm["esp_state_after_remove_1"] == "" and vm["esp_state_after_remove_2"] == ""
     assert vm["esp_stale_removed"] == [2, 2]  # inbound + outbound SA, in + out policy
+
+
+def test_ovs_host_and_linux_vxlan_host_interoperate(vm: dict[str, Any]) -> None:
+    assert vm["interop_mtu"] == 1450
+    assert vm["interop_ping"] == 0 and vm["interop_ping_full_mtu"] == 0
+    assert vm["interop_probe_to_linux"] and vm["interop_probe_to_ovs"]
+    assert vm["interop_probes_at_linux"] == [[7, 1464]]  # via the packet socket on vxlan-weft
+    assert vm["interop_probes_at_ovs"] == [[1, 1464]]  # as a heartbeat miss at host 1

@@ -148,3 +148,18 @@ def test_odd_keys_and_idle_flows() -> None:
     ]
     assert OvsFlowPlanner.idle_flows(flows, now_ms=61_000, idle_ms=10_000) == [k1]
     p.forget([k1])
+
+
+def test_peer_on_the_linux_vxlan_datapath_uses_the_network_vni_both_ways() -> None:
+    p = OvsFlowPlanner(A, 1, "10.0.0.1", PORTS)
+    p.set_peers({B: OvsPeer("10.0.0.2", 2, True, vni=0xFFFFFF)})
+    d = p.miss(from_bridge(LOCAL_MAC, BCAST))
+    tunnel = d.actions[0]
+    assert isinstance(tunnel, SetTunnelAction) and tunnel.tunnel.tun_id == 0xFFFFFF
+    assert p.miss(from_b(B_MAC, LOCAL_MAC, vni=0xFFFFFF)).kind == "forward"
+    assert p.macs[B_MAC] == B
+    # Pairwise VNIs from that address are not B's; the network VNI from elsewhere neither.
+    assert p.miss(from_b("be:00:00:00:00:02", LOCAL_MAC)).kind == "drop"
+    assert (
+        p.miss(from_b("be:00:00:00:00:03", LOCAL_MAC, vni=0xFFFFFF, ip="10.0.0.9")).kind == "drop"
+    )

@@ -180,13 +180,18 @@ class OvsDatapath:
                 self.last_error = str(err)
         return probes
 
-    def send_probe(self, peer_ip: str, peer_short_id: int, frame: bytes) -> bool:
-        """Send a heartbeat probe frame through the tunnel to one peer (DF set)."""
+    def send_probe(self, peer: PeerName, frame: bytes) -> bool:
+        """Send a heartbeat probe frame through the tunnel to one peer (DF set); False when
+        the peer is unknown or the kernel refused."""
         dp, planner = self._require()
+        info = planner.peers.get(peer)
+        if info is None:
+            return False
+        vni = info.vni if info.vni is not None else pair_vni(self.local_short_id, info.short_id)
         tunnel = TunnelKey(
-            tun_id=pair_vni(self.local_short_id, peer_short_id),
+            tun_id=vni,
             ipv4_src=self.local_ip,
-            ipv4_dst=peer_ip,
+            ipv4_dst=info.ip,
             ttl=TUNNEL_TTL,
             dont_fragment=True,
         )

@@ -15,6 +15,8 @@ Rules:
   path, is dropped here (the Linux bridge or sleeve delivers it).
 * From the vxlan port: the VNI is Weave's ``src_short_id | dst_short_id << 12``; the sender is
   the carrying peer with that short id *and* the tunnel's source IP (anything else is dropped).
+  A peer running the Linux VXLAN datapath instead uses one fixed VNI both ways
+  (``OvsPeer.vni``, the network VNI 0xFFFFFF), recognised by VNI and source IP.
   Learn ``eth_src`` at that peer; output to the bridge port.
 * Fast-path heartbeat probes (ethertype 0x88B5 addressed to our peer name) never get a flow:
   the decision says ``heartbeat`` and the router acknowledges them over the control connection.
@@ -59,7 +61,13 @@ class OvsPorts:
 class OvsPeer:
     ip: str
     short_id: int
-    carrying: bool  # the overlay switch chose OVS for this connection
+    carrying: bool  # the overlay switch chose a kernel path for this connection
+    # None: Weave's pairwise VNIs (the peer runs OVS). A number: that fixed VNI both ways, for
+    # a peer running the Linux VXLAN datapath (vxlan.NETWORK_VNI).
+    vni: int | None = None
+
+    def tun_id_ok(self, tun_id: int) -> bool:
+        return tun_id == self.vni
 
 
 @dataclass(frozen=True)
@@ -163,15 +171,22 @@ class OvsFlowPlanner:
                 tun_id=t.tun_id, ipv4_src=t.ipv4_src, ipv4_dst=t.ipv4_dst, ttl=t.ttl or TUNNEL_TTL
             ),
         )
+        pairwise = not t.tun_id >> 24 and dst_sid == self.local_short_id
         sender = next(
             (
                 name
                 for name, p in self.peers.items()
-                if p.carrying and p.short_id == src_sid and p.ip == t.ipv4_src
+                if p.carrying
+                and p.ip == t.ipv4_src
+                and (
+                    p.tun_id_ok(t.tun_id)
+                    if p.vni is not None
+                    else pairwise and p.short_id == src_sid
+                )
             ),
             None,
         )
-        if t.tun_id >> 24 or dst_sid != self.local_short_id or sender is None:
+        if sender is None:
             return self._drop(match, f"VNI {t.tun_id:#x} from {t.ipv4_src} is not a peer's")
         invalidate = self._learn(src, sender)
         return self._install(match, [OutputAction(self.ports.bridge)], f"from {sender}", invalidate)
@@ -180,7 +195,9 @@ class OvsFlowPlanner:
 
     def _to_peer(self, peer: OvsPeer) -> list[Action]:
         tunnel = TunnelKey(
-            tun_id=pair_vni(self.local_short_id, peer.short_id),
+            tun_id=peer.vni
+            if peer.vni is not None
+            else pair_vni(self.local_short_id, peer.short_id),
             ipv4_src=self.local_ip,
             ipv4_dst=peer.ip,
             ttl=TUNNEL_TTL,

@@ -22,7 +22,7 @@ from typing import Any
 
 from weft.fastdp.capabilities import probe_capabilities
 from weft.fastdp.esp import ESP_OVERHEAD, EspPair, XfrmClient, esp_key
-from weft.fastdp.heartbeat import encode_probe
+from weft.fastdp.heartbeat import decode_probe, encode_probe
 from weft.fastdp.ovs import (
     FlowKey,
     OutputAction,
@@ -37,6 +37,7 @@ from weft.fastdp.ovs import (
 )
 from weft.fastdp.ovs_datapath import OvsConfig, OvsDatapath
 from weft.fastdp.ovs_flows import OvsPeer
+from weft.fastdp.vxlan import NETWORK_VNI, HeartbeatSocket, VxlanConfig, VxlanDatapath
 from weft.gossip.peer import PeerName
 
 DP = "weft-e2e-dp"
@@ -226,7 +227,7 @@ def two_hosts() -> None:
     def probes(frames: list[bytes]) -> list[tuple[int, int]]:
         before = len(heartbeats)
         for frame in frames:
-            hosts[1].send_probe(ips[2], 2, frame)
+            hosts[1].send_probe(names[2], frame)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             pump(0.1)
@@ -252,6 +253,37 @@ def two_hosts() -> None:
         for h, ovs in hosts.items()
     }
     esp_checks(names, ips, lambda: run_while_pumping(ping), probes)
+    # Interop: h2 switches to the Linux VXLAN datapath; h1 keeps OVS with the network VNI.
+    hosts.pop(2).stop()
+    vx = VxlanDatapath(NetNS("h2"), VxlanConfig(local_ip=ips[2]), names[2])
+    results["interop_mtu"] = vx.start()
+    vx.peer_started(names[1], ips[1])
+    vx.peer_carrying(names[1], True)
+    vx.macs_changed({"0a:00:00:00:00:01": names[1]})
+    hosts[1].set_peers({names[2]: OvsPeer(ips[2], 2, carrying=True, vni=NETWORK_VNI)})
+    enter_netns("h2")
+    hb_sock = HeartbeatSocket("vxlan-weft")
+    enter_netns("")
+    results["interop_ping"] = run_while_pumping(ping)
+    results["interop_ping_full_mtu"] = run_while_pumping([*big, "10.40.0.1"])
+    # Heartbeats both ways: OVS -> Linux (packet socket), Linux -> OVS (miss upcall).
+    results["interop_probe_to_linux"] = hosts[1].send_probe(
+        names[2], encode_probe(names[1], names[2], 7, 1450 + 14)
+    )
+    results["interop_probe_to_ovs"] = hb_sock.send(encode_probe(names[2], names[1], 8, 1450 + 14))
+    got_linux: list[list[int]] = []
+    before = len(heartbeats)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (got_linux and len(heartbeats) > before):
+        pump(0.1)
+        for frame in hb_sock.receive():
+            p = decode_probe(frame, names[2])
+            if p is not None:
+                got_linux.append([p.seq, p.size])
+    results["interop_probes_at_linux"] = got_linux
+    results["interop_probes_at_ovs"] = heartbeats[before:]
+    hb_sock.close()
+    vx.stop()
     for ovs in hosts.values():
         ovs.stop()
         ovs.client.close()
