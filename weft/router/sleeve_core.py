@@ -80,7 +80,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from weft.errors import ConfigError, LocalError
 from weft.gossip.crypto import (
@@ -180,8 +180,7 @@ class SleeveConfig:
             raise ConfigError("max_gso_segments must be >= 1 and max_gso_bytes >= pmtu_min")
 
 
-@dataclass(frozen=True)
-class Transmit:
+class Transmit(NamedTuple):
     """Datagrams to send to ``addr``: ``pieces`` (a scatter-gather list, so nothing is joined in
     userspace) hold back-to-back datagrams of ``segment`` bytes, the last may be shorter;
     ``segment == 0`` means one datagram (UDP GSO otherwise)."""
@@ -302,7 +301,11 @@ class SleeveCore:
         self.local_bytes = local.to_bytes(6, "big")
         self.macs = MacCache(self.config.mac_cache)
         self.drops: Counter[str] = Counter()
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()  # rarer events; the hot counters are attributes
+        self.tap_frames_in = 0
+        self.tap_frames_out = 0
+        self.messages_in = 0
+        self.messages_out = 0
         self._links: dict[PeerName, _Link] = {}
         self._by_bytes: dict[bytes, _Link] = {}
         self._names: dict[bytes, PeerName] = {}
@@ -431,15 +434,16 @@ class SleeveCore:
             self.drops["tap_runt"] += 1
             return
         dst = frame[eth : eth + 6]
-        if dst[:5] == _STP_PREFIX:
+        multicast = dst[0] & 1
+        if multicast and dst[:5] == _STP_PREFIX:
             self.drops["stp"] += 1
             return
-        self.stats["tap_frames_in"] += 1
+        self.tap_frames_in += 1
         src_mac = int.from_bytes(frame[eth + 6 : eth + 12], "big")
         if not src_mac >> 40 & 1:
             self.macs.learn(src_mac, self.local, now)
         routes = self._routes
-        if dst[0] & 1:  # broadcast / multicast
+        if multicast:  # broadcast / multicast
             self._broadcast(self.local, self.local_bytes, self._tap_flags, frame, None)
             return
         owner = self.macs.lookup(int.from_bytes(dst, "big"), now)
@@ -456,7 +460,7 @@ class SleeveCore:
             return
         if not self.config.fragment and self._too_big(link, frame, self._tap_flags):
             return
-        self._queue(link, self.local_bytes, owner.to_bytes(6, "big"), self._tap_flags, frame)
+        self._queue(link, self.local_bytes, _name_bytes(owner), self._tap_flags, frame)
 
     def _broadcast(
         self,
@@ -550,7 +554,7 @@ class SleeveCore:
             total = sum(len(p) for p in pieces)
         pmtu = link.pmtu
         chunk = pmtu - HEADER_SIZE
-        self.stats["messages_out"] += 1
+        self.messages_out += 1
         if total <= chunk or single:
             header = _HEADER.pack(vk, self.local_bytes, msg_id, total, 0, 0, 1)
             self._transmits.append(Transmit(link.name, link.addr, (header, *pieces), 0))
@@ -821,7 +825,7 @@ class SleeveCore:
                 return
         else:
             plain = blob
-        self.stats["messages_in"] += 1
+        self.messages_in += 1
         if link.addr != addr:
             link.addr = addr
             link.addr_changes += 1
@@ -889,7 +893,7 @@ class SleeveCore:
                 self._queue(next_link, src_b, dst_b, flags, frame)
 
     def _deliver(self, frame: memoryview, flags: int) -> None:
-        self.stats["tap_frames_out"] += 1
+        self.tap_frames_out += 1
         if flags & FLAG_VNET:
             if self.config.tap_vnet_hdr:
                 self._tap.append(frame)
@@ -1058,7 +1062,13 @@ class SleeveCore:
     def status(self, now: float) -> dict[str, Any]:
         return {
             "drops": dict(self.drops),
-            "stats": dict(self.stats),
+            "stats": {
+                **self.stats,
+                "tap_frames_in": self.tap_frames_in,
+                "tap_frames_out": self.tap_frames_out,
+                "messages_in": self.messages_in,
+                "messages_out": self.messages_out,
+            },
             "macs": len(self.macs),
             "mac_moves": self.macs.moves,
             "reassembly_bytes": self._reasm_bytes,
@@ -1067,6 +1077,19 @@ class SleeveCore:
 
 
 # --------------------------------------------------------------------- frame helpers
+
+
+_NAME_BYTES: dict[int, bytes] = {}
+
+
+def _name_bytes(name: int) -> bytes:
+    """A peer name as its 6 wire bytes (cached: it is needed for every unicast frame)."""
+    raw = _NAME_BYTES.get(name)
+    if raw is None:
+        if len(_NAME_BYTES) > 65536:
+            _NAME_BYTES.clear()
+        raw = _NAME_BYTES[name] = name.to_bytes(6, "big")
+    return raw
 
 
 def _cut(parts: list[bytes | memoryview], chunk: int) -> list[list[bytes | memoryview]]:
