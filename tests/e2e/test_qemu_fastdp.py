@@ -7,6 +7,7 @@ the tests below assert on it. Skipped where qemu, the kernel package or busybox 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def vm() -> dict[str, Any]:
     result = run_in_vm(
-        "python3 tests/e2e/qemu/check_ovs.py",
+        f"'{sys.executable}' tests/e2e/qemu/check_ovs.py",
         env={"PYTHONPATH": str(REPO)},
         cwd=REPO,
         timeout=900,
