@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from weft import __version__
 from weft.errors import ConfigError, WeftError
+from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.crypto import derive_password_key
 from weft.gossip.handshake import PROTOCOL_VERSIONS, Hello
 from weft.gossip.mesh import (
@@ -103,6 +104,26 @@ class TokenBucket:
         self._last = start
         wait = start - now
         return wait if wait > 1e-9 else 0.0  # not a float rounding error's worth of sleep
+
+
+class _PumpingSender:
+    """A GossipSender that makes the router pump after each send."""
+
+    def __init__(self, sender: GossipSender, schedule_pump: Callable[[], None]) -> None:
+        self._sender = sender
+        self._schedule_pump = schedule_pump
+
+    def gossip(self, data: GossipData) -> None:
+        self._sender.gossip(data)
+        self._schedule_pump()
+
+    def broadcast(self, data: GossipData) -> None:
+        self._sender.broadcast(data)
+        self._schedule_pump()
+
+    def unicast(self, dst: PeerName, payload: bytes) -> None:
+        self._sender.unicast(dst, payload)
+        self._schedule_pump()
 
 
 @dataclass
@@ -177,6 +198,7 @@ class Router:
         self._status_scheduled = False
         self._pumping = False
         self._pump_again = False
+        self._pump_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._unblock: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -201,6 +223,30 @@ class Router:
     def on_status_changed(self, callback: Callable[[], None]) -> None:
         """``callback()`` runs (coalesced, on the loop) after anything in ``/status`` changed."""
         self._status_callbacks.append(callback)
+
+    def register_channel(self, name: str, handler: GossipHandler) -> GossipSender:
+        """Attach an application gossip channel (IPAM, DNS, ...) to the mesh.
+
+        Prefer this to ``router.mesh.register_channel``: the sender returned here also gets what
+        it queues sent out when it is used outside a mesh callback (an HTTP handler, a timer of
+        the component's own), by scheduling one pump on the loop.
+        """
+        return _PumpingSender(self.mesh.register_channel(name, handler), self.schedule_pump)
+
+    def schedule_pump(self) -> None:
+        """Pump soon (once, on the next loop iteration), e.g. after queueing gossip."""
+        if self._pump_scheduled or self._stopping:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not started yet: start() pumps
+        self._pump_scheduled = True
+        loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        self.pump()
 
     def on_connection_closed(self, callback: Callable[[str, str], None]) -> None:
         """``callback(label, reason)`` after each control connection ends (e.g. for metrics);
