@@ -392,3 +392,21 @@ async def test_setup_docker_plugin_serves_with_the_router(tmp_path: Path) -> Non
         await router.stop()
     assert not plugin_config.socket_path.exists()
     assert server.plugin.store.networks  # kept on disk for the next start
+
+
+def test_cli_options_make_the_config(tmp_path: Path) -> None:
+    import argparse
+
+    from weft.docker.cli import add_docker_arguments, docker_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_docker_arguments(parser)
+    assert docker_config_from_args(parser.parse_args([]), tmp_path) is None
+    cfg = docker_config_from_args(parser.parse_args(["--docker-plugin"]), tmp_path)
+    assert cfg is not None and cfg.socket_path == Path("/run/docker/plugins/weft.sock")
+    assert cfg.state_path == tmp_path / "docker-networks.json"
+    cfg = docker_config_from_args(
+        parser.parse_args(["--docker-plugin", "mesh", "--docker-plugin-dir", str(tmp_path)]),
+        tmp_path, "10.40.0.0/16")
+    assert cfg is not None and cfg.socket_path == tmp_path / "mesh.sock"
+    assert cfg.default_pool == "10.40.0.0/16"

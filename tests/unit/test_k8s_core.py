@@ -167,3 +167,24 @@ def test_config_validation() -> None:
         K8sConfig(node_name="a", retry_initial=5, retry_max=1)
     with pytest.raises(ConfigError, match="port"):
         K8sConfig(node_name="a", port=0)
+
+
+def test_cli_options_make_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from weft.k8s.cli import add_k8s_arguments, k8s_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_k8s_arguments(parser)
+    assert k8s_config_from_args(parser.parse_args([]), 6783) is None
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    with pytest.raises(ConfigError, match="NODE_NAME"):
+        k8s_config_from_args(parser.parse_args(["--k8s"]), 6783)
+    monkeypatch.setenv("NODE_NAME", "worker-1")
+    cfg = k8s_config_from_args(parser.parse_args(["--k8s", "--k8s-label-selector", "a=b"]), 7000)
+    assert cfg is not None
+    assert (cfg.node_name, cfg.port, cfg.label_selector, cfg.api_url) == (
+        "worker-1", 7000, "a=b", None)
+    cfg = k8s_config_from_args(
+        parser.parse_args(["--k8s", "--k8s-node-name", "n2", "--k8s-api", "https://x:6443"]), 1)
+    assert cfg is not None and (cfg.node_name, cfg.api_url) == ("n2", "https://x:6443")
