@@ -165,6 +165,11 @@ def test_mtu_and_config_validation() -> None:
         VxlanConfig(name="a-much-too-long-name")
     with pytest.raises(ConfigError, match="VNI"):
         VxlanConfig(vni=1 << 24)
+    assert VxlanConfig(extra_overhead=40).overhead == 90
+    with pytest.raises(ConfigError, match="below"):
+        VxlanConfig(underlay_mtu=700, extra_overhead=100)
+    with pytest.raises(ConfigError, match="negative"):
+        VxlanConfig(extra_overhead=-1)
 
 
 def test_wrapped_errors_name_the_operation() -> None:

@@ -11,7 +11,7 @@ pair (4095, 4095), a peer talking to itself, which never happens, so the two sch
 collide and an OVS host can talk to a VXLAN host by using the network VNI for that connection.
 
 MTU: the vxlan device gets ``underlay MTU - 50`` (outer IPv4 20 + UDP 8 + VXLAN 8 + inner
-Ethernet 14). With ESP (later) the overlay switch subtracts the ESP overhead as well.
+Ethernet 14), minus ``VxlanConfig.extra_overhead`` (``esp.ESP_OVERHEAD`` when encrypting).
 
 Every pyroute2 call is wrapped so that a failure raises :class:`DatapathError` naming the
 operation (``create vxlan device vxlan-weft on bridge weft: File exists (EEXIST)``).
@@ -82,6 +82,8 @@ class VxlanConfig:
     local_ip: str | None = None
     # None: the MTU of the device holding ``local_ip``, else of the default route's device.
     underlay_mtu: int | None = None
+    # Subtracted from the overlay MTU as well, e.g. esp.ESP_OVERHEAD when encrypting.
+    extra_overhead: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < len(self.name) < IFNAMSIZ:
@@ -90,8 +92,14 @@ class VxlanConfig:
             raise ConfigError(f"vxlan port {self.port} out of range")
         if not 0 < self.vni <= 0xFFFFFF:
             raise ConfigError(f"VNI {self.vni} must be 1..16777215")
+        if self.extra_overhead < 0:
+            raise ConfigError("extra MTU overhead cannot be negative")
         if self.underlay_mtu is not None:
-            overlay_mtu(self.underlay_mtu)
+            overlay_mtu(self.underlay_mtu, self.overhead)
+
+    @property
+    def overhead(self) -> int:
+        return VXLAN_OVERHEAD_IPV4 + self.extra_overhead
 
 
 class FdbKernel(Protocol):
@@ -237,7 +245,7 @@ class VxlanDevice:
         """
         cfg = self.config
         self.remove_stale()
-        mtu = overlay_mtu(self.detect_underlay_mtu())
+        mtu = overlay_mtu(self.detect_underlay_mtu(), cfg.overhead)
         bridge = self._lookup(cfg.bridge)
         if bridge is None:
             raise DatapathError(f"create vxlan device {cfg.name}", f"bridge {cfg.bridge} missing")
@@ -286,7 +294,7 @@ class VxlanDevice:
 
     def set_underlay_mtu(self, underlay_mtu: int) -> int:
         """Adopt a new underlay MTU; returns the new overlay MTU (heartbeats must re-probe)."""
-        mtu = overlay_mtu(underlay_mtu)
+        mtu = overlay_mtu(underlay_mtu, self.config.overhead)
         index = self._require_index()
         self._call(
             f"set MTU {mtu} on {self.config.name}", self.ipr.link, "set", index=index, mtu=mtu
