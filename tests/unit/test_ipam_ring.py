@@ -77,13 +77,24 @@ def test_donation_splits_and_merges_at_recipient() -> None:
     delta = rb.merge(ra.data(touched))
     assert delta is not None
     assert rb.entries() == ra.entries()
-    assert [(s.start, s.end) for s in rb.owned_spans(B)] == [
+    assert rb.owned_ranges(B) == [
         (START + 40, START + 60),
         (START + 85, START + 170),
     ]
     # the donor's remaining spans advertise their true free counts
     assert ra.span_of(START).free == whole(START, START + 40)
     assert ra.span_of(START + 60).free == whole(START + 60, START + 85)
+
+
+def test_donation_delta_says_where_the_span_ends() -> None:
+    # A gives the top of its span to B, then the part below it to C. C hears only of the
+    # second gift: it must still know that its span ends where B's begins.
+    ra, rc = ring(A), ring(C)
+    ra.give(START + 60, START + 85, B, whole)
+    second = ra.give(START + 40, START + 60, C, whole)
+    assert START + 60 in second
+    rc.merge(ra.data(second))
+    assert rc.owned_ranges(C)[0] == (START + 40, START + 60)
 
 
 def test_donation_of_space_not_ours_is_refused() -> None:
@@ -169,7 +180,7 @@ def test_give_all_for_reset() -> None:
     ra.give(START + 10, START + 20, C, whole)
     rb.merge(ra.data())
     touched = ra.give_all(B)
-    assert not ra.owned_spans(A)
+    assert not ra.owned_ranges(A)
     assert rb.merge(ra.data(touched)) is not None
     assert rb.owner(START) == B and rb.owner(START + 25) == B and rb.owner(START + 15) == C
     assert rb.entries() == ra.entries()
@@ -225,18 +236,18 @@ def run_history(ops: list[tuple[str, PeerName, object, int, int]]) -> dict[PeerN
         r = views[who]
         if kind == "give":
             assert isinstance(arg, PeerName)
-            mine = r.owned_spans(who)
+            mine = r.owned_ranges(who)
             if not mine or arg == who:
                 continue
-            s = mine[x % len(mine)]
-            lo = s.start + x % s.size
-            hi = min(s.end, lo + n)
+            s_start, s_end = mine[x % len(mine)]
+            lo = s_start + x % (s_end - s_start)
+            hi = min(s_end, lo + n)
             r.give(lo, hi, arg, whole)
         elif kind == "free":
-            mine = [s for s in r.spans() if s.owner == who]
-            if mine:
-                s = mine[int(arg) % len(mine)] if isinstance(arg, int) else mine[0]
-                r.set_free(s.start, max(0, s.free - 1))
+            spans = [sp for sp in r.spans() if sp.owner == who]
+            if spans:
+                sp = spans[int(arg) % len(spans)] if isinstance(arg, int) else spans[0]
+                r.set_free(sp.start, max(0, sp.free - 1))
         else:
             assert isinstance(arg, PeerName)
             views[arg].merge(r.data())
@@ -249,7 +260,7 @@ def assert_exclusive(views: dict[PeerName, Ring]) -> None:
     """Safety: the spans each peer believes it owns never overlap another's beliefs."""
     owned = []
     for p, r in views.items():
-        owned += [(s.start, s.end, p) for s in r.owned_spans(p)]
+        owned += [(a, b, p) for a, b in r.owned_ranges(p)]
     owned.sort()
     for (_, end1, p1), (start2, _, p2) in itertools.pairwise(owned):
         assert end1 <= start2, f"{p1} and {p2} both own {start2}"

@@ -33,7 +33,7 @@ import bisect
 import ipaddress
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Literal
@@ -537,6 +537,10 @@ class Allocator:
     def holder(self, address: int) -> str | None:
         return self._holder.get(address)
 
+    def held(self) -> Mapping[int, str]:
+        """Address -> container id of everything we hold (read-only view, for checks)."""
+        return self._holder
+
     def _allocation(self, cid: str, addr: int, prefix: int) -> Allocation:
         net = IPv4Network((addr, prefix), strict=False)
         return Allocation(cid, IPv4Address(addr), net)
@@ -553,7 +557,7 @@ class Allocator:
         unreachable = 0
         for name, (owned, free) in sorted(per_peer.items()):
             if name == self.local:
-                free = sum(self.free_in(s.start, s.end) for s in self.ring.owned_spans(name))
+                free = sum(self.free_in(a, b) for a, b in self.ring.owned_ranges(name))
             if not self._is_reachable(name):
                 unreachable += owned
             entries.append(
@@ -700,7 +704,7 @@ class Allocator:
         """
         self._check_alive()
         recipient: PeerName | None = None
-        if self.ring.ready and self.ring.owned_spans(self.local):
+        if self.ring.ready and self.ring.owned_ranges(self.local):
             candidates = sorted(self._reachable or ())
             if not candidates:
                 raise PeerReachableError(
@@ -852,8 +856,8 @@ class Allocator:
         hi = int(net.broadcast_address)  # exclusive: the broadcast address is never handed out
         lo = max(lo, self.ring.start + 1)
         hi = min(hi, self.ring.end - 1)
-        for s in self.ring.owned_spans(self.local):
-            a, b = max(s.start, lo), min(s.end, hi)
+        for s_start, s_end in self.ring.owned_ranges(self.local):
+            a, b = max(s_start, lo), min(s_end, hi)
             if a >= b:
                 continue
             i = bisect.bisect_left(self._sorted, a)
@@ -889,14 +893,26 @@ class Allocator:
         if self._free_due is None:
             self._free_due = now + self.config.free_gossip_interval
 
-    def _update_free_counts(self, gossip: bool) -> None:
+    def _update_free_counts(self, gossip: bool, all_changes: bool = False) -> None:
+        """Refresh the free counts we advertise (versions bump; persisted).
+
+        Free counts are advice for donor choice, so only changes that matter to a donor search
+        (a span becoming empty or non-empty) are gossiped at once, or all of them when
+        ``all_changes``; the rest travel with the periodic full gossip. This keeps a busy
+        peer's allocations from flooding the mesh.
+        """
         changed = []
+        urgent = []
         for s in list(self.ring.spans()):
             if s.owner == self.local:
                 f = self.free_in(s.start, s.end)
                 if self.ring.set_free(s.start, f):
                     changed.append(s.start)
-        self._mark_tokens(changed, gossip_now=gossip)
+                    if all_changes or (s.free == 0) != (f == 0):
+                        urgent.append(s.start)
+        self._mark_tokens(changed, gossip_now=False)
+        if gossip:
+            self._gossip_tokens.update(urgent)
 
     # ----- consensus -------------------------------------------------------------------------
 
@@ -970,13 +986,17 @@ class Allocator:
         delta = IpamData()
         if data.ring is not None:
             was_ready = self.ring.ready
+            moved: set[int] = set()
             try:
-                new = self.ring.merge(data.ring)
+                new = self.ring.merge(data.ring, moved)
             except RingConflictError as err:
                 self._record_conflict(str(err))
                 new = None
             if new is not None:
-                delta.ring = new
+                # Relay only ownership news (and where those spans end); free counts are advice
+                # that travels with the periodic full gossip, so a busy peer does not flood.
+                if moved:
+                    delta.ring = self.ring.data(self.ring.with_boundaries(moved))
                 if not was_ready:
                     self._changes.seeds = self.ring.seeds
                     self._paxos_retry_at = None
@@ -1060,7 +1080,7 @@ class Allocator:
                 self._donate(src, a + (b - a) // 2, b, reply, now)
             else:
                 # Tell the asker our true free counts so it stops asking us.
-                self._update_free_counts(gossip=True)
+                self._update_free_counts(gossip=True, all_changes=True)
         self._out.append(UnicastOut(src, _pack(reply)))
 
     def _donate(self, to: PeerName, a: int, b: int, reply: dict[str, Any], now: float) -> None:
@@ -1073,8 +1093,8 @@ class Allocator:
 
     def _largest_free_run(self, lo: int, hi: int) -> tuple[int, int] | None:
         best: tuple[int, int] | None = None
-        for s in self.ring.owned_spans(self.local):
-            a, b = max(s.start, lo, self.ring.start + 1), min(s.end, hi, self.ring.end - 1)
+        for s_start, s_end in self.ring.owned_ranges(self.local):
+            a, b = max(s_start, lo, self.ring.start + 1), min(s_end, hi, self.ring.end - 1)
             if a >= b:
                 continue
             i = bisect.bisect_left(self._sorted, a)

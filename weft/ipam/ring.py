@@ -25,6 +25,7 @@ Nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,9 @@ __all__ = [
 
 TRANSFER_VERSION_BUMP = 100  # as Weave: rmpeer/transfer jumps over what the dead peer may have sent
 _MAX_ENTRIES = 1 << 20  # decoder bound: far more tokens than any real ring has
+
+_names: dict[int, PeerName] = {}  # decoded owners, interned (bounded)
+_seed_cache: tuple[list[int], tuple[PeerName, ...]] = ([], ())
 
 FreeCounter = Callable[[int, int], int]
 """``free_of(lo, hi)``: how many addresses of ``[lo, hi)`` the owner has free."""
@@ -143,24 +147,41 @@ class RingData:
         if not isinstance(entries, list) or len(entries) > _MAX_ENTRIES:
             raise RemoteProtocolError("ipam ring: bad entries")
         start, end = rng
-        try:
-            seed_names = tuple(PeerName(s) for s in seeds if isinstance(s, int))
-        except ConfigError as err:
-            raise RemoteProtocolError(f"ipam ring: {err}") from None
-        if len(seed_names) != len(seeds):
-            raise RemoteProtocolError("ipam ring: bad seed name")
+        global _seed_cache
+        if seeds == _seed_cache[0]:
+            seed_names = _seed_cache[1]  # the same seeds arrive with every delta: decode once
+        else:
+            try:
+                seed_names = tuple(PeerName(s) for s in seeds if isinstance(s, int))
+            except ConfigError as err:
+                raise RemoteProtocolError(f"ipam ring: {err}") from None
+            if len(seed_names) != len(seeds):
+                raise RemoteProtocolError("ipam ring: bad seed name")
+            _seed_cache = (list(seeds), seed_names)
         out: dict[int, Entry] = {}
+        size = end - start
         for item in entries:
-            if not (
-                isinstance(item, list) and len(item) == 4 and all(isinstance(x, int) for x in item)
-            ):
+            if type(item) is not list or len(item) != 4:
                 raise RemoteProtocolError("ipam ring: bad entry")
             token, owner, version, free = item
-            if not start <= token < end or version < 0 or not 0 <= free <= end - start:
-                raise RemoteProtocolError("ipam ring: entry out of bounds")
-            if not 0 <= owner < 1 << 48:
-                raise RemoteProtocolError("ipam ring: bad owner")
-            out[token] = Entry(PeerName(owner), version, free)
+            if not (
+                type(token) is int
+                and type(owner) is int
+                and type(version) is int
+                and type(free) is int
+                and start <= token < end
+                and version >= 0
+                and 0 <= free <= size
+            ):
+                raise RemoteProtocolError("ipam ring: bad entry")
+            name = _names.get(owner)
+            if name is None:
+                if not 0 <= owner < 1 << 48:
+                    raise RemoteProtocolError("ipam ring: bad owner")
+                name = PeerName(owner)
+                if len(_names) < 1 << 16:
+                    _names[owner] = name
+            out[token] = Entry(name, version, free)
         return cls(start, end, seed_names, out)
 
 
@@ -176,6 +197,7 @@ class Ring:
         self.seeds: tuple[PeerName, ...] = ()
         self._tokens: list[int] = []
         self._entries: dict[int, Entry] = {}
+        self._owned: dict[PeerName, list[tuple[int, int]]] | None = None  # owned_ranges cache
 
     # ----- queries -------------------------------------------------------------------------
 
@@ -216,19 +238,23 @@ class Ring:
             return None
         return self._entries[self._tokens[i]].owner
 
-    def owned_spans(self, peer: PeerName) -> list[Span]:
-        """Spans owned by ``peer``, adjacent ones joined, lowest first (free counts summed)."""
-        out: list[Span] = []
-        for s in self.spans():
-            if s.owner != peer:
-                continue
-            if out and out[-1].end == s.start:
-                last = out[-1]
-                out[-1] = Span(last.start, s.end, peer, max(last.version, s.version),
-                               last.free + s.free)
-            else:
-                out.append(s)
-        return out
+    def owned_ranges(self, peer: PeerName) -> list[tuple[int, int]]:
+        """``[start, end)`` ranges owned by ``peer``, adjacent spans joined, lowest first.
+
+        Cached: the cache only changes when a token is added or changes owner.
+        """
+        if self._owned is None:
+            owned: dict[PeerName, list[tuple[int, int]]] = {}
+            tokens = self._tokens
+            bounds = [*tokens[1:], self.end]
+            for token, nxt in zip(tokens, bounds, strict=True):
+                out = owned.setdefault(self._entries[token].owner, [])
+                if out and out[-1][1] == token:
+                    out[-1] = (out[-1][0], nxt)
+                else:
+                    out.append((token, nxt))
+            self._owned = owned
+        return list(self._owned.get(peer, ()))
 
     def owners(self) -> set[PeerName]:
         return {e.owner for e in self._entries.values()}
@@ -251,16 +277,16 @@ class Ring:
 
     def check_invariants(self) -> None:
         """Assert the structural invariants (used by tests after every step)."""
-        assert self._tokens == sorted(set(self._tokens))
-        assert set(self._tokens) == set(self._entries)
+        tokens = self._tokens
+        assert all(a < b for a, b in itertools.pairwise(tokens))
+        assert len(tokens) == len(self._entries)
         if self._tokens:
             assert self._tokens[0] == self.start, "first token must be the range start"
             assert self._tokens[-1] < self.end
             assert self.seeds, "a created ring has seeds"
-        for s in self.spans():
-            # Free counts are the owner's advice; a view may hold a count from before a cut it
-            # has heard of, so only our own spans must be exact (the allocator checks those).
-            assert s.free >= 0, s
+        # Free counts are the owner's advice; a view may hold a count from before a cut it
+        # has heard of, so only our own spans must be exact (the allocator checks those).
+        assert all(e.free >= 0 for e in self._entries.values())
 
     # ----- creation ------------------------------------------------------------------------
 
@@ -314,10 +340,12 @@ class Ring:
         if self._tokens and other.seeds and other.seeds != self.seeds:
             raise RingConflictError(self._seed_conflict_message(other.seeds))
 
-    def merge(self, other: RingData) -> RingData | None:
+    def merge(self, other: RingData, moved: set[int] | None = None) -> RingData | None:
         """Merge ``other`` in; return the entries that were new to us (None if nothing was).
 
-        All-or-nothing: on :class:`RingConflictError` the ring is unchanged.
+        All-or-nothing: on :class:`RingConflictError` the ring is unchanged. If ``moved`` is
+        given, the tokens that are new or changed owner are added to it (the rest of the
+        news are free counts, which are only advice).
         """
         self.check_compatible(other)
         if not other.entries:
@@ -355,14 +383,22 @@ class Ring:
         if not self._tokens:
             self.seeds = other.seeds
         for token, entry in changed.items():
+            if moved is not None:
+                old = self._entries.get(token)
+                if old is None or old.owner != entry.owner:
+                    moved.add(token)
             self._insert(token, entry)
         return RingData(self.start, self.end, self.seeds, changed)
 
     # ----- changes by the local owner ------------------------------------------------------
 
     def _insert(self, token: int, entry: Entry) -> None:
-        if token not in self._entries:
+        old = self._entries.get(token)
+        if old is None:
             bisect.insort(self._tokens, token)
+            self._owned = None
+        elif old.owner != entry.owner:
+            self._owned = None
         self._entries[token] = entry
 
     def _require_local(self, start: int, end: int) -> None:
@@ -395,13 +431,16 @@ class Ring:
             raise ConfigError(f"span at {_ip(token)} is not ours")
         if e.free == free:
             return False
-        self._entries[token] = Entry(e.owner, e.version + 1, free)
+        self._insert(token, Entry(e.owner, e.version + 1, free))
         return True
 
     def give(self, start: int, end: int, to: PeerName, free_of: FreeCounter) -> list[int]:
-        """Hand ``[start, end)`` (ours) to ``to``; return the tokens changed or made.
+        """Hand ``[start, end)`` (ours) to ``to``; return the tokens to send.
 
         ``free_of(lo, hi)`` tells how many addresses are free in a span (the allocator knows).
+        The tokens to send include the one at ``end`` even when unchanged: a peer that learns
+        it owns a span must also learn where the span ends, or it could believe it owns
+        whatever lies up to the next token it happens to know (see :meth:`with_boundaries`).
         """
         self._require_local(start, end)
         touched = self._split_at(start) + self._split_at(end)
@@ -410,7 +449,7 @@ class Ring:
             token = self._tokens[i]
             span = self.span_of(token)
             e = self._entries[token]
-            self._entries[token] = Entry(to, e.version + 1, free_of(span.start, span.end))
+            self._insert(token, Entry(to, e.version + 1, free_of(span.start, span.end)))
             touched.append(token)
             i += 1
         # Our own span before ``start`` (if we cut it) and after ``end`` need fresh free counts.
@@ -425,9 +464,18 @@ class Ring:
                             new_free = free_of(span.start, span.end)
                             e = self._entries[t]
                             if e.free != new_free or t in touched:
-                                self._entries[t] = Entry(e.owner, e.version + 1, new_free)
+                                self._insert(t, Entry(e.owner, e.version + 1, new_free))
                                 touched.append(t)
-        return sorted(set(touched))
+        return self.with_boundaries(touched)
+
+    def with_boundaries(self, tokens: Iterable[int]) -> list[int]:
+        """``tokens`` plus, for each, the next token (where its span ends), sorted."""
+        out = set(tokens)
+        for t in list(out):
+            i = bisect.bisect_right(self._tokens, t)
+            if i < len(self._tokens):
+                out.add(self._tokens[i])
+        return sorted(out)
 
     def give_all(self, to: PeerName) -> list[int]:
         """Hand every span we own to ``to`` (``reset``); free counts become whole spans."""
@@ -435,11 +483,12 @@ class Ring:
         for s in list(self.spans()):
             if s.owner == self.local:
                 e = self._entries[s.start]
-                self._entries[s.start] = Entry(
-                    to, e.version + 1, allocatable(s.start, s.end, self.start, self.end)
+                self._insert(
+                    s.start,
+                    Entry(to, e.version + 1, allocatable(s.start, s.end, self.start, self.end)),
                 )
                 touched.append(s.start)
-        return touched
+        return self.with_boundaries(touched)
 
     def transfer(self, dead: PeerName) -> tuple[list[int], int]:
         """``rmpeer``: take every span of ``dead``. Returns (tokens changed, addresses taken).
@@ -454,14 +503,17 @@ class Ring:
         for s in list(self.spans()):
             if s.owner == dead:
                 e = self._entries[s.start]
-                self._entries[s.start] = Entry(
-                    self.local,
-                    e.version + TRANSFER_VERSION_BUMP,
-                    allocatable(s.start, s.end, self.start, self.end),
+                self._insert(
+                    s.start,
+                    Entry(
+                        self.local,
+                        e.version + TRANSFER_VERSION_BUMP,
+                        allocatable(s.start, s.end, self.start, self.end),
+                    ),
                 )
                 touched.append(s.start)
                 taken += s.size
-        return touched, taken
+        return self.with_boundaries(touched), taken
 
 
 def _ip(addr: int) -> str:
