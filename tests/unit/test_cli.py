@@ -358,3 +358,69 @@ def test_router_options_build_the_config(tmp_path: Path, monkeypatch: pytest.Mon
     pw.write_text("from-file\n")
     args = parser.parse_args(["router", "--data-dir", str(tmp_path), "--password-file", str(pw)])
     assert cli.config_from_args(args).password == b"from-file"
+
+
+def _launch_args(tmp_path: Path, port: int, http_port: int) -> list[str]:
+    return [
+        "launch",
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        str(port),
+        "--http-addr",
+        f"127.0.0.1:{http_port}",
+        "--api-socket",
+        "",
+        "--datapath",
+        "none",
+        "--nickname",
+        "launched",
+    ]
+
+
+def _weft(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "weft.router.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def test_launch_status_stop_round_trip(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    http = f"127.0.0.1:{free_port()}"
+    launched = _weft(*_launch_args(tmp_path, free_port(), int(http.split(":")[1])))
+    pid = None
+    try:
+        assert launched.returncode == 0, launched.stderr
+        name = launched.stdout.strip()
+        pid = json.loads(_weft("report", "--http-addr", http).stdout)["router"]["pid"]
+        assert pid != os.getpid()  # a daemon of its own
+        status = _weft("status", "--http-addr", http)
+        assert status.returncode == 0
+        assert f"Name: {name}(launched)" in status.stdout
+        assert (tmp_path / "weft.log").read_text().count("listening on") == 1
+        again = _weft(*_launch_args(tmp_path, free_port(), int(http.split(":")[1])))
+        assert again.returncode == 1 and "already answering" in again.stderr
+    finally:
+        stopped = _weft("stop", "--http-addr", http)
+        if stopped.returncode != 0 and pid is not None:
+            os.kill(pid, signal.SIGKILL)  # never leave a daemon behind
+    assert stopped.returncode == 0, stopped.stderr
+    gone = _weft("status", "--http-addr", http)
+    assert gone.returncode == 1 and "cannot reach" in gone.stderr
+
+
+def test_launch_reports_why_the_router_did_not_start(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = int(busy.getsockname()[1])
+        proc = _weft(*_launch_args(tmp_path, port, free_port()))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("weft launch: the router did not start: cannot listen on")
+    assert "address already in use" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -921,6 +921,7 @@ class Router:
                 "short_id": mesh_status.get("short_id", self.identity.short_id),
                 "version": mesh_status.get("version"),  # of our topology record
                 "software": __version__,
+                "pid": os.getpid(),
                 "protocol": f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}",
                 "encryption": self.password_key is not None,
                 "discovery": self.config.discovery,
