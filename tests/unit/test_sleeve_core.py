@@ -544,3 +544,17 @@ def test_coalesced_buffer_with_a_forged_fragment_is_not_assembled_blindly() -> N
     core_b.datagrams_received(bad[-1], ADDR[A], net.now)
     assert core_b.take_tap_frames() == []
     assert core_b.drops["malformed"] >= 1
+
+
+def test_cut_covers_the_concatenation_exactly() -> None:
+    from weft.router.sleeve_core import _cut
+
+    parts: list[bytes | memoryview] = [b"ab", os.urandom(5000), b"cdef", os.urandom(777)]
+    whole = b"".join(parts)
+    for chunk in (1, 3, 100, 1445, 10000):
+        cuts = _cut(parts, chunk)
+        joined = [b"".join(c) for c in cuts]
+        assert b"".join(joined) == whole
+        assert all(len(j) == chunk for j in joined[:-1]) and 0 < len(joined[-1]) <= chunk
+    head_and_body: list[bytes | memoryview] = [b"h" * 17, os.urandom(3000)]
+    assert [len(b"".join(c)) for c in _cut(head_and_body, 1000)] == [1000, 1000, 1000, 17]

@@ -44,6 +44,9 @@ __all__ = [
 
 DEFAULT_BRIDGE: Final = "weft"
 DEFAULT_MTU: Final = 1376  # Weave's default container MTU; fits one datagram on most underlays
+# TCP super-frames no larger than this fit one UDP GSO send (44 x 1472-byte datagrams, sealed),
+# so the sleeve moves each with one sendmsg and the receiver gets it whole from GRO.
+SUPERFRAME_MAX: Final = 61440
 _CLONE_NEWNET: Final = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _ns_lock = threading.Lock()
@@ -89,6 +92,12 @@ def resolve_netns(netns: str) -> str:
     return path
 
 
+def _limit_gso(ipr: IPRoute, index: int) -> None:
+    """Cap the TSO/GSO size of a device (best effort: an old kernel may refuse)."""
+    with suppress(NetlinkError):
+        ipr.link("set", index=index, gso_max_size=SUPERFRAME_MAX)
+
+
 def _link_index(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return int(found[0]) if found else None
@@ -110,6 +119,7 @@ def ensure_bridge(
             if index is None:
                 raise LocalError(f"bridge {name} vanished right after it was created")
         ipr.link("set", index=index, mtu=mtu, state="up")
+        _limit_gso(ipr, index)  # the host's own traffic from an exposed address
         if tap is not None:
             tap_index = _link_index(ipr, tap)
             if tap_index is None:
@@ -242,6 +252,7 @@ class Bridge:
                     if _link_index(nsr, ifname) is not None:
                         raise ConfigError(f"{netns} already has an interface named {ifname}")
                     nsr.link("set", index=inner, ifname=ifname, mtu=use_mtu)
+                    _limit_gso(nsr, inner)
                     for iface in ifaces:
                         nsr.addr(
                             "add",
@@ -256,6 +267,7 @@ class Bridge:
                     mac = str(nsr.get_links(inner)[0].get_attr("IFLA_ADDRESS"))
                     addresses = _addresses(nsr, inner)
                 ipr.link("set", index=host_index, mtu=use_mtu)
+                _limit_gso(ipr, host_index)
                 ipr.link("set", index=host_index, master=bridge, state="up")
             except BaseException:
                 with suppress(NetlinkError):
