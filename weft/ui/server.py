@@ -258,7 +258,10 @@ class StatusHub:
         ws = web.WebSocketResponse(
             heartbeat=self.config.heartbeat, max_msg_size=self.config.max_client_message
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # the page went away during the handshake
+            return ws
         client = _Client()
         self._clients.add(client)
         self._sockets.add(ws)
