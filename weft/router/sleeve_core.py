@@ -306,6 +306,8 @@ class SleeveCore:
         self.tap_frames_out = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.bytes_in = 0  # UDP payload bytes received / sent, headers included
+        self.bytes_out = 0
         self._links: dict[PeerName, _Link] = {}
         self._by_bytes: dict[bytes, _Link] = {}
         self._names: dict[bytes, PeerName] = {}
@@ -556,10 +558,12 @@ class SleeveCore:
         chunk = pmtu - HEADER_SIZE
         self.messages_out += 1
         if total <= chunk or single:
+            self.bytes_out += HEADER_SIZE + total
             header = _HEADER.pack(vk, self.local_bytes, msg_id, total, 0, 0, 1)
             self._transmits.append(Transmit(link.name, link.addr, (header, *pieces), 0))
             return
         count = -(-total // chunk)
+        self.bytes_out += HEADER_SIZE * count + total
         cuts = _cut(pieces, chunk)
         tails = self._tails(chunk, count)
         prefix = _PREFIX.pack(vk, self.local_bytes, msg_id, total)
@@ -592,6 +596,7 @@ class SleeveCore:
     ) -> None:
         """One received buffer: a datagram, or with UDP GRO several of ``segment`` bytes each."""
         n = len(buf)
+        self.bytes_in += n
         if segment <= 0 or segment >= n:
             self._datagram(buf, 0, n, addr, now)
             return
@@ -1068,6 +1073,8 @@ class SleeveCore:
                 "tap_frames_out": self.tap_frames_out,
                 "messages_in": self.messages_in,
                 "messages_out": self.messages_out,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
             },
             "macs": len(self.macs),
             "mac_moves": self.macs.moves,
