@@ -306,3 +306,24 @@ async def test_setup_routes_binds_and_exposes_metrics() -> None:
     other = web.Application()
     setup_routes(other, lambda: status)
     assert metrics_of(other) is not early
+
+
+def test_mesh_stats_source() -> None:
+    from weft.gossip.mesh import MeshStats
+
+    stats = MeshStats(messages_sent=5, bytes_sent=500, messages_received=4, bytes_received=400,
+                      records_sent=9, records_received=8, records_new=2)
+    metrics = Metrics(get_status=lambda: synthetic_status(2))
+    assert ("weft_mesh_messages_total", (("direction", "out"),)) not in scrape(metrics)
+    metrics.set_mesh_stats_source(lambda: stats)
+    s = scrape(metrics)
+    assert s[("weft_mesh_messages_total", (("direction", "out"),))] == 5
+    assert s[("weft_mesh_messages_total", (("direction", "in"),))] == 4
+    assert s[("weft_mesh_bytes_total", (("direction", "out"),))] == 500
+    assert s[("weft_topology_records_total", (("event", "new"),))] == 2
+    stats.messages_sent += 1  # read at scrape time
+    assert scrape(metrics)[("weft_mesh_messages_total", (("direction", "out"),))] == 6
+    metrics.set_mesh_stats_source(lambda: {"bytes_sent": 7, "records_new": "x"})  # a mapping
+    s = scrape(metrics)
+    assert s[("weft_mesh_bytes_total", (("direction", "out"),))] == 7
+    assert s[("weft_topology_records_total", (("event", "new"),))] == 0

@@ -11,7 +11,9 @@ Two kinds of series:
   terminations by reason (``connection_terminated``, wired by the daemon to the router's
   ``on_connection_closed``), other connection events (``router.counters`` except ``closed_*``),
   sleeve packets, frames, bytes by direction and drops by reason (``overlay.stats`` /
-  ``overlay.drops``), gossip messages and bytes by channel and direction, datapath fallbacks.
+  ``overlay.drops``), mesh messages and bytes by direction and topology records
+  (``set_mesh_stats_source``, e.g. ``MeshCore.stats``), gossip messages and bytes by channel and
+  direction, datapath fallbacks.
   A part that already reports a count in the status needs no wiring at all.
 
 Label values that come from the network or from error texts (reasons, channel names) are
@@ -261,7 +263,20 @@ _FALLBACKS = _Family(
     "Connections that moved from one datapath to another (e.g. ovs -> sleeve).",
     ("from_datapath", "to_datapath"),
 )
+_MESH_MESSAGES = _Family(
+    "weft_mesh_messages", "Mesh control messages (all tags) by direction (in/out).",
+    ("direction",),
+)
+_MESH_BYTES = _Family(
+    "weft_mesh_bytes", "Mesh control message payload bytes by direction (in/out).",
+    ("direction",),
+)
+_TOPOLOGY_RECORDS = _Family(
+    "weft_topology_records", "Topology records sent, received, and received that were new.",
+    ("event",),
+)
 _COUNTER_FAMILIES = (
+    _MESH_MESSAGES, _MESH_BYTES, _TOPOLOGY_RECORDS,
     _TERMINATIONS, _CONN_EVENTS, _GOSSIP_MESSAGES, _GOSSIP_BYTES, _SLEEVE_PACKETS,
     _SLEEVE_FRAMES, _SLEEVE_BYTES, _SLEEVE_DROPS, _FALLBACKS,
 )
@@ -291,6 +306,28 @@ def _status_counters(status: Mapping[str, Any]) -> dict[str, Tally[tuple[str, ..
     for reason, value in _mapping(overlay.get("drops")).items():
         if isinstance(reason, str):
             out[_SLEEVE_DROPS.name][(reason,)] += _count(value)
+    return out
+
+
+# MeshStats attribute -> (family, labels); read duck-typed from set_mesh_stats_source's object.
+_MESH_STATS = {
+    "messages_sent": (_MESH_MESSAGES, ("out",)),
+    "messages_received": (_MESH_MESSAGES, ("in",)),
+    "bytes_sent": (_MESH_BYTES, ("out",)),
+    "bytes_received": (_MESH_BYTES, ("in",)),
+    "records_sent": (_TOPOLOGY_RECORDS, ("sent",)),
+    "records_received": (_TOPOLOGY_RECORDS, ("received",)),
+    "records_new": (_TOPOLOGY_RECORDS, ("new",)),
+}
+
+
+def _mesh_counters(stats: object) -> dict[str, Tally[tuple[str, ...]]]:
+    out: dict[str, Tally[tuple[str, ...]]] = {f.name: Tally() for f in _COUNTER_FAMILIES}
+    if stats is None:
+        return out
+    for attr, (family, labels) in _MESH_STATS.items():
+        value = stats.get(attr) if isinstance(stats, Mapping) else getattr(stats, attr, None)
+        out[family.name][labels] += _count(value)
     return out
 
 
@@ -353,9 +390,10 @@ class _StatusCollector(Collector):
             yield GaugeMetricFamily("weft_fastdp_flows", "Fast-datapath flows installed.", flows)
 
         from_status = _status_counters(status)
+        from_mesh = _mesh_counters(self._metrics.mesh_stats())
         tallies = self._metrics.tallies()
         for family in _COUNTER_FAMILIES:
-            values = from_status[family.name] + tallies[family.name]
+            values = from_status[family.name] + from_mesh[family.name] + tallies[family.name]
             if family is _SLEEVE_DROPS:
                 for reason in SLEEVE_DROP_REASONS:
                     values.setdefault((reason,), 0)
@@ -381,6 +419,7 @@ class Metrics:
         self.get_status = get_status
         self.registry = CollectorRegistry(auto_describe=False)
         self._flows_source: Callable[[], int] | None = None
+        self._mesh_stats_source: Callable[[], object] | None = None
         self._lock = threading.Lock()
         self._tallies: dict[str, Tally[tuple[str, ...]]] = {
             f.name: Tally() for f in _COUNTER_FAMILIES
@@ -390,6 +429,16 @@ class Metrics:
         self._drop_reason = _BoundedLabel(preset=SLEEVE_DROP_REASONS)
         self._datapath = _BoundedLabel(preset=("ovs", "vxlan", "sleeve", "none"))
         self.registry.register(_StatusCollector(self))
+
+    def set_mesh_stats_source(self, source: Callable[[], object] | None) -> None:
+        """Read mesh counters at scrape time from ``source()``: an object or mapping with
+        ``messages_sent``, ``messages_received``, ``bytes_sent``, ``bytes_received``,
+        ``records_sent``, ``records_received``, ``records_new`` (``MeshCore.stats``)."""
+        self._mesh_stats_source = source
+
+    def mesh_stats(self) -> object:
+        source = self._mesh_stats_source
+        return source() if source is not None else None
 
     def bind_status(self, get_status: GetStatus) -> None:
         """Read the status model from ``get_status`` (for metrics made before the router)."""
