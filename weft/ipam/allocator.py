@@ -408,7 +408,7 @@ class Allocator:
         self._proposed = False
         self._gossip_tokens: set[int] = set()
         if state is not None:
-            self._restore(state)
+            self._restore(state, now)
         else:
             self._changes.range = (self.ring.start, self.ring.end)
             self._dirty = True
@@ -421,7 +421,7 @@ class Allocator:
 
     # ----- restore / persistence -------------------------------------------------------------
 
-    def _restore(self, state: PersistedState) -> None:
+    def _restore(self, state: PersistedState, now: float) -> None:
         if (state.range_start, state.range_end) != (self.ring.start, self.ring.end):
             raise ConfigError(
                 f"the data dir holds IPAM state for range "
@@ -433,9 +433,19 @@ class Allocator:
             self.ring.merge(RingData(self.ring.start, self.ring.end, state.seeds, state.entries))
         if state.paxos is not None:
             self.paxos.restore(state.paxos)
+        reclaimed: set[str] = set()
         for cid, items in state.allocations.items():
             for addr, prefix in items:
-                self._hold(cid, addr, prefix)
+                if self.ring.owner(addr) == self.local:
+                    self._hold(cid, addr, prefix)
+                    continue
+                # Not (or no longer) in our spans as far as we know: claim it again, which asks
+                # its owner; it comes back, or fails clearly if someone else holds it now.
+                net = IPv4Network((addr, prefix), strict=False)
+                self._new_request("claim", cid, net, addr, now)
+                reclaimed.add(cid)
+        for cid in reclaimed:
+            self._mark_alloc(cid)
 
     def take_changes(self) -> StateChanges | None:
         """Changes to persist (committed) before delivering messages or events; None if none."""
