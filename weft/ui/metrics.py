@@ -393,7 +393,9 @@ class _StatusCollector(Collector):
         from_mesh = _mesh_counters(self._metrics.mesh_stats())
         tallies = self._metrics.tallies()
         for family in _COUNTER_FAMILIES:
-            values = from_status[family.name] + from_mesh[family.name] + tallies[family.name]
+            values: Tally[tuple[str, ...]] = Tally()
+            for part in (from_status, from_mesh, tallies):
+                values.update(part[family.name])  # update, unlike +, keeps zero counts
             if family is _SLEEVE_DROPS:
                 for reason in SLEEVE_DROP_REASONS:
                     values.setdefault((reason,), 0)
