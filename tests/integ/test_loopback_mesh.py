@@ -300,10 +300,14 @@ async def test_simultaneous_dials_keep_exactly_one_connection(
         "a and b connected",
     )
 
-    def settled(r: Router) -> bool:  # no second connection still handshaking
-        return all(c.state == "established" for c in r.connections())
+    def settled(r: Router) -> bool:  # no second connection still dialling or handshaking
+        return all(c.state == "established" for c in r.connections()) and not rows(r, "connecting")
 
     await wait_until(lambda: settled(a) and settled(b), "no connection left handshaking")
+    # The loser of the tie-break must not keep retrying its target: every retry would be
+    # another duplicate, and half of them would replace the working connection.
+    for r in (a, b):
+        assert [t["state"] for t in r.status()["router"]["targets"]] == ["connected"]
     ca, cb = a.connection_to(b.identity.name), b.connection_to(a.identity.name)
     assert ca is not None and cb is not None
     # both ends kept the same TCP connection (the tie-break agrees on both sides)
