@@ -219,7 +219,8 @@ async def test_peer_details_show_ipam_and_containers(page: Any, server: FakeStat
     uid = server.get_status()["router"]["uid"]
     assert uid > 2**53  # not exact as a JS number: the page must keep the digits
     for expected in (peer_name(1), "host-0001", "this router", "Address space (10.32.0.0/12)",
-                     "aa:bb:cc:00:00:01", "10.32.0.2/12", "Connections (2)", str(uid)):
+                     "aa:bb:cc:00:00:01", "10.32.0.2/12", "Connections (2)", str(uid),
+                     "Our connections (2)", "vxlan, encrypted, MTU 1376"):
         assert expected in details, expected
     # A remote peer: no containers section, its ranges and free count.
     await page.evaluate("(id) => window.weftGraph.select(id)", "n:" + peer_name(2))

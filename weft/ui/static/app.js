@@ -596,6 +596,22 @@
                                              : 'owns no addresses', 'muted'));
       }
     }
+    if (isLocal && m.localConns.length) {
+      box.appendChild(el('h3', 'Our connections (' + m.localConns.length + ')'));
+      var ol = el('ul');
+      m.localConns.forEach(function (c) {
+        var li = el('li');
+        if (c.peer) li.appendChild(peerLink(m, c.peer));
+        else li.appendChild(document.createTextNode(c.address || '?'));
+        li.appendChild(document.createTextNode(' '));
+        li.appendChild(stateSpan(c.state));
+        li.appendChild(document.createTextNode(' ' + c.datapath +
+          (c.controlEncrypted ? ', encrypted' : ', plain') + (c.mtu ? ', MTU ' + c.mtu : '') +
+          (c.info ? ' — ' + c.info : '')));
+        ol.appendChild(li);
+      });
+      box.appendChild(ol);
+    }
     if (isLocal) {
       box.appendChild(el('h3', 'Containers here'));
       if (m.containers === null) box.appendChild(el('p', 'not reported by this router', 'muted'));
