@@ -121,6 +121,7 @@ class IpamService:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last_reachable: set[PeerName] | None = None
+        self._pump_soon = False
         if state is not None:
             log.info(
                 "ipam: restored %d allocations and a ring of %d spans from %s",
@@ -199,11 +200,20 @@ class IpamService:
             log.info("ipam: gave %d addresses to peer %s", ev.addresses, ev.recipient)
 
     async def _wait(self, start: Callable[[float], int]) -> Allocation:
-        fut: asyncio.Future[Allocation] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Allocation] = loop.create_future()
         rid = start(self.clock())  # validation errors raise here, before anything changed
         self._futures[rid] = fut
-        self._pump()  # delivers an immediate answer, persisted first
+        # Group commit: requests that arrive in the same loop iteration share one transaction;
+        # answers are still delivered only after it is committed (pump persists first).
+        if not self._pump_soon:
+            self._pump_soon = True
+            loop.call_soon(self._deferred_pump)
         return await fut
+
+    def _deferred_pump(self) -> None:
+        self._pump_soon = False
+        self._pump()
 
     # ----- API ---------------------------------------------------------------------------------
 
