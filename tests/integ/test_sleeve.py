@@ -174,6 +174,30 @@ def test_broadcast_reaches_every_host(mesh: Mesh) -> None:
     assert mesh.containers["c3b"].ip in neigh
 
 
+def test_expose_and_ps(mesh: Mesh) -> None:
+    h1 = mesh.hosts[0]
+    proc = h1.exec(
+        "curl", "-s", "-f", "--max-time", "10", "-X", "POST",
+        "-H", "Content-Type: application/json", "-d", json.dumps({"cidr": "10.32.1.254/12"}),
+        "http://127.0.0.1:6784/expose",
+    )  # fmt: skip
+    assert "10.32.1.254/12" in json.loads(proc.stdout)["addresses"]
+    c3 = mesh.containers["c3a"]
+    wait_for(
+        lambda: h1.exec("ping", "-c1", "-W2", c3.ip, check=False).returncode == 0,
+        timeout=30,
+        what="host 1 reaches a container on host 3 through its exposed address",
+    )
+    assert c3.pings("10.32.1.254")
+    listed = json.loads(h1.exec("curl", "-s", "-f", "http://127.0.0.1:6784/ps").stdout)
+    by_ns = {row["netns"]: row for row in listed}
+    for name in ("c1a", "c1b"):
+        c = mesh.containers[name]
+        if c.host is h1:
+            row = by_ns[c.ns]
+            assert row["addresses"] == [f"{c.ip}/12"] and re.match(r"^[0-9a-f:]{17}$", row["mac"])
+
+
 _RECEIVER = """
 import hashlib, socket, sys
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
