@@ -118,6 +118,8 @@ async def test_encrypted_pair_and_wrong_password_named_on_both_sides(
     started.append(b)
     await wait_until(lambda: established_peers(a) == {str(b.identity.name)}, "a-b established")
     assert all(c["encrypted"] for c in rows(a, "established") + rows(b, "established"))
+    for c in rows(a, "established"):
+        assert c["stats"]["messages_in"] > 0 and c["stats"]["bytes_out"] > 0
     assert a.status()["router"]["encryption"] is True
 
     intruder = make_router(tmp_path, 2, addr(a), password=b"wrong")

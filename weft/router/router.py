@@ -965,6 +965,12 @@ class Router:
                 "datapath": None,
                 "mtu": None,
                 "since": round(now - conn.started, 1),
+                "stats": {
+                    "messages_in": conn.stats.messages_in,
+                    "messages_out": conn.stats.messages_out,
+                    "bytes_in": conn.stats.bytes_in,
+                    "bytes_out": conn.stats.bytes_out,
+                },
             }
             if conn.state == "connecting":
                 row["info"] = "handshake in progress"
