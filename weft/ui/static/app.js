@@ -686,7 +686,12 @@
         var ele = cy.getElementById(id);
         if (ele.nonempty()) {
           ele.select();
-          if (center && app.view === 'graph') cy.animate({ center: { eles: ele }, zoom: Math.max(cy.zoom(), 1) }, { duration: 0 });
+          // Big meshes are drawn too small to see a peer: bring it into view. Small ones are
+          // all in view already, so nothing moves.
+          if (center && app.view === 'graph' && app.cyBig) {
+            cy.zoom(Math.max(cy.zoom(), 1));
+            cy.center(ele);
+          }
         }
       }
     }
