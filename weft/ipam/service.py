@@ -135,6 +135,10 @@ class IpamService:
     def allocator(self) -> Allocator:
         return self.node.allocator
 
+    def ready(self) -> bool:
+        """True once the ring exists (allocation can succeed without waiting for consensus)."""
+        return self.allocator.ready
+
     @property
     def handler(self) -> GossipHandler:
         """The "ipam" channel handler to register on the mesh."""
