@@ -372,3 +372,32 @@ async def test_connections_table_lists_dials_to_unknown_peers(
     details = await page.inner_text("#details")
     assert "wrong password" in details and "10.9.9.9:6783" in details and "failed" in details
     assert page.problems.errors == []
+
+
+async def test_live_mesh_from_env(page: Any) -> None:
+    """Point the page at a running router: ``WEFT_UI_URL=http://10.x.y.z:6784 pytest -k live``.
+
+    ``WEFT_UI_PEERS`` (default 3) peers and as many links for a full mesh of 3 (override with
+    ``WEFT_UI_LINKS``), every own connection established; ``WEFT_UI_DATAPATH`` (e.g. sleeve) and
+    ``WEFT_UI_ENCRYPTED`` (1/0), when set, must hold for every own connection.
+    """
+    import os
+
+    url = os.environ.get("WEFT_UI_URL")
+    if not url:
+        pytest.skip("set WEFT_UI_URL to a live router's API address")
+    peers = int(os.environ.get("WEFT_UI_PEERS", "3"))
+    links = int(os.environ.get("WEFT_UI_LINKS", str(peers * (peers - 1) // 2)))
+    await page.goto(url.rstrip("/") + "/ui")
+    await wait_for_graph(page, peers, links, timeout_ms=60_000)
+    snap = await graph_snapshot(page)
+    local = next(n["name"] for n in snap["nodes"] if "local" in n["classes"])
+    own = [e for e in snap["edges"] if local in (e["source"], e["target"])]
+    assert own and all(e["state"] == "established" for e in own), own
+    datapath, encrypted = os.environ.get("WEFT_UI_DATAPATH"), os.environ.get("WEFT_UI_ENCRYPTED")
+    if datapath:
+        assert all(e["datapath"] == datapath for e in own), own
+    if encrypted is not None:
+        assert all(e["encrypted"] == (encrypted == "1") for e in own), own
+    await screenshot(page, "ui-live.png")
+    assert page.problems.errors == []
