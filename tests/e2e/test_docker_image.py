@@ -114,7 +114,7 @@ def test_image_builds_offline_and_installs_a_working_plugin(
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
 
     help_text = run([*docker, "run", "--rm", "--network", "none", "weft-test:img", "--help"]).stdout
-    assert "router" in help_text and "setup-cni" in help_text
+    assert "router" in help_text and "launch" in help_text
 
     host = tmp_path / "host"
     runtime = tmp_path / "opt-weft"  # as "the host" sees it (here: this machine, same path)
