@@ -6,7 +6,9 @@ encrypted; cutting one host's underlay link makes the others drop it and keep th
 restoring it heals; a router with a wrong password is refused and `weft status connections` on
 both sides names the password as the reason.
 
-The heartbeat is shortened (0.5 s, read timeout 3 s) so a cut link is noticed in bounded time.
+Routers run with the default datapath (`auto`: the sleeve here), so "established" means the
+encrypted data path was proven too. The heartbeat is shortened (0.5 s, read timeout 3 s) so a
+cut link is noticed in bounded time.
 """
 
 from __future__ import annotations
@@ -77,8 +79,6 @@ def launch(host: Host, u: Underlay, password_file: str, *peers: str) -> str:
         str(host.data_dir / "weft.sock"),
         "--password-file",
         password_file,
-        "--datapath",
-        "none",
         *HEARTBEAT,
         *peers,
     )
@@ -107,7 +107,12 @@ def full_mesh(m: Mesh, among: list[Host]) -> bool:
         conns = established(host)
         if set(conns) != m.others(host, among):
             return False
-        if not all(c["encrypted"] for c in conns.values()):
+        # control encrypted, and the data path (the sleeve, `auto`'s choice here) proven and
+        # encrypted too: "established" means the overlay carried heartbeats both ways
+        if not all(
+            c["encrypted"] and c["datapath"] == "sleeve" and c.get("data_encrypted")
+            for c in conns.values()
+        ):
             return False
     return True
 
