@@ -327,3 +327,15 @@ def test_mesh_stats_source() -> None:
     s = scrape(metrics)
     assert s[("weft_mesh_bytes_total", (("direction", "out"),))] == 7
     assert s[("weft_topology_records_total", (("event", "new"),))] == 0
+
+
+def test_broken_status_producer_does_not_break_scrapes() -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("bug")
+
+    metrics = Metrics(get_status=broken)
+    metrics.sleeve_dropped("replayed")
+    s = scrape(metrics)
+    assert s[("weft_status_up", ())] == 0
+    assert s[("weft_sleeve_drops_total", (("reason", "replayed"),))] == 1
+    assert scrape(Metrics(get_status=lambda: synthetic_status(2)))[("weft_status_up", ())] == 1

@@ -18,7 +18,7 @@ Two kinds of series:
 
 Label values that come from the network or from error texts (reasons, channel names) are
 normalised to short ``snake_case`` tokens and capped in number per metric, so a misbehaving peer
-cannot blow up the series count; pass short reason codes ("decrypt", "replay", "oversize").
+cannot blow up the series count; pass short reason codes ("tampered", "replayed", "oversize").
 
 Status fields read (see docs/ARCHITECTURE.md, "The status model"); every one may be absent::
 
@@ -33,6 +33,7 @@ Status fields read (see docs/ARCHITECTURE.md, "The status model"); every one may
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import Counter as Tally
@@ -53,6 +54,8 @@ __all__ = [
     "label_token",
     "partitions",
 ]
+
+log = logging.getLogger(__name__)
 
 GetStatus = Callable[[], Mapping[str, Any]]
 
@@ -342,9 +345,19 @@ class _StatusCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         get_status = self._metrics.get_status
-        status: Mapping[str, Any] = get_status() if get_status is not None else {}
-        if not isinstance(status, Mapping):
-            status = {}
+        status: Mapping[str, Any] = {}
+        ok = 0
+        if get_status is not None:
+            try:
+                got = get_status()
+            except Exception:  # a broken status producer must not take /metrics down with it
+                log.exception("reading the status for /metrics failed")
+            else:
+                if isinstance(got, Mapping):
+                    status, ok = got, 1
+        yield GaugeMetricFamily(
+            "weft_status_up", "1 if this scrape could read the router's status model.", ok
+        )
 
         conns = GaugeMetricFamily(
             "weft_connections",
