@@ -20,22 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
-from weft.errors import ConfigError, RemoteProtocolError, WeftError
+from weft.errors import ConfigError, LocalError, RemoteProtocolError, WeftError
 from weft.gossip.peer import PeerName
 from weft.k8s.core import (
     ApiHealth,
     ApiRecovered,
     ApiUnreachable,
     K8sConfig,
+    Node,
     NodeDeleted,
     NodeView,
     TargetsChanged,
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 
     from weft.router.router import Router
 
-__all__ = ["IpamAdmin", "K8sDiscovery", "K8sMesh", "RouterMesh", "setup_k8s"]
+__all__ = ["IpamAdmin", "K8sDiscovery", "K8sMesh", "RouterMesh", "fetch_nodes", "setup_k8s"]
 
 log = logging.getLogger("weft.k8s")
 
@@ -77,13 +79,16 @@ class K8sMesh(Protocol):
 
 
 class IpamAdmin(Protocol):
-    """The IPAM service as RouterMesh uses it: the ``ipam`` status object and rmpeer."""
+    """The IPAM service as RouterMesh uses it (weft.ipam.service.IpamService fits).
 
-    def status(self) -> Mapping[str, Any]:
-        """``{"ready": bool, "entries": [{"peer": "aa:..", "owned": int, ...}], ...}``."""
-        ...
+    ``status()``: ``{"ready": bool, "entries": [{"peer": "aa:..", "owned": int, ...}], ...}``;
+    ``rmpeer(name)``: take over ``name``'s space, return the addresses taken (WeftError: refused);
+    it may be a coroutine function.
+    """
 
-    async def rmpeer(self, name: PeerName) -> int: ...
+    def status(self) -> Mapping[str, Any]: ...
+
+    def rmpeer(self, peer: PeerName) -> int | Awaitable[int]: ...
 
 
 class RouterMesh:
@@ -101,7 +106,8 @@ class RouterMesh:
         self.router.connect(addresses, replace=True)
 
     def reachable_peers(self) -> set[PeerName]:
-        return set(self.router.mesh.routes.unicast_table())
+        # the same view IPAM's "reachable" uses (gossip routes over all connections)
+        return {PeerName(int(n)) for n in self.router.mesh.routes_all.unicast_table()}
 
     def ipam_owners(self) -> Mapping[PeerName, int] | None:
         if self.ipam is None:
@@ -117,7 +123,10 @@ class RouterMesh:
     async def rmpeer(self, peer: PeerName) -> int:
         if self.ipam is None:
             raise ConfigError("no IPAM service to reclaim space with")
-        return await self.ipam.rmpeer(peer)
+        taken = self.ipam.rmpeer(peer)
+        if inspect.isawaitable(taken):
+            taken = await taken
+        return int(taken)
 
 
 class K8sDiscovery:
@@ -366,6 +375,41 @@ class K8sDiscovery:
             del self.reclaimed[:-20]
             done.append((peer, taken))
         return done
+
+
+async def fetch_nodes(config: K8sConfig) -> list[Node]:
+    """LIST the nodes once (for the daemon's start, e.g. ``--ipalloc-init consensus=<nodes>``).
+
+    Raises ConfigError without an API configuration and LocalError when the API does not answer.
+    """
+    from kubernetes_asyncio.client import ApiException
+
+    class _Quiet:
+        local_peer = PeerName(0)
+
+        def set_targets(self, addresses: Sequence[str]) -> None:
+            del addresses
+
+        def reachable_peers(self) -> set[PeerName]:
+            return set()
+
+        def ipam_owners(self) -> Mapping[PeerName, int] | None:
+            return None
+
+        async def rmpeer(self, peer: PeerName) -> int:
+            del peer
+            return 0
+
+    discovery = K8sDiscovery(config, _Quiet())
+    discovery._api = await discovery._make_api_client()
+    try:
+        await discovery._list()
+    except (ApiException, aiohttp.ClientError, OSError, TimeoutError, ValueError,
+            RemoteProtocolError) as err:
+        raise LocalError(f"--k8s: cannot list the nodes: {err}") from None
+    finally:
+        await discovery.stop()
+    return sorted(discovery.view.nodes.values(), key=lambda n: n.name)
 
 
 def setup_k8s(router: Router, ipam: IpamAdmin | None, config: K8sConfig) -> K8sDiscovery:
