@@ -11,16 +11,19 @@ addresses (the plugin's IPAM), a default route via their gateway (no docker_gwbr
 the namespace on host 2 over the mesh; ``docker rm`` releases the address; the router restarts
 and the network, its containers and new ``docker run``\\ s still work.
 
-The router on host 1 uses an in-memory allocator with a file behind it (CNI's ``MemoryIpam``
-plus ``claim``) until the router wires its distributed IPAM into the daemon.
+The router on host 1 is composed here as the daemon will (until it wires IPAM and the plugin
+itself): weft's IPAM service (seeded with host 1 alone) behind CNI's ``ServiceIpam`` adapter,
+and ``setup_docker_plugin``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -48,24 +51,15 @@ REMOTE_IP = "10.32.9.9/12"  # the namespace attached on host 2
 
 # The router of host 1, run as `python -c LAUNCHER DATA_DIR PLUGIN PEER`.
 LAUNCHER = r"""
-import asyncio, ipaddress, logging, signal, sys
+import asyncio, logging, signal, sys
 from pathlib import Path
-from weft.cni.server import IpamRefused, MemoryIpam
+from weft.cni.ipam_adapter import ServiceIpam
 from weft.docker.plugin import DockerPluginConfig
 from weft.docker.server import setup_docker_plugin
+from weft.ipam.service import IpamService, attach_to_router, config_from_flags
 from weft.router.config import RouterConfig
 from weft.router.daemon import build_overlay, compose
 from weft.router.router import Router
-
-class FileIpam(MemoryIpam):
-    async def claim(self, ident, cidr):
-        want = ipaddress.ip_interface(cidr)
-        for other, held in self.by_ident.items():
-            if ipaddress.ip_interface(held).ip == want.ip and other != ident:
-                raise IpamRefused(f"{want.ip} is held by {other}")
-        self.by_ident[ident] = str(want)
-        self._save()
-        return str(want)
 
 async def main(data_dir, plugin, peer):
     config = RouterConfig(data_dir=data_dir, nickname="h1", api_socket=data_dir / "weft.sock",
@@ -73,8 +67,10 @@ async def main(data_dir, plugin, peer):
                           heartbeat_timeout=3)
     router = Router(config, build_overlay(config))
     compose(router)
-    ipam = FileIpam("10.32.0.0/12", state_path=str(data_dir / "ipam.json"))
-    setup_docker_plugin(router, ipam, DockerPluginConfig(
+    name = router.identity.name
+    ipam = IpamService(name, config_from_flags("10.32.0.0/12", init=f"seed={name}"), data_dir)
+    attach_to_router(router, ipam)
+    setup_docker_plugin(router, ServiceIpam(ipam), DockerPluginConfig(
         name=plugin, state_path=data_dir / "docker-networks.json"))
     await router.start()
     loop = asyncio.get_running_loop()
@@ -82,6 +78,7 @@ async def main(data_dir, plugin, peer):
         loop.add_signal_handler(sig, router.request_stop)
     print("router started", flush=True)
     await router.wait_stopped()
+    ipam.close()
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 logging.getLogger("weft.docker").setLevel(logging.DEBUG)  # every plugin call, for failures
@@ -122,8 +119,14 @@ class Env:
         self.router1.wait(timeout=30)
 
     def ipam_state(self) -> dict[str, str]:
-        path = self.h1.data_dir / "ipam.json"
-        return dict(json.loads(path.read_text())) if path.exists() else {}
+        """ident -> CIDR of host 1's allocations (``GET /ip`` on its API socket)."""
+        conn = _UnixHTTP(str(self.h1.data_dir / "weft.sock"))
+        try:
+            conn.request("GET", "/ip")
+            doc = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        return {a["container_id"]: a["cidr"] for a in doc["allocations"]}
 
     def logs(self) -> str:
         out = []
@@ -132,6 +135,18 @@ class Env:
             if path.exists():
                 out.append(f"--- {name} ---\n" + "\n".join(path.read_text().splitlines()[-30:]))
         return "\n".join(out)
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self.path)
+        self.sock = sock
 
 
 def weft(host: Host, *args: str) -> str:

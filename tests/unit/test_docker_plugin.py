@@ -23,7 +23,14 @@ from weft.router.router import Router
 
 
 class ClaimingIpam(MemoryIpam):
+    """CNI's in-memory allocator plus claims, refusing idents weft's allocator refuses."""
+
+    async def allocate(self, ident: str, subnet: str | None) -> str:
+        assert "/" not in ident, ident
+        return await super().allocate(ident, subnet)
+
     async def claim(self, ident: str, cidr: str) -> str:
+        assert "/" not in ident, ident
         want = ipaddress.ip_interface(cidr)
         for other, held in self.by_ident.items():
             if ipaddress.ip_interface(held).ip == want.ip and other != ident:
@@ -410,3 +417,50 @@ def test_cli_options_make_the_config(tmp_path: Path) -> None:
         tmp_path, "10.40.0.0/16")
     assert cfg is not None and cfg.socket_path == tmp_path / "mesh.sock"
     assert cfg.default_pool == "10.40.0.0/16"
+
+
+async def test_with_weft_ipam_service(tmp_path: Path) -> None:
+    """The same calls over the real allocator (IpamService behind CNI's ServiceIpam adapter)."""
+    from weft.cni.ipam_adapter import ServiceIpam
+    from weft.gossip.peer import PeerName
+    from weft.ipam.service import IpamService, config_from_flags
+
+    name = PeerName.parse("02:00:00:00:00:01")
+    service = IpamService(name, config_from_flags("10.32.0.0/12", init=f"seed={name}"), tmp_path)
+    env = Env(tmp_path)
+    env.ipam = ServiceIpam(service)  # type: ignore[assignment]
+    try:
+        d = await env.start()
+        pool_id, gw = await create_weft_network(d)
+        addresses = []
+        for ep in (EP1, EP2):
+            got = await d.call("IpamDriver.RequestAddress",
+                               {"PoolID": pool_id, "Address": "", "Options": {}})
+            addresses.append(got["Address"])
+            assert await d.call("NetworkDriver.CreateEndpoint", {
+                "NetworkID": NET, "EndpointID": ep, "Interface": {"Address": got["Address"]}}) == {}
+            await d.call("NetworkDriver.Join", {"NetworkID": NET, "EndpointID": ep,
+                                                "SandboxKey": "/x"})
+        assert len({gw, *addresses}) == 3
+        fixed = await d.call("IpamDriver.RequestAddress",
+                             {"PoolID": pool_id, "Address": "10.32.7.7", "Options": {}})
+        assert fixed["Address"] == "10.32.7.7/12"
+        status, err = await d.err("IpamDriver.RequestAddress",
+                                  {"PoolID": pool_id, "Address": "10.32.7.7", "Options": {}})
+        assert status == 500 and "10.32.7.7" in err
+        held = {a.cidr for a in service.allocations()}
+        assert held == {gw, *addresses, "10.32.7.7/12"}
+        # a restart of the plugin finds its allocations in the allocator
+        d = await env.restart()
+        for ep, address in zip((EP1, EP2), addresses, strict=True):
+            await d.call("NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": ep})
+            await d.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": ep})
+            await d.call("IpamDriver.ReleaseAddress",
+                         {"PoolID": pool_id, "Address": address.split("/")[0]})
+        await d.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": "10.32.7.7"})
+        await d.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": gw.split("/")[0]})
+        await d.call("NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+        assert service.allocations() == []
+    finally:
+        await env.stop()
+        service.close()

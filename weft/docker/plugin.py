@@ -25,7 +25,8 @@ requires):
   ``ReleaseAddress``; ``docker network rm``: ``DeleteNetwork``, ``ReleaseAddress`` (gateway),
   ``ReleasePool``.
 
-IPAM identities (the allocator is keyed by an ident, as for CNI): ``docker:ip:<pool>:<random>``
+IPAM identities (the allocator is keyed by an ident, as for CNI; no '/' in them, so a pool
+``10.32.0.0/12`` appears as ``10.32.0.0_12``): ``docker:ip:<pool>:<random>``
 for addresses Docker requests (RequestAddress carries no endpoint id, so a fresh ident per request,
 found again by address), ``docker:gw:<pool>`` for a pool's gateway (one per host and pool: each
 host gets its own gateway address, exposed on its bridge), ``docker:ep:<endpoint>`` for addresses
@@ -291,6 +292,11 @@ class _PoolId:
 
     def __str__(self) -> str:
         return POOL_PREFIX + str(self.pool) + (f"|{self.sub}" if self.sub else "")
+
+    @property
+    def key(self) -> str:
+        """The pool in allocator idents, which may not contain '/': ``10.32.0.0_12``."""
+        return str(self.pool).replace("/", "_")
 
     @classmethod
     def parse(cls, text: str) -> _PoolId:
@@ -619,10 +625,8 @@ class DockerPlugin:
         options = _obj(body, "Options")
         wanted = _str(body, "Address", required=False)
         gateway = options.get("RequestAddressType") == GATEWAY_TYPE
-        if gateway:
-            ident = f"docker:gw:{pid.pool}"
-        else:
-            ident = f"docker:ip:{pid.pool}:{secrets.token_hex(8)}"
+        unique = f"docker:ip:{pid.key}:{secrets.token_hex(8)}"
+        ident = f"docker:gw:{pid.key}" if gateway else unique
         if wanted:
             try:
                 addr = ipaddress.IPv4Address(wanted.split("/")[0])
