@@ -15,6 +15,7 @@ from weft.router.sleeve_core import (
     LinkEstablished,
     SleeveConfig,
     SleeveCore,
+    TapFrame,
     Transmit,
     complete_checksum,
     features_of,
@@ -25,6 +26,10 @@ from weft.router.sleeve_core import (
 A, B, C = PeerName(0x020000000001), PeerName(0x020000000002), PeerName(0x020000000003)
 ADDR = {A: ("10.0.0.1", 6783), B: ("10.0.0.2", 6783), C: ("10.0.0.3", 6783)}
 KEYS = {(x, y): os.urandom(32) for x in (A, B, C) for y in (A, B, C) if x != y}
+
+
+def flat(frame: TapFrame) -> bytes:
+    return b"".join(frame) if isinstance(frame, tuple) else bytes(frame)
 
 
 def mac(n: int) -> bytes:
@@ -111,7 +116,7 @@ class Net:
                 for peer, msg in core.take_control():
                     busy = True
                     self.cores[peer].control_received(name, msg, self.now)
-                self.tap[name].extend(bytes(f) for f in core.take_tap_frames())
+                self.tap[name].extend(flat(f) for f in core.take_tap_frames())
                 while (ev := core.next_event()) is not None:
                     if isinstance(ev, LinkEstablished):
                         self.established.append((name, ev.peer))
@@ -261,7 +266,7 @@ def test_fragments_out_of_order_duplicated_and_lost() -> None:
     shuffled = [*dgrams[::-1], dgrams[3]]
     for d in shuffled:
         core_b.datagrams_received(d, ADDR[A], net.now)
-    assert [bytes(f) for f in core_b.take_tap_frames()] == [frame]
+    assert [flat(f) for f in core_b.take_tap_frames()] == [frame]
     assert core_b.drops["replayed"] == 1  # the duplicate after completion: counter already used
     # A message missing one fragment is freed after the timeout, and counted.
     core_a.frame_from_tap(frame, net.now)
@@ -463,7 +468,7 @@ def test_icmp_too_big_when_fragmenting_is_off() -> None:
     frame = eth(mac(2), mac(1), ip + bytes(2980))
     net.send(A, vnet(frame))
     assert not net.tap[B]
-    [answer] = [bytes(f) for f in net.cores[A].take_tap_frames()] or net.tap[A]
+    [answer] = [flat(f) for f in net.cores[A].take_tap_frames()] or net.tap[A]
     icmp_frame = answer[VNET_HDR_SIZE:]
     assert icmp_frame[:6] == mac(1) and icmp_frame[6:12] == mac(2)
     ip_hdr = icmp_frame[14:34]
@@ -521,10 +526,10 @@ def test_coalesced_buffers_with_gaps_and_several_messages(encrypted: bool) -> No
         core_b.datagrams_received(coalesced[i : i + 30 * seg], ADDR[A], net.now, seg)
     for d in short:
         core_b.datagrams_received(d, ADDR[A], net.now)
-    got = [bytes(f) for f in core_b.take_tap_frames()]
+    got = [flat(f) for f in core_b.take_tap_frames()]
     assert got == [frames[0], frames[2]]
     core_b.datagrams_received(missing, ADDR[A], net.now)
-    assert [bytes(f) for f in core_b.take_tap_frames()] == [frames[1]]
+    assert [flat(f) for f in core_b.take_tap_frames()] == [frames[1]]
     assert not core_b.drops
     assert core_b.status(net.now)["reassembly_bytes"] == 0
 

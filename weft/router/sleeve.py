@@ -56,6 +56,7 @@ from weft.router.sleeve_core import (
     LinkStatusChanged,
     SleeveConfig,
     SleeveCore,
+    TapFrame,
     Transmit,
     features_of,
     remote_sleeve,
@@ -228,7 +229,7 @@ class SleeveOverlay:
                 self.tap.close()
             raise
         self._sender: _Worker[Transmit] | None = None
-        self._writer: _Worker[bytes | bytearray | memoryview] | None = None
+        self._writer: _Worker[TapFrame] | None = None
         if threads:
             self._sender = _Worker("weft-sleeve-udp", self._send_batch, self.drops)
             if self.tap is not None:
@@ -518,14 +519,17 @@ class SleeveOverlay:
                 self.drops["udp_send_error"] += 1
                 log.debug("UDP send to %s failed: %s", t.addr, err)
 
-    def _write_frames(self, frames: list[bytes | bytearray | memoryview]) -> None:
+    def _write_frames(self, frames: list[TapFrame]) -> None:
         tap = self.tap
         if tap is None:
             return
         fd = tap.fd
         for frame in frames:
             try:
-                os.write(fd, frame)
+                if type(frame) is tuple:
+                    os.writev(fd, frame)  # a super-frame still in its fragments
+                else:
+                    os.write(fd, frame)  # type: ignore[arg-type]
             except OSError:
                 self.drops["tap_write_error"] += 1
         self.syscalls["tap_write"] += len(frames)
