@@ -85,7 +85,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
@@ -131,3 +131,4 @@ def test_image_builds_offline_and_installs_a_working_plugin(
                           env={"CNI_COMMAND": "VERSION", "PATH": "/nonexistent"})
     assert proc.returncode == 0, proc.stderr
     assert "1.0.0" in json.loads(proc.stdout)["supportedVersions"]
+    run([*docker, "rmi", "weft-test:img", "weft-test-base:bookworm"], check=False)
