@@ -184,6 +184,38 @@ def test_traffic_goes_by_vxlan_and_macs_get_fdb_entries(mesh: Mesh) -> None:
     assert sleeve_tap_frames(h1) - frames < 10  # the sleeve saw (almost) nothing
 
 
+def test_broadcast_reaches_every_container_exactly_once(mesh: Mesh) -> None:
+    """Broadcasts go by the tunnel's flood entries only: the sleeve leaves carried peers out and
+    the isolated bridge ports never pass a frame between the tunnel and the sleeve."""
+    (c1, _), (c2, _), (c3, _) = mesh.containers
+    listen = """
+        import select, socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 9999)); print("ready", flush=True)
+        got = []
+        while select.select([s], [], [], 3)[0]:
+            got.append(s.recv(100).decode())
+        print(" ".join(sorted(got)))
+        """
+    receivers = [_py(ns, listen) for ns in (c2, c3)]
+    for proc in receivers:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    sender = _py(
+        c1,
+        """
+        import socket, time
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        for i in range(5):
+            s.sendto(f"b{i}".encode(), ("10.32.255.255", 9999)); time.sleep(0.1)
+        """,
+    )
+    _finish(sender)
+    for proc in receivers:
+        assert _finish(proc).split() == ["b0", "b1", "b2", "b3", "b4"]
+
+
 def _py(ns: str, code: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(code)],
@@ -293,6 +325,17 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
     # Pings kept answering: the longest run of lost ones is a short gap (at 10 per second).
     gaps = [b - a - 1 for a, b in itertools.pairwise(seqs)]
     assert max(gaps, default=0) <= 60, f"longest gap {max(gaps)} pings"
+
+
+def test_stop_removes_the_vxlan_device(mesh: Mesh) -> None:
+    h3 = mesh.hosts[2]
+    assert h3.exec("ip", "link", "show", "vxlan-weft", check=False).returncode == 0
+    api(h3, "/stop", {})
+    wait_for(
+        lambda: h3.exec("ip", "link", "show", "vxlan-weft", check=False).returncode != 0,
+        timeout=30,
+        what="h3's vxlan device gone after stop",
+    )
 
 
 @pytest.fixture(scope="module")
