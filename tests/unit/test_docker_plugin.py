@@ -288,6 +288,20 @@ async def test_docker_default_ipam_address_is_not_echoed(env: Env) -> None:
     assert env.ipam.by_ident == {}
 
 
+async def test_leave_and_delete_endpoint_are_lenient(env: Env) -> None:
+    """Docker's container removal must not fail on what the plugin no longer knows."""
+    d = await env.start()
+    env.kernel.links[host_ifname(EP1)] = (peer_ifname(EP1), "weft", None)  # a stale pair
+    assert await d.call("NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP1}) == {}
+    assert host_ifname(EP1) not in env.kernel.links
+    assert await d.call("NetworkDriver.DeleteEndpoint",
+                        {"NetworkID": NET, "EndpointID": EP1}) == {}
+    await create_weft_network(d)
+    for _ in range(2):  # twice: idempotent
+        assert await d.call("NetworkDriver.DeleteEndpoint",
+                            {"NetworkID": NET, "EndpointID": EP2}) == {}
+
+
 async def test_network_survives_plugin_restart(env: Env) -> None:
     d = await env.start()
     pool_id, _ = await create_weft_network(d)

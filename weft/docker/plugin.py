@@ -529,11 +529,15 @@ class DockerPlugin:
         return reply
 
     async def delete_endpoint(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        net = self._net(body)
-        ep = net.endpoints.pop(_id(body, "EndpointID"), None)
-        if ep is not None:
-            await self._drop_endpoint(ep)
-            self.store.save()
+        # Idempotent and lenient: a failure here would leave `docker rm` half done.
+        net_id, ep_id = _id(body, "NetworkID"), _id(body, "EndpointID")
+        net = self.store.networks.get(net_id)
+        ep = net.endpoints.pop(ep_id, None) if net is not None else None
+        if ep is None:
+            await asyncio.to_thread(self.kernel.delete, host_ifname(ep_id))
+            return {}
+        await self._drop_endpoint(ep)
+        self.store.save()
         return {}
 
     async def _drop_endpoint(self, ep: Endpoint) -> None:
@@ -586,10 +590,11 @@ class DockerPlugin:
         return str(next(subnet.hosts()))
 
     async def leave(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        net = self._net(body)
-        ep_id = _id(body, "EndpointID")
+        # Lenient like DeleteEndpoint: the veth goes whatever we remember of the network.
+        net_id, ep_id = _id(body, "NetworkID"), _id(body, "EndpointID")
         await asyncio.to_thread(self.kernel.delete, host_ifname(ep_id))
-        ep = net.endpoints.get(ep_id)
+        net = self.store.networks.get(net_id)
+        ep = net.endpoints.get(ep_id) if net is not None else None
         if ep is not None:
             ep.joined = False
             self.store.save()
