@@ -1,0 +1,332 @@
+"""The overlay switch's wiring (weft.router.switch) with a fake sleeve and a fake vxlan part:
+envelope routing, both ends agreeing, fallback callbacks, notes, the sleeve's route filter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+
+from weft.errors import RemoteProtocolError
+from weft.fastdp.link import FastPathLink
+from weft.fastdp.vxlan import VxlanConfig
+from weft.gossip.peer import PeerName
+from weft.router.fastpath_overlay import VxlanLinkHandle, VxlanPart
+from weft.router.overlay import (
+    Overlay,
+    OverlayConnectionParams,
+    OverlayConnectionStatus,
+    RoutesView,
+)
+from weft.router.switch import SwitchConnection, SwitchOverlay
+from weft.router.switch_core import (
+    PART_SLEEVE,
+    PART_SWITCH,
+    SwitchConfig,
+    encode_path_state,
+    wrap,
+)
+
+A = PeerName.parse("02:00:00:00:00:0a")
+B = PeerName.parse("02:00:00:00:00:0b")
+C = PeerName.parse("02:00:00:00:00:0c")
+REASON = "heartbeats through the tunnel unanswered for 2s (UDP 6784 blocked?)"
+
+
+@dataclass
+class FakeSleeveConn:
+    params: OverlayConnectionParams
+    received: list[bytes] = field(default_factory=list)
+    state: str = "pending"
+    stopped: bool = False
+
+    def control_received(self, payload: bytes) -> None:
+        self.received.append(payload)
+
+    def status(self) -> OverlayConnectionStatus:
+        return OverlayConnectionStatus("sleeve", self.state, 1414, "udp x", False)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def establish(self) -> None:
+        self.state = "established"
+        self.params.on_established()
+
+
+class FakeSleeve:
+    def __init__(self) -> None:
+        self.conns: list[FakeSleeveConn] = []
+        self.routes: RoutesView | None = None
+
+    def features(self) -> dict[str, Any]:
+        return {"sleeve_version": 1}
+
+    def prepare_connection(self, params: OverlayConnectionParams) -> FakeSleeveConn:
+        conn = FakeSleeveConn(params)
+        self.conns.append(conn)
+        return conn
+
+    def routes_changed(self, routes: RoutesView) -> None:
+        self.routes = routes
+
+    def status(self) -> dict[str, Any]:
+        return {"stats": {}}
+
+
+class FakeVxlan:
+    def __init__(self, mtu: int = 1450) -> None:
+        self.problem = ""
+        self.mtu = mtu
+        self.device_config = VxlanConfig()
+        self.local_macs: frozenset[str] = frozenset({"02:42:00:00:00:01"})
+        self.on_local_macs: Callable[[frozenset[str]], None] = lambda macs: None
+        self.handles: list[VxlanLinkHandle] = []
+        self.control: list[bytes] = []
+        self.carrying: dict[PeerName, bool] = {}
+        self.macs: dict[PeerName, frozenset[str]] = {}
+
+    def ensure_started(self, local: PeerName, ip: str) -> bool:
+        return True
+
+    def start_link(
+        self,
+        local: PeerName,
+        remote: PeerName,
+        ip: str,
+        send_control: Callable[[bytes], None],
+        on_health: Callable[[bool, str], None],
+    ) -> VxlanLinkHandle:
+        link = FastPathLink(local, remote, self.mtu, False, 0.0)
+        handle = VxlanLinkHandle(remote, ip, link, send_control, on_health)
+        self.handles.append(handle)
+        return handle
+
+    def control_received(self, handle: VxlanLinkHandle, payload: bytes) -> None:
+        self.control.append(payload)
+
+    def set_carrying(self, handle: VxlanLinkHandle, carrying: bool) -> None:
+        self.carrying[handle.remote] = carrying
+
+    def peer_macs(self, handle: VxlanLinkHandle, macs: frozenset[str]) -> None:
+        self.macs[handle.remote] = macs
+
+    def stop_link(self, handle: VxlanLinkHandle) -> None:
+        handle.stopped = True
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+SWITCH_FEATURES = {
+    "sleeve_version": 1,
+    "overlay_switch": 1,
+    "fastdp_vxlan": 1,
+    "fastdp_vxlan_port": 6784,
+    "fastdp_vni": 0xFFFFFF,
+}
+
+
+@dataclass
+class End:
+    overlay: SwitchOverlay
+    sleeve: FakeSleeve
+    vxlan: FakeVxlan
+    sent: list[bytes] = field(default_factory=list)
+    established: int = 0
+    conn: SwitchConnection | None = None
+
+    def connect(
+        self, local: PeerName, remote: PeerName, features: Mapping[str, Any], key: bytes | None
+    ) -> SwitchConnection:
+        def established() -> None:
+            self.established += 1
+
+        params = OverlayConnectionParams(
+            local_name=local,
+            remote_name=remote,
+            remote_short_id=1,
+            remote_ip="192.0.2.2",
+            outbound=True,
+            data_send_key=key,
+            data_recv_key=key,
+            remote_features=features,
+            send_control=self.sent.append,
+            on_established=established,
+        )
+        conn = self.overlay.prepare_connection(params)
+        assert isinstance(conn, SwitchConnection)
+        self.conn = conn
+        return conn
+
+
+def make_end(mode: str = "auto", vxlan: FakeVxlan | None = None, container_mtu: int = 1376) -> End:
+    sleeve = FakeSleeve()
+    vx = vxlan or FakeVxlan()
+    overlay = SwitchOverlay(
+        cast(Overlay, sleeve),
+        cast(VxlanPart, vx),
+        mode=mode,
+        switch_config=SwitchConfig(recovery_hold=0.0),
+        container_mtu=container_mtu,
+    )
+    return End(overlay, sleeve, vx)
+
+
+def deliver(src: End, dst: End) -> None:
+    assert dst.conn is not None
+    messages, src.sent[:] = list(src.sent), []
+    for message in messages:
+        dst.conn.control_received(message)
+
+
+async def test_features_advertise_the_switch_and_vxlan() -> None:
+    end = make_end()
+    assert end.overlay.features() == SWITCH_FEATURES
+
+
+async def test_both_ends_agree_carry_by_vxlan_fall_back_and_return() -> None:
+    a, b = make_end(), make_end()
+    fallbacks: list[tuple[str, str]] = []
+    a.overlay.on_fallback(lambda old, new: fallbacks.append((old, new)))
+    ca, cb = a.connect(A, B, SWITCH_FEATURES, None), b.connect(B, A, SWITCH_FEATURES, None)
+    # Each end announced its MACs (switch part) at start.
+    assert a.sent == [wrap(PART_SWITCH, bytes.fromhex("020001") + bytes.fromhex("024200000001"))]
+    deliver(a, b)
+    deliver(b, a)
+    assert b.vxlan.macs[A] == frozenset({"02:42:00:00:00:01"})
+    a.sleeve.conns[0].establish()
+    assert a.established == 1 and ca.status().datapath == "sleeve"
+    ha, hb = a.vxlan.handles[0], b.vxlan.handles[0]
+    ha.on_health(True, "")
+    deliver(a, b)
+    assert cb.switch.chosen == "sleeve"  # b's own probes are not answered yet
+    hb.on_health(True, "")
+    deliver(b, a)
+    assert ca.switch.chosen == cb.switch.chosen == "vxlan"
+    assert a.vxlan.carrying[B] and b.vxlan.carrying[A]
+    status = ca.status()
+    assert (status.datapath, status.state, status.mtu, status.info) == (
+        "vxlan",
+        "established",
+        1450,
+        "",
+    )
+    assert a.established == 1  # established once, whatever carries
+    ha.on_health(False, REASON)
+    assert ca.switch.chosen == "sleeve" and not a.vxlan.carrying[B]
+    assert fallbacks == [("vxlan", "sleeve")]
+    assert ca.status().info == f"vxlan: {REASON}; using sleeve"
+    assert a.overlay.status()["switch"]["fallbacks"] == {"vxlan->sleeve": 1}
+    deliver(a, b)
+    assert cb.switch.chosen == "sleeve"  # the peer follows
+    ha.on_health(True, "")
+    deliver(a, b)
+    assert ca.switch.chosen == cb.switch.chosen == "vxlan"
+
+
+async def test_sleeve_messages_travel_in_the_envelope() -> None:
+    a, b = make_end(), make_end()
+    ca = a.connect(A, B, SWITCH_FEATURES, None)
+    b.connect(B, A, SWITCH_FEATURES, None)
+    a.sent.clear()
+    a.sleeve.conns[0].params.send_control(b"\x01sleeve-ack")
+    assert a.sent == [wrap(PART_SLEEVE, b"\x01sleeve-ack")]
+    deliver(a, b)
+    assert b.sleeve.conns[0].received == [b"\x01sleeve-ack"]
+    ca.control_received(wrap(1, b"fast"))
+    assert a.vxlan.control == [b"fast"]
+    with pytest.raises(RemoteProtocolError):
+        ca.control_received(b"\x07junk")
+    with pytest.raises(RemoteProtocolError):
+        ca.control_received(wrap(PART_SWITCH, b"\x01\x09\x01"))
+
+
+async def test_a_plain_sleeve_peer_gets_bare_messages_and_a_note() -> None:
+    a = make_end()
+    ca = a.connect(A, B, {"sleeve_version": 1}, None)
+    assert a.vxlan.handles == []  # no vxlan link to a peer without it
+    assert ca.switch.chosen == "sleeve"
+    a.sleeve.conns[0].params.send_control(b"\x01ack")
+    assert a.sent == [b"\x01ack"]
+    ca.control_received(b"\x01theirs")
+    assert a.sleeve.conns[0].received == [b"\x01theirs"]
+    a.sleeve.conns[0].establish()
+    assert ca.status().info == "vxlan: the peer has no vxlan datapath; using sleeve"
+
+
+async def test_vxlan_mtu_below_the_container_mtu_is_not_used() -> None:
+    a = make_end(vxlan=FakeVxlan(mtu=1350))
+    ca = a.connect(A, B, SWITCH_FEATURES, None)
+    a.sleeve.conns[0].establish()
+    assert ca.status().info == (
+        "vxlan: overlay MTU 1350 below the container MTU 1376; using sleeve"
+    )
+
+
+async def test_forced_vxlan_has_no_sleeve_and_fails_visibly() -> None:
+    a = make_end(mode="vxlan")
+    ca = a.connect(A, B, {"sleeve_version": 1}, None)
+    assert a.sleeve.conns == []
+    status = ca.status()
+    assert status.datapath == "vxlan" and status.state == "failed"
+    assert status.info == (
+        "vxlan: the peer has no vxlan datapath; no fallback (datapath vxlan forced)"
+    )
+
+
+async def test_forced_sleeve_never_starts_vxlan() -> None:
+    a = make_end(mode="sleeve")
+    ca = a.connect(A, B, SWITCH_FEATURES, None)
+    assert a.vxlan.handles == [] and ca.switch.chosen == "sleeve"
+    a.sleeve.conns[0].establish()
+    assert ca.status().info == "udp x"  # the sleeve's own
+
+
+async def test_encrypted_connection_stays_on_sleeve_and_says_so() -> None:
+    sleeve = FakeSleeve()
+    overlay = SwitchOverlay(cast(Overlay, sleeve), None, vxlan_note="encrypted: kernel has no ESP")
+    end = End(overlay, sleeve, FakeVxlan())
+    conn = end.connect(A, B, SWITCH_FEATURES, b"k" * 32)
+    sleeve.conns[0].establish()
+    assert conn.status().info == "encrypted: kernel has no ESP; using sleeve"
+    assert "fastdp_vxlan" not in overlay.features()
+
+
+class Routes:
+    """A: neighbours B and C; C is reached only through B when ``via_b`` (partial mesh)."""
+
+    def __init__(self, via_b: bool) -> None:
+        self.via_b = via_b
+
+    def unicast_next_hop(self, dst: PeerName) -> PeerName | None:
+        return self.unicast_table().get(dst)
+
+    def broadcast_next_hops(self, src: PeerName) -> list[PeerName]:
+        return [B] if self.via_b else [B, C]
+
+    def unicast_table(self) -> dict[PeerName, PeerName]:
+        return {B: B, C: B} if self.via_b else {B: B, C: C}
+
+
+async def test_the_sleeve_leaves_out_carried_peers_from_our_broadcasts_unless_they_relay() -> None:
+    for via_b, expected in ((False, [C]), (True, [B])):
+        a, b = make_end(), make_end()
+        ca, _ = a.connect(A, B, SWITCH_FEATURES, None), b.connect(B, A, SWITCH_FEATURES, None)
+        a.overlay.routes_changed(Routes(via_b))
+        routes = a.sleeve.routes
+        assert routes is not None
+        assert routes.broadcast_next_hops(A) == ([B] if via_b else [B, C])
+        a.vxlan.handles[0].on_health(True, "")
+        ca.control_received(wrap(PART_SWITCH, encode_path_state("vxlan", True)))
+        assert ca.switch.chosen == "vxlan"
+        assert routes.broadcast_next_hops(A) == expected
+        assert routes.broadcast_next_hops(C) == ([B] if via_b else [B, C])  # relaying: all
+        ca.stop()
+        assert routes.broadcast_next_hops(A) == ([B] if via_b else [B, C])
+        assert a.vxlan.handles[0].stopped and a.sleeve.conns[0].stopped
