@@ -11,9 +11,10 @@ addresses (the plugin's IPAM), a default route via their gateway (no docker_gwbr
 the namespace on host 2 over the mesh; ``docker rm`` releases the address; the router restarts
 and the network, its containers and new ``docker run``\\ s still work.
 
-The router on host 1 is composed here as the daemon will (until it wires IPAM and the plugin
-itself): weft's IPAM service (seeded with host 1 alone) behind CNI's ``ServiceIpam`` adapter,
-and ``setup_docker_plugin``.
+The router on host 1 is composed as the daemon does (``compose``: data plane routes, IPAM, CNI)
+plus ``setup_docker_plugin`` over the IPAM service (CNI's ``ServiceIpam`` adapter), until
+``weft router --docker-plugin`` does this itself. IPAM is seeded with host 1 on both hosts, so
+host 1 owns the range and addresses are predictable.
 """
 
 from __future__ import annotations
@@ -50,27 +51,27 @@ DOCKER = "/usr/bin/docker"  # Debian's client, the same version as its dockerd
 REMOTE_IP = "10.32.9.9/12"  # the namespace attached on host 2
 
 # The router of host 1, run as `python -c LAUNCHER DATA_DIR PLUGIN PEER`.
+H1_NAME = "02:00:00:00:0d:01"  # host 1's peer name: IPAM is seeded with it on both hosts
+
 LAUNCHER = r"""
 import asyncio, logging, signal, sys
 from pathlib import Path
 from weft.cni.ipam_adapter import ServiceIpam
 from weft.docker.plugin import DockerPluginConfig
 from weft.docker.server import setup_docker_plugin
-from weft.ipam.service import IpamService, attach_to_router, config_from_flags
+from weft.gossip.peer import PeerName
 from weft.router.config import RouterConfig
 from weft.router.daemon import build_overlay, compose
 from weft.router.router import Router
 
-async def main(data_dir, plugin, peer):
-    config = RouterConfig(data_dir=data_dir, nickname="h1", api_socket=data_dir / "weft.sock",
-                          datapath="sleeve", peers=(peer,), heartbeat_interval=0.5,
+async def main(data_dir, plugin, peer, name):
+    config = RouterConfig(name=PeerName.parse(name), data_dir=data_dir, nickname="h1",
+                          api_socket=data_dir / "weft.sock", datapath="sleeve", peers=(peer,),
+                          ipalloc_init=f"seed={name}", heartbeat_interval=0.5,
                           heartbeat_timeout=3)
     router = Router(config, build_overlay(config))
-    compose(router)
-    name = router.identity.name
-    ipam = IpamService(name, config_from_flags("10.32.0.0/12", init=f"seed={name}"), data_dir)
-    attach_to_router(router, ipam)
-    setup_docker_plugin(router, ServiceIpam(ipam), DockerPluginConfig(
+    parts = compose(router)  # data plane routes, IPAM (+ CNI), UI
+    setup_docker_plugin(router, ServiceIpam(parts.ipam), DockerPluginConfig(
         name=plugin, state_path=data_dir / "docker-networks.json"))
     await router.start()
     loop = asyncio.get_running_loop()
@@ -78,11 +79,10 @@ async def main(data_dir, plugin, peer):
         loop.add_signal_handler(sig, router.request_stop)
     print("router started", flush=True)
     await router.wait_stopped()
-    ipam.close()
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 logging.getLogger("weft.docker").setLevel(logging.DEBUG)  # every plugin call, for failures
-asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
+asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]))
 """
 
 
@@ -102,6 +102,7 @@ class Env:
     def start_router1(self) -> None:
         self.router1 = self.h1.spawn(
             sys.executable, "-c", LAUNCHER, str(self.h1.data_dir), self.plugin, self.h2.ip,
+            H1_NAME,
             log=self.h1.data_dir / "router.log",
             env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )
@@ -235,7 +236,7 @@ def env() -> Iterator[Env]:
             d2 = h2.data_dir
             weft(h2, "launch", "--nickname", "h2", "--data-dir", str(d2), "--api-socket",
                  str(d2 / "weft.sock"), "--datapath", "sleeve", "--heartbeat-interval", "0.5",
-                 "--heartbeat-timeout", "3", h1.ip)
+                 "--heartbeat-timeout", "3", "--ipalloc-init", f"seed={H1_NAME}", h1.ip)
             remote = h2.add_netns("c")
             weft(h2, "attach", "--ip", REMOTE_IP, remote)
             e.start_router1()
@@ -281,6 +282,11 @@ def test_docker_network_across_hosts_release_and_router_restart(env: Env) -> Non
 
 def _scenario(env: Env) -> None:
     remote = REMOTE_IP.split("/")[0]
+    # a request the plugin refuses: the user sees the plugin's reason
+    bad = run([DOCKER, "-H", f"unix://{env.sock}", "network", "create", "-d", env.plugin,
+               "--ipam-driver", env.plugin, "--ipv6", "--subnet", "fd00:77::/64", "bad"],
+              check=False)
+    assert bad.returncode != 0 and "IPv6 is not supported by weft" in bad.stderr, bad.stderr
     env.docker("network", "create", "-d", env.plugin, "--ipam-driver", env.plugin, "wnet")
     assert "docker_gwbridge" not in env.docker("network", "ls")
     env.docker("run", "-d", "--name", "c1", "--network", "wnet", "wfbusybox", "sleep", "3600")
