@@ -49,7 +49,7 @@ from weft.gossip.peer import PeerName
 from weft.ipam.allocator import InitMode, IpamConfig
 from weft.ipam.sim import SimNet
 from weft.k8s.core import K8sConfig, peer_name_for_node
-from weft.k8s.discovery import K8sDiscovery, setup_k8s
+from weft.k8s.discovery import K8sDiscovery, fetch_nodes, initial_ipalloc_init, setup_k8s
 from weft.router.config import RouterConfig
 from weft.router.router import Router
 
@@ -373,3 +373,16 @@ async def test_setup_k8s_drives_a_real_router(api: FakeApi, tmp_path: Any) -> No
         await wait_for(lambda: targets() == {"127.0.1.3:1"}, "target of the deleted node gone")
     finally:
         await router.stop()
+
+
+async def test_initial_ipalloc_init_waits_for_the_api(api: FakeApi) -> None:
+    for name, ip in NODES.items():
+        await api.change("ADDED", name, ip)
+    await api.set_down(True)
+    task = asyncio.ensure_future(initial_ipalloc_init(config(api, "n1")))
+    await wait_for(lambda: api.requests.count("LIST") >= 3, "retried LISTs")
+    assert not task.done()
+    await api.set_down(False)
+    assert await asyncio.wait_for(task, 20) == "consensus=3"
+    with pytest.raises(ConfigError, match="no Kubernetes API configuration"):
+        await fetch_nodes(K8sConfig(node_name="n1"))  # not in a pod, no kubeconfig

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
     from weft.router.router import Router
 
-__all__ = ["IpamAdmin", "K8sDiscovery", "K8sMesh", "RouterMesh", "fetch_nodes", "setup_k8s"]
+__all__ = ["IpamAdmin", "K8sDiscovery", "K8sMesh", "RouterMesh", "fetch_nodes",
+           "initial_ipalloc_init", "setup_k8s"]
 
 log = logging.getLogger("weft.k8s")
 
@@ -410,6 +411,28 @@ async def fetch_nodes(config: K8sConfig) -> list[Node]:
     finally:
         await discovery.stop()
     return sorted(discovery.view.nodes.values(), key=lambda n: n.name)
+
+
+async def initial_ipalloc_init(config: K8sConfig, rng: random.Random | None = None) -> str:
+    """``consensus=<nodes listed>`` for ``--ipalloc-init`` on a fresh node, as Weave's kube did.
+
+    Lists until the API answers (backoff as discovery's, one log line per state change): a fresh
+    router must not split the range on its own. A router with IPAM state in its data dir does
+    not need this (its ring is restored).
+    """
+    health = ApiHealth(config, rng or random.Random())
+    while True:
+        try:
+            nodes = await fetch_nodes(config)
+        except LocalError as err:
+            delay, event = health.failed(str(err), time.monotonic())
+            if event is not None:
+                log.warning("k8s: %s; waiting for the API before joining IPAM", err)
+            await asyncio.sleep(delay)
+            continue
+        if health.ok is False:
+            log.info("k8s: API server reachable again")
+        return f"consensus={max(1, len(nodes))}"
 
 
 def setup_k8s(router: Router, ipam: IpamAdmin | None, config: K8sConfig) -> K8sDiscovery:
