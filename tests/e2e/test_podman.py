@@ -277,18 +277,84 @@ def serves_cni(sock: str) -> bool:
     return True
 
 
+def full_router_main(argv: list[str]) -> int:
+    """A full router (mesh, sleeve, IPAM, CNI) composed here when the daemon does not compose
+    IPAM and CNI (yet): ``python -c '...full_router_main(sys.argv[1:])' DATA SOCKET NICK NAME
+    INIT PEER...``. The same parts through their public entry points; when ``compose`` already
+    adds /cni, only that is used."""
+    import asyncio
+    import contextlib
+    import logging
+    import signal
+    from pathlib import Path as _Path
+
+    from weft.cni.ipam_adapter import ServiceIpam
+    from weft.cni.server import CniConfig, setup_cni
+    from weft.gossip.peer import PeerName
+    from weft.ipam.service import IpamService, attach_to_router, config_from_flags
+    from weft.router.config import RouterConfig
+    from weft.router.daemon import build_overlay, compose
+    from weft.router.router import Router
+
+    data_dir, sock, nickname, name, init, *peers = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def serve() -> None:
+        config = RouterConfig(
+            name=PeerName.parse(name),
+            nickname=nickname,
+            data_dir=_Path(data_dir),
+            api_socket=_Path(sock),
+            peers=tuple(peers),
+            datapath="sleeve",
+            heartbeat_interval=1.0,
+            heartbeat_timeout=5.0,
+        ).validated()
+        overlay = build_overlay(config)
+        router = Router(config, overlay)
+        compose(router)
+        ipam = None
+        paths = {r.resource.canonical for r in router.app.router.routes() if r.resource}
+        if "/cni/add" not in paths:
+            ipam = IpamService(
+                router.identity.name,
+                config_from_flags(init=init),
+                _Path(data_dir),
+            )
+            attach_to_router(router, ipam)
+            setup_cni(router, ServiceIpam(ipam), CniConfig(spool_dir=f"{data_dir}/cni-spool"))
+        await router.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, router.request_stop)
+        await router.wait_stopped()
+        if ipam is not None:
+            ipam.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Podman]]:
     tmp = tmp_path_factory.mktemp("podman2")
     u = Underlay(2, base_dir=tmp / "hosts")
     podmen: list[Podman] = []
     try:
+        # Fixed names and a seed list: the ring is ready at once (no consensus round).
+        names = {h.index: f"02:00:00:00:00:{h.index:02x}" for h in u.hosts}
+        init = "seed=" + ",".join(names.values())
         for host in u.hosts:
             sock = str(host.data_dir / "weft.sock")
             peers = [h.ip for h in u.hosts if h is not host]
             launched = weft_cli(
                 host,
                 "launch",
+                "--name",
+                names[host.index],
+                "--ipalloc-init",
+                init,
                 "--nickname",
                 f"h{host.index}",
                 "--data-dir",
@@ -300,24 +366,52 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Podman]
                 *peers,
                 check=False,
             )
-            if launched.returncode != 0:
-                pytest.skip(f"weft launch failed: {launched.stderr.strip()[-300:]}")
-            wait_for(lambda s=sock: os.path.exists(s), what="router socket")  # type: ignore[misc]
-            if not serves_cni(sock):
-                pytest.skip("the router does not serve /cni yet (CNI/IPAM composition pending)")
+            if launched.returncode == 0:
+                wait_for(lambda s=sock: os.path.exists(s), what="router socket")  # type: ignore[misc]
+            if launched.returncode != 0 or not serves_cni(sock):
+                # the daemon does not compose IPAM and CNI (yet): run the composed router here
+                weft_cli(host, "stop", check=False)
+                wait_for(lambda s=sock: not os.path.exists(s), what="launched router gone")  # type: ignore[misc]
+                host.spawn(
+                    sys.executable,
+                    "-c",
+                    "import sys; from tests.e2e.test_podman import full_router_main; "
+                    "sys.exit(full_router_main(sys.argv[1:]))",
+                    str(host.data_dir),
+                    sock,
+                    f"h{host.index}",
+                    names[host.index],
+                    init,
+                    *peers,
+                    log=host.data_dir / "full-router.log",
+                )
+                wait_for(lambda s=sock: os.path.exists(s), what="composed router socket")  # type: ignore[misc]
+                assert serves_cni(sock)
             p = Podman(
-                host, tmp / f"p{host.index}", socket=sock, spool=str(tmp / f"spool{host.index}")
+                host, tmp / f"p{host.index}", socket=sock, spool=str(host.data_dir / "cni-spool")
             )
             p.root.mkdir()
             p.setup()
             podmen.append(p)
+        for p in podmen:  # the bridge exists and the allocator is ready on both hosts
+            wait_for(lambda p=p: cni_status_ok(p.socket), timeout=90, what="CNI STATUS ready")  # type: ignore[misc]
         yield podmen
     finally:
         for p in podmen:
             p.remove_all()
         for host in u.hosts:
-            weft_cli(host, "--api-socket", str(host.data_dir / "weft.sock"), "stop", check=False)
+            weft_cli(host, "stop", check=False)
         u.close()
+
+
+def cni_status_ok(sock: str) -> bool:
+    from weft.cni.plugin import CniError, RouterClient
+
+    try:
+        RouterClient(sock).post("/cni/status", {"network": "weft"}, 10)
+    except CniError:
+        return False
+    return True
 
 
 def test_podman_on_two_hosts_ping_across_the_mesh(two_hosts: list[Podman]) -> None:
