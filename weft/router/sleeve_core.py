@@ -558,7 +558,7 @@ class SleeveCore:
             msg_id = link.seq
             link.seq = (link.seq + 1) & 0xFFFFFFFFFFFFFFFF
             pieces = list(parts)
-            total = sum(len(p) for p in pieces)
+            total = sum(map(len, pieces))
         pmtu = link.pmtu
         chunk = pmtu - HEADER_SIZE
         self.messages_out += 1
@@ -753,7 +753,7 @@ class SleeveCore:
             index >= count
             or offset + size > total
             or (count == 1 and size != total)
-            or count > self._max_count(total)
+            or (count > 1 and count > self._max_count(total))
         ):
             self.drops["malformed"] += 1
             return
