@@ -71,31 +71,23 @@ def established_to(host: Host) -> set[str]:
     return {str(c.get("nickname")) for c in conns if c.get("state") == "established"}
 
 
-def attach(host: Host, ns: str, cidr: str) -> dict[str, Any]:
-    """Through the router's HTTP API when it serves /attach, else the same code in-process."""
-    body = json.dumps({"netns": ns, "ip": [cidr]})
+def _post(host: Host, path: str, body: dict[str, Any]) -> Any:
     proc = host.exec(
-        "curl", "-s", "-f", "--max-time", "10", "-X", "POST",
-        "-H", "Content-Type: application/json", "-d", body, "http://127.0.0.1:6784/attach",
-        check=False,
+        "curl", "-s", "--max-time", "20", "-X", "POST", "-H", "Content-Type: application/json",
+        "-d", json.dumps(body), f"http://127.0.0.1:6784{path}",
     )  # fmt: skip
-    if proc.returncode == 0 and proc.stdout.strip().startswith("{"):
-        reply: dict[str, Any] = json.loads(proc.stdout)
-        return reply
-    out = host.exec(sys.executable, "-m", "weft.router.bridge", "attach", ns, "--ip", cidr).stdout
-    reply = json.loads(out)
+    return json.loads(proc.stdout)
+
+
+def attach(host: Host, ns: str, cidr: str) -> dict[str, Any]:
+    """``weft attach``'s request to the router's HTTP API."""
+    reply: dict[str, Any] = _post(host, "/attach", {"netns": ns, "ip": [cidr]})
+    assert reply.get("addresses") == [cidr], reply
     return reply
 
 
 def detach(host: Host, ns: str) -> None:
-    body = json.dumps({"netns": ns})
-    proc = host.exec(
-        "curl", "-s", "-f", "--max-time", "10", "-X", "POST",
-        "-H", "Content-Type: application/json", "-d", body, "http://127.0.0.1:6784/detach",
-        check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        host.exec(sys.executable, "-m", "weft.router.bridge", "detach", ns)
+    assert _post(host, "/detach", {"netns": ns}) == {"detached": True}
 
 
 @pytest.fixture(scope="module")
