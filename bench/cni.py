@@ -1,6 +1,6 @@
 """CNI ADD/DEL latency: weft's plugin against the reference bridge + host-local, same run.
 
-    python -m bench.cni [--containers 30] [--json]
+    python -m bench.cni [--containers 30] [--router] [--json]
 
 Needs root, network namespaces and Debian's containernetworking-plugins (/usr/lib/cni). Builds one
 host namespace with a ``weft`` bridge (10.32.0.1/12) and the CNI-only router
@@ -10,8 +10,12 @@ each host namespace in turn (setns) and runs the plugins exactly as a runtime wo
 call, configuration on stdin, CNI_* in the environment. Calls alternate between weft and the
 reference, container by container, so both see the same machine noise.
 
+``--router`` adds the real router (``weft launch``: mesh, sleeve, IPAM committing each
+allocation to SQLite before answering) as ``weft-router``, next to ``weft`` (the CNI-only router,
+an in-memory allocator: the plugin and kernel path alone).
+
 Reported per implementation: VERSION (pure start-up), ADD and DEL wall time, median and p95, in
-milliseconds, and ADD's ratio weft/reference (target: at most 2). Figures, not assertions.
+milliseconds, and ADD's ratio to the reference (target: at most 2). Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -84,6 +88,33 @@ def call(exe: str, command: str, conf: dict[str, Any], cid: str, netns: str, pat
     return took * 1000
 
 
+def api(sock: str, method: str, route: str, body: Any = None) -> Any:
+    """One request to the router's API on its unix socket (raises on an error status)."""
+    import http.client
+    import socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(sock)
+
+    conn = Conn("localhost", timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            conn.request(method, route, body=None if body is None else json.dumps(body))
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # the ring is not ready yet
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {route}: {response.status} {data!r}")
+        return json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -94,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--containers", type=int, default=30)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--router", action="store_true", help="also the real router (weft launch: IPAM on SQLite)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or not (REFERENCE / "bridge").exists():
         print("needs root and /usr/lib/cni (containernetworking-plugins)", file=sys.stderr)
@@ -110,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         namespaces.append(full)
         return full
 
+    def wait_socket(path: str, proc: subprocess.Popen[bytes] | None) -> None:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise RuntimeError(f"no router socket at {path}")
+            time.sleep(0.05)
+
+    full_host: str | None = None
     try:
         weft_host, ref_host = netns("hw"), netns("hr")
         for host in (weft_host, ref_host):
@@ -139,13 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline or router.poll() is not None:
-                raise RuntimeError("weft CNI router did not start")
-            time.sleep(0.05)
-
-        weft_conf = {
+        wait_socket(sock, router)
+        path = f"{tmp / 'bin'}:{REFERENCE}"
+        weft_conf: dict[str, Any] = {
             "cniVersion": "1.0.0",
             "name": "weftbench",
             "type": "weft",
@@ -167,16 +205,49 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         impls: dict[str, tuple[str, dict[str, Any], str, str]] = {
-            "weft": (str(done.launcher), weft_conf, weft_host, f"{tmp / 'bin'}:{REFERENCE}"),
+            "weft": (str(done.launcher), weft_conf, weft_host, path),
             "reference": (str(REFERENCE / "bridge"), ref_conf, ref_host, str(REFERENCE)),
         }
+        if args.router:
+            # the real router: mesh, sleeve data plane, IPAM with its SQLite store, CNI
+            full_host = netns("hf")
+            sh("ip", "-n", full_host, "link", "set", "lo", "up")
+            full_sock = str(tmp / "full" / "weft.sock")
+            name = "02:00:00:00:0b:01"
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                full_host,
+                sys.executable,
+                "-m",
+                "weft.router.cli",
+                "launch",
+                "--name",
+                name,
+                "--ipalloc-init",
+                f"seed={name}",
+                "--data-dir",
+                str(tmp / "full"),
+                "--api-socket",
+                full_sock,
+                "--datapath",
+                "sleeve",
+            )
+            wait_socket(full_sock, None)
+            api(full_sock, "PUT", "/ip/weft-expose/10.32.0.1/12")  # the gateway, as in weft
+            api(full_sock, "POST", "/expose", {"cidr": "10.32.0.1/12"})
+            full_conf = dict(weft_conf, name="fullbench", socket=full_sock)
+            impls["weft-router"] = (str(done.launcher), full_conf, full_host, path)
         times: dict[str, dict[str, list[float]]] = {
             k: {"VERSION": [], "ADD": [], "DEL": []} for k in impls
         }
-        containers = {k: [netns(f"{k[0]}{i}") for i in range(args.containers)] for k in impls}
+        containers = {
+            k: [netns(f"{k[0]}{k[-1]}{i}") for i in range(args.containers)] for k in impls
+        }
         # one warm-up ADD/DEL each (page cache, bridge creation by the reference plugin)
         for name, (exe, conf, host, path) in impls.items():
-            warm = netns(f"{name[0]}warm")
+            warm = netns(f"{name[0]}{name[-1]}warm")
             with inside(host):
                 call(exe, "ADD", conf, "warm", f"/var/run/netns/{warm}", path)
                 call(exe, "DEL", conf, "warm", f"/var/run/netns/{warm}", path)
@@ -194,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 with inside(host):
                     times[name]["DEL"].append(call(exe, "DEL", conf, f"c{i}", ns_path, path))
     finally:
+        if full_host is not None:
+            subprocess.run(
+                ["ip", "netns", "exec", full_host, sys.executable, "-m", "weft.router.cli", "stop"],
+                capture_output=True,
+            )
         if router is not None and router.poll() is None:
             os.killpg(router.pid, signal.SIGTERM)
             router.wait(timeout=30)
@@ -209,18 +285,22 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmds in times.items()
         },
     }
-    weft_add = report["results"]["weft"]["ADD"]["median_ms"]
     ref_add = report["results"]["reference"]["ADD"]["median_ms"]
-    report["add_median_ratio"] = round(weft_add / ref_add, 2)
+    report["add_median_ratio"] = {
+        name: round(cmds["ADD"]["median_ms"] / ref_add, 2)
+        for name, cmds in report["results"].items()
+        if name != "reference"
+    }
     report["target_add_ratio"] = 2.0
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{'':10} {'VERSION med/p95':>18} {'ADD med/p95':>18} {'DEL med/p95':>18}")
+        print(f"{'':12} {'VERSION med/p95':>18} {'ADD med/p95':>18} {'DEL med/p95':>18}")
         for name, cmds in report["results"].items():
             cells = [f"{c['median_ms']:7.1f}/{c['p95_ms']:7.1f} ms" for c in cmds.values()]
-            print(f"{name:10} " + " ".join(f"{cell:>18}" for cell in cells))
-        print(f"ADD median ratio weft/reference: {report['add_median_ratio']} (target <= 2)")
+            print(f"{name:12} " + " ".join(f"{cell:>18}" for cell in cells))
+        for name, ratio in report["add_median_ratio"].items():
+            print(f"ADD median ratio {name}/reference: {ratio} (target <= 2)")
     return 0
 
 
