@@ -478,3 +478,23 @@ async def test_with_weft_ipam_service(tmp_path: Path) -> None:
     finally:
         await env.stop()
         service.close()
+
+
+async def test_a_live_plugin_socket_is_not_stolen(env: Env, tmp_path: Path) -> None:
+    await env.start()
+    second = DockerPluginServer(DockerPlugin(ClaimingIpam(), FakeKernel(), env.config))
+    with pytest.raises(Exception, match="another process serves"):
+        await second.start()
+    assert env.config.socket_path.is_socket()
+    d = Docker(env.session)  # type: ignore[arg-type]
+    assert (await d.call("Plugin.Activate"))["Implements"]
+    # a stale socket file (its server gone) is replaced
+    await env.stop()
+    stale = env.config.socket_path
+    import socket as socket_mod
+
+    sock = socket_mod.socket(socket_mod.AF_UNIX)
+    sock.bind(str(stale))
+    sock.close()
+    d = await env.start()
+    assert (await d.call("Plugin.Activate"))["Implements"]

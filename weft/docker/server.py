@@ -74,6 +74,21 @@ def make_app(plugin: DockerPlugin) -> web.Application:
     return app
 
 
+def _answers(path: str) -> bool:
+    """True when something accepts connections on the unix socket ``path`` (a live plugin)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(path)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
 class DockerPluginServer:
     """The plugin's app on its unix socket; ``start``/``stop`` are idempotent."""
 
@@ -89,6 +104,11 @@ class DockerPluginServer:
         if self._runner is not None:
             return
         path = self.path
+        if _answers(path):
+            raise ConfigError(
+                f"another process serves the Docker plugin socket {path}; stop it or choose"
+                " another plugin name"
+            )
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
