@@ -263,6 +263,11 @@ class MemNet:
         else:  # pragma: no cover - internal
             raise AssertionError(kind)
 
+    def flush(self, peer: SimPeer) -> None:
+        """Collect what ``peer``'s core wants to send (call after using a channel's sender
+        from outside a simulated event, e.g. from a test)."""
+        self._pump(peer)
+
     def _pump(self, peer: SimPeer) -> None:
         """Move a core's output into the network and re-arm its timer."""
         if not peer.alive:

@@ -336,6 +336,7 @@ class MeshCore:
         self._surrogate_seen: dict[bytes, float] = {}
         self._out_conns: set[int] = set()  # connections with something to send
         self._conn_list: list[_Conn] | None = None  # cache of _conns values, by id
+        self._thin_conns: list[_Conn] | None = None  # neighbours with <= 2 links (cache)
         self._flush_heap: list[tuple[float, int]] = []  # (due, conn id); stale entries skipped
         self._last_change = -math.inf
         self._local_at: float | None = None  # when our record is rebuilt
@@ -423,7 +424,7 @@ class MeshCore:
         conn = _Conn(conn_id, remote, address, outbound, uid, now)
         conn.listen_address = f"{_bracket(host_of(address))}:{self.config.port}"
         self._conns[conn_id] = conn
-        self._conn_list = None
+        self._conn_list = self._thin_conns = None
         self._by_name[remote.name] = conn_id
         if outbound:
             self._cm.connection_succeeded(address, remote.name, now)
@@ -631,7 +632,7 @@ class MeshCore:
 
     def _drop_connection(self, conn_id: int, now: float, reason: str) -> None:
         conn = self._conns.pop(conn_id)
-        self._conn_list = None
+        self._conn_list = self._thin_conns = None
         self._out_conns.discard(conn_id)
         if self._by_name.get(conn.remote.name) == conn_id:
             del self._by_name[conn.remote.name]
@@ -686,9 +687,24 @@ class MeshCore:
         k = self._fanout()
         if len(cands) <= k + (exclude is not None):
             return [c for c in cands if c.conn_id != exclude]
-        picked = self._rng.sample(cands, k + 1)
-        out = [c for c in picked if c.conn_id != exclude]
-        return out[:k]
+        # Neighbours that hang off few links (leaves of a star, links of a chain) hear of a
+        # change from us or hardly at all: they always get it. The rest is a random sample.
+        if self._thin_conns is None:
+            recs = self._topology.records
+            self._thin_conns = [
+                c
+                for c in cands
+                if (r := recs.get(c.remote.name)) is None or len(r.connections) <= 2
+            ]
+        out = [c for c in self._thin_conns if c.conn_id != exclude]
+        picked = self._rng.sample(cands, min(len(cands), k + 1))
+        chosen = {c.conn_id for c in out}
+        for c in picked:
+            if len(out) >= max(k, len(self._thin_conns)):
+                break
+            if c.conn_id != exclude and c.conn_id not in chosen:
+                out.append(c)
+        return out
 
     def _queue_names(
         self,
@@ -738,12 +754,14 @@ class MeshCore:
         if announce:
             self._send_topology(conn, encode_announce(announce))
 
-    def _send_records(self, conn: _Conn, records: list[PeerRecord]) -> None:
+    def _send_records(self, conn: _Conn, records: list[PeerRecord], *, force: bool = False) -> None:
+        """Send records; ``force`` also sends those we believe the remote has (answers to
+        its explicit vector/request: our belief may rest on a message that was lost)."""
         chunk: list[bytes] = []
         size = 0
         sent = 0
         for rec in records:
-            if conn.has(rec):
+            if not force and conn.has(rec):
                 continue
             conn.note_known(rec.name, rec.version, rec.uid)
             sent += 1
@@ -786,11 +804,11 @@ class MeshCore:
             if quiet and msg.hash != self._topology.digest_hash():
                 self._send_topology(conn, encode_digest_vector(self._topology.digest()))
         elif isinstance(msg, DigestVector):
-            for name, (uid, version) in msg.vector.items():
-                conn.note_known(name, version, uid)
+            # The vector is the remote's own word on what it holds: believe it over our notes.
+            conn.known = {name: (version, uid) for name, (uid, version) in msg.vector.items()}
             newer = self._topology.newer_than(msg.vector)
             if newer:
-                self._send_records(conn, newer)
+                self._send_records(conn, newer, force=True)
             wanted = self._topology.wanted_from(msg.vector)
             if wanted:
                 self._send_topology(conn, encode_request(wanted))
@@ -814,7 +832,7 @@ class MeshCore:
             assert isinstance(msg, RecordRequest)
             recs = [x for n in msg.names if (x := self._topology.get(n)) is not None]
             if recs:
-                self._send_records(conn, recs)
+                self._send_records(conn, recs, force=True)
 
     def _merge(self, records: list[PeerRecord], source: _Conn, now: float) -> None:
         result = self._topology.merge(records)
@@ -842,6 +860,7 @@ class MeshCore:
 
     def _topology_changed(self, now: float) -> None:
         self._last_change = now
+        self._thin_conns = None
         self._graph_changed = True
         self._route_cache.clear()
         if not self._topology_event_queued:
@@ -870,7 +889,7 @@ class MeshCore:
             if name in reachable:
                 continue
             since = self._unreachable_since.setdefault(name, now)
-            if now - since >= grace:
+            if now >= since + grace:
                 due.append(name)
             else:
                 later = since + grace if later is None else min(later, since + grace)
