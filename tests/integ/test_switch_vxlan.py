@@ -167,20 +167,41 @@ def sleeve_tap_frames(host: Host) -> int:
     return int(stats.get("tap_frames_in", 0))
 
 
+def mac_of(ns: str) -> str:
+    return run(["ip", "-n", ns, "-br", "link", "show", "ethwe"]).stdout.split()[2]
+
+
+def fdb_points_at(host: Host, mac: str, ip: str) -> bool:
+    """``mac`` goes into the tunnel towards ``ip``: a vxlan FDB entry and a static, sticky
+    bridge entry on the vxlan port."""
+    lines = host.exec("bridge", "fdb", "show", "dev", "vxlan-weft").stdout.splitlines()
+    bridge_entry = [
+        line for line in lines if line.startswith(mac) and "master weft" in line.split(mac)[1]
+    ]
+    return f"{mac} dst {ip} self permanent" in lines and any(
+        "static" in line.split() and "sticky" in line.split() for line in bridge_entry
+    )
+
+
+def fdb_mentions(host: Host, mac: str, ip: str) -> bool:
+    fdb = host.exec("bridge", "fdb", "show", "dev", "vxlan-weft").stdout
+    return mac in fdb or f"00:00:00:00:00:00 dst {ip}" in fdb
+
+
 def test_traffic_goes_by_vxlan_and_macs_get_fdb_entries(mesh: Mesh) -> None:
     h1, h2, _ = mesh.hosts
     (c1, _), (c2, ip2), _ = mesh.containers
-    mac2 = run(["ip", "-n", c2, "-br", "link", "show", "ethwe"]).stdout.split()[2]
+    mac2 = mac_of(c2)
 
-    def fdb_has_mac2() -> bool:
-        fdb = h1.exec("bridge", "fdb", "show", "dev", "vxlan-weft").stdout
-        return f"{mac2} dst {h2.ip}" in fdb
-
-    wait_for(fdb_has_mac2, timeout=30, what="h1's vxlan FDB points c2's MAC at h2")
+    wait_for(
+        partial(fdb_points_at, h1, mac2, h2.ip),
+        timeout=30,
+        what="h1's vxlan FDB and bridge point c2's MAC at the tunnel to h2",
+    )
     tx, frames = vxlan_tx(h1), sleeve_tap_frames(h1)
     for _ in range(20):
         pings(c1, ip2)
-    assert vxlan_tx(h1) - tx > 20 * 84
+    assert vxlan_tx(h1) - tx >= 20 * 84  # 20 echo requests (84-byte IP packets) at least
     assert sleeve_tap_frames(h1) - frames < 10  # the sleeve saw (almost) nothing
 
 
@@ -291,6 +312,9 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
             timeout=30,
             what="h1<->h2 on sleeve",
         )
+        # Nothing points into the tunnel to h2 any more: no MAC, no flood entry.
+        mac2 = mac_of(mesh.containers[1][0])
+        wait_for(lambda: not fdb_mentions(h1, mac2, h2.ip), timeout=10, what="h1 FDB cleaned")
         info = connections(h1)["h2"]["info"]
         assert "vxlan:" in info and "using sleeve" in info, info
         assert "6784" in info or "peer's heartbeats" in info, info
@@ -314,6 +338,7 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
         )
         wait_for(lambda: datapaths(h3).get("h2") == "vxlan", timeout=30, what="h3->h2 vxlan")
         assert connections(h1)["h2"]["info"] == ""
+        wait_for(partial(fdb_points_at, h1, mac2, h2.ip), timeout=10, what="h1 FDB back")
         wait_for(lambda: pings(c1, ip2), timeout=20, what="ping over vxlan again")
         time.sleep(1.0)
     finally:

@@ -15,7 +15,10 @@ datapaths), while containers reach both. The bridge learns a remote container's 
 its frames arrive from: the vxlan port for peers whose connection vxlan carries (they send by
 vxlan too: the switch makes both ends agree), the TAP otherwise. When a connection changes
 datapath, what the bridge learned on the TAP and vxlan ports is flushed, so the next frame goes
-by the new path at once instead of after the bridge's ageing time. Broadcast and unknown unicast
+by the new path at once instead of after the bridge's ageing time; and the MACs a carried peer
+announced (below) get static, sticky bridge entries pointing at the vxlan port, so frames to them
+go into the tunnel whatever the bridge learned, and only while vxlan carries that peer (a silent
+receiver cannot leave them on the sleeve). Broadcast and unknown unicast
 from a container go to both ports: the vxlan device replicates to the carrying peers (its
 all-zero FDB entries), the sleeve to the others (the switch hides carrying peers from the
 sleeve's own broadcast routes; see switch.py).
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weft.errors import WeftError
+from weft.fastdp.errors import DatapathError
 from weft.fastdp.fdb import normalize_mac
 from weft.fastdp.heartbeat import (
     HealthChanged,
@@ -59,6 +63,7 @@ log = logging.getLogger("weft.fastdp")
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_MASTER = 0x04
+NTF_STICKY = 0x40
 MAC_POLL_INTERVAL = 2.0  # seconds between looks at the bridge's learned MACs
 
 
@@ -169,6 +174,8 @@ class VxlanPart:
         self._timer: asyncio.TimerHandle | None = None
         self._mac_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._bridge_installed: set[str] = set()  # worker thread only
+        self.bridge_entries = 0
 
     # -- lifecycle (the device starts with the first connection: it needs our peer name) --------
 
@@ -273,12 +280,14 @@ class VxlanPart:
         handle.carrying = carrying
         self._submit(self._dp_call, "peer_carrying", handle.remote, carrying)
         self._submit(self._flush)
+        self._sync_bridge()
 
     def peer_macs(self, handle: VxlanLinkHandle, macs: frozenset[str]) -> None:
         if handle.stopped or handle.macs == macs:
             return
         handle.macs = macs
         self._push_macs()
+        self._sync_bridge()
 
     def stop_link(self, handle: VxlanLinkHandle) -> None:
         if handle.stopped:
@@ -290,6 +299,7 @@ class VxlanPart:
             self._push_macs()
             if handle.carrying:
                 self._submit(self._flush)
+                self._sync_bridge()
         self._arm()
 
     def status(self) -> dict[str, Any]:
@@ -302,6 +312,7 @@ class VxlanPart:
             "fdb_error": self.fdb_error,
             "local_macs": len(self.local_macs),
             "flushes": self.flushes,
+            "bridge_entries": self.bridge_entries,
             "links": {
                 str(h.remote): {
                     "ip": h.ip,
@@ -342,6 +353,47 @@ class VxlanPart:
         ports = [self.device_config.name] + ([self.tap] if self.tap else [])
         self.flushes += flush_learned(self._ipr, self.bridge, ports)
 
+    def _sync_bridge(self) -> None:
+        """Static bridge entries ``MAC -> vxlan port`` for every MAC of a carried peer."""
+        local = self.local_macs
+        desired = frozenset(
+            mac
+            for h in self.links.values()
+            if h.carrying
+            for mac in h.macs
+            if mac not in local  # a container that moved here is ours now
+        )
+        self._submit(self._apply_bridge, desired)
+
+    def _apply_bridge(self, desired: frozenset[str]) -> None:
+        ipr = self._ipr
+        bridge = ipr.link_lookup(ifname=self.bridge)
+        port = ipr.link_lookup(ifname=self.device_config.name)
+        if not bridge or not port:
+            return
+        for mac in sorted(self._bridge_installed - desired):
+            try:
+                ipr.fdb("del", ifindex=port[0], lladdr=mac, master=bridge[0], flags=NTF_MASTER)
+            except Exception:  # already gone (e.g. with the device)
+                log.debug("removing bridge entry %s failed", mac, exc_info=True)
+            self._bridge_installed.discard(mac)
+        for mac in sorted(desired - self._bridge_installed):
+            try:
+                ipr.fdb(
+                    "replace",
+                    ifindex=port[0],
+                    lladdr=mac,
+                    master=bridge[0],
+                    flags=NTF_MASTER | NTF_STICKY,
+                    state=NUD_NOARP,  # static: forwarded, never aged, not local
+                )
+            except Exception as err:
+                raise DatapathError(
+                    f"point bridge entry {mac} at {self.device_config.name}", str(err)
+                ) from err
+            self._bridge_installed.add(mac)
+        self.bridge_entries = len(self._bridge_installed)
+
     def _push_macs(self) -> None:
         locations: dict[str, PeerName] = {}
         for handle in self.links.values():
@@ -371,6 +423,7 @@ class VxlanPart:
         if macs != self.local_macs:
             self.local_macs = macs
             self.on_local_macs(macs)
+            self._sync_bridge()
         self._mac_timer = self.loop.call_later(MAC_POLL_INTERVAL, self._poll_macs)
 
     # -- heartbeats on the loop -----------------------------------------------------------------
