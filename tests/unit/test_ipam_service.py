@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -17,8 +18,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from weft.errors import ConfigError
 from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.peer import PeerName
-from weft.ipam.allocator import InitMode, IpamConfig
-from weft.ipam.service import IpamService, attach_to_router, config_from_flags, setup_routes
+from weft.ipam.allocator import InitMode, IpamConfig, IpamData
+from weft.ipam.paxos import NO_PROPOSAL, Claim
+from weft.ipam.service import (
+    IpamService,
+    attach_to_router,
+    config_from_flags,
+    render_status,
+    setup_routes,
+)
 from weft.ipam.store import SqliteStore
 
 A = PeerName(0x020000000001)
@@ -70,6 +78,9 @@ async def test_allocate_claim_release_over_http(
     assert (await http.get("/ip/c1")).status == 404
     status = svc.status()
     assert status["range"] == "10.32.0.0/12" and status["ready"]
+    table = render_status(status).splitlines()
+    assert table[2].split() == ["PEER", "OWNED", "FREE", "REACHABLE"]
+    assert table[3].split() == [str(A), str(1 << 20), str((1 << 20) - 4), "yes"]
     assert status["entries"] == [
         {"peer": str(A), "owned": 1 << 20, "free": (1 << 20) - 2 - 2, "reachable": True}
     ]
@@ -260,5 +271,34 @@ async def test_attach_to_router_wires_channel_routes_status_and_reachability() -
         assert any(kind == "gossip" for kind, _ in router.sender.sent)
         paths = {r.resource.canonical for r in router.app.router.routes() if r.resource}
         assert "/ip/{cid}" in paths and "/rmpeer/{name}" in paths
+    finally:
+        service.close()
+
+
+async def test_timers_armed_by_gossip_fire() -> None:
+    # B (lower name than A) is heard of through gossip only, then goes silent: A must fall
+    # back to proposing itself after consensus_fallback, a timer armed on the gossip path.
+    low = PeerName(0x020000000000)
+    cfg = IpamConfig(init=InitMode("consensus", 2), consensus_fallback=0.05)
+    service = IpamService(A, cfg, None)
+    sender = FakeSender()
+    try:
+        service.attach(sender)
+        payload = IpamData(claims={low: Claim()}).encode()[0]
+        service.handler.on_gossip(payload)
+
+        def proposed() -> bool:
+            for kind, data in sender.sent:
+                if kind == "gossip" and isinstance(data, IpamData):
+                    mine = data.claims.get(A)
+                    if mine is not None and mine.promise != NO_PROPOSAL:
+                        return True
+            return False
+
+        for _ in range(100):
+            if proposed():
+                break
+            await asyncio.sleep(0.02)
+        assert proposed()
     finally:
         service.close()

@@ -93,6 +93,8 @@ class IpamNode:
         self.clock = clock
         self.sender: GossipSender | None = None
         self.listeners: list[Callable[[IpamEvent], None]] = []
+        self.after_pump: list[Callable[[], None]] = []
+        """Called at the end of every pump (the service re-arms its timer from here)."""
 
     def attach(self, sender: GossipSender) -> None:
         """Give the node the channel's sender (from ``mesh.register_channel``) and flush."""
@@ -113,6 +115,8 @@ class IpamNode:
         while (event := self.allocator.next_event()) is not None:
             for listener in list(self.listeners):
                 listener(event)
+        for hook in list(self.after_pump):
+            hook()
 
     # ----- GossipHandler -----------------------------------------------------------------------
 

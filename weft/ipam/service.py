@@ -60,7 +60,13 @@ from weft.ipam.allocator import (
 from weft.ipam.node import IpamNode, MemoryStore, Store
 from weft.ipam.store import SqliteStore
 
-__all__ = ["IpamService", "attach_to_router", "config_from_flags", "setup_routes"]
+__all__ = [
+    "IpamService",
+    "attach_to_router",
+    "config_from_flags",
+    "render_status",
+    "setup_routes",
+]
 
 log = logging.getLogger("weft.ipam")
 
@@ -116,6 +122,8 @@ class IpamService:
         allocator = Allocator(name, config, clock(), state=state)
         self.node = IpamNode(allocator, store, clock)
         self.node.listeners.append(self._on_event)
+        # gossip arriving through the mesh pumps the node directly: re-arm our timer after it too
+        self.node.after_pump.append(self._rearm)
         self.resolve_peer = resolve_peer
         self._futures: dict[int, asyncio.Future[Allocation]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -147,7 +155,6 @@ class IpamService:
     def attach(self, sender: GossipSender) -> None:
         """Connect to the mesh (``router.register_channel("ipam", service.handler)``)."""
         self.node.attach(sender)
-        self._rearm()
 
     def close(self) -> None:
         if self._timer is not None:
@@ -162,8 +169,7 @@ class IpamService:
     # ----- plumbing ----------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        self.node.pump()
-        self._rearm()
+        self.node.pump()  # re-arms the timer (after_pump)
 
     def _rearm(self) -> None:
         t = self.allocator.get_timer()
@@ -185,7 +191,6 @@ class IpamService:
         self._timer = None
         self._timer_at = None
         self.node.handle_timer()
-        self._rearm()
 
     def _on_event(self, ev: IpamEvent) -> None:
         if isinstance(ev, AllocationSucceeded):
@@ -290,6 +295,28 @@ class IpamService:
     def status(self) -> dict[str, Any]:
         """The ``ipam`` object of ``/status``."""
         return self.allocator.status()
+
+
+def render_status(ipam: dict[str, Any]) -> str:
+    """``weft status ipam``: the ``ipam`` status object as a human table."""
+    lines = [
+        f"range {ipam['range']}  default subnet {ipam['default_subnet']}  init {ipam['init']}",
+        f"ready {'yes' if ipam['ready'] else 'no'}  allocated here {ipam['allocated']}  "
+        f"unreachable {ipam['unreachable']}",
+    ]
+    if ipam.get("consensus"):
+        c = ipam["consensus"]
+        lines.append(f"consensus: {c['participants']} participants heard of, quorum {c['quorum']}")
+    if ipam.get("conflict"):
+        lines.append(f"CONFLICT: {ipam['conflict']}")
+    lines.append(f"{'PEER':<19} {'OWNED':>9} {'FREE':>9}  REACHABLE")
+    for e in ipam["entries"]:
+        lines.append(
+            f"{e['peer']:<19} {e['owned']:>9} {e['free']:>9}  {'yes' if e['reachable'] else 'NO'}"
+        )
+    for p in ipam["pending"]:
+        lines.append(f"pending {p['kind']} {p['container_id']}: {p['reason']}")
+    return "\n".join(lines)
 
 
 # ----- HTTP --------------------------------------------------------------------------------
