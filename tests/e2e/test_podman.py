@@ -227,6 +227,24 @@ def test_podman_containers_get_weft_addresses_and_release_them(
     # the chained portmap: the host's own address on the bridge, port 18080 -> b:80
     page = podman.host.exec("busybox", "wget", "-qO-", "http://10.32.0.1:18080/").stdout
     assert "hello from weft" in page
+    # a static address (capability "ips": podman passes --ip as runtimeConfig.ips)
+    podman.containers.append("c")
+    podman(
+        "run",
+        "-d",
+        "--name",
+        "c",
+        "--network",
+        "weft",
+        "--ip",
+        "10.32.9.9",
+        "--rootfs",
+        str(podman.root / "rootfs"),
+        "/bin/sleep",
+        "600",
+    )
+    assert podman.address("c") == "10.32.9.9"
+    podman("exec", "c", "ping", "-c", "1", "-W", "5", a)
     podman.remove_all()
     assert router.allocations() == {}
     assert podman.host_veths() == set()

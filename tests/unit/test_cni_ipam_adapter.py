@@ -104,3 +104,17 @@ async def test_claim_without_support_is_refused() -> None:
         await ServiceIpam(NoClaim()).claim("x", "10.32.0.9/12")
     assert await ServiceIpam(NoClaim()).allocate("x", None) == "10.32.0.5/12"
     assert ServiceIpam(NoClaim()).ready()
+
+
+async def test_claim_of_a_bare_address_uses_the_default_subnet() -> None:
+    service = FakeService()
+    seen: list[tuple[str, str, Any]] = []
+    original = service.claim
+
+    async def spy(cid: str, address: str, subnet: Any) -> Allocation:
+        seen.append((cid, address, subnet))
+        return await original(cid, address, subnet or "10.32.0.0/12")
+
+    service.claim = spy  # type: ignore[method-assign]
+    assert await ServiceIpam(service).claim("x", "10.32.0.7") == "10.32.0.7/12"
+    assert seen == [("x", "10.32.0.7", None)]

@@ -403,3 +403,38 @@ def test_setup_cni_adds_routes_and_status(tmp_path: Path) -> None:
         "pending_releases": 0,
     }
     assert service.config.spool_dir == str(tmp_path / "s")
+
+
+async def test_static_address_from_runtime_config_or_cni_args(
+    fake: FakeKernel, service: CniService, ipam: MemoryIpam
+) -> None:
+    config = {"name": "weftnet", "runtimeConfig": {"ips": ["10.32.9.9/12"]}}
+    result = await service.add(request("s1", config=config))
+    assert result["ips"][0]["address"] == "10.32.9.9/12"
+    result = await service.add(request("s2", args="IgnoreUnknown=1;IP=10.32.9.10"))
+    assert result["ips"][0]["address"] == "10.32.9.10/12"
+    with pytest.raises(CniError) as err:  # held by s1
+        await service.add(request("s3", args="IP=10.32.9.9"))
+    assert err.value.code == 103 and "already held" in err.value.details
+    with pytest.raises(CniError) as err:
+        await service.add(request("s4", args="IP=not-an-ip"))
+    assert err.value.code == 7
+    assert set(ipam.by_ident) == {
+        attachment_id("weftnet", "s1", "eth0"),
+        attachment_id("weftnet", "s2", "eth0"),
+    }
+    await service.delete(request("s1"))
+    result = await service.add(request("s3", args="IP=10.32.9.9"))
+    assert result["ips"][0]["address"] == "10.32.9.9/12"
+
+
+async def test_static_address_needs_an_allocator_that_claims(
+    fake: FakeKernel, tmp_path: Path
+) -> None:
+    class NoClaim(MemoryIpam):
+        claim = None  # type: ignore[assignment]
+
+    service = CniService(NoClaim(), CniConfig(spool_dir=str(tmp_path)))
+    with pytest.raises(CniError) as err:
+        await service.add(request(args="IP=10.32.9.9"))
+    assert err.value.code == 7

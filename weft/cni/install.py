@@ -64,7 +64,12 @@ def conflist(
     portmap: bool = True,
     cni_version: str = "1.0.0",
 ) -> dict[str, Any]:
-    plugin: dict[str, Any] = {"type": "weft", "socket": socket, "hairpinMode": hairpin}
+    plugin: dict[str, Any] = {
+        "type": "weft",
+        "socket": socket,
+        "hairpinMode": hairpin,
+        "capabilities": {"ips": True},  # static addresses from the runtime (podman --ip)
+    }
     if spool_dir != DEFAULT_SPOOL_DIR:
         plugin["spoolDir"] = spool_dir
     plugins: list[dict[str, Any]] = [plugin]

@@ -90,12 +90,17 @@ class ServiceIpam:
         return _cidr(allocation)
 
     async def claim(self, ident: str, cidr: str) -> str:
-        """Claim a specific address (static IPs); refused when another ident holds it."""
+        """Claim a specific address (static IPs: CIDR, or bare for the default subnet); refused
+        when another ident holds it."""
         claim = getattr(self.service, "claim", None)
         if claim is None:
             raise IpamRefused("this allocator cannot claim specific addresses")
-        iface = ipaddress.ip_interface(cidr)
-        allocation = await self._guarded(claim, ident, str(iface.ip), str(iface.network))
+        if "/" in cidr:
+            iface = ipaddress.ip_interface(cidr)
+            address, subnet = str(iface.ip), str(iface.network)
+        else:  # a bare address: in the allocator's default subnet
+            address, subnet = str(ipaddress.ip_address(cidr)), None
+        allocation = await self._guarded(claim, ident, address, subnet)
         return _cidr(allocation)
 
     async def release(self, ident: str) -> None:

@@ -154,6 +154,21 @@ class MemoryIpam:
                 return cidr
         raise IpamRefused(f"no free address in {network}")
 
+    async def claim(self, ident: str, cidr: str) -> str:
+        """Exactly this address (bare: in the allocator's subnet) for ``ident``."""
+        if not self.available:
+            raise IpamUnavailable("allocator not ready")
+        iface = ipaddress.ip_interface(cidr if "/" in cidr else f"{cidr}/{self.network.prefixlen}")
+        wanted = f"{iface.ip}/{iface.network.prefixlen}"
+        holders = [i for i, c in self.by_ident.items() if ipaddress.ip_interface(c).ip == iface.ip]
+        if holders and holders != [ident]:
+            raise IpamRefused(f"address {iface.ip} is already held by {holders[0]}")
+        if iface.ip in self.reserved:
+            raise IpamRefused(f"address {iface.ip} is reserved")
+        self.by_ident[ident] = wanted
+        self._save()
+        return wanted
+
     async def release(self, ident: str) -> None:
         if not self.available:
             raise IpamUnavailable("allocator not ready")
@@ -232,6 +247,30 @@ def _route_list(value: object, where: str) -> list[dict[str, Any]]:
     return routes
 
 
+def _requested_address(config: Mapping[str, Any], args: str) -> str | None:
+    """A static address asked for: ``runtimeConfig.ips`` (capability ``ips``, e.g. ``podman
+    --ip``) or ``IP=`` in CNI_ARGS (the Kubernetes convention); CIDR or bare address."""
+    runtime = config.get("runtimeConfig")
+    ips = runtime.get("ips") if isinstance(runtime, Mapping) else None
+    wanted: object = None
+    if isinstance(ips, list) and ips:
+        wanted = ips[0]
+    else:
+        for pair in args.split(";"):
+            key, _, value = pair.partition("=")
+            if key.strip() == "IP" and value.strip():
+                wanted = value.strip()
+    if wanted is None:
+        return None
+    try:
+        text = str(wanted)
+        if "/" in text:
+            return str(ipaddress.ip_interface(text))
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise CniError(ERR_INVALID_CONFIG, "invalid static address", repr(wanted)) from None
+
+
 @dataclass(frozen=True)
 class _Attachment:
     network: str
@@ -240,6 +279,7 @@ class _Attachment:
     ifname: str
     config: Mapping[str, Any]
     netns_path: str  # where this process can open it (see plugin.netns_ref)
+    args: str = ""  # CNI_ARGS
 
     @property
     def ident(self) -> str:
@@ -262,7 +302,8 @@ def _attachment(body: Mapping[str, Any], *, netns_required: bool) -> _Attachment
         raise CniError(ERR_DECODING, "request field 'config' must be an object")
     ref = body.get("netnsRef")
     path = ref if isinstance(ref, str) and ref and os.path.exists(ref) else netns
-    return _Attachment(network, cid, netns, ifname, config, path)
+    args = body.get("args") if isinstance(body.get("args"), str) else ""
+    return _Attachment(network, cid, netns, ifname, config, path, str(args))
 
 
 class CniService:
@@ -421,8 +462,15 @@ class CniService:
                     raise CniError(ERR_INVALID_CONFIG, "invalid subnet", repr(subnet)) from None
             routes = _route_list(ipam_conf.get("routes", conf.get("routes")), "routes")
             fresh = not await self.ipam.lookup(att.ident)
+            wanted = _requested_address(att.config, att.args)
             try:
-                addresses = [_ip_cidr(await self.ipam.allocate(att.ident, subnet))]
+                if wanted is None:
+                    addresses = [_ip_cidr(await self.ipam.allocate(att.ident, subnet))]
+                else:
+                    claim = getattr(self.ipam, "claim", None)
+                    if claim is None:
+                        raise CniError(ERR_INVALID_CONFIG, "this allocator cannot claim addresses")
+                    addresses = [_ip_cidr(await claim(att.ident, wanted))]
             except IpamUnavailable as err:
                 raise CniError(ERR_TRY_AGAIN_LATER, "allocator not ready", str(err)) from None
             except IpamRefused as err:
