@@ -438,3 +438,22 @@ async def test_static_address_needs_an_allocator_that_claims(
     with pytest.raises(CniError) as err:
         await service.add(request(args="IP=10.32.9.9"))
     assert err.value.code == 7
+
+
+async def test_a_refused_pending_release_is_set_aside(
+    fake: FakeKernel,
+    service: CniService,
+    ipam: MemoryIpam,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "weftnet:c1:eth0.json").write_text(json.dumps(request(weftIpam=True)))
+
+    async def refuse(ident: str) -> None:
+        raise server.IpamRefused("not yours")
+
+    monkeypatch.setattr(ipam, "release", refuse)
+    assert await service.drain_spool() == 0
+    assert [p.name for p in spool.iterdir()] == ["weftnet:c1:eth0.json.bad"]

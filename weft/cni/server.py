@@ -377,6 +377,10 @@ class CniService:
             await self._delete(att, bool(body.get("weftIpam", True)))
         except IpamUnavailable:
             return False
+        except IpamRefused as err:  # final: retrying cannot help, keep the file for a human
+            log.warning("allocator refused pending release %s: %s", att.ident, err)
+            os.replace(path, path + ".bad")
+            return True
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("released %s (pending since the router was unreachable)", att.ident)
