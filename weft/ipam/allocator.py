@@ -260,6 +260,8 @@ class IpamData:
     ring: RingData | None = None
     claims: dict[PeerName, Claim] = field(default_factory=dict)
     values: dict[ProposalId, tuple[PeerName, ...]] = field(default_factory=dict)
+    chosen: ProposalId | None = None
+    """Set by a proposer that saw a quorum accept its proposal (its value is in ``values``)."""
 
     def encode(self) -> list[bytes]:
         obj: dict[str, Any] = {}
@@ -269,6 +271,8 @@ class IpamData:
             obj["paxos"] = Paxos.to_wire(self.claims)
         if self.values:
             obj["values"] = Paxos.values_to_wire(self.values)
+        if self.chosen is not None:
+            obj["chosen"] = list(self.chosen)
         return [msgpack.packb(obj)]
 
     def merge(self, other: Any) -> IpamData:
@@ -286,6 +290,7 @@ class IpamData:
                 self.claims[name] = claim
         for pid, value in other.values.items():
             self.values.setdefault(pid, value)
+        self.chosen = self.chosen or other.chosen
         return self
 
     @classmethod
@@ -296,10 +301,22 @@ class IpamData:
         ring = RingData.from_wire(obj["ring"]) if "ring" in obj else None
         claims = Paxos.from_wire(obj["paxos"]) if "paxos" in obj else {}
         values = Paxos.values_from_wire(obj["values"]) if "values" in obj else {}
-        return cls(ring, claims, values)
+        chosen = obj.get("chosen")
+        if chosen is not None and not (
+            isinstance(chosen, list)
+            and len(chosen) == 2
+            and all(type(x) is int and 0 <= x < 1 << 63 for x in chosen)
+        ):
+            raise RemoteProtocolError("ipam paxos: bad chosen id")
+        return cls(ring, claims, values, None if chosen is None else (chosen[0], chosen[1]))
 
     def empty(self) -> bool:
-        return (self.ring is None or not self.ring.entries) and not self.claims and not self.values
+        return (
+            (self.ring is None or not self.ring.entries)
+            and not self.claims
+            and not self.values
+            and self.chosen is None
+        )
 
 
 @dataclass(frozen=True)
@@ -406,6 +423,8 @@ class Allocator:
         self._free_due: float | None = None
         self._paxos_retry_at: float | None = None
         self._proposed = False
+        self._announced_to: PeerName | None = None
+        self._chosen_sent = False
         self._gossip_tokens: set[int] = set()
         if state is not None:
             self._restore(state, now)
@@ -415,8 +434,8 @@ class Allocator:
         if config.init.kind == "seed" and not self.ring.ready:
             self._create(config.init.seeds, now)
         elif config.init.kind == "consensus" and not self.ring.ready:
-            # Announce ourselves as a participant; consensus starts once N are heard of.
-            self._out.append(GossipOut(IpamData(claims={local: self.paxos.mine})))
+            # We announce ourselves to the lowest-named reachable peer once we know who that is
+            # (peers_changed); consensus starts once it has heard of N participants.
             self._consider_proposing(now)
 
     # ----- restore / persistence -------------------------------------------------------------
@@ -683,6 +702,8 @@ class Allocator:
     def peers_changed(self, reachable: Iterable[PeerName], now: float) -> None:
         """The set of peers reachable over the mesh changed (from the router's topology)."""
         self._reachable = set(reachable) - {self.local}
+        self._announce()
+        self._consider_proposing(now)
         self._serve_pending(now)
 
     def rmpeer(self, name: PeerName, now: float) -> int:
@@ -926,22 +947,58 @@ class Allocator:
 
     # ----- consensus -------------------------------------------------------------------------
 
+    # Message flow (keeps consensus O(n) messages plus three floods, not n floods):
+    # participants announce their (empty) claim by unicast to the lowest-named reachable peer;
+    # a proposer's own claim, its value and its "chosen" notice flood (relayed by everyone);
+    # acceptors answer by unicast to the proposer; learners trust the proposer's "chosen".
+
+    def _announce(self) -> None:
+        if (
+            self.config.init.kind != "consensus"
+            or self.ring.ready
+            or self._left
+            or not self._reachable
+        ):
+            return
+        lowest = min(self._reachable | {self.local})
+        if lowest != self.local and lowest != self._announced_to:
+            self._announced_to = lowest
+            self._out.append(UnicastOut(lowest, self._paxos_message(self._my_paxos())))
+
+    def _paxos_message(self, data: IpamData) -> bytes:
+        return _pack(
+            {
+                "t": "paxos",
+                "claims": Paxos.to_wire(data.claims),
+                "values": Paxos.values_to_wire(data.values),
+            }
+        )
+
+    def _send_claim(self) -> None:
+        """Tell whoever needs to know that our claim changed."""
+        mine = self.paxos.mine
+        proposer = PeerName(mine.promise[1]) if mine.promise[1] else None
+        if proposer is None or proposer == self.local:
+            self._out.append(GossipOut(self._my_paxos()))  # a proposal: flood it
+        else:
+            self._out.append(UnicastOut(proposer, self._paxos_message(self._my_paxos())))
+
     def _consider_proposing(self, now: float) -> None:
-        if self.ring.ready or self.config.init.kind != "consensus":
+        if self.ring.ready or self.config.init.kind != "consensus" or self._proposed:
             return
-        participants = sorted(self.paxos.claims)
-        if len(participants) < self.config.init.quorum_of:
+        known = set(self.paxos.claims) | (self._reachable or set()) | {self.local}
+        if len(known) < self.config.init.quorum_of:
             return
-        if not self._proposed and participants[0] == self.local:
+        if min(known) == self.local and len(self.paxos.claims) >= self.config.init.quorum_of:
             self._propose(now)
-        elif self._paxos_retry_at is None and not self._proposed:
+        elif self._paxos_retry_at is None:
             self._paxos_retry_at = now + self.config.consensus_fallback * (1 + self._rng.random())
 
     def _propose(self, now: float) -> None:
         self._proposed = True
-        self.paxos.propose(tuple(self.paxos.claims))
+        self.paxos.propose()
         self._mark_paxos()
-        self._out.append(GossipOut(self._my_paxos()))
+        self._send_claim()
         self._paxos_retry_at = now + self.config.consensus_fallback * (1 + self._rng.random())
         self._check_chosen(now)
 
@@ -954,8 +1011,14 @@ class Allocator:
 
     def _check_chosen(self, now: float) -> None:
         chosen = self.paxos.chosen()
-        if chosen and not self.ring.ready:
-            self._create(chosen, now)
+        if not chosen or self.ring.ready:
+            return
+        pid = self.paxos.chosen_id
+        if pid is not None and pid[1] == int(self.local) and not self._chosen_sent:
+            # We proposed it and counted the quorum: tell everyone (one flood).
+            self._chosen_sent = True
+            self._out.append(GossipOut(IpamData(values={pid: chosen}, chosen=pid)))
+        self._create(chosen, now)
 
     def _create(self, seeds: tuple[PeerName, ...], now: float) -> None:
         try:
@@ -980,9 +1043,15 @@ class Allocator:
     def snapshot(self) -> IpamData:
         """Our complete state for periodic gossip and new connections."""
         data = IpamData(ring=self.ring.data() if self.ring.ready else None)
-        if not self.ring.ready and self.config.init.kind != "observer":
-            data.claims = dict(self.paxos.claims)
+        if not self.ring.ready:
+            # proposers' claims (and ours): what a newly connected peer needs to take part
+            data.claims = {
+                n: c for n, c in self.paxos.claims.items() if c.promise[1] == int(n)
+            }
+            if self.config.init.kind == "consensus":
+                data.claims[self.local] = self.paxos.mine
             data.values = dict(self.paxos.values)
+            data.chosen = self.paxos.chosen_id
         return data
 
     def receive_gossip(self, payload: bytes, now: float) -> IpamData | None:
@@ -1016,14 +1085,22 @@ class Allocator:
                     # We were given space (donation, reset of a peer): advertise true free counts.
                     self._schedule_free_update(now)
                 self._serve_pending(now)
-        if data.claims or data.values:
+        if data.claims or data.values or data.chosen is not None:
             delta.values.update(self.paxos.merge_values(data.values))
-            delta.claims.update(self.paxos.merge(data.claims))
+            new_claims = self.paxos.merge(data.claims)
+            # Relay only proposers' own claims; acceptors' answers go to the proposer by unicast.
+            delta.claims.update({n: c for n, c in new_claims.items() if c.promise[1] == int(n)})
+            if data.chosen is not None and self.paxos.chosen_id is None:
+                self.paxos.learn(data.chosen)
+                delta.chosen = data.chosen
+                if data.chosen in self.paxos.values:
+                    delta.values[data.chosen] = self.paxos.values[data.chosen]
             if not self.ring.ready and self.config.init.kind == "consensus":
                 if self.paxos.think():
                     self._mark_paxos()
-                    delta.merge(self._my_paxos())
+                    self._send_claim()
                 self._consider_proposing(now)
+            if not self.ring.ready:
                 self._check_chosen(now)
         return None if delta.empty() else delta
 
@@ -1035,7 +1112,13 @@ class Allocator:
         if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
             raise RemoteProtocolError("ipam unicast: expected a map with a type")
         kind = obj["t"]
-        if kind == "ask":
+        if kind == "paxos":
+            data = IpamData(
+                claims=Paxos.from_wire(obj.get("claims", [])),
+                values=Paxos.values_from_wire(obj.get("values", [])),
+            )
+            self._merge(data, now)  # answers to a proposer are not relayed
+        elif kind == "ask":
             self._on_ask(src, obj, now)
         elif kind in ("give", "gift"):
             ring = obj.get("ring")

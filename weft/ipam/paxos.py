@@ -14,8 +14,10 @@ The classic roles, read off the merged claims after every input (:meth:`Paxos.th
 * learner: a value is chosen when a quorum accepted the same proposal id.
 
 Fast in practice: normally only the lowest-named peer proposes (the allocator decides who and
-when), so there is one round: proposal -> promises -> accept -> accepts, each a gossip flood of
-``O(log n)`` hops. Competing proposals only cost retries, never safety.
+when), so there is one round: proposal -> promises -> accept -> accepts -> chosen. The allocator
+floods only the proposer's claim, the value and the "chosen" notice (:meth:`Paxos.learn`);
+acceptors answer the proposer by unicast, so a round costs three floods and O(n) unicasts, not
+a flood per peer. Competing proposals only cost retries, never safety.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Paxos:
         self.values: dict[ProposalId, tuple[PeerName, ...]] = {}
         self._my_value: tuple[PeerName, ...] = ()
         self._chosen: tuple[PeerName, ...] | None = None
+        self.chosen_id: ProposalId | None = None
 
     def restore(self, claim: Claim) -> None:
         """Our own claim as persisted before a restart (promises must survive a crash)."""
@@ -88,8 +91,12 @@ class Paxos:
         self._accepted[claim.accepted] = self._accepted.get(claim.accepted, 0) + 1
         self._top = max(self._top, claim.promise)
 
-    def propose(self, value: tuple[PeerName, ...]) -> None:
-        """Start a new proposal with a round above anything seen; ``value`` if nobody else's."""
+    def propose(self, value: tuple[PeerName, ...] = ()) -> None:
+        """Start a new proposal with a round above anything seen.
+
+        Its value, unless Paxos forces an earlier one, is ``value`` or (empty) every peer whose
+        claim we know when a quorum has promised.
+        """
         pid = (self.highest_round() + 1, int(self.local))
         self._my_value = tuple(sorted(value))
         c = self.mine
@@ -138,7 +145,9 @@ class Paxos:
         ):
             promised = [x for x in self.claims.values() if x.promise == c.promise]
             prior = max(x.accepted for x in promised)
-            value = self.values.get(prior) if prior != NO_PROPOSAL else self._my_value
+            # Our own value: every participant we know of (announcements and promises).
+            mine = tuple(sorted(self.claims)) if not self._my_value else self._my_value
+            value = self.values.get(prior) if prior != NO_PROPOSAL else mine
             # An accepted proposal whose value has not reached us yet: wait for it.
             if value:
                 self.values[c.promise] = value
@@ -147,13 +156,22 @@ class Paxos:
             self._set(self.local, c)
         return c != before
 
+    def learn(self, pid: ProposalId) -> None:
+        """The proposer of ``pid`` saw a quorum accept it (learners trust that, not recount)."""
+        if pid != NO_PROPOSAL:
+            self.chosen_id = self.chosen_id or pid
+
     def chosen(self) -> tuple[PeerName, ...] | None:
-        """The agreed value, once a quorum accepted the same proposal."""
+        """The agreed value, once a quorum accepted the same proposal (or we learnt so)."""
         if self._chosen is not None:
+            return self._chosen
+        if self.chosen_id is not None and self.chosen_id in self.values:
+            self._chosen = self.values[self.chosen_id]
             return self._chosen
         for pid, n in self._accepted.items():
             if pid != NO_PROPOSAL and n >= self.quorum and pid in self.values:
                 self._chosen = self.values[pid]
+                self.chosen_id = pid
                 return self._chosen
         return None
 
