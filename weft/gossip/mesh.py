@@ -236,6 +236,7 @@ class _Conn:
     pending_since: float | None = None
     due: float | None = None  # when the queued names flush (pending_since set)
     last_flush: float = -math.inf
+    last_vector: float = 0.0  # when we last answered its digest hash with our vector
     pending_app: dict[tuple[int, str, PeerName], list[GossipData]] = field(default_factory=dict)
     # What the remote is known to hold (it sent or we sent it): name -> (version, uid). Updates
     # skip records the remote already has, which removes most duplicates in dense meshes.
@@ -800,8 +801,15 @@ class MeshCore:
         elif isinstance(msg, DigestHash):
             # While changes are flowing, gossip is doing the work and vectors would only ship
             # records that are about to arrive anyway: repair once things are quiet.
-            quiet = now - self._last_change >= self.config.anti_entropy_quiet
+            # A different record count means missing records rather than versions in flight,
+            # and a connection is never put off for more than two intervals.
+            quiet = (
+                now - self._last_change >= self.config.anti_entropy_quiet
+                or msg.count != len(self._topology)
+                or now - conn.last_vector >= 2 * self.config.anti_entropy_interval
+            )
             if quiet and msg.hash != self._topology.digest_hash():
+                conn.last_vector = now
                 self._send_topology(conn, encode_digest_vector(self._topology.digest()))
         elif isinstance(msg, DigestVector):
             # The vector is the remote's own word on what it holds: believe it over our notes.
@@ -904,6 +912,11 @@ class MeshCore:
                 self._unreachable_since.pop(name, None)
             gone = self._topology.remove(due)
             self.stats.gc_removed += len(gone)
+            # Our neighbours are dropping them too: forget that they hold them, or a record
+            # that comes back unchanged after a partition would never be relayed to them.
+            for conn in self._conns.values():
+                for name in gone:
+                    conn.known.pop(name, None)
             self._events.append(PeersRemoved(tuple(sorted(gone))))
             self._topology_changed(now)
         if later is not None:
