@@ -110,6 +110,7 @@ class MeshConfig:
     local_delay: float = 0.02  # our record is rebuilt this long after a connection event
     recalc_delay: float = 0.1  # routes/GC/discovery recalculated this long after a change
     gc_grace: float = 2.0  # a peer must stay unreachable this long before it is dropped
+    tombstone_ttl: float = 60.0  # a collected record coming back unchanged is not relayed
     surrogate_ttl: float = 60.0  # how long relayed unknown-channel gossip is remembered
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
 
@@ -127,6 +128,7 @@ class MeshConfig:
             "recalc_delay",
             "gc_grace",
             "surrogate_ttl",
+            "tombstone_ttl",
             "anti_entropy_quiet",
         ):
             if getattr(self, name) < 0:
@@ -340,6 +342,9 @@ class MeshCore:
         self._thin_conns: list[_Conn] | None = None  # neighbours with <= 2 links (cache)
         self._flush_heap: list[tuple[float, int]] = []  # (due, conn id); stale entries skipped
         self._last_change = -math.inf
+        # collected records: name -> ((version, uid), until); held: zombies kept unrelayed
+        self._tombstones: dict[PeerName, tuple[tuple[int, int], float]] = {}
+        self._held: set[PeerName] = set()
         self._local_at: float | None = None  # when our record is rebuilt
         # announced records we asked for: name -> ((version, uid), ask again after)
         self._requested: dict[PeerName, tuple[tuple[int, int], float]] = {}
@@ -849,7 +854,6 @@ class MeshCore:
         self.stats.records_new += len(result.new)
         for old, new in result.replaced:
             self._index_addresses(old, new)
-            self._unreachable_since.pop(new.name, None)
         if result.added or result.connections_removed or result.restarted:
             self._gc_wanted = True
         for name, old_uid, new_uid in result.restarted:
@@ -859,7 +863,20 @@ class MeshCore:
             self._cm.peer_alive(name, now)
         if result.short_id_changed:
             self._events.append(ShortIdChanged(self._topology.short_id))
-        relay = [r.name for r in result.new if r.name != self.name]
+        relay = []
+        for r in result.new:
+            if r.name == self.name:
+                continue
+            tomb = self._tombstones.get(r.name)
+            if tomb is not None and tomb[1] > now and (r.version, r.uid) <= tomb[0]:
+                # A record we collected, back unchanged: a zombie kept by a peer that has not
+                # collected it yet, or the other side of a healed partition. Keep it quietly;
+                # it is relayed once it turns out reachable (see _collect_garbage).
+                self._held.add(r.name)
+                self._gc_wanted = True
+                continue
+            self._tombstones.pop(r.name, None)
+            relay.append(r.name)
         self._queue_names(relay, exclude=source.conn_id, now=now)
         if result.self_bumped:
             # our corrected record must reach the peer that had the stale one, and beyond
@@ -890,6 +907,14 @@ class MeshCore:
 
     def _collect_garbage(self, now: float) -> None:
         reachable = self._topology.reachable()
+        if self._held:
+            back = [n for n in self._held if n in reachable]
+            for n in back:
+                self._tombstones.pop(n, None)
+            self._held = {n for n in self._held if n not in reachable and n in self._topology}
+            self._queue_names(back, exclude=None, now=now)
+        if self._tombstones and len(self._tombstones) > len(self._topology):
+            self._tombstones = {n: t for n, t in self._tombstones.items() if t[1] > now}
         grace = self.config.gc_grace
         due: list[PeerName] = []
         later: float | None = None
@@ -905,11 +930,14 @@ class MeshCore:
             if name in reachable:
                 del self._unreachable_since[name]
         if due:
+            ttl = now + self.config.tombstone_ttl
             for name in due:
                 rec = self._topology.get(name)
                 if rec is not None:
                     self._index_addresses(rec, None)
+                    self._tombstones[name] = ((rec.version, rec.uid), ttl)
                 self._unreachable_since.pop(name, None)
+                self._held.discard(name)
             gone = self._topology.remove(due)
             self.stats.gc_removed += len(gone)
             # Our neighbours are dropping them too: forget that they hold them, or a record
