@@ -11,8 +11,10 @@ Rules that make the merge a CRDT and keep ownership exclusive:
 * Only the owner of a span changes it: it may hand part of it to another peer (donation),
   hand all of it away (reset), or update its free counts; each change bumps the entry's version.
   The single exception is ``transfer`` (``rmpeer``), run by an operator on one peer for a peer that
-  is gone for good; it bumps versions by :data:`TRANSFER_VERSION_BUMP` like Weave does, so the
-  takeover wins over anything the dead peer may have gossiped just before dying.
+  is gone for good; it bumps versions by :data:`TRANSFER_VERSION_BUMP` (as Weave, which used
+  100), so the takeover wins over anything the dead peer may have gossiped just before dying.
+  Run it once the mesh has settled: spans the dead peer gave away that we never heard of would
+  be taken too, and show up as a conflict when that news arrives.
 * Merge takes, token by token, the entry with the higher version. Equal versions with different
   contents, or anyone else changing or cutting a span that *we* own, is a conflict error.
 * A ring is born from a list of seeds (by ``seed=`` or by consensus); rings with different seeds
@@ -43,7 +45,10 @@ __all__ = [
     "allocatable",
 ]
 
-TRANSFER_VERSION_BUMP = 100  # as Weave: rmpeer/transfer jumps over what the dead peer may have sent
+# rmpeer/transfer jumps versions by this much so the takeover wins over anything the dead peer
+# may have said that we have not heard yet. Weave used 100; ours is larger because free-count
+# updates bump versions too (at most about once a second per span) and travel lazily.
+TRANSFER_VERSION_BUMP = 1 << 20
 _MAX_ENTRIES = 1 << 20  # decoder bound: far more tokens than any real ring has
 
 _names: dict[int, PeerName] = {}  # decoded owners, interned (bounded)
