@@ -8,7 +8,7 @@ re-claims them, same address for the same container); a host stopped for good is
 from another and its space is used again.
 
 Until the daemon composes IPAM itself (``weft launch``), the router process is a few lines below
-that do what ``weft.router.daemon.serve`` does plus ``attach_to_router``.
+that do what ``weft.router.daemon.serve`` does plus ``weft.ipam.service.install``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ROUTER = textwrap.dedent(
     """
     import asyncio, logging, sys
     from pathlib import Path
-    from weft.ipam.service import IpamService, attach_to_router, config_from_flags
+    from weft.ipam.service import install
     from weft.router.config import RouterConfig
     from weft.router.router import Router
 
@@ -52,10 +52,7 @@ ROUTER = textwrap.dedent(
             peers=tuple(sys.argv[3:]), heartbeat_interval=0.5, heartbeat_timeout=3.0,
         )
         router = Router(config)
-        ipam = IpamService(
-            router.identity.name, config_from_flags("10.32.0.0/22", init="consensus=3"), data
-        )
-        attach_to_router(router, ipam)
+        install(router, ipalloc_range="10.32.0.0/22", init="consensus=3")
         await router.start()
         await router.wait_stopped()
 

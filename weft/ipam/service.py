@@ -64,6 +64,7 @@ __all__ = [
     "IpamService",
     "attach_to_router",
     "config_from_flags",
+    "install",
     "render_status",
     "setup_routes",
 ]
@@ -438,6 +439,23 @@ class RouterLike(Protocol):
     def on_status_changed(self, callback: Callable[[], None]) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+
+def install(
+    router: Any,
+    *,
+    ipalloc_range: str | None = None,
+    default_subnet: str | None = None,
+    init: str | None = None,
+) -> IpamService:
+    """One call for the daemon's ``compose``: build the service from the launch flags (state in
+    ``router.config.data_dir``) and :func:`attach_to_router` it. Returns the service."""
+    config = config_from_flags(
+        ipalloc_range, default_subnet, init, initial_peers=len(router.config.peers)
+    )
+    service = IpamService(router.identity.name, config, Path(router.config.data_dir))
+    attach_to_router(router, service)
+    return service
 
 
 def attach_to_router(router: RouterLike, service: IpamService) -> None:
