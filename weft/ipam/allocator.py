@@ -16,11 +16,12 @@ Initial ownership (``IpamConfig.init``):
 
 * ``seed=A,B,...``: every peer (seed or not) creates the same ring from the list at once;
 * ``consensus=N``: peers agree on who splits the range with a single-decree Paxos over the same
-  gossip (see :mod:`weft.ipam.paxos`). Once a peer has heard from N participating peers, the
-  lowest-named of them proposes them all; others propose only if nothing was chosen after
-  ``consensus_fallback`` seconds. One round of gossip floods - well under a second at 100 peers
-  (bench/ipam.py). Every peer builds the identical ring from the chosen list, so no ring needs to
-  travel for the consensus itself;
+  channel (see :mod:`weft.ipam.paxos`). Participants announce themselves by unicast to the
+  lowest-named reachable peer; once it has heard from N, it proposes them all; others propose
+  only if nothing was chosen after ``consensus_fallback`` (+ jitter) seconds. The proposal, its
+  value and the "chosen" notice flood; promises and accepts go back by unicast - tens of ms of
+  simulated time at 100 peers (bench/ipam.py). Every peer builds the identical ring from the
+  chosen list, so no ring needs to travel for the consensus itself;
 * ``observer``: never proposes, owns nothing at first, takes the ring from gossip and asks donors.
 
 Requests wait while the ring is not ready or a donor is being asked, up to
