@@ -10,8 +10,11 @@ Topology gossip (what makes it scale, unlike Weave's whole-topology gossip):
 * A change (our own record, or records newly learned from a neighbour) is queued as *names* on
   ``fanout`` random connections (``ceil(2*log2 n)``, at least 2; never the one it came from).
   Each connection flushes its queue ``gossip_delay`` after the first queued name, but at most
-  once per ``gossip_interval`` (default 1 s, as Weave's coalescing); a flush sends the *current*
-  record of each queued name, so bursts coalesce to the newest versions. Receivers relay only
+  once per ``gossip_interval`` (default 1 s, as Weave's coalescing); a flush offers the
+  *current* record of each queued name, so bursts coalesce to the newest versions. Our own new
+  record is pushed; relayed ones are announced (name, uid, version) and fetched by whoever lacks
+  them, once (a peer hears of a version from about every neighbour). Records a neighbour is
+  known to hold are not offered again. Receivers relay only
   records that improved their view, so propagation stops by itself.
 * Anti-entropy repairs whatever was lost: every ``anti_entropy_interval`` (jittered) we send one
   random neighbour a 16-byte hash of our version vector. On mismatch it answers with its vector
@@ -105,7 +108,11 @@ class MeshConfig:
     anti_entropy_interval: float = 5.0  # mean period of digest exchange with one neighbour
     anti_entropy_quiet: float = 1.0  # answer a digest mismatch only this long after a change
     channel_gossip_interval: float = 30.0  # full state of application channels (as Weave)
-    eager_record_bytes: int = 512  # records up to this size are pushed; larger ones announced
+    # Relayed records up to this size are pushed, larger ones announced and fetched once. With
+    # 0 (default) every relay is an announcement: in a mesh of degree d a peer hears of a new
+    # version about d times but downloads it once (half the bytes of pushing at 1,000 peers for
+    # one round trip more per hop). Our own record is always pushed.
+    eager_record_bytes: int = 0
     request_timeout: float = 1.0  # re-request an announced record from another peer after this
     local_delay: float = 0.02  # our record is rebuilt this long after a connection event
     recalc_delay: float = 0.1  # routes/GC/discovery recalculated this long after a change
@@ -744,15 +751,15 @@ class MeshCore:
         self._offer_records(conn, records)
 
     def _offer_records(self, conn: _Conn, records: list[PeerRecord]) -> None:
-        """Gossip: push small records, announce large ones (the remote asks for those)."""
+        """Gossip: push our own and small records, announce the rest (the remote asks)."""
         limit = self.config.eager_record_bytes
         push: list[PeerRecord] = []
         announce: dict[PeerName, tuple[int, int]] = {}
         for rec in records:
             if conn.has(rec):
                 continue
-            if len(rec.blob) <= limit:
-                push.append(rec)
+            if len(rec.blob) <= limit or rec.name == self.name:
+                push.append(rec)  # our own new version: nobody has it yet, announcing is waste
             else:
                 announce[rec.name] = (rec.uid, rec.version)
         if push:

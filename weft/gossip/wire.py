@@ -14,8 +14,8 @@ The ``"topology"`` gossip channel is the mesh's own; its body is one of:
 * ``[4, [name, ...]]``                           REQUEST: "send me these records"
 * ``[5, [name, uid, version, name, ...]]``       ANNOUNCE: "I have these (ask if you want them)"
 
-Large records (dense meshes) are announced rather than pushed, so a peer that hears of a new
-version from several neighbours downloads it once.
+Relayed records are announced rather than pushed (MeshConfig.eager_record_bytes), so a peer that
+hears of a new version from several neighbours downloads it once; a peer's own new record is pushed.
 
 Every decoder raises :class:`~weft.errors.RemoteProtocolError` and nothing else on bad input.
 """
