@@ -27,7 +27,11 @@ class GossipData(Protocol):
         ...
 
     def merge(self, other: GossipData) -> GossipData:
-        """Merge ``other`` into self and return self (used to coalesce pending outgoing data)."""
+        """Merge ``other`` into self and return self (used to coalesce pending outgoing data).
+
+        The mesh only merges data handed to a sender (or returned by a handler) and only encodes
+        the result; one object may be pending on several connections, so a merge may be seen
+        by more than one of them (harmless for state that merges as a CRDT)."""
         ...
 
 
@@ -47,7 +51,8 @@ class GossipHandler(Protocol):
         ...
 
     def snapshot(self) -> GossipData:
-        """Complete local state, sent periodically and on new connections."""
+        """Complete local state, sent periodically and on new connections. Return a fresh
+        object (not the live state): pending data is merged in place per connection."""
         ...
 
 
