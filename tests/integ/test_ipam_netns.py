@@ -1,28 +1,23 @@
 """IPAM across three hosts in network namespaces (issue 4, "Must be shown").
 
-Each host runs a real router process with IPAM (``attach_to_router``, SQLite in the host's data
-dir) on its own underlay address; the test talks to each through its HTTP API on 127.0.0.1:6784
-inside the host. Shown: consensus among the three; concurrent allocations on all hosts never
-hand out an address twice; ``kill -9`` of one router and a restart keep its allocations (it
-re-claims them, same address for the same container); a host stopped for good is ``rmpeer``-ed
-from another and its space is used again.
-
-Until the daemon composes IPAM itself (``weft launch``), the router process is a few lines below
-that do what ``weft.router.daemon.serve`` does plus ``weft.ipam.service.install``.
+Each host runs ``weft launch`` (IPAM composed by the daemon, SQLite in the host's data dir) on its
+own underlay address; the test talks to each through its HTTP API on 127.0.0.1:6784 inside the
+host. Shown: consensus among the three; concurrent allocations on all hosts never hand out an
+address twice; ``kill -9`` of one router and a relaunch keep its allocations (it re-claims them,
+same address for the same container); a host stopped for good is ``rmpeer``-ed from another and
+its space is used again.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import textwrap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,31 +30,6 @@ pytestmark = [
 ]
 
 TIMEOUT = 60.0
-REPO = Path(__file__).resolve().parents[2]
-
-ROUTER = textwrap.dedent(
-    """
-    import asyncio, logging, sys
-    from pathlib import Path
-    from weft.ipam.service import install
-    from weft.router.config import RouterConfig
-    from weft.router.router import Router
-
-    async def main() -> None:
-        data = Path(sys.argv[1])
-        config = RouterConfig(
-            nickname=sys.argv[2], data_dir=data, api_socket=None, datapath="none",
-            peers=tuple(sys.argv[3:]), heartbeat_interval=0.5, heartbeat_timeout=3.0,
-        )
-        router = Router(config)
-        install(router, ipalloc_range="10.32.0.0/22", init="consensus=3")
-        await router.start()
-        await router.wait_stopped()
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    asyncio.run(main())
-    """
-)
 
 CLIENT = textwrap.dedent(
     """
@@ -91,21 +61,44 @@ def api(host: Host, method: str, path: str) -> tuple[int, Any]:
     return api_many(host, [(method, path)])[0]
 
 
+def weft(host: Host, *args: str, check: bool = True) -> str:
+    proc = host.exec(sys.executable, "-m", "weft.router.cli", *args, check=check, timeout=90)
+    return proc.stdout + proc.stderr
+
+
 @dataclass
 class Cluster:
     u: Underlay
     hosts: list[Host]
 
     def start(self, host: Host, *peers: str) -> None:
-        log = host.data_dir / "router.log"
-        host.spawn(sys.executable, "-c", ROUTER, str(host.data_dir), f"h{host.index}", *peers,
-                   log=log, env={"PYTHONPATH": str(REPO)})
+        weft(
+            host,
+            "launch",
+            "--nickname",
+            f"h{host.index}",
+            "--data-dir",
+            str(host.data_dir),
+            "--api-socket",
+            str(host.data_dir / "weft.sock"),
+            "--datapath",
+            "none",
+            "--heartbeat-interval",
+            "0.5",
+            "--heartbeat-timeout",
+            "3",
+            "--ipalloc-range",
+            "10.32.0.0/22",
+            "--ipalloc-init",
+            "consensus=3",
+            *peers,
+        )
 
     def kill(self, host: Host) -> None:
-        for proc in host.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        """kill -9 the host's router (its pid from its own status)."""
+        pid = int(self.status(host)["router"]["pid"])
+        host.exec("kill", "-9", str(pid))
+        wait_for(lambda: not _alive(pid), timeout=TIMEOUT, what=f"router {pid} gone")
 
     def status(self, host: Host) -> dict[str, Any]:
         code, body = api(host, "GET", "/status")
@@ -115,19 +108,27 @@ class Cluster:
     def logs(self) -> str:
         out = []
         for h in self.hosts:
-            log = h.data_dir / "router.log"
+            log = h.data_dir / "weft.log"
             if log.exists():
                 out.append(f"--- h{h.index} ---\n" + "\n".join(log.read_text().splitlines()[-30:]))
         return "\n".join(out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     with underlay(3, net=78) as u:
         c = Cluster(u, u.hosts)
-        for i, host in enumerate(c.hosts):
-            c.start(host, *([c.hosts[i - 1].ip] if i else []))
         try:
+            for i, host in enumerate(c.hosts):
+                c.start(host, *([c.hosts[i - 1].ip] if i else []))
             yield c
         finally:
             print(c.logs())  # shown by pytest only when something failed
@@ -167,7 +168,7 @@ def test_consensus_concurrent_allocation_restart_and_rmpeer(cluster: Cluster) ->
     # kill -9 h1's router and restart it: same allocations, same answer per container
     before = api(h1, "GET", "/ip")[1]["allocations"]
     c.kill(h1)
-    c.start(h1, h2.ip)
+    c.start(h1)  # its direct targets are persisted in the data dir
     wait_for(lambda: ready(c, h1), timeout=TIMEOUT, what="h1 back with its ring")
     assert api(h1, "GET", "/ip")[1]["allocations"] == before
     code, body = api(h1, "POST", "/ip/h1-c3")
