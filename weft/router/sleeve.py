@@ -43,7 +43,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from aiohttp import web
 
-from weft.errors import ConfigError
+from weft.errors import ConfigError, LocalError, WeftError
 from weft.gossip.peer import PeerName
 from weft.router.overlay import (
     OverlayConnection,
@@ -223,7 +223,13 @@ class SleeveOverlay:
                     # pyroute2's synchronous API refuses to run on a thread with a running
                     # loop; a one-off worker thread does it (once, at start).
                     with ThreadPoolExecutor(1) as pool:
-                        pool.submit(ensure_bridge, bridge, tap_name, mtu or DEFAULT_MTU).result()
+                        job = pool.submit(ensure_bridge, bridge, tap_name, mtu or DEFAULT_MTU)
+                        try:
+                            job.result()
+                        except (OSError, WeftError):
+                            raise
+                        except Exception as err:  # pyroute2's NetlinkError is no OSError
+                            raise LocalError(f"cannot set up bridge {bridge}: {err}") from err
         except BaseException:
             self.sock.close()
             if self.tap is not None:
