@@ -147,3 +147,26 @@ async def test_bridge_api_shapes() -> None:
         assert (await client.post("/detach", json={"netns": "zz"})).status == 400
         assert await (await client.get("/ps")).json() == [{"netns": "c1"}]
         assert (await client.post("/attach", data=b"[1]")).status == 400
+
+
+async def test_bridge_api_asks_the_allocator_when_no_address_is_given() -> None:
+    fake = FakeBridge()
+    asked: list[str] = []
+    released: list[str] = []
+
+    async def allocate(ident: str) -> list[str]:
+        asked.append(ident)
+        return ["10.40.0.7/12"]
+
+    async def release(ident: str) -> None:
+        released.append(ident)
+
+    app = web.Application(middlewares=[_errors])
+    setup_routes(app, fake, allocate, release)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        r = await client.post("/attach", json={"netns": "c1"})
+        assert (await r.json())["addresses"] == ["10.40.0.7/12"]
+        r = await client.post("/expose", json={"cidr": None})
+        assert await r.json() == {"addresses": ["10.40.0.7/12"]}
+        assert (await client.post("/detach", json={"netns": "c1"})).status == 200
+    assert asked == ["netns:c1", "weft:expose"] and released == ["netns:c1"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -47,8 +48,22 @@ def _str(body: dict[str, Any], key: str, default: str | None = None) -> str:
     return value
 
 
-def setup_routes(app: web.Application, bridge: Bridge) -> None:
-    """Add /expose, /hide, /attach, /detach and /ps for ``bridge`` to ``app`` (before start)."""
+Allocate = Callable[[str], Awaitable[list[str]]]
+Release = Callable[[str], Awaitable[None]]
+
+
+def setup_routes(
+    app: web.Application,
+    bridge: Bridge,
+    allocate: Allocate | None = None,
+    release: Release | None = None,
+) -> None:
+    """Add /expose, /hide, /attach, /detach and /ps for ``bridge`` to ``app`` (before start).
+
+    ``allocate(ident)`` (optional, e.g. the IPAM allocator) supplies CIDRs when a request names
+    none: ``ident`` is ``"netns:<netns>"`` for an attach and ``"weft:expose"`` for the host.
+    ``release(ident)`` is awaited after a detach. Without them a CIDR is required.
+    """
     lock = asyncio.Lock()
 
     async def run(fn: Any, *args: Any) -> Any:
@@ -60,6 +75,9 @@ def setup_routes(app: web.Application, bridge: Bridge) -> None:
         cidr = body.get("cidr")
         if cidr is not None and not isinstance(cidr, str):
             raise ConfigError('"cidr" must be a CIDR string or null')
+        if not cidr and allocate is not None:
+            got = await allocate("weft:expose")
+            cidr = got[0] if got else None
         return web.json_response({"addresses": await run(bridge.expose, cidr)})
 
     async def hide(request: web.Request) -> web.Response:
@@ -78,6 +96,8 @@ def setup_routes(app: web.Application, bridge: Bridge) -> None:
         mtu = body.get("mtu")
         if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool)):
             raise ConfigError('"mtu" must be an integer or null')
+        if not ips and allocate is not None:
+            ips = await allocate(f"netns:{netns}")
         att = await run(bridge.attach, netns, ips, ifname, mtu)
         return web.json_response(att.as_dict())
 
@@ -87,6 +107,8 @@ def setup_routes(app: web.Application, bridge: Bridge) -> None:
         done = await run(bridge.detach, netns)
         if not done:
             raise ConfigError(f"{netns} is not attached")
+        if release is not None:
+            await release(f"netns:{netns}")
         return web.json_response({"detached": True})
 
     async def ps(request: web.Request) -> web.Response:

@@ -352,11 +352,12 @@ class SleeveOverlay:
         }
         return out
 
-    def setup_routes(self, app: web.Application) -> None:
-        """Add the bridge API (/expose, /attach, /detach, /ps) to the router's app."""
+    def setup_routes(self, app: web.Application, allocate: Any = None, release: Any = None) -> None:
+        """Add the bridge API (/expose, /attach, /detach, /ps) to the router's app; ``allocate``
+        and ``release`` as in :func:`weft.router.bridge_api.setup_routes` (IPAM hooks)."""
         from weft.router.bridge_api import setup_routes
 
-        setup_routes(app, self.bridge)
+        setup_routes(app, self.bridge, allocate, release)
 
     def close(self) -> None:
         for conn in list(self._conns.values()):
