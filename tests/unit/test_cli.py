@@ -344,6 +344,7 @@ def test_router_options_build_the_config(tmp_path: Path, monkeypatch: pytest.Mon
     argv = ["router", "--data-dir", str(tmp_path), "--no-discovery", "--conn-limit", "5"]
     argv += ["--heartbeat-interval", "1", "--heartbeat-timeout", "3", "--api-socket", ""]
     argv += ["--status-addr", "0.0.0.0:6782", "--name", "02:00:00:00:00:09", "10.0.0.1"]
+    argv += ["--ipalloc-range", "10.40.0.0/16", "--ipalloc-init", "seed=02:00:00:00:00:09"]
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
     assert config.password == b"from-env"
@@ -353,6 +354,9 @@ def test_router_options_build_the_config(tmp_path: Path, monkeypatch: pytest.Mon
     assert config.api_socket is None and config.status_addr == "0.0.0.0:6782"
     assert str(config.name) == "02:00:00:00:00:09"
     assert config.peers == ("10.0.0.1:6783",)
+    assert config.ipam is True and config.ipalloc_range == "10.40.0.0/16"
+    assert config.ipalloc_init == "seed=02:00:00:00:00:09"
+    assert cli.config_from_args(parser.parse_args(["router", "--no-ipam"])).ipam is False
     # a password file wins over the environment
     pw = tmp_path / "pw"
     pw.write_text("from-file\n")

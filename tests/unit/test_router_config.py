@@ -65,6 +65,8 @@ def test_peers_are_normalised_with_the_default_port() -> None:
         ({"peers": ("",)}, "peer is empty"),
         ({"api_socket": Path("/" + "s" * 120)}, "too long for a unix socket"),
         ({"listen_host": "example.org"}, "is not an IP address"),
+        ({"ipalloc_range": "10.32.0.1/12"}, "--ipalloc-range '10.32.0.1/12' is not a valid IPv4"),
+        ({"ipalloc_default_subnet": "fd00::/64"}, "--ipalloc-default-subnet 'fd00::/64'"),
     ],
 )
 def test_invalid_settings_name_the_option(kwargs: dict[str, object], message: str) -> None:

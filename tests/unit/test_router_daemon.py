@@ -89,3 +89,58 @@ async def test_compose_mounts_overlay_ui_and_metrics(tmp_path: Path) -> None:
         assert (await client.get("/status")).status == 200
     await router.stop()
     assert overlay.closed
+
+
+async def test_compose_runs_ipam_and_cni_on_it(tmp_path: Path) -> None:
+    import asyncio
+
+    import aiohttp
+
+    from weft.router.components import IpamForCni
+
+    router = Router(config(tmp_path, "none"), rng=random.Random(4))
+    parts = daemon.compose(router)
+    assert parts.ipam is not None
+    await router.start()
+    try:
+        base = f"http://127.0.0.1:{router.http_port}"
+        async with aiohttp.ClientSession() as client:
+            # a lone peer with no launch peers: consensus among 1, the ring is ours at once
+            for _ in range(200):
+                async with client.post(f"{base}/ip/c1") as resp:
+                    status, text = resp.status, await resp.text()
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == 200, text
+            assert "10.32." in text
+            async with client.get(f"{base}/status") as resp:
+                doc = await resp.json()
+            assert "ipam" in doc and "cni" in doc
+            # the CNI handler is mounted and checks its bridge (none here: --datapath none)
+            async with client.post(f"{base}/cni/status", json={"network": "weft"}) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["msg"] == "bridge weft does not exist"
+        cni = IpamForCni(parts.ipam)
+        cidr = await asyncio.wait_for(cni.allocate("cni:weft:ctr:eth0", None), 30)
+        assert cidr.startswith("10.3") and cidr.endswith("/12")
+        assert await cni.allocate("cni:weft:ctr:eth0", None) == cidr  # idempotent
+        assert await cni.lookup("cni:weft:ctr:eth0") == [cidr]
+        assert await cni.idents("cni:weft:") == ["cni:weft:ctr:eth0"]
+        await cni.release("cni:weft:ctr:eth0")
+        await cni.release("cni:weft:ctr:eth0")  # idempotent
+        assert await cni.lookup("cni:weft:ctr:eth0") == []
+        assert (tmp_path / "ipam.db").exists()  # allocations survive restarts
+    finally:
+        await router.stop()
+
+
+async def test_no_ipam_means_no_ip_routes(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    router = Router(replace(config(tmp_path, "none"), ipam=False), rng=random.Random(4))
+    assert daemon.compose(router).ipam is None
+    async with TestClient(TestServer(router.app)) as client:
+        assert (await client.post("/ip/c1")).status in (404, 405)
+        assert "ipam" not in await (await client.get("/status")).json()
+    await router.stop()

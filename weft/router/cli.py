@@ -155,6 +155,25 @@ def _add_router_options(p: argparse.ArgumentParser) -> None:
         help="data plane: auto (best available), sleeve (userspace UDP) or none (control only)",
     )
     p.add_argument(
+        "--no-ipam", action="store_true", help="no address allocator (and so no /ip, /cni)"
+    )
+    p.add_argument(
+        "--ipalloc-range",
+        metavar="CIDR",
+        help="addresses IPAM hands out, the same on every peer (default 10.32.0.0/12)",
+    )
+    p.add_argument(
+        "--ipalloc-default-subnet",
+        metavar="CIDR",
+        help="subnet of allocations that name none (default: the whole range)",
+    )
+    p.add_argument(
+        "--ipalloc-init",
+        metavar="MODE",
+        help="how the range is first split: consensus[=N] (default N = peers + 1),"
+        " seed=NAME,..., or observer",
+    )
+    p.add_argument(
         "--heartbeat-interval",
         type=float,
         default=30.0,
@@ -206,6 +225,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         conn_limit=args.conn_limit,
         peers=tuple(args.peers),
         datapath=args.datapath,
+        ipam=not args.no_ipam,
+        ipalloc_range=args.ipalloc_range or None,
+        ipalloc_default_subnet=args.ipalloc_default_subnet or None,
+        ipalloc_init=args.ipalloc_init or None,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         **kwargs,

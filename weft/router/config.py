@@ -68,6 +68,11 @@ class RouterConfig:
     * ``conn_limit`` — 200 (Weave's): most control connections, handshaking ones included.
     * ``peers`` — initial direct targets, ``host`` or ``host:port`` (port defaults to ``port``).
     * ``datapath`` — ``auto``, ``sleeve`` or ``none``: which data plane the daemon builds.
+    * ``ipam`` — True: run the distributed address allocator (``/ip``, and ``/cni`` on it).
+    * ``ipalloc_range`` — None (IPAM's default, 10.32.0.0/12, as Weave): the range it hands out.
+    * ``ipalloc_default_subnet`` — None (the whole range): the subnet of plain allocations.
+    * ``ipalloc_init`` — None (``consensus=<peers + 1>``, as Weave), or ``seed=NAME,...``,
+      ``consensus=N``, ``observer``.
     * ``heartbeat_interval`` — 30 s: a heartbeat goes out when nothing else was sent for this long.
     * ``heartbeat_timeout`` — 60 s: a connection that received nothing for this long is closed
       (it must exceed the interval; short values make a cut link noticed sooner).
@@ -90,6 +95,10 @@ class RouterConfig:
     conn_limit: int = 200
     peers: tuple[str, ...] = ()
     datapath: str = "auto"
+    ipam: bool = True
+    ipalloc_range: str | None = None
+    ipalloc_default_subnet: str | None = None
+    ipalloc_init: str | None = None
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -129,6 +138,15 @@ class RouterConfig:
             raise ConfigError(
                 f"--datapath {self.datapath!r} invalid: expected one of {', '.join(DATAPATHS)}"
             )
+        for flag, cidr in (
+            ("--ipalloc-range", self.ipalloc_range),
+            ("--ipalloc-default-subnet", self.ipalloc_default_subnet),
+        ):
+            if cidr is not None:
+                try:
+                    ipaddress.IPv4Network(cidr, strict=True)
+                except ValueError as err:
+                    raise ConfigError(f"{flag} {cidr!r} is not a valid IPv4 CIDR: {err}") from None
         if not self.heartbeat_interval > 0:
             raise ConfigError(f"--heartbeat-interval {self.heartbeat_interval} must be positive")
         if not self.heartbeat_timeout > self.heartbeat_interval:

@@ -17,13 +17,19 @@ import importlib
 import logging
 import signal
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from weft.errors import ConfigError, WeftError
+from weft.router.components import compose_ipam_and_cni
 from weft.router.config import RouterConfig
 from weft.router.overlay import NullOverlay, Overlay
 from weft.router.router import Router
 
-__all__ = ["FATAL_MARK", "build_overlay", "compose", "run_router", "serve"]
+if TYPE_CHECKING:
+    from weft.ipam.service import IpamService
+
+__all__ = ["FATAL_MARK", "Components", "build_overlay", "compose", "run_router", "serve"]
 
 log = logging.getLogger("weft.router")
 
@@ -57,11 +63,20 @@ def build_overlay(config: RouterConfig) -> Overlay:
     return overlay
 
 
-def compose(router: Router) -> None:
+@dataclass
+class Components:
+    """What :func:`compose` built, for callers that need a part (tests, later wiring)."""
+
+    ipam: IpamService | None = None
+
+
+def compose(router: Router) -> Components:
     """Plug the optional parts into ``router`` (before it starts)."""
+    parts = Components()
     overlay_routes = getattr(router.overlay, "setup_routes", None)
     if callable(overlay_routes):
         overlay_routes(router.app)  # the data plane's /expose, /attach, /detach, /ps
+    parts.ipam = compose_ipam_and_cni(router)
     try:
         from weft.ui.metrics import Metrics
         from weft.ui.server import setup_routes
@@ -73,6 +88,7 @@ def compose(router: Router) -> None:
         setup_routes(router.status_app, router.status, hub=hub, metrics=metrics)
         router.on_status_changed(hub.notify)
         router.on_connection_closed(lambda label, _reason: metrics.connection_terminated(label))
+    return parts
 
 
 async def serve(config: RouterConfig) -> int:
