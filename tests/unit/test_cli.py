@@ -319,7 +319,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     listing = capsys.readouterr().out
-    assert all(c in listing for c in [*commands, "demo"])
+    assert all(c in listing for c in [*commands, "demo", "setup-cni"])
 
 
 def test_demo_gets_its_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,3 +428,18 @@ def test_launch_reports_why_the_router_did_not_start(tmp_path: Path) -> None:
     assert proc.stderr.startswith("weft launch: the router did not start: cannot listen on")
     assert "address already in use" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_setup_cni_installs_the_plugin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    argv = ["setup-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir)]
+    assert cli.main(argv) == 0
+    assert (bin_dir / "weft").exists()
+    conf = json.loads((conf_dir / "10-weft.conflist").read_text())
+    assert conf["plugins"][0]["type"] == "weft"
+    assert "installed" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["setup-cni", "--bin-dir", str(blocker / "bin")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("weft setup-cni: ") and err.count("\n") == 1

@@ -404,10 +404,28 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from weft.router import demo
+# Commands implemented by other parts with their own argument parser: (module, function).
+PASSTHROUGH = {
+    "demo": ("weft.router.demo", "main"),
+    "setup-cni": ("weft.cni.install", "main"),
+}
 
-    return int(demo.main(args.demo_args))
+
+def _passthrough(command: str, argv: list[str]) -> int:
+    import importlib
+
+    from weft.errors import WeftError
+
+    module_name, func_name = PASSTHROUGH[command]
+    main_fn = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(main_fn(argv))
+    except (WeftError, OSError) as err:
+        text = (
+            f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else err
+        )
+        print(f"weft {command}: {text}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,24 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("detach", "disconnect a network namespace from the overlay", cmd_detach)
     p.add_argument("netns", metavar="NETNS", help="namespace name or path")
     client_command("ps", "list attached namespaces", cmd_ps)
-    p = sub.add_parser(
-        "demo",
-        help="a local mesh of hosts in network namespaces (needs root)",
-        description="Run `weft demo --help` for its options.",
-        add_help=False,
+    # listed for --help only: main() hands these to their own parsers before argparse runs
+    sub.add_parser("demo", help="a local mesh of hosts in network namespaces (needs root)")
+    sub.add_parser(
+        "setup-cni", help="install the CNI plugin and its network config (/opt/cni, /etc/cni)"
     )
-    p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        # `weft demo` has its own parser (weft.router.demo); hand it everything, --help included
-        from weft.router import demo
-
-        return int(demo.main(argv[1:]))
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        # commands with their own parser: hand them everything, --help included
+        return _passthrough(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "launch":
