@@ -1,4 +1,4 @@
-"""``weft setup-cni``: install the CNI plugin launcher and a network configuration list.
+"""weft setup-cni: install the CNI plugin launcher and a network configuration list.
 
 The launcher (``<bin-dir>/weft``, default /opt/cni/bin) is a three-line Python script whose
 shebang names this interpreter by its absolute, resolved path with ``-I -S`` (isolated, no site):
