@@ -60,9 +60,9 @@ def test_sleeve_and_auto_use_the_factory(tmp_path: Path, fake_sleeve: Any) -> No
         return FakeOverlay()
 
     fake_sleeve.make_overlay = make_overlay
-    for datapath in ("sleeve", "auto"):
+    for datapath in ("sleeve", "vxlan", "auto"):
         assert isinstance(daemon.build_overlay(config(tmp_path, datapath)), FakeOverlay)
-    assert [c.datapath for c in made] == ["sleeve", "auto"]
+    assert [c.datapath for c in made] == ["sleeve", "vxlan", "auto"]
 
 
 def test_failing_sleeve_is_fatal_only_when_asked_for(tmp_path: Path, fake_sleeve: Any) -> None:
@@ -72,6 +72,8 @@ def test_failing_sleeve_is_fatal_only_when_asked_for(tmp_path: Path, fake_sleeve
     fake_sleeve.make_overlay = make_overlay
     with pytest.raises(ConfigError, match="--datapath sleeve is not available here"):
         daemon.build_overlay(config(tmp_path, "sleeve"))
+    with pytest.raises(ConfigError, match="--datapath vxlan is not available here"):
+        daemon.build_overlay(config(tmp_path, "vxlan"))
     assert isinstance(daemon.build_overlay(config(tmp_path, "auto")), NullOverlay)
 
 
@@ -144,3 +146,11 @@ async def test_no_ipam_means_no_ip_routes(tmp_path: Path) -> None:
         assert (await client.post("/ip/c1")).status in (404, 405)
         assert "ipam" not in await (await client.get("/status")).json()
     await router.stop()
+
+
+def test_the_daemon_builds_the_overlay_switch() -> None:
+    module, func = daemon.OVERLAY_FACTORIES["sleeve"]
+    assert (module, func) == ("weft.router.switch", "make_overlay")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), func))

@@ -36,7 +36,7 @@ DEFAULT_HTTP_ADDR: Final = "127.0.0.1:6784"
 DEFAULT_API_SOCKET: Final = "/run/weft/weft.sock"
 DEFAULT_DATA_DIR: Final = "/var/lib/weft"
 PASSWORD_ENV: Final = "WEFT_PASSWORD"
-DATAPATHS: Final = ("auto", "sleeve", "none")
+DATAPATHS: Final = ("auto", "vxlan", "sleeve", "none")
 NAME_FILE: Final = "peer-name"
 _MAX_NICKNAME: Final = 255  # as the handshake's hello allows
 _MAX_UNIX_PATH: Final = 107  # sun_path is 108 bytes including the terminating NUL
@@ -67,7 +67,8 @@ class RouterConfig:
     * ``discovery`` — True: also connect to peers learned from others' topology records.
     * ``conn_limit`` — 200 (Weave's): most control connections, handshaking ones included.
     * ``peers`` — initial direct targets, ``host`` or ``host:port`` (port defaults to ``port``).
-    * ``datapath`` — ``auto``, ``sleeve`` or ``none``: which data plane the daemon builds.
+    * ``datapath`` — ``auto`` (per connection the best healthy of kernel VXLAN and the sleeve),
+      ``vxlan`` (no fallback), ``sleeve`` or ``none`` (control plane only).
     * ``ipam`` — True: run the distributed address allocator (``/ip``, and ``/cni`` on it).
     * ``ipalloc_range`` — None (IPAM's default, 10.32.0.0/12, as Weave): the range it hands out.
     * ``ipalloc_default_subnet`` — None (the whole range): the subnet of plain allocations.

@@ -36,16 +36,18 @@ log = logging.getLogger("weft.router")
 FATAL_MARK = "weft router: error: "
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 
-# The data plane's factory: ``make_overlay(config: RouterConfig) -> Overlay`` (helper D's module).
-OVERLAY_FACTORIES = {"sleeve": ("weft.router.sleeve", "make_overlay")}
+# The data plane's factory: ``make_overlay(config: RouterConfig) -> Overlay``: the overlay switch
+# (sleeve always, kernel VXLAN where it works; it reads ``config.datapath`` itself).
+OVERLAY_FACTORIES = {"sleeve": ("weft.router.switch", "make_overlay")}
 
 
 def build_overlay(config: RouterConfig) -> Overlay:
     """The Overlay for ``config.datapath`` (call inside the running loop).
 
-    ``none`` -> NullOverlay. ``sleeve`` -> the sleeve, or a fatal ConfigError saying why not.
-    ``auto`` -> the sleeve when it can be built here, else NullOverlay with a warning (control
-    plane only), so a router still meshes on a host without TUN or without privileges.
+    ``none`` -> NullOverlay. ``sleeve``/``vxlan`` -> the overlay switch in that mode, or a fatal
+    ConfigError saying why not. ``auto`` -> the switch (vxlan where the kernel allows, sleeve
+    always) when it can be built here, else NullOverlay with a warning (control plane only), so
+    a router still meshes on a host without TUN or without privileges.
     """
     if config.datapath == "none":
         return NullOverlay()
@@ -56,8 +58,10 @@ def build_overlay(config: RouterConfig) -> Overlay:
         overlay: Overlay = factory(config)
     except (ImportError, AttributeError, OSError, WeftError) as err:
         reason = f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
-        if config.datapath == "sleeve":
-            raise ConfigError(f"--datapath sleeve is not available here: {reason}") from None
+        if config.datapath != "auto":
+            raise ConfigError(
+                f"--datapath {config.datapath} is not available here: {reason}"
+            ) from None
         log.warning("no data plane (%s): running the control plane only", reason)
         return NullOverlay()
     return overlay
