@@ -29,6 +29,10 @@ def config(tmp_path: Path, datapath: str) -> RouterConfig:
 class FakeOverlay(NullOverlay):
     def __init__(self) -> None:
         self.closed = False
+        self.fallback_callbacks: list[Any] = []
+
+    def on_fallback(self, callback: Any) -> None:
+        self.fallback_callbacks.append(callback)
 
     def setup_routes(self, app: web.Application) -> None:
         async def ps(request: web.Request) -> web.Response:
@@ -86,8 +90,12 @@ async def test_compose_mounts_overlay_ui_and_metrics(tmp_path: Path) -> None:
         metrics = await (await client.get("/metrics")).text()
         assert "weft_connection_terminations" in metrics
         assert (await client.get("/ui/")).status == 200
+    for callback in overlay.fallback_callbacks:
+        callback("vxlan", "sleeve")
     async with TestClient(TestServer(router.status_app)) as client:
-        assert "weft_connection_terminations" in await (await client.get("/metrics")).text()
+        text = await (await client.get("/metrics")).text()
+        assert "weft_connection_terminations" in text
+        assert 'from_datapath="vxlan",to_datapath="sleeve"} 1.0' in text
         assert (await client.get("/status")).status == 200
     await router.stop()
     assert overlay.closed
