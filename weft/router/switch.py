@@ -550,6 +550,7 @@ def make_overlay(config: Any) -> SwitchOverlay:
                 if encrypted:
                     # Nothing may leave unencrypted: a vxlan device left by an earlier router
                     # (enslaved to our bridge, with its FDB) goes before any container traffic.
+                    # If that fails, the router must not run.
                     pool.submit(_remove_stale_vxlan, device).result(timeout=60)
             if not caps.vxlan.available:
                 note = f"vxlan: {caps.vxlan.detail}"
@@ -558,7 +559,11 @@ def make_overlay(config: Any) -> SwitchOverlay:
             elif encrypted:
                 note = "encrypted: the ESP fast path is not wired into the switch yet"
             else:
-                vxlan = VxlanPart(bridge=bridge, tap=tap, heartbeat=heartbeat, device=device)
+                try:
+                    vxlan = VxlanPart(bridge=bridge, tap=tap, heartbeat=heartbeat, device=device)
+                except Exception as err:  # the sleeve still runs; say why there is no vxlan
+                    log.exception("vxlan datapath unavailable")
+                    note = f"vxlan: {type(err).__name__}: {err}"
         if mode == "vxlan" and vxlan is None:
             raise ConfigError(f"--datapath vxlan is not available here: {note}")
         log.info(
