@@ -353,6 +353,26 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
     assert max(gaps, default=0) <= 60, f"longest gap {max(gaps)} pings"
 
 
+def test_a_path_too_small_for_the_mtu_falls_back_and_returns(mesh: Mesh) -> None:
+    """h3's underlay shrinks to 1400: full-size (1450) probes no longer cross, so h3's
+    connections go to sleeve (which finds the smaller path MTU) and come back at 1500."""
+    h1, _, h3 = mesh.hosts
+    (c1, _), _, (_, ip3) = mesh.containers
+    h3.set_mtu(1400)
+    try:
+        wait_for(
+            lambda: datapaths(h1).get("h3") == "sleeve" and datapaths(h3).get("h1") == "sleeve",
+            timeout=30,
+            what="h1<->h3 on sleeve",
+        )
+        assert "vxlan:" in connections(h3)["h1"]["info"]
+        wait_for(lambda: pings(c1, ip3, ("-s", "1348")), timeout=30, what="full-size over sleeve")
+    finally:
+        h3.set_mtu(1500)
+    wait_for(partial(all_on, h3, {"h1", "h2"}, "vxlan"), timeout=30, what="h3 back on vxlan")
+    wait_for(lambda: pings(c1, ip3, ("-s", "1348", "-M", "do")), timeout=20, what="ping")
+
+
 def test_stop_removes_the_vxlan_device(mesh: Mesh) -> None:
     h3 = mesh.hosts[2]
     assert h3.exec("ip", "link", "show", "vxlan-weft", check=False).returncode == 0

@@ -69,7 +69,7 @@ MAC_POLL_INTERVAL = 2.0  # seconds between looks at the bridge's learned MACs
 
 def _health_text(state: HeartbeatState, reason: str) -> str:
     if state == HeartbeatState.UNHEALTHY and "blocked" not in reason and "MTU" not in reason:
-        return f"{reason} (UDP {VXLAN_PORT} blocked?)"
+        return f"{reason} (UDP {VXLAN_PORT} blocked or path MTU too small?)"
     return reason
 
 

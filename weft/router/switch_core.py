@@ -261,7 +261,7 @@ class PathSwitch:
     @property
     def info(self) -> str:
         """Why the connection is on its datapath, e.g. ``vxlan: heartbeats through the tunnel
-        unanswered for 10s (UDP 6784 blocked?); using sleeve``."""
+        unanswered for 10s (UDP 6784 blocked or path MTU too small?); using sleeve``."""
         parts: list[str] = list(self._notes)
         for name in self._order:
             if name == self.chosen:
