@@ -330,3 +330,14 @@ async def test_the_sleeve_leaves_out_carried_peers_from_our_broadcasts_unless_th
         ca.stop()
         assert routes.broadcast_next_hops(A) == ([B] if via_b else [B, C])
         assert a.vxlan.handles[0].stopped and a.sleeve.conns[0].stopped
+
+
+async def test_a_replacing_connection_survives_the_old_ones_stop() -> None:
+    a = make_end()
+    old = a.connect(A, B, SWITCH_FEATURES, None)
+    new = a.connect(A, B, SWITCH_FEATURES, None)
+    old.stop()
+    assert a.overlay.conns[B] is new and not new.stopped
+    assert a.sleeve.conns[0].stopped and not a.sleeve.conns[1].stopped
+    a.sleeve.conns[1].establish()
+    assert new.status().state == "established"

@@ -371,10 +371,9 @@ class SwitchOverlay:
 
     def prepare_connection(self, params: OverlayConnectionParams) -> OverlayConnection:
         self.local_name = params.local_name
-        old = self.conns.get(params.remote_name)
+        # A connection that replaces one to the same peer takes over; the router stops the old
+        # one, and every part ignores a stop of what is no longer current.
         conn = SwitchConnection(self, params)
-        if old is not None and old is not conn:
-            old.stopped = True  # replaced; the router stops it too
         self.conns[params.remote_name] = conn
         return conn
 
@@ -399,10 +398,11 @@ class SwitchOverlay:
         out["switch"] = switch
         return out
 
-    def setup_routes(self, app: web.Application) -> None:
+    def setup_routes(self, app: web.Application, allocate: Any = None, release: Any = None) -> None:
+        """The bridge API (via the sleeve, which owns the bridge); IPAM hooks passed through."""
         hook = getattr(self.sleeve, "setup_routes", None)
         if callable(hook):
-            hook(app)
+            hook(app, allocate, release)
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
