@@ -34,7 +34,9 @@ class FakeOverlay(NullOverlay):
     def on_fallback(self, callback: Any) -> None:
         self.fallback_callbacks.append(callback)
 
-    def setup_routes(self, app: web.Application) -> None:
+    def setup_routes(self, app: web.Application, allocate: Any = None, release: Any = None) -> None:
+        self.ipam_hooks = (allocate, release)
+
         async def ps(request: web.Request) -> web.Response:
             return web.json_response([])
 
@@ -84,7 +86,11 @@ def test_failing_sleeve_is_fatal_only_when_asked_for(tmp_path: Path, fake_sleeve
 async def test_compose_mounts_overlay_ui_and_metrics(tmp_path: Path) -> None:
     overlay = FakeOverlay()
     router = Router(config(tmp_path, "auto"), overlay, rng=random.Random(3))
-    daemon.compose(router)
+    parts = daemon.compose(router)
+    # IPAM runs, so attach/expose without an address get one from it
+    assert parts.ipam is not None
+    allocate, release = overlay.ipam_hooks
+    assert callable(allocate) and callable(release)
     async with TestClient(TestServer(router.app)) as client:
         assert (await client.get("/ps")).status == 200
         metrics = await (await client.get("/metrics")).text()
@@ -106,7 +112,7 @@ async def test_compose_runs_ipam_and_cni_on_it(tmp_path: Path) -> None:
 
     import aiohttp
 
-    from weft.router.components import IpamForCni
+    from weft.cni.ipam_adapter import ServiceIpam
 
     router = Router(config(tmp_path, "none"), rng=random.Random(4))
     parts = daemon.compose(router)
@@ -131,7 +137,7 @@ async def test_compose_runs_ipam_and_cni_on_it(tmp_path: Path) -> None:
             async with client.post(f"{base}/cni/status", json={"network": "weft"}) as resp:
                 assert resp.status == 503
                 assert (await resp.json())["msg"] == "bridge weft does not exist"
-        cni = IpamForCni(parts.ipam)
+        cni = ServiceIpam(parts.ipam)
         cidr = await asyncio.wait_for(cni.allocate("cni:weft:ctr:eth0", None), 30)
         assert cidr.startswith("10.3") and cidr.endswith("/12")
         assert await cni.allocate("cni:weft:ctr:eth0", None) == cidr  # idempotent

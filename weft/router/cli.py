@@ -194,6 +194,11 @@ def _add_router_options(p: argparse.ArgumentParser) -> None:
         choices=("debug", "info", "warning", "error"),
         help="log verbosity (default info)",
     )
+    from weft.docker.cli import add_docker_arguments
+    from weft.k8s.cli import add_k8s_arguments
+
+    add_docker_arguments(p)
+    add_k8s_arguments(p)
     p.add_argument("peers", nargs="*", metavar="PEER", help="peers to connect to, host[:port]")
 
 
@@ -215,6 +220,12 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         kwargs["name"] = PeerName.parse(args.name)
     if not args.data_dir:
         raise ConfigError("--data-dir must not be empty")
+    from weft.docker.cli import docker_config_from_args
+    from weft.k8s.cli import k8s_config_from_args
+
+    default_pool = args.ipalloc_default_subnet or args.ipalloc_range or "10.32.0.0/12"
+    kwargs["docker_plugin"] = docker_config_from_args(args, Path(args.data_dir), default_pool)
+    kwargs["k8s"] = k8s_config_from_args(args, args.port)
     return RouterConfig(
         data_dir=Path(args.data_dir),
         port=args.port,
@@ -329,9 +340,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         "peers": render.render_peers,
         "connections": render.render_connections,
         "targets": render.render_targets,
+        "ipam": _render_ipam,
     }
     print(renderers[args.what](doc))
     return 0
+
+
+def _render_ipam(doc: dict[str, Any]) -> str:
+    ipam = doc.get("ipam")
+    if not isinstance(ipam, dict):
+        raise ClientError("this router runs no IPAM (it was started with --no-ipam)")
+    from weft.ipam.service import render_status
+
+    return render_status(ipam)
+
+
+def cmd_rmpeer(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    reply = _client(args).post(f"/rmpeer/{quote(args.peer, safe='')}")
+    taken = reply.get("taken") if isinstance(reply, dict) else None
+    print(f"{taken} addresses of {args.peer} taken over by this peer")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    reply = _client(args).post("/ipam/reset")
+    to = reply.get("handed_to") if isinstance(reply, dict) else None
+    print(f"address space handed to {to}" if to else "no live peer to hand address space to")
+    return cmd_stop(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -472,8 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "what",
         nargs="?",
-        choices=("peers", "connections", "targets"),
-        help="a table of peers, connections or targets (default: a summary)",
+        choices=("peers", "connections", "targets", "ipam"),
+        help="a table of peers, connections, targets or IPAM ranges (default: a summary)",
+    )
+    p = client_command(
+        "rmpeer", "take over the address space of a peer that is gone for good", cmd_rmpeer
+    )
+    p.add_argument("peer", help="the dead peer's name (or nickname)")
+    client_command(
+        "reset", "hand this peer's address space to a live peer, then stop the router", cmd_reset
     )
     client_command("report", "print the full status as JSON", cmd_report)
     p = client_command("connect", "add peers to connect to", cmd_connect)

@@ -7,12 +7,14 @@ RouterConfig, which to build and glues the few seams between them:
   --ipalloc-default-subnet, --ipalloc-init, number of launch peers), data_dir)`` and
   ``attach_to_router`` (gossip channel "ipam", ``/ip/...`` routes, ``ipam`` status key). Its
   SQLite store is closed when the router's app is cleaned up (at stop).
-* CNI (``weft.cni.server``): ``setup_cni(router, IpamForCni(service), CniConfig(bridge))``, so
-  ``/cni/{add,del,check,status,gc}`` allocate from the mesh-wide allocator.
+* CNI (``weft.cni.server``): ``setup_cni(router, ServiceIpam(service), CniConfig(...))``, so
+  ``/cni/{add,del,check,status,gc}`` allocate (and claim static addresses) from the mesh-wide
+  allocator; releases a plugin could not deliver are spooled under ``<data dir>/cni-spool``.
+* The data plane's ``/attach`` and ``/expose`` without an address: :func:`bridge_ipam_hooks`.
 
-:class:`IpamForCni` adapts the IPAM service to the CNI handler's ``CniIpam`` protocol: CIDR
-strings, idempotent release, and the error mapping the plugin turns into CNI codes (transient
--> ``IpamUnavailable`` (11, try again later), anything else -> ``IpamRefused`` (103)).
+``weft.cni.ipam_adapter.ServiceIpam`` adapts the IPAM service to the ``CniIpam`` protocol (CIDR
+strings, idempotent release, transient errors -> CNI code 11, refusals -> 103); the Docker plugin
+uses the same adapter.
 """
 
 from __future__ import annotations
@@ -21,62 +23,17 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from weft.errors import WeftError
-
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from aiohttp import web
 
     from weft.ipam.service import IpamService
     from weft.router.router import Router
 
-__all__ = ["IpamForCni", "compose_ipam_and_cni"]
+__all__ = ["bridge_ipam_hooks", "compose_ipam_and_cni"]
 
 log = logging.getLogger("weft.router")
-
-
-class IpamForCni:
-    """``CniIpam`` over :class:`~weft.ipam.service.IpamService` (runs on the router's loop)."""
-
-    def __init__(self, service: IpamService) -> None:
-        self.service = service
-
-    async def allocate(self, ident: str, subnet: str | None) -> str:
-        from weft.cni.server import IpamRefused, IpamUnavailable
-        from weft.ipam.allocator import NotReadyError, RequestTimeoutError
-
-        try:
-            allocation = await self.service.allocate(ident, subnet)
-        except (NotReadyError, RequestTimeoutError) as err:
-            raise IpamUnavailable(str(err)) from None
-        except WeftError as err:
-            raise IpamRefused(str(err)) from None
-        return allocation.cidr
-
-    async def release(self, ident: str) -> None:
-        from weft.cni.server import IpamRefused, IpamUnavailable
-        from weft.ipam.allocator import NotReadyError
-
-        try:
-            self.service.release(ident)
-        except NotReadyError as err:
-            raise IpamUnavailable(str(err)) from None
-        except WeftError as err:
-            raise IpamRefused(str(err)) from None
-
-    async def lookup(self, ident: str) -> list[str]:
-        return [a.cidr for a in self.service.lookup(ident)]
-
-    async def idents(self, prefix: str) -> list[str]:
-        return sorted(
-            {
-                a.container_id
-                for a in self.service.allocations()
-                if a.container_id.startswith(prefix)
-            }
-        )
-
-    def ready(self) -> bool:
-        return self.service.ready()
 
 
 def compose_ipam_and_cni(router: Router) -> IpamService | None:
@@ -85,6 +42,7 @@ def compose_ipam_and_cni(router: Router) -> IpamService | None:
     if not config.ipam:
         log.info("IPAM off (--no-ipam): no /ip or /cni routes")
         return None
+    from weft.cni.ipam_adapter import ServiceIpam
     from weft.cni.server import CniConfig, setup_cni
     from weft.ipam.service import IpamService, attach_to_router, config_from_flags
 
@@ -102,8 +60,24 @@ def compose_ipam_and_cni(router: Router) -> IpamService | None:
 
     router.app.on_cleanup.append(close_ipam)
     bridge = os.environ.get("WEFT_BRIDGE", "weft")
-    setup_cni(router, IpamForCni(service), CniConfig(bridge=bridge))
+    spool = str(config.data_dir / "cni-spool")
+    setup_cni(router, ServiceIpam(service), CniConfig(bridge=bridge, spool_dir=spool))
     log.info(
         "IPAM on %s (%s); CNI handler on bridge %s", ipam_config.range, ipam_config.init, bridge
     )
     return service
+
+
+def bridge_ipam_hooks(
+    service: IpamService,
+) -> tuple[Callable[[str], Awaitable[list[str]]], Callable[[str], Awaitable[None]]]:
+    """``allocate(ident) -> [cidr]`` and ``release(ident)`` for the bridge API, so `weft attach`
+    and `weft expose` without an address take one from IPAM (and `weft detach` gives it back)."""
+
+    async def allocate(ident: str) -> list[str]:
+        return [(await service.allocate(ident, None)).cidr]
+
+    async def release(ident: str) -> None:
+        service.release(ident)
+
+    return allocate, release

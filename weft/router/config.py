@@ -13,10 +13,14 @@ import random
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName, random_peer_name
+
+if TYPE_CHECKING:
+    from weft.docker.plugin import DockerPluginConfig
+    from weft.k8s.core import K8sConfig
 
 __all__ = [
     "DATAPATHS",
@@ -81,6 +85,8 @@ class RouterConfig:
     * ``handshake_timeout`` — 10 s: the whole handshake must finish within this (as Weave).
     * ``accept_burst`` / ``accept_interval`` — 20 tokens, one more every 50 ms (Weave's accept
       token bucket): bounds how fast inbound connections are taken on.
+    * ``docker_plugin`` — None (off): serve the Docker network/IPAM plugin (``--docker-plugin``).
+    * ``k8s`` — None (off): peers are the Kubernetes nodes, deleted nodes reclaimed (``--k8s``).
     """
 
     name: PeerName | None = None
@@ -106,6 +112,8 @@ class RouterConfig:
     handshake_timeout: float = 10.0
     accept_burst: int = 20
     accept_interval: float = 0.05
+    docker_plugin: DockerPluginConfig | None = None
+    k8s: K8sConfig | None = None
 
     def validated(self) -> RouterConfig:
         """Check every field; return a normalised copy (peers as ``host:port``) or raise."""

@@ -17,11 +17,11 @@ import importlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from weft.errors import ConfigError, WeftError
-from weft.router.components import compose_ipam_and_cni
+from weft.router.components import bridge_ipam_hooks, compose_ipam_and_cni
 from weft.router.config import RouterConfig
 from weft.router.overlay import NullOverlay, Overlay
 from weft.router.router import Router
@@ -77,10 +77,24 @@ class Components:
 def compose(router: Router) -> Components:
     """Plug the optional parts into ``router`` (before it starts)."""
     parts = Components()
+    parts.ipam = compose_ipam_and_cni(router)
     overlay_routes = getattr(router.overlay, "setup_routes", None)
     if callable(overlay_routes):
-        overlay_routes(router.app)  # the data plane's /expose, /attach, /detach, /ps
-    parts.ipam = compose_ipam_and_cni(router)
+        # the data plane's /expose, /attach, /detach, /ps; addresses from IPAM when not given
+        hooks = bridge_ipam_hooks(parts.ipam) if parts.ipam is not None else (None, None)
+        overlay_routes(router.app, *hooks)
+    config = router.config
+    if config.docker_plugin is not None:
+        if parts.ipam is None:
+            raise ConfigError("--docker-plugin needs IPAM (drop --no-ipam)")
+        from weft.cni.ipam_adapter import ServiceIpam
+        from weft.docker.server import setup_docker_plugin
+
+        setup_docker_plugin(router, ServiceIpam(parts.ipam), config.docker_plugin)
+    if config.k8s is not None:
+        from weft.k8s.discovery import setup_k8s
+
+        setup_k8s(router, parts.ipam, config.k8s)
     try:
         from weft.ui.metrics import Metrics
         from weft.ui.server import setup_routes
@@ -98,7 +112,23 @@ def compose(router: Router) -> Components:
     return parts
 
 
+async def _k8s_identity(config: RouterConfig) -> RouterConfig:
+    """Under ``--k8s`` the peer name derives from the node name (so every router can tell which
+    peer a deleted node ran), and a fresh node agrees on the range with the listed nodes."""
+    k8s = config.k8s
+    if k8s is None:
+        return config
+    from weft.k8s.core import peer_name_for_node
+    from weft.k8s.discovery import initial_ipalloc_init
+
+    config = replace(config, name=peer_name_for_node(k8s.node_name))
+    if config.ipam and config.ipalloc_init is None and not (config.data_dir / "ipam.db").exists():
+        config = replace(config, ipalloc_init=await initial_ipalloc_init(k8s))
+    return config
+
+
 async def serve(config: RouterConfig) -> int:
+    config = await _k8s_identity(config)
     overlay = build_overlay(config)
     router = Router(config, overlay)
     compose(router)

@@ -30,7 +30,6 @@ __all__ = ["DemoPlan", "main"]
 
 DEFAULT_PREFIX = "weftdemo"
 UNDERLAY_NET = "192.168.200"
-OVERLAY_PREFIX = 12  # the default IPAM range 10.32.0.0/12
 DEFAULT_UI_PORT = 6790
 CLONE_NEWNET = 0x40000000
 
@@ -63,12 +62,6 @@ class DemoPlan:
 
     def container_ns(self, i: int, j: int) -> str:
         return f"{self.prefix}-h{i}-c{j}"
-
-    def container_ip(self, i: int, j: int) -> str:
-        return f"10.32.{i}.{j}"
-
-    def exposed_ip(self, i: int) -> str:
-        return f"10.32.{i}.254"
 
     def host_indexes(self) -> range:
         return range(1, self.hosts + 1)
@@ -161,6 +154,9 @@ def _launch_routers(plan: DemoPlan, password: str | None) -> None:
             str(plan.state_dir / f"h{i}"),
             "--api-socket",
             str(plan.run_dir / f"h{i}.sock"),
+            # the hosts split the address range among themselves once all are known
+            "--ipalloc-init",
+            f"consensus={plan.hosts}",
             *password_args,
             *peers,
             timeout=120,
@@ -168,18 +164,20 @@ def _launch_routers(plan: DemoPlan, password: str | None) -> None:
         print(f"weft demo: router on host{i} ({plan.host_ip(i)}) launched")
 
 
-def _attach_containers(plan: DemoPlan) -> None:
+def _attach_containers(plan: DemoPlan) -> dict[tuple[int, int], str]:
+    """Expose each host and attach its containers, all with addresses from weft's IPAM;
+    returns each container's address."""
     for i in plan.host_indexes():
-        _weft_in(plan.host_ns(i), "expose", f"{plan.exposed_ip(i)}/{OVERLAY_PREFIX}")
+        exposed = _weft_in(plan.host_ns(i), "expose", timeout=120).split()
+        print(f"weft demo: host{i} exposed on the overlay as {' '.join(exposed)}")
+    addresses: dict[tuple[int, int], str] = {}
     for i, j in plan.containers():
-        _weft_in(
-            plan.host_ns(i),
-            "attach",
-            "--ip",
-            f"{plan.container_ip(i, j)}/{OVERLAY_PREFIX}",
-            plan.container_ns(i, j),
-        )
-        print(f"weft demo: container h{i}-c{j} attached as {plan.container_ip(i, j)}")
+        out = _weft_in(plan.host_ns(i), "attach", plan.container_ns(i, j), timeout=120).split()
+        if not out or "/" not in out[0]:
+            raise SystemExit(f"weft demo: attach of h{i}-c{j} returned no address: {out}")
+        addresses[(i, j)] = out[0].split("/")[0]
+        print(f"weft demo: container h{i}-c{j} attached as {addresses[(i, j)]}")
+    return addresses
 
 
 def _ping(src_ns: str, ip: str) -> bool:
@@ -189,18 +187,16 @@ def _ping(src_ns: str, ip: str) -> bool:
     return proc.returncode == 0
 
 
-def _ping_all(plan: DemoPlan, deadline: float) -> bool:
+def _ping_all(plan: DemoPlan, addresses: dict[tuple[int, int], str], deadline: float) -> bool:
     pairs = [(a, b) for a, b in itertools.permutations(plan.containers(), 2) if a[0] != b[0]]
     pending = list(pairs)
     while pending and time.monotonic() < deadline:
-        pending = [
-            (a, b) for a, b in pending if not _ping(plan.container_ns(*a), plan.container_ip(*b))
-        ]
+        pending = [(a, b) for a, b in pending if not _ping(plan.container_ns(*a), addresses[b])]
         if pending:
             time.sleep(1)
     for a, b in pairs:
         mark = "FAIL" if (a, b) in pending else "ok"
-        print(f"  ping h{a[0]}-c{a[1]} -> h{b[0]}-c{b[1]} ({plan.container_ip(*b)}): {mark}")
+        print(f"  ping h{a[0]}-c{a[1]} -> h{b[0]}-c{b[1]} ({addresses[b]}): {mark}")
     return not pending
 
 
@@ -275,13 +271,13 @@ def up(plan: DemoPlan, password: str | None, ui_port: int) -> int:
     try:
         _build_underlay(plan)
         _launch_routers(plan, password)
-        _attach_containers(plan)
+        addresses = _attach_containers(plan)
     except BaseException:
         print("weft demo: set-up failed; removing what was made", file=sys.stderr)
         down(plan)
         raise
     print("weft demo: pinging every container from every other host...")
-    ok = _ping_all(plan, time.monotonic() + 90)
+    ok = _ping_all(plan, addresses, time.monotonic() + 90)
     print()
     print(_weft_in(plan.host_ns(1), "status", check=False))
     print(_weft_in(plan.host_ns(1), "status", "connections", check=False))
