@@ -56,7 +56,7 @@ from weft.fastdp.link import FastPathLink
 from weft.fastdp.vxlan import VXLAN_PORT, HeartbeatSocket, VxlanConfig, VxlanDatapath
 from weft.gossip.peer import PeerName
 
-__all__ = ["VxlanLinkHandle", "VxlanPart", "flush_learned", "local_bridge_macs"]
+__all__ = ["VxlanLinkHandle", "VxlanPart", "flush_learned", "health_text", "local_bridge_macs"]
 
 log = logging.getLogger("weft.fastdp")
 
@@ -67,7 +67,8 @@ NTF_STICKY = 0x40
 MAC_POLL_INTERVAL = 2.0  # seconds between looks at the bridge's learned MACs
 
 
-def _health_text(state: HeartbeatState, reason: str) -> str:
+def health_text(state: HeartbeatState, reason: str) -> str:
+    """The heartbeat reason as a connection shows it: an unhealthy one names the likely causes."""
     if state == HeartbeatState.UNHEALTHY and "blocked" not in reason and "MTU" not in reason:
         return f"{reason} (UDP {VXLAN_PORT} blocked or path MTU too small?)"
     return reason
@@ -456,7 +457,7 @@ class VxlanPart:
             if isinstance(event, HealthChanged):
                 healthy = event.state == HeartbeatState.HEALTHY
                 try:
-                    handle.on_health(healthy, _health_text(event.state, event.reason))
+                    handle.on_health(healthy, health_text(event.state, event.reason))
                 except Exception:
                     log.exception("fast-path health callback failed for %s", handle.remote)
         self._arm()
