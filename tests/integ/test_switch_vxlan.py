@@ -92,8 +92,15 @@ def dump_logs(u: Underlay) -> None:
             sys.stderr.write(f"--- {host.ns} router log (tail) ---\n{log.read_text()[-6000:]}\n")
 
 
-def make_mesh(n: int, net: int, env: dict[str, str]) -> tuple[Underlay, list[tuple[str, str]]]:
+def make_mesh(
+    n: int, net: int, env: dict[str, str], stale_vxlan: bool = False
+) -> tuple[Underlay, list[tuple[str, str]]]:
     u = Underlay(n, net=net)
+    if stale_vxlan:  # as a crashed unencrypted router would leave it, FDB included
+        u.hosts[0].sh(
+            "ip link add vxlan-weft type vxlan id 16777215 dstport 6784 dev eth0"
+            f" && bridge fdb append 00:00:00:00:00:00 dev vxlan-weft dst {u.hosts[1].ip}"
+        )
     for i, host in enumerate(u.hosts, 1):
         start_router(host, i, [h.ip for h in u.hosts if h is not host], env)
     containers = []
@@ -386,7 +393,8 @@ def test_stop_removes_the_vxlan_device(mesh: Mesh) -> None:
 
 @pytest.fixture(scope="module")
 def encrypted_pair() -> Iterator[Mesh]:
-    u, containers = make_mesh(2, 82, {**ENV, "WEFT_PASSWORD": "integ-switch-password"})
+    env = {**ENV, "WEFT_PASSWORD": "integ-switch-password"}
+    u, containers = make_mesh(2, 82, env, stale_vxlan=True)
     try:
         for i, host in enumerate(u.hosts, 1):
             other = "h2" if i == 1 else "h1"
@@ -408,6 +416,7 @@ def test_encrypted_without_esp_stays_on_sleeve_and_says_so(encrypted_pair: Mesh)
     assert row["info"] == "encrypted: kernel has no ESP; using sleeve"
     assert row["datapath"] == "sleeve" and row["data_encrypted"] is True
     wait_for(lambda: pings(c1, ip2), timeout=30, what="encrypted ping over sleeve")
-    for host in (h1, h2):  # no vxlan device at all: nothing can leave unencrypted
+    # No vxlan device at all (h1's stale one was deleted): nothing can leave unencrypted.
+    for host in (h1, h2):
         assert host.exec("ip", "link", "show", "vxlan-weft", check=False).returncode != 0
     assert api(h1, "/status")["overlay"]["switch"]["vxlan"] is None
