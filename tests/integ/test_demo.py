@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -36,6 +37,16 @@ def test_demo_pings_across_an_encrypted_mesh_and_down_removes_everything() -> No
         assert "FAIL" not in up.stdout
         assert "Encryption: enabled" in up.stdout
         assert up.stdout.count("established") >= 2
+        host1 = f"{prefix}-h1"
+        report = json.loads(run(["ip", "netns", "exec", host1, "weft", "report"]).stdout)
+        # the containers attached on host1, with the addresses IPAM gave them
+        assert len(report["containers"]) == 2, report["containers"]
+        assert all(c["addresses"] for c in report["containers"])
+        assert report["ipam"]["ready"] is True
+        metrics = run(
+            ["ip", "netns", "exec", host1, "curl", "-sf", "http://127.0.0.1:6784/metrics"]
+        ).stdout
+        assert 'weft_mesh_messages_total{direction="in"}' in metrics, metrics[:2000]
     finally:
         down = _demo("--down", "--prefix", prefix)
     assert down.returncode == 0, down.stderr

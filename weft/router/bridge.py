@@ -296,6 +296,10 @@ class Bridge:
             ipr.link("del", ifname=host)
         return True
 
+    def attachments(self) -> list[dict[str, Any]]:
+        """What this router attached, as last seen (no netlink: cheap enough for ``/status``)."""
+        return [att.as_dict() for att in self._attached.values()]
+
     def ps(self) -> list[dict[str, Any]]:
         """Attached namespaces with their MAC and current addresses (gone ones are dropped)."""
         out = []

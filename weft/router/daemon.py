@@ -83,6 +83,10 @@ def compose(router: Router) -> Components:
         # the data plane's /expose, /attach, /detach, /ps; addresses from IPAM when not given
         hooks = bridge_ipam_hooks(parts.ipam) if parts.ipam is not None else (None, None)
         overlay_routes(router.app, *hooks)
+    sleeve = getattr(router.overlay, "sleeve", router.overlay)  # the switch wraps the sleeve
+    bridge = getattr(sleeve, "bridge", None)
+    if bridge is not None:
+        router.add_status_provider("containers", bridge.attachments)
     config = router.config
     if config.docker_plugin is not None:
         if parts.ipam is None:
@@ -102,6 +106,7 @@ def compose(router: Router) -> Components:
         log.info("UI and metrics not installed (%s)", err)
     else:
         metrics = Metrics(get_status=router.status)
+        metrics.set_mesh_stats_source(lambda: router.mesh.stats)
         hub = setup_routes(router.app, router.status, metrics=metrics)
         setup_routes(router.status_app, router.status, hub=hub, metrics=metrics)
         router.on_status_changed(hub.notify)
