@@ -18,8 +18,17 @@ For each size n:
 * memory: the topology's records as held by one router (deep size of the record objects).
 
 "hops" counts the longest causal chain of messages (the memnet's depth) from the event to the
-last peer learning it: the number of gossip rounds (periodic anti-entropy messages also extend
-chains, so the heal figure over several seconds overstates it). Link latency is 1-10 ms per link.
+last peer learning it. A relayed record travels as announce -> request -> record, so one gossip
+round is up to three messages; periodic anti-entropy messages also extend chains, so the heal
+figure (several seconds) overstates the rounds a lot.
+
+Measured on this 2-core machine (seed 1, degree 3, load ~2): join known by all in 0.24 / 0.30 /
+0.36 s for 100 / 300 / 1000 peers, identical topologies in 1.2 / 2.2 / 2.3 s, join traffic
+0.28 / 1.0 / 4.1 MB (about 410 B per n*log2(n)); steady state 8.4-8.9 B/s per peer; heal known
+by all 1.2-1.3 s after the first cross link, 5 / 45 / 511 MB (a heal is Omega(n^2): every peer
+must learn the other half); topology 0.2 / 0.6 / 2.0 MiB per router; 1,000 peers take ~4 min of
+wall time. A discovery full mesh of 100 builds in 3.7 s, 0.54 MB per peer, records 2.7 KB.
+Link latency is 1-10 ms per link.
 ``--full-mesh N`` adds a discovery-driven full mesh of N peers from one seed (Weave's normal
 shape; each record then lists N-1 connections).
 """
