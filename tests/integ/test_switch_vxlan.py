@@ -73,7 +73,7 @@ def all_on(host: Host, nicks: set[str], datapath: str) -> bool:
 
 def start_router(host: Host, i: int, peers: list[str], env: dict[str, str]) -> None:
     host.spawn(
-        sys.executable, "-m", "weft.router.switch", "router", "--data-dir", str(host.data_dir),
+        sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
         "--api-socket", "", "--datapath", "auto", "--nickname", f"h{i}",
         "--heartbeat-interval", "1", "--heartbeat-timeout", "20", *peers,
         log=host.data_dir / "router.log", env={**env, "PYTHONPATH": str(REPO)},
@@ -333,8 +333,9 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
         fallbacks = api(h1, "/status")["overlay"]["switch"]["fallbacks"]
         assert fallbacks.get("vxlan->sleeve", 0) >= 1
         metrics = h1.exec("curl", "-s", "http://127.0.0.1:6784/metrics", check=False).stdout
-        if "weft_datapath_fallbacks_total{" in metrics:  # fed once the daemon wires on_fallback
-            assert 'from_datapath="vxlan"' in metrics
+        assert 'weft_datapath_fallbacks_total{from_datapath="vxlan",to_datapath="sleeve"}' in (
+            metrics
+        )
     finally:
         h2.sh(f"nft delete table inet {table}", check=False)
     try:

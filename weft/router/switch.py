@@ -80,7 +80,7 @@ from weft.router.switch_core import (
     wrap,
 )
 
-__all__ = ["SwitchConnection", "SwitchOverlay", "heartbeat_from_env", "main", "make_overlay"]
+__all__ = ["SwitchConnection", "SwitchOverlay", "heartbeat_from_env", "make_overlay"]
 
 log = logging.getLogger("weft.switch")
 
@@ -581,17 +581,3 @@ def make_overlay(config: Any) -> SwitchOverlay:
     except BaseException:
         sleeve.close()
         raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m weft.router.switch <weft CLI arguments>``: the weft CLI with this overlay as
-    the daemon's data plane (until ``daemon.OVERLAY_FACTORIES`` names it)."""
-    from weft.router import daemon
-    from weft.router.cli import main as cli_main
-
-    daemon.OVERLAY_FACTORIES["sleeve"] = ("weft.router.switch", "make_overlay")
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
