@@ -188,3 +188,11 @@ def test_application_channel_spreads_through_surrogates() -> None:
     assert all(h.state == {1, 2} for h in handlers.values()), {
         i: h.state for i, h in handlers.items()
     }
+
+
+def test_converges_without_neighbour_bookkeeping() -> None:
+    """Dense meshes stop tracking what each neighbour holds; gossip must not depend on it."""
+    rng = random.Random(7)
+    net = MemNet(seed=7, config=MeshConfig(discovery=False, track_known_degree=0), loss=0.1)
+    sparse(net, 30, 3, rng)
+    converge(net, 60.0)

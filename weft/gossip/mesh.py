@@ -115,6 +115,7 @@ class MeshConfig:
     eager_record_bytes: int = 0
     request_timeout: float = 1.0  # re-request an announced record from another peer after this
     local_delay: float = 0.02  # our record is rebuilt this long after a connection event
+    track_known_degree: int = 64  # remember what neighbours hold only up to this many links
     recalc_delay: float = 0.1  # routes/GC/discovery recalculated this long after a change
     gc_grace: float = 2.0  # a peer must stay unreachable this long before it is dropped
     tombstone_ttl: float = 60.0  # a collected record coming back unchanged is not relayed
@@ -248,10 +249,14 @@ class _Conn:
     last_vector: float = 0.0  # when we last answered its digest hash with our vector
     pending_app: dict[tuple[int, str, PeerName], list[GossipData]] = field(default_factory=dict)
     # What the remote is known to hold (it sent or we sent it): name -> (version, uid). Updates
-    # skip records the remote already has, which removes most duplicates in dense meshes.
+    # skip records the remote already has. Tracked only while we have at most
+    # MeshConfig.track_known_degree connections, so memory stays O(n * that) per router.
     known: dict[PeerName, tuple[int, int]] = field(default_factory=dict)
+    track: bool = True
 
     def note_known(self, name: PeerName, version: int, uid: int) -> None:
+        if not self.track:
+            return
         have = self.known.get(name)
         if have is None or (version, uid) > have:
             self.known[name] = (version, uid)
@@ -438,6 +443,7 @@ class MeshCore:
         conn.listen_address = f"{_bracket(host_of(address))}:{self.config.port}"
         self._conns[conn_id] = conn
         self._conn_list = self._thin_conns = None
+        self._update_tracking()
         self._by_name[remote.name] = conn_id
         if outbound:
             self._cm.connection_succeeded(address, remote.name, now)
@@ -646,6 +652,7 @@ class MeshCore:
     def _drop_connection(self, conn_id: int, now: float, reason: str) -> None:
         conn = self._conns.pop(conn_id)
         self._conn_list = self._thin_conns = None
+        self._update_tracking()
         self._out_conns.discard(conn_id)
         if self._by_name.get(conn.remote.name) == conn_id:
             del self._by_name[conn.remote.name]
@@ -654,6 +661,13 @@ class MeshCore:
         self._discovery_dirty.add(conn.remote.name)
         self._gc_wanted = True
         self._local_changed(now)
+
+    def _update_tracking(self) -> None:
+        track = len(self._conns) <= self.config.track_known_degree
+        for c in self._conns.values():
+            if c.track != track:
+                c.track = track
+                c.known = {}
 
     def _connected_addresses(self) -> set[str]:
         out = set()
@@ -825,7 +839,8 @@ class MeshCore:
                 self._send_topology(conn, encode_digest_vector(self._topology.digest()))
         elif isinstance(msg, DigestVector):
             # The vector is the remote's own word on what it holds: believe it over our notes.
-            conn.known = {name: (version, uid) for name, (uid, version) in msg.vector.items()}
+            if conn.track:
+                conn.known = {n: (version, uid) for n, (uid, version) in msg.vector.items()}
             newer = self._topology.newer_than(msg.vector)
             if newer:
                 self._send_records(conn, newer, force=True)
