@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weft.errors import ConfigError, LocalError
-from weft.gossip.channel import GossipData, GossipHandler
+from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.connection_maker import BackoffConfig, ConnectionMaker, host_of
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.routes import Routes
@@ -584,7 +584,7 @@ class MeshCore:
             self._routes_event_queued = False
         return ev
 
-    def register_channel(self, name: str, handler: GossipHandler) -> _Sender:
+    def register_channel(self, name: str, handler: GossipHandler) -> GossipSender:
         """Attach an application channel (e.g. "ipam"); returns its GossipSender."""
         if name == CHANNEL_TOPOLOGY or not name or len(name) > 64:
             raise LocalError(f"invalid gossip channel name {name!r}")
