@@ -202,6 +202,9 @@ async def test_both_ends_agree_carry_by_vxlan_fall_back_and_return() -> None:
     assert b.vxlan.macs[A] == frozenset({"02:42:00:00:00:01"})
     a.sleeve.conns[0].establish()
     assert a.established == 1 and ca.status().datapath == "sleeve"
+    assert ca.status().info == (
+        "vxlan: waiting for the first heartbeat through the tunnel; using sleeve"
+    )
     ha, hb = a.vxlan.handles[0], b.vxlan.handles[0]
     ha.on_health(True, "")
     deliver(a, b)

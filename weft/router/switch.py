@@ -170,6 +170,7 @@ class SwitchConnection:
             if self.vx is None:
                 self.switch.unavailable("vxlan", overlay.vxlan.problem, now)
             else:
+                self.switch.path_state("vxlan", False, self.vx.link.reason, now)  # "waiting..."
                 self._send_switch(encode_macs(sorted(overlay.vxlan.local_macs)))
         self._sleeve_changed()
 
