@@ -566,7 +566,7 @@ def make_overlay(config: Any) -> SwitchOverlay:
                     log.exception("vxlan datapath unavailable")
                     note = f"vxlan: {type(err).__name__}: {err}"
         if mode == "vxlan" and vxlan is None:
-            raise ConfigError(f"--datapath vxlan is not available here: {note}")
+            raise ConfigError(note)  # the daemon says "--datapath vxlan is not available here"
         log.info(
             "datapaths: %s%s", "vxlan, sleeve" if vxlan else "sleeve", f" ({note})" * bool(note)
         )
