@@ -107,6 +107,25 @@ async def test_ten_routers_converge_to_full_mesh_from_a_chain(
         assert not [c for c in rows(r) if c["state"] == "connecting" and not c["peer"]]
 
 
+async def test_star_on_one_host_discovers_a_full_mesh(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    """Routers on one IP with different ports, all given only the first: the others must find
+    each other at the listen ports their hellos announced (not at our own port)."""
+    hub = make_router(tmp_path, 0)
+    await hub.start()
+    started.append(hub)
+    for i in (1, 2, 3):
+        router = make_router(tmp_path, i, addr(hub))
+        await router.start()
+        started.append(router)
+    names = {str(r.identity.name) for r in started}
+    await wait_until(
+        lambda: all(established_peers(r) == names - {str(r.identity.name)} for r in started),
+        "a full mesh of 4 routers discovered through the first",
+    )
+
+
 async def test_encrypted_pair_and_wrong_password_named_on_both_sides(
     tmp_path: Path, started: list[Router]
 ) -> None:

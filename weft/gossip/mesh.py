@@ -440,7 +440,11 @@ class MeshCore:
         # vector; otherwise both sides are already gossiping and a hash suffices.
         full_sync = remote.name not in self._topology or len(self._topology) == 1
         conn = _Conn(conn_id, remote, address, outbound, uid, now)
-        conn.listen_address = f"{_bracket(host_of(address))}:{self.config.port}"
+        # An outbound address is the peer's listen address; for an inbound one the router passes
+        # the listen port the peer announced when it can, else this guesses the default port.
+        conn.listen_address = (
+            address if outbound else f"{_bracket(host_of(address))}:{self.config.port}"
+        )
         self._conns[conn_id] = conn
         self._conn_list = self._thin_conns = None
         self._update_tracking()
@@ -1114,11 +1118,12 @@ class MeshCore:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _discovery_addresses(address: str, outbound: bool, port: int) -> tuple[str, ...]:
-    """Where to dial a peer seen at ``address``: the address itself when it was dialed
-    (outbound: it is the peer's listening address), and always its host on the default port
-    (an inbound connection shows an ephemeral port)."""
+    """Where to dial a peer seen at ``address``: the address itself (outbound: the address that
+    was dialed; inbound: the router records the listen port the peer announced in its hello), and
+    its host on the default port (for peers that announce none: then the port is ephemeral)."""
+    del outbound  # both kinds carry a listening address from weft routers
     default = f"{_bracket(host_of(address))}:{port}"
-    return (default, address) if outbound and address != default else (default,)
+    return (default, address) if address != default else (default,)
 
 
 def _bracket(host: str) -> str:
