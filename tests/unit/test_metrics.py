@@ -50,9 +50,19 @@ def mixed_status() -> dict[str, Any]:
     conns[0]["state"] = "pending"
     conns[1]["state"] = "failed"
     conns[1]["encrypted"] = False
-    conns.append({"peer": "", "nickname": "", "address": "10.0.0.9:6783", "outbound": True,
-                  "state": "retrying", "info": "connection refused", "encrypted": False,
-                  "datapath": "none", "mtu": None})
+    conns.append(
+        {
+            "peer": "",
+            "nickname": "",
+            "address": "10.0.0.9:6783",
+            "outbound": True,
+            "state": "retrying",
+            "info": "connection refused",
+            "encrypted": False,
+            "datapath": "none",
+            "mtu": None,
+        }
+    )
     return status
 
 
@@ -66,7 +76,8 @@ def test_connection_gauges_match_status_exactly() -> None:
     for conn in status["router"]["connections"]:
         key = (conn["state"], conn["datapath"], "yes" if conn["encrypted"] else "no")
         assert gauges[key] == sum(
-            1 for c in status["router"]["connections"]
+            1
+            for c in status["router"]["connections"]
             if (c["state"], c["datapath"], "yes" if c["encrypted"] else "no") == key
         )
     assert sum(gauges.values()) == len(status["router"]["connections"])
@@ -187,8 +198,9 @@ def test_counters() -> None:
     m.fallback("ovs", "sleeve")
     s = scrape(m)
     assert s[("weft_connection_terminations_total", (("reason", "wrong_password"),))] == 2
-    assert s[("weft_connection_terminations_total",
-              (("reason", "protocol_version_mismatch"),))] == 1
+    assert (
+        s[("weft_connection_terminations_total", (("reason", "protocol_version_mismatch"),))] == 1
+    )
     assert s[("weft_gossip_messages_total", (("channel", "topology"), ("direction", "out")))] == 3
     assert s[("weft_gossip_bytes_total", (("channel", "topology"), ("direction", "out")))] == 200
     assert s[("weft_gossip_bytes_total", (("channel", "ipam"), ("direction", "in")))] == 33
@@ -198,8 +210,10 @@ def test_counters() -> None:
     assert s[("weft_sleeve_drops_total", (("reason", "replay"),))] == 1
     assert s[("weft_sleeve_drops_total", (("reason", "decrypt"),))] == 4
     assert s[("weft_sleeve_drops_total", (("reason", "oversize"),))] == 0  # preset, zero
-    assert s[("weft_datapath_fallbacks_total",
-              (("from_datapath", "ovs"), ("to_datapath", "sleeve")))] == 1
+    assert (
+        s[("weft_datapath_fallbacks_total", (("from_datapath", "ovs"), ("to_datapath", "sleeve")))]
+        == 1
+    )
     # No status source: no connection gauges, no crash.
     assert not any(name == "weft_connections" for name, _ in s)
 
@@ -245,8 +259,13 @@ def test_label_token(text: object, token: str) -> None:
 
 @pytest.mark.parametrize(
     "status",
-    [{}, {"router": 5}, {"router": {"connections": "x", "peers": [1, None, {"name": 3}]}},
-     {"router": {"connections": [None, {"state": 7, "datapath": None}]}}, {"ipam": []}],
+    [
+        {},
+        {"router": 5},
+        {"router": {"connections": "x", "peers": [1, None, {"name": 3}]}},
+        {"router": {"connections": [None, {"state": 7, "datapath": None}]}},
+        {"ipam": []},
+    ],
 )
 def test_odd_status_documents_do_not_break_scrapes(status: Mapping[str, Any]) -> None:
     samples = scrape(Metrics(get_status=lambda: status))
@@ -256,12 +275,21 @@ def test_odd_status_documents_do_not_break_scrapes(status: Mapping[str, Any]) ->
 def test_counters_from_the_status_model_plus_increments() -> None:
     status: dict[str, Any] = synthetic_status(2)
     status["router"]["counters"] = {
-        "accepted": 4, "dial_failed": 2, "closed_wrong_password": 3, "closed_heartbeat_timeout": 1,
+        "accepted": 4,
+        "dial_failed": 2,
+        "closed_wrong_password": 3,
+        "closed_heartbeat_timeout": 1,
     }
     status["overlay"] = {
         "datapath": "sleeve",
-        "stats": {"messages_in": 10, "messages_out": 12, "tap_frames_in": 30,
-                  "tap_frames_out": 31, "bytes_in": 1000, "relayed": 5},
+        "stats": {
+            "messages_in": 10,
+            "messages_out": 12,
+            "tap_frames_in": 30,
+            "tap_frames_out": 31,
+            "bytes_in": 1000,
+            "relayed": 5,
+        },
         "drops": {"tampered": 2, "no_route": 7, "replayed": 1},
     }
     metrics = Metrics(get_status=lambda: status)
@@ -300,9 +328,7 @@ async def test_setup_routes_binds_and_exposes_metrics() -> None:
     async with TestClient(TestServer(app)) as client:
         text = await (await client.get("/metrics")).text()
     assert 'weft_connections{datapath="ovs",encryption="yes",state="established"} 1.0' in text
-    assert (
-        'weft_datapath_fallbacks_total{from_datapath="ovs",to_datapath="sleeve"} 1.0' in text
-    )
+    assert 'weft_datapath_fallbacks_total{from_datapath="ovs",to_datapath="sleeve"} 1.0' in text
     other = web.Application()
     setup_routes(other, lambda: status)
     assert metrics_of(other) is not early
@@ -311,8 +337,15 @@ async def test_setup_routes_binds_and_exposes_metrics() -> None:
 def test_mesh_stats_source() -> None:
     from weft.gossip.mesh import MeshStats
 
-    stats = MeshStats(messages_sent=5, bytes_sent=500, messages_received=4, bytes_received=400,
-                      records_sent=9, records_received=8, records_new=2)
+    stats = MeshStats(
+        messages_sent=5,
+        bytes_sent=500,
+        messages_received=4,
+        bytes_received=400,
+        records_sent=9,
+        records_received=8,
+        records_new=2,
+    )
     metrics = Metrics(get_status=lambda: synthetic_status(2))
     assert ("weft_mesh_messages_total", (("direction", "out"),)) not in scrape(metrics)
     metrics.set_mesh_stats_source(lambda: stats)
@@ -327,6 +360,29 @@ def test_mesh_stats_source() -> None:
     s = scrape(metrics)
     assert s[("weft_mesh_bytes_total", (("direction", "out"),))] == 7
     assert s[("weft_topology_records_total", (("event", "new"),))] == 0
+
+
+def test_gossip_by_channel_from_the_mesh_counters() -> None:
+    from weft.gossip.mesh import MeshStats
+    from weft.gossip.wire import encode_gossip
+
+    stats = MeshStats()
+    stats.count("topology", 100, sent=False)
+    stats.count("topology", 50, sent=True)
+    stats.count("ipam", 30, sent=True)
+    metrics = Metrics(get_status=lambda: synthetic_status(2))
+    metrics.set_mesh_stats_source(lambda: stats)
+    s = scrape(metrics)
+    key = (("channel", "topology"), ("direction", "in"))
+    assert s[("weft_gossip_messages_total", key)] == 1
+    assert s[("weft_gossip_bytes_total", key)] == 100
+    assert s[("weft_gossip_bytes_total", (("channel", "ipam"), ("direction", "out")))] == 30
+    # the sender side reads the channel off an encoded envelope without decoding it
+    from weft.gossip.mesh import _peek_channel
+    from weft.gossip.peer import PeerName
+
+    assert _peek_channel(encode_gossip("ipam", PeerName(1), b"x" * 100)) == "ipam"
+    assert _peek_channel(b"\x00garbage") == "other"
 
 
 def test_broken_status_producer_does_not_break_scrapes() -> None:

@@ -229,6 +229,18 @@ class MeshStats:
     unicast_dropped: int = 0
     surrogate_relayed: int = 0
     gc_removed: int = 0
+    # per channel: [messages in, bytes in, messages out, bytes out] (topology, ipam, ...)
+    by_channel: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, channel: str, nbytes: int, *, sent: bool) -> None:
+        row = self.by_channel.get(channel)
+        if row is None:
+            if len(self.by_channel) >= _MAX_CHANNEL_STATS:
+                channel = "other"  # peers may relay channels we don't know: keep this bounded
+            row = self.by_channel.setdefault(channel, [0, 0, 0, 0])
+        base = 2 if sent else 0
+        row[base] += 1
+        row[base + 1] += nbytes
 
 
 @dataclass
@@ -489,6 +501,7 @@ class MeshCore:
         self.stats.messages_received += 1
         self.stats.bytes_received += len(payload)
         env = decode_envelope(tag, payload)
+        self.stats.count(env.channel, len(payload), sent=False)
         if tag == TAG_GOSSIP:
             if env.channel == CHANNEL_TOPOLOGY:
                 self._on_topology(conn, env.body, now)
@@ -574,6 +587,7 @@ class MeshCore:
                     out.append((conn.conn_id, tag, payload))
                     self.stats.messages_sent += 1
                     self.stats.bytes_sent += len(payload)
+                    self.stats.count(_peek_channel(payload), len(payload), sent=True)
                 conn.queue = []
         self._out_conns = kept
         return out
@@ -1128,3 +1142,18 @@ def _discovery_addresses(address: str, outbound: bool, port: int) -> tuple[str, 
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+_MAX_CHANNEL_STATS = 16
+
+
+def _peek_channel(payload: bytes) -> str:
+    """The channel name of an envelope we encoded (a msgpack array whose first item is a short
+    string), without decoding the rest; "other" when it is not in that form."""
+    if len(payload) < 2 or payload[0] & 0xF0 != 0x90 or payload[1] & 0xE0 != 0xA0:
+        return "other"
+    end = 2 + (payload[1] & 0x1F)
+    try:
+        return payload[2:end].decode()
+    except UnicodeDecodeError:
+        return "other"

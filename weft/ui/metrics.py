@@ -201,9 +201,7 @@ def ipam_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
         "owned": owned,
         "free": free,
         "allocated": _count(allocated) if _is_count(allocated) else owned - free,
-        "unreachable": (
-            _count(total_unreachable) if _is_count(total_unreachable) else unreachable
-        ),
+        "unreachable": (_count(total_unreachable) if _is_count(total_unreachable) else unreachable),
     }
 
 
@@ -239,18 +237,21 @@ _CONN_EVENTS = _Family(
     ("event",),
 )
 _GOSSIP_MESSAGES = _Family(
-    "weft_gossip_messages", "Gossip messages by channel and direction (in/out).",
+    "weft_gossip_messages",
+    "Gossip messages by channel and direction (in/out).",
     ("channel", "direction"),
 )
 _GOSSIP_BYTES = _Family(
-    "weft_gossip_bytes", "Gossip payload bytes by channel and direction (in/out).",
+    "weft_gossip_bytes",
+    "Gossip payload bytes by channel and direction (in/out).",
     ("channel", "direction"),
 )
 _SLEEVE_PACKETS = _Family(
     "weft_sleeve_packets", "Sleeve UDP packets by direction (in/out).", ("direction",)
 )
 _SLEEVE_FRAMES = _Family(
-    "weft_sleeve_frames", "Ethernet frames carried by the sleeve, by direction (in/out).",
+    "weft_sleeve_frames",
+    "Ethernet frames carried by the sleeve, by direction (in/out).",
     ("direction",),
 )
 _SLEEVE_BYTES = _Family(
@@ -267,21 +268,33 @@ _FALLBACKS = _Family(
     ("from_datapath", "to_datapath"),
 )
 _MESH_MESSAGES = _Family(
-    "weft_mesh_messages", "Mesh control messages (all tags) by direction (in/out).",
+    "weft_mesh_messages",
+    "Mesh control messages (all tags) by direction (in/out).",
     ("direction",),
 )
 _MESH_BYTES = _Family(
-    "weft_mesh_bytes", "Mesh control message payload bytes by direction (in/out).",
+    "weft_mesh_bytes",
+    "Mesh control message payload bytes by direction (in/out).",
     ("direction",),
 )
 _TOPOLOGY_RECORDS = _Family(
-    "weft_topology_records", "Topology records sent, received, and received that were new.",
+    "weft_topology_records",
+    "Topology records sent, received, and received that were new.",
     ("event",),
 )
 _COUNTER_FAMILIES = (
-    _MESH_MESSAGES, _MESH_BYTES, _TOPOLOGY_RECORDS,
-    _TERMINATIONS, _CONN_EVENTS, _GOSSIP_MESSAGES, _GOSSIP_BYTES, _SLEEVE_PACKETS,
-    _SLEEVE_FRAMES, _SLEEVE_BYTES, _SLEEVE_DROPS, _FALLBACKS,
+    _MESH_MESSAGES,
+    _MESH_BYTES,
+    _TOPOLOGY_RECORDS,
+    _TERMINATIONS,
+    _CONN_EVENTS,
+    _GOSSIP_MESSAGES,
+    _GOSSIP_BYTES,
+    _SLEEVE_PACKETS,
+    _SLEEVE_FRAMES,
+    _SLEEVE_BYTES,
+    _SLEEVE_DROPS,
+    _FALLBACKS,
 )
 
 
@@ -331,6 +344,27 @@ def _mesh_counters(stats: object) -> dict[str, Tally[tuple[str, ...]]]:
     for attr, (family, labels) in _MESH_STATS.items():
         value = stats.get(attr) if isinstance(stats, Mapping) else getattr(stats, attr, None)
         out[family.name][labels] += _count(value)
+    # per gossip channel: MeshStats.by_channel = {channel: [msgs in, bytes in, msgs out, bytes out]}
+    by_channel = (
+        stats.get("by_channel")
+        if isinstance(stats, Mapping)
+        else getattr(stats, "by_channel", None)
+    )
+    if isinstance(by_channel, Mapping):
+        for channel, row in by_channel.items():
+            if not isinstance(row, (list, tuple)) or len(row) != 4:
+                continue
+            for (family, direction), value in zip(
+                (
+                    (_GOSSIP_MESSAGES, "in"),
+                    (_GOSSIP_BYTES, "in"),
+                    (_GOSSIP_MESSAGES, "out"),
+                    (_GOSSIP_BYTES, "out"),
+                ),
+                row,
+                strict=True,
+            ):
+                out[family.name][(str(channel)[:64], direction)] += _count(value)
     return out
 
 
