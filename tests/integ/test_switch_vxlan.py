@@ -96,22 +96,29 @@ def make_mesh(
     n: int, net: int, env: dict[str, str], stale_vxlan: bool = False
 ) -> tuple[Underlay, list[tuple[str, str]]]:
     u = Underlay(n, net=net)
-    if stale_vxlan:  # as a crashed unencrypted router would leave it, FDB included
-        u.hosts[0].sh(
-            "ip link add vxlan-weft type vxlan id 16777215 dstport 6784 dev eth0"
-            f" && bridge fdb append 00:00:00:00:00:00 dev vxlan-weft dst {u.hosts[1].ip}"
-        )
-    for i, host in enumerate(u.hosts, 1):
-        start_router(host, i, [h.ip for h in u.hosts if h is not host], env)
-    containers = []
-    for i, host in enumerate(u.hosts, 1):
-        wait_for(partial(api, host, "/status"), timeout=60, what=f"router h{i} up")
-        ns = host.add_netns("c")
-        ip = f"10.32.{net}.{i}"
-        body = {"netns": ns, "ip": [f"{ip}/16"]}
-        reply = wait_for(partial(api, host, "/attach", body), timeout=30, what=f"attach on h{i}")
-        assert reply
-        containers.append((ns, ip))
+    try:
+        if stale_vxlan:  # as a crashed unencrypted router would leave it, FDB included
+            u.hosts[0].sh(
+                "ip link add vxlan-weft type vxlan id 16777215 dstport 6784 dev eth0"
+                f" && bridge fdb append 00:00:00:00:00:00 dev vxlan-weft dst {u.hosts[1].ip}"
+            )
+        for i, host in enumerate(u.hosts, 1):
+            start_router(host, i, [h.ip for h in u.hosts if h is not host], env)
+        containers = []
+        for i, host in enumerate(u.hosts, 1):
+            wait_for(partial(api, host, "/status"), timeout=60, what=f"router h{i} up")
+            ns = host.add_netns("c")
+            ip = f"10.32.{net}.{i}"
+            body = {"netns": ns, "ip": [f"{ip}/16"]}
+            reply = wait_for(
+                partial(api, host, "/attach", body), timeout=30, what=f"attach on h{i}"
+            )
+            assert reply
+            containers.append((ns, ip))
+    except BaseException:  # leave nothing behind, and say why the routers did not come up
+        dump_logs(u)
+        u.close()
+        raise
     return u, containers
 
 
