@@ -79,6 +79,7 @@ _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _DRAIN_BUDGET: Final = 256  # reads per readiness callback before yielding to the loop
 _SEGMENT = struct.Struct("=H")
 _INT = struct.Struct("=i")
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)  # a plain int: the IntFlag's & costs an enum per datagram
 DEFAULT_TAP: Final = "weft-tap"
 
 
@@ -473,7 +474,7 @@ class SleeveOverlay:
             if core is None:
                 self.drops["no_peers"] += 1
                 continue
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 self.drops["truncated"] += 1
                 continue
             segment = 0

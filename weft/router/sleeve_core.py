@@ -132,6 +132,7 @@ VNET_HDR_SIZE: Final = 10
 FLAG_VNET: Final = 0x01
 BROADCAST: Final = b"\x00" * 6
 _ETH_HEADER: Final = 14
+_MIN_RECORD: Final = RECORD_HEADER_SIZE + _ETH_HEADER  # shorter frames are dropped as runts
 _IP_UDP_OVERHEAD: Final = 28  # IPv4 20 + UDP 8
 _MAX_UDP: Final = 65507  # the largest IPv4 UDP payload
 # The largest message: one super-frame record (virtio header + 14 + VLAN 4 + 64 KiB IP) sealed.
@@ -520,8 +521,19 @@ class SleeveCore:
         size = RECORD_HEADER_SIZE + len(frame)
         room = link.pmtu - HEADER_SIZE - link.overhead
         header = _RECORD.pack(src, dst, flags, len(frame))
-        if size > room:  # a message of its own, fragmented
-            self._flush_link(link)
+        if size > room - _MIN_RECORD:
+            # No other record could join this one (a full-MTU frame on the per-frame path, or a
+            # fragmented one): a message of its own now, after what waits, as batching would.
+            if link.pending:
+                self._flush_link(link)
+            if link.sealer is None and size <= room:  # _send_message's one-datagram case, inline
+                msg_id = link.seq
+                link.seq = (msg_id + 1) & 0xFFFFFFFFFFFFFFFF
+                self.messages_out += 1
+                self.bytes_out += HEADER_SIZE + size
+                head = _HEADER.pack(_VK_DATA, self.local_bytes, msg_id, size, 0, 0, 1)
+                self._transmits.append(Transmit(link.name, link.addr, (head, header, frame), 0))
+                return
             self._send_message(link, _VK_DATA, (header, frame))
             return
         if link.pending_size + size > room:
@@ -766,6 +778,14 @@ class SleeveCore:
                 return
         payload = buf[start + HEADER_SIZE : end]
         if count == 1:
+            if opener is None and vk == _VK_DATA:  # _message's plain data case, inline
+                self.messages_in += 1
+                if link.addr != addr:
+                    link.addr = addr
+                    link.addr_changes += 1
+                    self._events.append(LinkStatusChanged(link.name))
+                self._records(link, payload, now)
+                return
             self._message(link, vk, msg_id, payload, addr, end - start, now)
             return
         reasm = link.reasm.get(msg_id)
@@ -922,6 +942,8 @@ class SleeveCore:
         pos = 0
         unpack = _RECORD.unpack_from
         local_bytes = self.local_bytes
+        names = self._names
+        plain_tap = not self.config.tap_vnet_hdr
         while pos < n:
             if n - pos < RECORD_HEADER_SIZE:
                 self.drops["malformed"] += 1
@@ -943,12 +965,16 @@ class SleeveCore:
             if src_b == BROADCAST:
                 self.drops["malformed"] += 1
                 continue
-            src = self._peer(src_b)
+            src = names.get(src_b) or self._peer(src_b)
             src_mac = int.from_bytes(frame[eth + 6 : eth + 12], "big")
             if not src_mac >> 40 & 1:
                 self.macs.learn(src_mac, src, now)
             if dst_b == local_bytes:
-                self._deliver(frame, flags)
+                if plain_tap and not flags:  # _deliver's per-frame case, inline
+                    self.tap_frames_out += 1
+                    self._tap.append(frame)
+                else:
+                    self._deliver(frame, flags)
             elif dst_b == BROADCAST:
                 self._deliver(frame, flags)
                 self._broadcast(src, src_b, flags, frame, link.name)
