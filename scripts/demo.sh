@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WEFT_SETUP_E2E=0 ./scripts/setup.sh
-exec weft demo "$@"
+exec python3 -m weft.router.cli demo "$@"

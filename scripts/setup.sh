@@ -19,4 +19,13 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-python3 -m pip install -q -e '.[test]'
+# Debian's own python3 ships without pip and marks itself externally managed (PEP 668); this
+# machine's tests run as root against one interpreter, so install into it either way.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip python3-venv
+fi
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q -e '.[test]'
+# make the `weft` console script visible on PATH where a version manager uses shims
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+command -v weft >/dev/null || { echo "setup: 'weft' is not on PATH after install" >&2; exit 1; }
