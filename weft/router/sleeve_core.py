@@ -707,22 +707,8 @@ class SleeveCore:
             self.stats["reassembled"] += 1
             self._assembled(link, vk, msg_id, parts, total, addr, segment, now)
             return end
-        reasm = link.reasm.get(msg_id)
+        reasm = self._reassembly_for(link, msg_id, vk, total, count, run, now)
         if reasm is None:
-            if self._reasm_bytes + total > self.config.reassembly_bytes:
-                self.drops["reassembly_full"] += run
-                return end
-            if len(link.reasm) >= self.config.reassembly_per_peer:
-                oldest = next(iter(link.reasm))
-                self._reasm_bytes -= link.reasm.pop(oldest).total
-                self.drops["reassembly_evicted"] += 1
-            reasm = _Reassembly(vk, total, count, now + self.config.reassembly_timeout)
-            link.reasm[msg_id] = reasm
-            self._reasm_bytes += total
-            if self._next_sweep is None:
-                self._next_sweep = reasm.deadline
-        elif reasm.total != total or reasm.count != count or reasm.kind != vk:
-            self._abandon(link, msg_id, "malformed")
             return end
         bits = ((1 << run) - 1) << index
         if reasm.mask & bits or (reasm.chunk >= 0 and reasm.chunk != chunk):
@@ -788,22 +774,8 @@ class SleeveCore:
                 return
             self._message(link, vk, msg_id, payload, addr, end - start, now)
             return
-        reasm = link.reasm.get(msg_id)
+        reasm = self._reassembly_for(link, msg_id, vk, total, count, 1, now)
         if reasm is None:
-            if self._reasm_bytes + total > self.config.reassembly_bytes:
-                self.drops["reassembly_full"] += 1
-                return
-            if len(link.reasm) >= self.config.reassembly_per_peer:
-                oldest = next(iter(link.reasm))
-                self._reasm_bytes -= link.reasm.pop(oldest).total
-                self.drops["reassembly_evicted"] += 1
-            reasm = _Reassembly(vk, total, count, now + self.config.reassembly_timeout)
-            link.reasm[msg_id] = reasm
-            self._reasm_bytes += total
-            if self._next_sweep is None:
-                self._next_sweep = reasm.deadline
-        elif reasm.total != total or reasm.count != count or reasm.kind != vk:
-            self._abandon(link, msg_id, "malformed")
             return
         bit = 1 << index
         if reasm.mask & bit:
@@ -839,6 +811,30 @@ class SleeveCore:
         """No sender cuts smaller than ``pmtu_min`` datagrams, which bounds the fragment count
         (and so what one incomplete message can hold)."""
         return total // (self.config.pmtu_min - HEADER_SIZE) + 1
+
+    def _reassembly_for(
+        self, link: _Link, msg_id: int, vk: int, total: int, count: int, fragments: int, now: float
+    ) -> _Reassembly | None:
+        """The reassembly of ``msg_id``, opened when new within the memory bounds; None when the
+        ``fragments`` just received must be dropped (counted here)."""
+        reasm = link.reasm.get(msg_id)
+        if reasm is None:
+            if self._reasm_bytes + total > self.config.reassembly_bytes:
+                self.drops["reassembly_full"] += fragments
+                return None
+            if len(link.reasm) >= self.config.reassembly_per_peer:
+                oldest = next(iter(link.reasm))
+                self._reasm_bytes -= link.reasm.pop(oldest).total
+                self.drops["reassembly_evicted"] += 1
+            reasm = _Reassembly(vk, total, count, now + self.config.reassembly_timeout)
+            link.reasm[msg_id] = reasm
+            self._reasm_bytes += total
+            if self._next_sweep is None:
+                self._next_sweep = reasm.deadline
+        elif reasm.total != total or reasm.count != count or reasm.kind != vk:
+            self._abandon(link, msg_id, "malformed")
+            return None
+        return reasm
 
     def _abandon(self, link: _Link, msg_id: int, reason: str) -> None:
         reasm = link.reasm.pop(msg_id, None)
