@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,61 +28,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.throughput import handmade_vxlan, iperf
 from tests.integ.hosts import Host, Underlay, run, underlay, wait_for
 
 TARGET = 0.9
 REPO = Path(__file__).resolve().parents[1]
-
-
-def iperf(client_ns: str, server_ns: str, ip: str, seconds: float) -> float:
-    """Gbit/s received by one iperf3 TCP run from ``client_ns`` to ``ip`` in ``server_ns``."""
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        out: dict[str, Any] = {}
-        for _ in range(50):  # the server needs a moment to listen
-            proc = run(
-                ["ip", "netns", "exec", client_ns, "iperf3", "-c", ip, "-t", str(seconds), "-J"],
-                check=False,
-                timeout=seconds + 30,
-            )
-            try:
-                out = json.loads(proc.stdout)
-            except ValueError:
-                out = {}
-            if "end" in out and "sum_received" in out["end"]:
-                return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
-            time.sleep(0.1)
-        raise AssertionError(f"iperf3 to {ip} failed: {out.get('error', proc.stderr)}")
-    finally:
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-def handmade_vxlan(u: Underlay) -> tuple[str, str]:
-    """A kernel VXLAN between two containers, set up by hand; returns their namespaces."""
-    names = []
-    for i, host in enumerate(u.hosts[:2]):
-        other = u.hosts[1 - i]
-        ns = host.add_netns("vx")
-        names.append(ns)
-        host.sh(
-            f"ip link add vx0 type vxlan id 42 remote {other.ip} dstport 4789 dev eth0"
-            " && ip link add vxbr type bridge && ip link set vx0 master vxbr"
-            " && ip link add vxh type veth peer name vxc"
-            f" && ip link set vxc netns {ns} && ip link set vxh master vxbr"
-            " && ip link set vx0 up && ip link set vxbr up && ip link set vxh up"
-        )
-        run(["ip", "-n", ns, "link", "set", "vxc", "name", "eth0", "mtu", "1450", "up"])
-        run(["ip", "-n", ns, "addr", "add", f"10.99.0.{i + 1}/24", "dev", "eth0"])
-    return names[0], names[1]
 
 
 def status(host: Host) -> dict[str, Any]:
@@ -152,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         weft: list[float] = []
         cpu: list[list[float]] = [[], []]
         for _ in range(args.runs):
-            hand.append(iperf(v1, v2, "10.99.0.2", args.seconds))
+            hand.append(iperf(v1, v2, "10.99.0.2", args.seconds)["gbps"])
             before = [cpu_seconds(p.pid) for p in procs]
             t0 = time.monotonic()
-            weft.append(iperf(c1, c2, "10.32.0.2", args.seconds))
+            weft.append(iperf(c1, c2, "10.32.0.2", args.seconds)["gbps"])
             wall = time.monotonic() - t0
             for i, p in enumerate(procs):
                 cpu[i].append((cpu_seconds(p.pid) - before[i]) / wall)

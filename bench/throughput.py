@@ -39,7 +39,7 @@ TARGETS = {"sleeve": 0.30, "encrypted": 0.22, "per-frame": 0.045}
 WEFT_MODES = ("sleeve", "encrypted", "per-frame")
 
 
-def _iperf(client_ns: str, server_ns: str, ip: str, seconds: float) -> dict[str, float]:
+def iperf(client_ns: str, server_ns: str, ip: str, seconds: float) -> dict[str, float]:
     server = subprocess.Popen(
         ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
         stdout=subprocess.DEVNULL,
@@ -113,10 +113,10 @@ def _measure(
     cpu: list[list[float]] = [[] for _ in routers or []]
     for _ in range(args.runs):
         if baseline is not None:  # kernel VXLAN right before each run: the load drifts
-            base_runs.append(_iperf(baseline[0], baseline[1], "10.99.0.2", args.seconds)["gbps"])
+            base_runs.append(iperf(baseline[0], baseline[1], "10.99.0.2", args.seconds)["gbps"])
         before = [_cpu_seconds(p.pid) for _, p in routers or []]
         t0 = time.monotonic()
-        runs.append(_iperf(client_ns, server_ns, ip, args.seconds))
+        runs.append(iperf(client_ns, server_ns, ip, args.seconds))
         wall = time.monotonic() - t0
         for i, (_, p) in enumerate(routers or []):
             cpu[i].append((_cpu_seconds(p.pid) - before[i]) / wall)
@@ -141,7 +141,7 @@ def _measure(
     return result
 
 
-def _vxlan(u: Underlay) -> tuple[str, str]:
+def handmade_vxlan(u: Underlay) -> tuple[str, str]:
     """A hand-made kernel VXLAN between two containers; returns their namespaces."""
     names = []
     for i, host in enumerate(u.hosts[:2]):
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             results["raw"] = _measure("raw", h1.ns, h2.ns, h2.ip, args)
         baseline = None
         if "vxlan" in modes:
-            v1, v2 = _vxlan(u)
+            v1, v2 = handmade_vxlan(u)
             baseline = (v1, v2)
             results["vxlan"] = _measure("vxlan", v1, v2, "10.99.0.2", args)
         for mode in WEFT_MODES:
