@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tests.e2e.test_ui_browser import (
     wait_for,
     wait_for_graph,
 )
+from tests.integ.hosts import wait_until
 from weft.router.config import RouterConfig
 from weft.router.daemon import compose
 from weft.router.router import Router
@@ -39,17 +40,6 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
     pytest.mark.skipif(chromium_path() is None, reason="needs chromium (apt-get install chromium)"),
 ]
-
-TIMEOUT = 60.0
-
-
-async def wait_until(predicate: Callable[[], object], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {TIMEOUT:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:
@@ -167,8 +157,10 @@ async def test_live_routers_on_the_page(browser: Any, tmp_path: Path) -> None:
             before,
             timeout_ms=45_000,
         )
-        await wait_until(lambda: str(routers[1].identity.name) in established(restarted),
-                         "the restarted router to reconnect")
+        await wait_until(
+            lambda: str(routers[1].identity.name) in established(restarted),
+            "the restarted router to reconnect",
+        )
         await wait_for(
             page,
             """(pair) => window.weftGraph.snapshot().edges.some(e =>

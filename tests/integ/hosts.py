@@ -8,6 +8,7 @@ failure. Traffic stays inside these namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shlex
@@ -19,7 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Host", "Underlay", "have_netns", "run", "underlay", "wait_for"]
+__all__ = ["Host", "Underlay", "have_netns", "run", "underlay", "wait_for", "wait_until"]
 
 
 def run(
@@ -59,6 +60,16 @@ def wait_for(
                 + (f" (last error: {last_error!r})" if last_error else "")
             )
         time.sleep(interval)
+
+
+async def wait_until(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """The event-loop form of :func:`wait_for`, for routers running in the test's own loop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -9,27 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.integ.hosts import wait_until
 from weft.ipam.service import IpamService, attach_to_router, config_from_flags
 from weft.router.config import RouterConfig
 from weft.router.router import Router
-
-TIMEOUT = 60.0  # generous: the machine is shared by many workers
-
-
-async def wait_until(predicate: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Host:
@@ -97,8 +87,11 @@ async def test_three_routers_allocate_restart_and_rmpeer(tmp_path: Path, hosts: 
     async with aiohttp.ClientSession() as s:
         # concurrent allocations on all three hosts: no address twice
         results = await asyncio.gather(
-            *(call(s, "POST", h.url(f"/ip/{h.router.config.nickname}-c{i}"))
-              for i in range(20) for h in hosts)
+            *(
+                call(s, "POST", h.url(f"/ip/{h.router.config.nickname}-c{i}"))
+                for i in range(20)
+                for h in hosts
+            )
         )
         assert all(code == 200 for code, _ in results), results
         addresses = [body["address"] for _, body in results]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.integ.hosts import wait_until
 from weft.gossip.crypto import derive_password_key
 from weft.gossip.handshake import Handshake, Hello
 from weft.gossip.peer import PeerIdentity, PeerName
@@ -26,15 +27,6 @@ from weft.router.config import RouterConfig
 from weft.router.router import Router
 
 TIMEOUT = 60.0  # generous: the machine is shared by many workers
-
-
-async def wait_until(predicate: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def make_router(tmp: Path, i: int, *peers: str, password: bytes | None = None) -> Router:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integ.hosts import wait_until
 from tests.unit.test_k8s_discovery import FakeApi
 from weft.ipam.service import IpamService, attach_to_router, config_from_flags
 from weft.k8s.core import K8sConfig, peer_name_for_node
@@ -28,17 +29,7 @@ from weft.k8s.discovery import K8sDiscovery, fetch_nodes, setup_k8s
 from weft.router.config import RouterConfig
 from weft.router.router import Router
 
-TIMEOUT = 60.0  # generous: the machine is shared
 NODES = {"n1": "127.0.1.1", "n2": "127.0.1.2", "n3": "127.0.1.3"}
-
-
-async def wait_until(predicate: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:
@@ -82,16 +73,24 @@ class Node:
         self.k8s: K8sDiscovery = setup_k8s(
             self.router,
             self.ipam,
-            K8sConfig(node_name=name, port=port, api_url=api.url, watch_timeout=30,
-                      retry_initial=0.05, retry_max=0.5, reclaim_interval=0.2),
+            K8sConfig(
+                node_name=name,
+                port=port,
+                api_url=api.url,
+                watch_timeout=30,
+                retry_initial=0.05,
+                retry_max=0.5,
+                reclaim_interval=0.2,
+            ),
         )
 
     def status(self) -> dict[str, Any]:
         return self.router.status()
 
     def established(self) -> set[str]:
-        return {c["peer"] for c in self.status()["router"]["connections"]
-                if c["state"] == "established"}
+        return {
+            c["peer"] for c in self.status()["router"]["connections"] if c["state"] == "established"
+        }
 
 
 @pytest.fixture
@@ -127,8 +126,10 @@ async def test_three_nodes_mesh_and_a_deleted_node_is_reclaimed_once(
             want = {f"{ip}:{port}" for n, ip in NODES.items() if n != name}
             others = {names[n] for n in NODES if n != name}
             await wait_until(lambda: targets(node) == want, f"{name}'s targets")  # noqa: B023
-            await wait_until(lambda: node.established() == others,  # noqa: B023
-                             f"{name} connected to both others")
+            await wait_until(
+                lambda: node.established() == others,  # noqa: B023
+                f"{name} connected to both others",
+            )
         await wait_until(lambda: all(n.ipam.ready() for n in nodes.values()), "IPAM consensus")
         got = [await nodes["n3"].ipam.allocate(f"pod-{i}") for i in range(3)]
         assert len({a.address for a in got}) == 3
@@ -137,9 +138,16 @@ async def test_three_nodes_mesh_and_a_deleted_node_is_reclaimed_once(
         dead = nodes.pop("n3")
         await dead.router.stop()
         survivors = list(nodes.values())
-        await wait_until(lambda: all(
-            any(e["peer"] == names["n3"] and not e["reachable"] for e in s.status()["ipam"][
-                "entries"]) for s in survivors), "n3 unreachable in IPAM")
+        await wait_until(
+            lambda: all(
+                any(
+                    e["peer"] == names["n3"] and not e["reachable"]
+                    for e in s.status()["ipam"]["entries"]
+                )
+                for s in survivors
+            ),
+            "n3 unreachable in IPAM",
+        )
         await api.change("DELETED", "n3")
         await wait_until(lambda: any(n.k8s.reclaimed for n in survivors), "a reclaim")
 
@@ -148,8 +156,10 @@ async def test_three_nodes_mesh_and_a_deleted_node_is_reclaimed_once(
             owned = sum(e["owned"] for e in ipam["entries"] if e["peer"] == names["n3"])
             return bool(ipam["unreachable"] == 0 and owned == 0)
 
-        await wait_until(lambda: all(n3_space_gone(n) for n in survivors),
-                         "no unreachable space on the survivors")
+        await wait_until(
+            lambda: all(n3_space_gone(n) for n in survivors),
+            "no unreachable space on the survivors",
+        )
         await asyncio.sleep(1.0)  # every reclaim timer has run a few more times by now
         reclaimers = [n.name for n in survivors if n.k8s.reclaimed]
         expected = min(("n1", "n2"), key=peer_name_for_node)
@@ -158,8 +168,7 @@ async def test_three_nodes_mesh_and_a_deleted_node_is_reclaimed_once(
         assert entry["node"] == "n3" and entry["peer"] == names["n3"] and entry["addresses"] > 0
         assert all(n.status()["k8s"]["api"] == "ok" for n in survivors)
         for node in survivors:
-            assert targets(node) == {
-                f"{NODES[n]}:{port}" for n in ("n1", "n2") if n != node.name}
+            assert targets(node) == {f"{NODES[n]}:{port}" for n in ("n1", "n2") if n != node.name}
     finally:
         for node in everyone:
             await node.router.stop()
