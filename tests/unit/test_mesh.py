@@ -260,6 +260,19 @@ def test_dial_failure_backs_off_then_retries() -> None:
     assert a.next_event() == DialRequested("10.0.0.5:6783")
 
 
+def test_dial_losing_the_duplicate_tie_break_is_not_a_failure() -> None:
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    h.link(a, b, conn_uid=10)
+    a.add_targets(["b.example:6783"], 0.0)  # another name for b
+    assert a.next_event() == DialRequested("b.example:6783")
+    assert not a.connection_added(90, b.identity, "b.example:6783", True, 0.0, conn_uid=99)
+    row = a.status()["targets"][0]
+    assert row["state"] == "connected" and row["attempts"] == 0 and row["last_error"] == ""
+    a.handle_timer(1000.0)  # no retry that could replace the working connection
+    assert not [e for e in iter(a.next_event, None) if isinstance(e, DialRequested)]
+
+
 def test_restarted_peer_replaces_its_record() -> None:
     h = Harness()
     a, b, c = h.core(1), h.core(2), h.core(3)

@@ -206,6 +206,17 @@ class ConnectionMaker:
         self._schedule_retry(t, now)
         self._maybe_drop(address)
 
+    def reached_connected_peer(self, address: str, name: PeerName) -> None:
+        """A dial reached a peer we already have a connection with (ours lost the duplicate
+        tie-break): not a failure; the target now follows that peer's connection."""
+        t = self.targets.get(address)
+        if t is None:
+            return
+        t.dialing = False
+        t.peer = name
+        t.last_error = ""
+        self._refresh_connected(t)
+
     def dialed_self(self, address: str) -> None:
         """The address turned out to be our own: never dial it again."""
         self.own_addresses.add(address)

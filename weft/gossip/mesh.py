@@ -437,6 +437,8 @@ class MeshCore:
             if outbound:
                 if verdict.reason == "connection to self":
                     self._cm.dialed_self(address)
+                elif verdict.reason.startswith("duplicate"):
+                    self._cm.reached_connected_peer(address, remote.name)
                 else:
                     self._cm.dial_failed(address, now, verdict.reason)
             self._events.append(ConnectionRejected(conn_id, verdict.reason))

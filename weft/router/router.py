@@ -723,13 +723,6 @@ class Router:
         )
         if not added:
             conn.mesh_told = True  # the core answered the dial itself (dial_failed / self)
-            if conn.outbound and verdict.reason.startswith("duplicate"):
-                # The target reached a peer we already have a connection with (the other side
-                # won the tie-break). The core counted a failed dial and would retry with backoff,
-                # and each retry may replace the working connection (50% of tie-breaks); an empty
-                # add_targets re-syncs the connection maker, which then sees the target's address
-                # among our connections and marks it connected.
-                self.mesh.add_targets((), now)
             self.pump()
             reason = verdict.reason or "refused by the mesh"
             if reason == "connection to self":
