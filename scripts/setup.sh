@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 # The demo needs only the first line; the tests' end-to-end suites need the rest: Chromium for the
 # UI, podman + the reference CNI plugins, Docker's engine, and Debian's own kernel with qemu for the
 # openvswitch/ESP datapath tests (this machine's kernel has neither).
-APT_PACKAGES=(iproute2 iputils-ping curl nftables iptables iperf3 tcpdump busybox-static ethtool procps kmod)
+APT_PACKAGES=(iproute2 iputils-ping curl nftables iptables iperf3 tcpdump busybox-static ethtool procps kmod
+              gcc libc6-dev)
 if [[ "${WEFT_SETUP_E2E:-1}" == 1 ]]; then
   APT_PACKAGES+=(chromium podman runc containernetworking-plugins docker.io
                  qemu-system-x86 linux-image-amd64 cpio debootstrap)
