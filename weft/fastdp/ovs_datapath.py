@@ -78,6 +78,8 @@ class OvsDatapath:
         self.mtu = overlay_mtu(config.underlay_mtu, VXLAN_OVERHEAD_IPV4 + config.extra_overhead)
         self.counters = {"upcalls": 0, "flows_installed": 0, "probes_received": 0, "errors": 0}
         self.last_error = ""
+        # What start() found left by a crashed router and deleted (datapath, veth).
+        self.stale_removed: list[str] = []
 
     def fileno(self) -> int:
         return self.client.fileno()
@@ -91,9 +93,12 @@ class OvsDatapath:
     def start(self) -> int:
         """Remove stale state, build datapath, vports and veth pair; returns the overlay MTU."""
         cfg = self.config
-        self.client.remove_stale(cfg.datapath)
+        self.stale_removed = []
+        if self.client.remove_stale(cfg.datapath):
+            self.stale_removed.append(cfg.datapath)
         for stale in self.ipr.link_lookup(ifname=cfg.bridge_veth):
             self._link(f"delete stale {cfg.bridge_veth}", "del", index=stale)
+            self.stale_removed.append(cfg.bridge_veth)
         bridge = self.ipr.link_lookup(ifname=cfg.bridge)
         if not bridge:
             raise DatapathError(
@@ -151,6 +156,15 @@ class OvsDatapath:
         if planner.set_peers(peers):
             self.client.flush_flows(dp)
             planner.flushed()
+
+    def macs_changed(self, locations: dict[str, PeerName]) -> int:
+        """MACs the peers announced (MAC -> peer, complete); deletes the flows towards MACs
+        that moved and returns how many."""
+        dp, planner = self._require()
+        stale = planner.locate(locations)
+        for key in stale:
+            self.client.delete_flow(dp, key)
+        return len(stale)
 
     def handle_upcalls(self, limit: int = 256) -> list[Probe]:
         """Decide and install flows for pending misses; return heartbeat probes that arrived.
@@ -226,4 +240,5 @@ class OvsDatapath:
             "macs": len(self.planner.macs) if self.planner else 0,
             **self.counters,
             "last_error": self.last_error,
+            "stale_removed": list(self.stale_removed),
         }

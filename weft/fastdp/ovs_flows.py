@@ -99,6 +99,8 @@ class OvsFlowPlanner:
     macs: dict[str, PeerName] = field(default_factory=dict)
     # Keys of flows we installed, by destination MAC, for targeted invalidation.
     _by_dst: dict[str, set[FlowKey]] = field(default_factory=dict)
+    # The last announcement given to :meth:`locate`.
+    _announced: dict[str, PeerName] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.local_short_id < 4096:
@@ -119,7 +121,25 @@ class OvsFlowPlanner:
                 for mac, where in self.macs.items()
                 if where == self.local_name or (where in new and new[where].carrying)
             }
+            for mac, where in self._announced.items():  # back with a peer that carries again
+                if where in new and new[where].carrying:
+                    self.macs.setdefault(mac, where)
         return flush
+
+    def locate(self, locations: Mapping[str, PeerName]) -> tuple[FlowKey, ...]:
+        """MACs the peers announced (MAC -> peer; the complete set each time). Each replaces
+        what was announced or learned for that MAC; MACs no longer announced are forgotten if
+        they were still where the announcement put them. Returns the flows to delete (those
+        towards MACs whose location changed). Learning from misses goes on alongside."""
+        stale: set[FlowKey] = set()
+        for mac, where in self._announced.items():
+            if mac not in locations and self.macs.get(mac) == where:
+                del self.macs[mac]
+                stale |= self._by_dst.pop(mac, set())
+        for mac, where in locations.items():
+            stale.update(self._learn(mac, where))
+        self._announced = dict(locations)
+        return tuple(sorted(stale, key=repr))
 
     # -- the miss -------------------------------------------------------------------------------
 

@@ -1,0 +1,841 @@
+"""The Open vSwitch datapath as a fast part of the overlay switch (weft.router.switch).
+
+One :class:`OvsPart` per router, on kernels with the ``openvswitch`` module: the datapath
+``weft-dp`` with a vxlan vport on UDP 6784 and a veth pair into the Linux bridge ``weft``
+(weft.fastdp.ovs_datapath.OvsDatapath, Weave's "bridged fastdp"), and one
+:class:`~weft.fastdp.link.FastPathLink` per connection whose peer runs OVS too. It follows the
+contract in weft.router.fast_part, like the Linux VXLAN part (weft.router.fastpath_overlay).
+
+What the part does with the kernel:
+
+* Start (with the first connection: it needs our peer name and the underlay address towards the
+  first peer): a datapath, veth or vxlan device left by a crashed router is deleted (its flows go
+  with it; ``status()["stale_removed"]`` names them), then the datapath is built. The bridge end
+  of the veth and the sleeve's TAP are ``isolated`` bridge ports: no frame crosses between the
+  tunnel and the sleeve. A kernel without ``openvswitch`` is found once by
+  ``weft.fastdp.capabilities`` and the part is not built (:func:`build_ovs_part` says why); a
+  start that fails is reported in ``problem`` and not retried.
+* Heartbeats: full-MTU probe frames sent through the tunnel with a packet-execute
+  (``OvsDatapath.send_probe``); the far side gets them as miss upcalls on its vxlan vport
+  (``handle_upcalls`` returns them, no flow is installed) and acknowledges them over the control
+  connection (envelope part 3). So a connection is "healthy" on OVS only while a full-size frame
+  crosses *this* datapath's tunnel.
+* Peers: ``set_peers`` on every link start/stop and carrying change (``OvsPeer(ip, short id,
+  carrying, vni)``); a change in who carries flushes every flow. Frames to or from peers that do
+  not carry are dropped by the datapath: the sleeve carries them.
+* Flows: misses are decided by ``OvsFlowPlanner`` (MAC learning, head-end flooding to carrying
+  peers) and installed; the MACs peers announce (switch message) become locations in the planner,
+  and the flows towards a MAC that moved are deleted. Idle flows are expired every
+  ``OvsPartConfig.expire_interval`` seconds.
+* The bridge: on a carrying change the bridge forgets what it learned on the veth and the TAP, and
+  the MACs a carried peer announced get static bridge entries pointing at the veth (as the vxlan
+  part does for its device).
+
+VNI: every OVS connection uses the network VNI (0xFFFFFF, the Linux VXLAN datapath's), not Weave's
+pairwise ``src | dst << 12``: the overlay does not know our own short id (it changes when short ids
+clash), and the planner recognises the sender by VNI *and* the tunnel's source IP, which is
+what the pairwise VNI was for. The wire is the Linux VXLAN part's.
+
+Threads: every netlink call (pyroute2 and the OVS generic netlink client, which is not
+thread-safe) runs on one worker thread, in order; the loop only schedules. The upcall socket is
+watched by the loop; when readable, the reader is paused, the worker drains and decides the
+upcalls, and the reader is resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from weft.errors import WeftError
+from weft.fastdp.errors import DatapathError
+from weft.fastdp.fdb import normalize_mac
+from weft.fastdp.heartbeat import (
+    HealthChanged,
+    HeartbeatConfig,
+    HeartbeatState,
+    Probe,
+    encode_probe,
+)
+from weft.fastdp.link import FastPathLink
+from weft.fastdp.ovs_datapath import OvsConfig
+from weft.fastdp.ovs_flows import OvsPeer
+from weft.fastdp.vxlan import NETWORK_VNI
+from weft.gossip.peer import PeerName
+from weft.router.fastpath_overlay import (
+    NTF_MASTER,
+    NTF_STICKY,
+    NUD_NOARP,
+    flush_learned,
+    health_text,
+    local_bridge_macs,
+)
+from weft.router.overlay import OverlayConnectionParams
+
+__all__ = [
+    "FEATURE_OVS",
+    "FEATURE_OVS_PORT",
+    "FEATURE_OVS_VNI",
+    "KernelOvsHost",
+    "OvsHost",
+    "OvsLinkHandle",
+    "OvsPart",
+    "OvsPartConfig",
+    "Worker",
+    "build_ovs_part",
+    "remove_stale_ovs",
+]
+
+log = logging.getLogger("weft.fastdp")
+
+PART_OVS = 3  # the overlay-control envelope part of OVS links (switch_core.PART_OVS)
+FEATURE_OVS = "fastdp_ovs"
+FEATURE_OVS_PORT = "fastdp_ovs_port"
+FEATURE_OVS_VNI = "fastdp_ovs_vni"
+
+
+@dataclass(frozen=True)
+class OvsPartConfig:
+    """The OVS part's settings (defaults in brackets)."""
+
+    # Names, port, underlay MTU (read from the interface towards the first peer when it is
+    # the default 1500 and ``detect_mtu``) of the kernel objects.
+    datapath: OvsConfig = field(default_factory=OvsConfig)
+    detect_mtu: bool = True
+    vni: int = NETWORK_VNI  # every connection's VNI (see the module docstring)
+    local_ip: str | None = None  # tunnel source; None: our address towards the first peer
+    expire_interval: float = 30.0  # seconds between idle-flow sweeps [30]
+    flow_idle: float = 30.0  # a flow unused this long is deleted [30]
+    mac_poll_interval: float = 2.0  # seconds between looks at our bridge's MACs [2]
+
+
+class OvsHost(Protocol):
+    """The kernel side of the part (worker thread only); :class:`KernelOvsHost` in production,
+    an in-memory fake in tests."""
+
+    def start(self) -> int:
+        """Clean stale state, build the datapath; return the overlay MTU."""
+        ...
+
+    def fileno(self) -> int | None:
+        """The upcall socket for the loop (None: the caller polls ``handle_upcalls``)."""
+        ...
+
+    def stale_removed(self) -> list[str]: ...
+
+    def set_peers(self, peers: dict[PeerName, OvsPeer]) -> None: ...
+
+    def macs_changed(self, locations: dict[str, PeerName]) -> int: ...
+
+    def handle_upcalls(self) -> list[Probe]: ...
+
+    def send_probe(self, peer: PeerName, frame: bytes) -> bool: ...
+
+    def expire_idle(self, idle_seconds: float) -> int: ...
+
+    def flush_learned(self) -> int:
+        """The bridge forgets what it learned on the veth and the TAP; returns how many."""
+        ...
+
+    def point_macs(self, macs: frozenset[str]) -> int:
+        """Exactly ``macs`` have static bridge entries towards the datapath; returns how many."""
+        ...
+
+    def local_macs(self) -> set[str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
+class Worker(Protocol):
+    """Runs kernel jobs in order off the loop and hands results back on it."""
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        """Run and wait (blocks the loop: start and stop only)."""
+        ...
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        then: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
+        """Queue ``fn(*args)``; ``then(result, error)`` runs on the loop afterwards."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _ThreadWorker:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="weft-ovs")
+        self.closed = False
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        return self.pool.submit(fn, *args).result(timeout=timeout)
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        then: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
+        if self.closed:
+            return
+        future: Future[Any] = self.pool.submit(fn, *args)
+        if then is None:
+            return
+
+        def done(fut: Future[Any]) -> None:
+            err = fut.exception()
+            result = fut.result() if err is None else None
+            if not self.closed and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(then, result, err)
+
+        future.add_done_callback(done)
+
+    def close(self) -> None:
+        self.closed = True
+        self.pool.shutdown(wait=False)
+
+
+def _source_address(remote_ip: str, port: int) -> str | None:
+    """Our address on the route to ``remote_ip`` (None when there is none)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((remote_ip, port))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+class KernelOvsHost:
+    """:class:`OvsHost` on the real kernel: pyroute2 for links and the bridge, the OVS client
+    for the datapath. Everything on the part's worker thread."""
+
+    def __init__(
+        self,
+        config: OvsPartConfig,
+        local_name: PeerName,
+        local_ip: str,
+        tap: str | None,
+    ) -> None:
+        self.config = config
+        self.local_name = local_name
+        self.local_ip = local_ip
+        self.tap = tap
+        self._ipr: Any = None
+        self._dp: Any = None
+        self._stale: list[str] = []
+        self._installed: set[str] = set()
+
+    def start(self) -> int:
+        from pyroute2 import IPRoute
+
+        from weft.fastdp.ovs_datapath import OvsDatapath
+        from weft.fastdp.vxlan import VxlanConfig, VxlanDevice
+
+        cfg = self.config.datapath
+        self._ipr = IPRoute()
+        # A Linux VXLAN device left by an earlier router holds UDP 6784 (and would forward
+        # containers' frames on its own): it goes before our vxlan vport binds the port.
+        self._stale = VxlanDevice(self._ipr, VxlanConfig(bridge=cfg.bridge)).remove_stale()
+        if self.config.detect_mtu and cfg.underlay_mtu == OvsConfig().underlay_mtu:
+            cfg = replace(cfg, underlay_mtu=self._underlay_mtu())
+        dp = OvsDatapath(self._ipr, cfg, self.local_name, 0, self.local_ip)
+        mtu = dp.start()
+        self._dp = dp
+        self._stale += dp.stale_removed
+        if self._stale:
+            log.warning("removed what an earlier router left: %s", ", ".join(self._stale))
+        ports = list(self._ipr.link_lookup(ifname=cfg.bridge_veth))
+        if self.tap is not None:
+            ports += self._ipr.link_lookup(ifname=self.tap)
+        for port in ports:  # no frame crosses between the tunnel and the sleeve
+            self._ipr.brport("set", index=int(port), isolated=1)
+        return int(mtu)
+
+    def _underlay_mtu(self) -> int:
+        for addr in self._ipr.get_addr(family=socket.AF_INET):
+            if addr.get_attr("IFA_ADDRESS") == self.local_ip:
+                (link,) = self._ipr.get_links(int(addr["index"]))
+                return int(link.get_attr("IFLA_MTU"))
+        return OvsConfig().underlay_mtu
+
+    def fileno(self) -> int | None:
+        return int(self._dp.fileno())
+
+    def stale_removed(self) -> list[str]:
+        return list(self._stale)
+
+    def set_peers(self, peers: dict[PeerName, OvsPeer]) -> None:
+        self._dp.set_peers(peers)
+
+    def macs_changed(self, locations: dict[str, PeerName]) -> int:
+        return int(self._dp.macs_changed(locations))
+
+    def handle_upcalls(self) -> list[Probe]:
+        return list(self._dp.handle_upcalls())
+
+    def send_probe(self, peer: PeerName, frame: bytes) -> bool:
+        return bool(self._dp.send_probe(peer, frame))
+
+    def expire_idle(self, idle_seconds: float) -> int:
+        now_ms = int(time.monotonic() * 1000)  # the kernel's flow "used" clock
+        return int(self._dp.expire_idle(now_ms, int(idle_seconds * 1000)))
+
+    def _ports(self) -> list[str]:
+        return [self.config.datapath.bridge_veth] + ([self.tap] if self.tap else [])
+
+    def flush_learned(self) -> int:
+        return flush_learned(self._ipr, self.config.datapath.bridge, self._ports())
+
+    def point_macs(self, macs: frozenset[str]) -> int:
+        ipr, cfg = self._ipr, self.config.datapath
+        bridge = ipr.link_lookup(ifname=cfg.bridge)
+        port = ipr.link_lookup(ifname=cfg.bridge_veth)
+        if not bridge or not port:
+            return 0
+        for mac in sorted(self._installed - macs):
+            try:
+                ipr.fdb("del", ifindex=port[0], lladdr=mac, master=bridge[0], flags=NTF_MASTER)
+            except Exception:  # already gone
+                log.debug("removing bridge entry %s failed", mac, exc_info=True)
+            self._installed.discard(mac)
+        for mac in sorted(macs - self._installed):
+            try:
+                ipr.fdb(
+                    "replace",
+                    ifindex=port[0],
+                    lladdr=mac,
+                    master=bridge[0],
+                    flags=NTF_MASTER | NTF_STICKY,
+                    state=NUD_NOARP,
+                )
+            except Exception as err:
+                raise DatapathError(
+                    f"point bridge entry {mac} at {cfg.bridge_veth}", str(err)
+                ) from err
+            self._installed.add(mac)
+        return len(self._installed)
+
+    def local_macs(self) -> set[str]:
+        return local_bridge_macs(self._ipr, self.config.datapath.bridge, set(self._ports()))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._dp.status()) if self._dp is not None else {}
+
+    def stop(self) -> None:
+        try:
+            if self._dp is not None:
+                self._dp.stop()
+                self._dp.client.close()
+        finally:
+            self._dp = None
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+
+
+@dataclass
+class OvsLinkHandle:
+    """One connection's OVS path, as the switch holds it."""
+
+    remote: PeerName
+    ip: str
+    short_id: int
+    link: FastPathLink
+    send_control: Callable[[bytes], None]
+    on_health: Callable[[bool, str], None]
+    carrying: bool = False
+    macs: frozenset[str] = field(default_factory=frozenset)
+    stopped: bool = False
+
+
+class OvsPart:
+    """The OVS datapath of one router (create inside the running loop).
+
+    ``make_host``, ``worker``, ``clock`` and ``call_at`` replace the kernel, the worker thread and
+    the loop's clock and timers (tests).
+    """
+
+    name = "ovs"
+    part_id = PART_OVS
+    encrypted = False
+
+    def __init__(
+        self,
+        *,
+        bridge: str,
+        tap: str | None,
+        heartbeat: HeartbeatConfig | None = None,
+        config: OvsPartConfig | None = None,
+        on_local_macs: Callable[[frozenset[str]], None] = lambda macs: None,
+        make_host: Callable[[PeerName, str], OvsHost] | None = None,
+        worker: Worker | None = None,
+        clock: Callable[[], float] | None = None,
+        call_at: Callable[[float, Callable[[], None]], Any] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config = config or OvsPartConfig()
+        if self.config.datapath.bridge != bridge:
+            self.config = replace(
+                self.config, datapath=replace(self.config.datapath, bridge=bridge)
+            )
+        self.bridge = bridge
+        self.tap = tap
+        self.heartbeat = heartbeat or HeartbeatConfig()
+        self.on_local_macs = on_local_macs
+        self._make_host = make_host or self._kernel_host
+        self._worker: Worker = worker or _ThreadWorker(self.loop)
+        self._clock = clock or self.loop.time
+        self._call_at = call_at or self.loop.call_at
+        self.links: dict[PeerName, OvsLinkHandle] = {}
+        self.local_name: PeerName | None = None
+        self.local_ip: str | None = None
+        self.mtu: int | None = None
+        self.problem = ""
+        self.error = ""  # the last kernel job that failed (empty when the last one succeeded)
+        self.local_macs: frozenset[str] = frozenset()
+        self.counters = {
+            "flushes": 0,
+            "flows_expired": 0,
+            "probes_sent": 0,
+            "probes_failed": 0,
+            "probes_received": 0,
+            "bridge_entries": 0,
+        }
+        self.stale_removed: list[str] = []
+        self.kernel: dict[str, Any] = {}  # the datapath's own status, refreshed by the worker
+        self._host: OvsHost | None = None
+        self._fd: int | None = None
+        self._reading = False
+        self._timer: Any = None
+        self._expire_timer: Any = None
+        self._mac_timer: Any = None
+        self._closed = False
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> Any:
+        return self._call_at(self._clock() + delay, fn)
+
+    def _kernel_host(self, local_name: PeerName, local_ip: str) -> OvsHost:
+        return KernelOvsHost(self.config, local_name, local_ip, self.tap)
+
+    # -- the part's face to the switch -------------------------------------------------------------
+
+    def features(self) -> dict[str, Any]:
+        if self.problem:
+            return {}
+        return {
+            FEATURE_OVS: 1,
+            FEATURE_OVS_PORT: self.config.datapath.port,
+            FEATURE_OVS_VNI: self.config.vni,
+        }
+
+    def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
+        if remote_features.get(FEATURE_OVS) != 1:
+            return "ovs: the peer has no OVS datapath"
+        port, vni = remote_features.get(FEATURE_OVS_PORT), remote_features.get(FEATURE_OVS_VNI)
+        if port != self.config.datapath.port or vni != self.config.vni:
+            return (
+                f"ovs: the peer uses UDP {port} VNI {vni}, we use UDP "
+                f"{self.config.datapath.port} VNI {self.config.vni}"
+            )
+        return ""
+
+    def ensure_started(self, local_name: PeerName, remote_ip: str) -> bool:
+        """Start the datapath once (blocks the loop for the netlink round trips, once); False
+        with ``problem`` set when it cannot run here (not retried)."""
+        if self.local_name is not None:
+            return not self.problem
+        self.local_name = local_name
+        port = self.config.datapath.port
+        local_ip = self.config.local_ip or _source_address(remote_ip, port)
+        if local_ip is None:
+            self.problem = f"ovs: no route to {remote_ip} for the tunnel"
+            return False
+        self.local_ip = local_ip
+        try:
+            host = self._make_host(local_name, local_ip)
+            self.mtu = int(self._worker.call(host.start, timeout=60))
+            self._host = host
+            self.stale_removed = list(self._worker.call(host.stale_removed))
+            self._fd = self._worker.call(host.fileno)
+        except Exception as err:
+            self.problem = f"ovs: {err}"
+            log.warning("OVS datapath unavailable: %s", err)
+            return False
+        log.info("OVS datapath %s on %s, MTU %s", self.config.datapath.datapath, local_ip, self.mtu)
+        self._resume_reading()
+        self._mac_timer = self._later(0.1, self._poll_macs)
+        self._expire_timer = self._later(self.config.expire_interval, self._expire)
+        self._refresh_kernel()
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for timer in (self._timer, self._expire_timer, self._mac_timer):
+            if timer is not None:
+                timer.cancel()
+        self._pause_reading()
+        self.links.clear()
+        host = self._host
+        if host is not None:
+            try:
+                self._worker.call(host.stop)
+            except Exception:
+                log.exception("stopping the OVS datapath failed")
+        self._worker.close()
+
+    # -- per connection ----------------------------------------------------------------------------
+
+    def start_link(
+        self,
+        params: OverlayConnectionParams,
+        send_control: Callable[[bytes], None],
+        on_health: Callable[[bool, str], None],
+        on_failed: Callable[[str], None],
+    ) -> OvsLinkHandle | None:
+        """Start probing the peer through the OVS tunnel; None when OVS cannot run here (or,
+        until ESP is wired into this part, for an encrypted connection: ``problem`` unchanged,
+        ``on_failed`` says why)."""
+        if not self.ensure_started(params.local_name, params.remote_ip) or self.mtu is None:
+            return None
+        if params.data_send_key is not None and not self.encrypted:
+            on_failed("ovs: encrypted connections need ESP on this datapath")
+            return None
+        remote = params.remote_name
+        old = self.links.pop(remote, None)
+        if old is not None:
+            old.stopped = True
+        now = self._clock()
+        link = FastPathLink(params.local_name, remote, self.mtu, False, now, self.heartbeat)
+        handle = OvsLinkHandle(
+            remote, params.remote_ip, params.remote_short_id & 0xFFF, link, send_control, on_health
+        )
+        self.links[remote] = handle
+        self._push_peers()
+        self._process(handle)
+        return handle
+
+    def control_received(self, handle: OvsLinkHandle, payload: bytes) -> None:
+        if handle.stopped:
+            return
+        handle.link.control_received(payload, self._clock())  # raises RemoteProtocolError
+        self._process(handle)
+
+    def set_carrying(self, handle: OvsLinkHandle, carrying: bool) -> None:
+        if handle.stopped or handle.carrying == carrying:
+            return
+        handle.carrying = carrying
+        self._push_peers()
+        self._push_macs()
+        self._run(self._host_call("flush_learned"), then=self._flushed)
+        self._sync_bridge()
+
+    def peer_macs(self, handle: OvsLinkHandle, macs: frozenset[str]) -> None:
+        if handle.stopped or handle.macs == macs:
+            return
+        handle.macs = macs
+        self._push_macs()
+        self._sync_bridge()
+
+    def stop_link(self, handle: OvsLinkHandle) -> None:
+        if handle.stopped:
+            return
+        handle.stopped = True
+        if self.links.get(handle.remote) is handle:
+            del self.links[handle.remote]
+            self._push_peers()
+            self._push_macs()
+            if handle.carrying:
+                self._run(self._host_call("flush_learned"), then=self._flushed)
+                self._sync_bridge()
+        self._arm()
+
+    def status(self) -> dict[str, Any]:
+        self._refresh_kernel()  # the next status shows the kernel's newer counters
+        return {
+            "datapath": self.config.datapath.datapath,
+            "port": self.config.datapath.port,
+            "vni": self.config.vni,
+            "local_ip": self.local_ip,
+            "mtu": self.mtu,
+            "problem": self.problem,
+            "error": self.error,
+            "stale_removed": list(self.stale_removed),
+            "local_macs": len(self.local_macs),
+            **self.counters,
+            "kernel": dict(self.kernel),
+            "links": {
+                str(h.remote): {
+                    "ip": h.ip,
+                    "state": h.link.state.value,
+                    "reason": h.link.reason,
+                    "carrying": h.carrying,
+                    "macs": len(h.macs),
+                }
+                for h in self.links.values()
+            },
+        }
+
+    # -- kernel jobs (worker thread) ---------------------------------------------------------------
+
+    def _host_call(self, method: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            host = self._host
+            assert host is not None
+            return getattr(host, method)(*args)
+
+        call.__name__ = method
+        return call
+
+    def _run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        then: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Queue a kernel job; a failure is logged and shown in ``error``."""
+        if self._closed or self._host is None:
+            return
+        name = getattr(fn, "__name__", "job")
+
+        def done(result: Any, err: BaseException | None) -> None:
+            if self._closed:
+                return
+            if err is not None:
+                self.error = f"{name}: {err}"
+                if isinstance(err, WeftError):
+                    log.warning("OVS datapath: %s", self.error)
+                else:
+                    log.error("OVS datapath job %s failed: %r", name, err)
+                return
+            self.error = ""
+            if then is not None:
+                then(result)
+
+        self._worker.run(fn, *args, then=done)
+
+    def _flushed(self, count: Any) -> None:
+        self.counters["flushes"] += int(count)
+
+    def _push_peers(self) -> None:
+        peers = {
+            h.remote: OvsPeer(h.ip, h.short_id, h.carrying, vni=self.config.vni)
+            for h in self.links.values()
+        }
+        self._run(self._host_call("set_peers"), peers)
+
+    def _push_macs(self) -> None:
+        locations: dict[str, PeerName] = {}
+        for handle in self.links.values():
+            for mac in handle.macs:
+                try:
+                    locations[normalize_mac(mac)] = handle.remote
+                except WeftError:
+                    continue
+        self._run(self._host_call("macs_changed"), locations)
+
+    def _sync_bridge(self) -> None:
+        desired = frozenset(
+            mac
+            for h in self.links.values()
+            if h.carrying
+            for mac in h.macs
+            if mac not in self.local_macs  # a container that moved here is ours now
+        )
+
+        def done(count: Any) -> None:
+            self.counters["bridge_entries"] = int(count)
+
+        self._run(self._host_call("point_macs"), desired, then=done)
+
+    def _refresh_kernel(self) -> None:
+        def done(status: Any) -> None:
+            self.kernel = dict(status)
+
+        self._run(self._host_call("status"), then=done)
+
+    # -- timers ------------------------------------------------------------------------------------
+
+    def _poll_macs(self) -> None:
+        self._mac_timer = None
+        if self._closed:
+            return
+
+        def done(macs: Any) -> None:
+            found = frozenset(str(m) for m in macs)
+            if found != self.local_macs:
+                self.local_macs = found
+                self.on_local_macs(found)
+                self._sync_bridge()
+
+        self._run(self._host_call("local_macs"), then=done)
+        self._mac_timer = self._later(self.config.mac_poll_interval, self._poll_macs)
+
+    def _expire(self) -> None:
+        """Delete idle flows (and refresh the kernel's counters for ``status``)."""
+        self._expire_timer = None
+        if self._closed:
+            return
+
+        def done(count: Any) -> None:
+            self.counters["flows_expired"] += int(count)
+
+        self._run(self._host_call("expire_idle"), self.config.flow_idle, then=done)
+        self._refresh_kernel()
+        self._expire_timer = self._later(self.config.expire_interval, self._expire)
+
+    def expire_now(self) -> None:
+        """One idle-flow sweep now (what the timer does)."""
+        if self._expire_timer is not None:
+            self._expire_timer.cancel()
+        self._expire()
+
+    # -- upcalls -----------------------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if self._fd is not None and not self._reading and not self._closed:
+            self.loop.add_reader(self._fd, self.upcalls_ready)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._fd is not None and self._reading:
+            self.loop.remove_reader(self._fd)
+            self._reading = False
+
+    def upcalls_ready(self) -> None:
+        """The upcall socket is readable (or, with a fake host, a test says so): the worker
+        drains it; the reader is paused meanwhile so the loop does not spin."""
+        if self._closed or self._host is None:
+            return
+        self._pause_reading()
+        host = self._host
+
+        def done(result: Any, err: BaseException | None) -> None:
+            if self._closed:
+                return
+            if err is not None:
+                self.error = f"handle_upcalls: {err}"
+                log.warning("OVS upcalls: %s", err)
+                self._later(1.0, self._resume_reading)  # do not spin on an error
+                return
+            self._resume_reading()
+            self.probes_arrived(list(result))
+
+        self._worker.run(host.handle_upcalls, then=done)
+
+    def probes_arrived(self, probes: list[Probe]) -> None:
+        for probe in probes:
+            self.counters["probes_received"] += 1
+            handle = self.links.get(probe.src)
+            if handle is not None:
+                handle.link.probe_received(probe)
+                self._process(handle)
+
+    # -- heartbeats on the loop --------------------------------------------------------------------
+
+    def _process(self, handle: OvsLinkHandle) -> None:
+        link = handle.link
+        for message in link.control_to_send():
+            try:
+                handle.send_control(message)
+            except Exception:  # the control connection is closing; stop_link follows
+                log.debug("OVS control to %s failed", handle.remote, exc_info=True)
+        for seq, size in link.probes_to_send():
+            frame = encode_probe(link.local, link.remote, seq, size)
+            self._run(self._host_call("send_probe"), link.remote, frame, then=self._probe_sent)
+        while (event := link.next_event()) is not None:
+            if isinstance(event, HealthChanged):
+                healthy = event.state == HeartbeatState.HEALTHY
+                try:
+                    handle.on_health(healthy, health_text(event.state, event.reason))
+                except Exception:
+                    log.exception("OVS health callback failed for %s", handle.remote)
+        self._arm()
+
+    def _probe_sent(self, ok: Any) -> None:
+        self.counters["probes_sent" if ok else "probes_failed"] += 1
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadlines = [t for h in self.links.values() if (t := h.link.get_timer()) is not None]
+        if deadlines and not self._closed:
+            self._timer = self._call_at(min(deadlines), self.handle_timer)
+
+    def handle_timer(self) -> None:
+        """Heartbeat timers that are due (the loop's timer; tests call it after stepping)."""
+        self._timer = None
+        now = self._clock()
+        for handle in list(self.links.values()):
+            timer = handle.link.get_timer()
+            if timer is not None and timer <= now + 0.001:  # asyncio may fire a hair early
+                handle.link.handle_timer(now)
+                self._process(handle)
+        self._arm()
+
+
+def remove_stale_ovs(config: OvsConfig | None = None) -> list[str]:
+    """Delete a datapath and veth left by an earlier router (kernel with openvswitch, router
+    running without the OVS part: nothing may forward containers' frames behind its back).
+    Blocking; run off the loop. Returns what was removed."""
+    from pyroute2 import IPRoute
+
+    from weft.fastdp.ovs import OvsClient
+
+    cfg = config or OvsConfig()
+    removed = []
+    client = OvsClient()
+    try:
+        if client.remove_stale(cfg.datapath):
+            removed.append(cfg.datapath)
+    finally:
+        client.close()
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=cfg.bridge_veth):
+            ipr.link("del", index=index)
+            removed.append(cfg.bridge_veth)
+    if removed:
+        log.warning("removed what an earlier router left: %s", ", ".join(removed))
+    return removed
+
+
+def build_ovs_part(
+    *,
+    mode: str,
+    openvswitch: tuple[bool, str],
+    encrypted: bool,
+    bridge: str,
+    tap: str | None,
+    heartbeat: HeartbeatConfig,
+    config: OvsPartConfig | None = None,
+) -> tuple[OvsPart | None, str]:
+    """``(part, note)`` for ``make_overlay``: the OVS part where the kernel has openvswitch
+    (``openvswitch`` = ``(available, detail)`` from the capability probe, done once) and the mode
+    allows it; otherwise None and why (the note shown in status). With a password, no part until
+    ESP is wired into it (and no stale datapath may stay: call :func:`remove_stale_ovs`)."""
+    available, detail = openvswitch
+    if mode not in ("auto", "ovs"):
+        return None, f"ovs: not used (--datapath {mode})"
+    if not available:
+        return None, f"ovs: {detail}"
+    if encrypted:
+        return None, "ovs: encrypted connections need ESP on the OVS datapath (not wired yet)"
+    try:
+        return OvsPart(bridge=bridge, tap=tap, heartbeat=heartbeat, config=config), ""
+    except Exception as err:  # the sleeve still runs; say why there is no OVS
+        log.exception("OVS datapath unavailable")
+        return None, f"ovs: {type(err).__name__}: {err}"
