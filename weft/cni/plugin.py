@@ -32,7 +32,7 @@ import sys
 # Imported for the type checker only: at run time every import costs start-up time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import Any
 
 # ----------------------------------------------------------------------------- JSON, lean
@@ -102,11 +102,14 @@ __all__ = [
     "DEFAULT_SOCKET",
     "DEFAULT_SPOOL_DIR",
     "SUPPORTED_VERSIONS",
+    "Caller",
     "CniError",
     "RouterClient",
     "RouterNoAnswer",
     "RouterUnreachable",
+    "decode_answer",
     "from_current",
+    "invoke",
     "main",
     "run",
     "spool_name",
@@ -160,6 +163,40 @@ class CniError(Exception):
         if self.details:
             out["details"] = self.details
         return out
+
+
+class Caller:
+    """Where one invocation runs: the plugin's own process (the default) or the router, which runs
+    the same logic for the compiled shim (weft/cni/shim.c, weft/cni/shim_server.py).
+
+    stderr_fd: where log lines and delegated plugins' stderr go (None: this process's stderr).
+    open_netns: opens CNI_NETNS, returning a file descriptor the caller may close (None:
+        ``os.open``); the router's opens the descriptor the shim passed, which names the
+        namespace as the runtime's mount namespace sees it.
+    client_for: the router client for the configuration's ``socket`` (None: ``RouterClient``).
+    """
+
+    def __init__(
+        self,
+        stderr_fd: int | None = None,
+        open_netns: Callable[[str], int] | None = None,
+        client_for: Callable[[str], RouterClient] | None = None,
+    ) -> None:
+        self.stderr_fd = stderr_fd
+        self.open_netns = open_netns
+        self.client_for = client_for
+
+    def log(self, line: str) -> None:
+        if self.stderr_fd is None:
+            print(line, file=sys.stderr)
+            return
+        try:  # noqa: SIM105 - contextlib is one more import at start-up
+            os.write(self.stderr_fd, (line + "\n").encode(errors="replace"))
+        except OSError:
+            pass
+
+
+_PROCESS = Caller()
 
 
 # --------------------------------------------------------------------------- validation
@@ -417,22 +454,43 @@ class RouterClient:
                 ) from None
         finally:
             sock.close()
-        try:
-            answer = loads(data) if data else {}
-        except ValueError:
-            answer = {"msg": data[:200].decode(errors="replace")}
-        if not isinstance(answer, dict):
-            answer = {}
-        if status >= 400:
-            code = answer.get("code")
-            if not isinstance(code, int):
-                code = ERR_TRY_AGAIN_LATER if status == 503 else ERR_INTERNAL
-            raise CniError(
-                code,
-                str(answer.get("msg") or answer.get("error") or f"router HTTP {status}"),
-                str(answer.get("details") or ""),
-            )
-        return answer
+        return decode_answer(status, data)
+
+
+class NoAnswerClient(RouterClient):
+    """Every request went out and got no answer: what the shim reports when the router took its
+    request and then closed, garbled or timed out (``WEFT_CNI_NO_ANSWER``); the plugin then does
+    exactly what it does when its own request goes unanswered (ADD 11, DEL spooled)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path)
+        self.reason = reason
+
+    def post(self, route: str, body: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        del route, body, timeout
+        raise RouterNoAnswer(
+            ERR_TRY_AGAIN_LATER, "no answer from the weft router", f"{self.path}: {self.reason}"
+        )
+
+
+def decode_answer(status: int, data: bytes) -> dict[str, Any]:
+    """The router's answer to a ``/cni`` request: its JSON object, or CniError for an error."""
+    try:
+        answer = loads(data) if data else {}
+    except (ValueError, UnicodeDecodeError):
+        answer = {"msg": data[:200].decode(errors="replace")}
+    if not isinstance(answer, dict):
+        answer = {}
+    if status >= 400:
+        code = answer.get("code")
+        if not isinstance(code, int):
+            code = ERR_TRY_AGAIN_LATER if status == 503 else ERR_INTERNAL
+        raise CniError(
+            code,
+            str(answer.get("msg") or answer.get("error") or f"router HTTP {status}"),
+            str(answer.get("details") or ""),
+        )
+    return answer
 
 
 # --------------------------------------------------------------------------- delegated IPAM
@@ -451,15 +509,25 @@ def find_plugin(name: str, cni_path: str) -> str:
 
 
 def exec_plugin(
-    path: str, command: str, env: Mapping[str, str], stdin: bytes
+    path: str,
+    command: str,
+    env: Mapping[str, str],
+    stdin: bytes,
+    caller: Caller = _PROCESS,
 ) -> dict[str, Any] | None:
-    """Run a delegated plugin the way a runtime would; its stderr goes to ours."""
+    """Run a delegated plugin the way a runtime would; its stderr goes to ours (the caller's)."""
     import subprocess  # only delegated IPAM pays for it
 
     child_env = dict(env)
     child_env["CNI_COMMAND"] = command
     proc = subprocess.run(
-        [path], input=stdin, env=child_env, stdout=subprocess.PIPE, check=False, timeout=120
+        [path],
+        input=stdin,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=caller.stderr_fd,
+        check=False,
+        timeout=120,
     )
     out = proc.stdout.strip()
     parsed: Any = None
@@ -489,11 +557,19 @@ class DelegatedIpam:
     version, so a 1.1.0 network can still use host-local.
     """
 
-    def __init__(self, name: str, env: Mapping[str, str], stdin: bytes, version: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: Mapping[str, str],
+        stdin: bytes,
+        version: str,
+        caller: Caller = _PROCESS,
+    ) -> None:
         self.path = find_plugin(name, env.get("CNI_PATH", ""))
         self.env = env
         self.stdin = stdin
         self.version = version
+        self.caller = caller
 
     def _lowered(self) -> bytes:
         conf = loads(self.stdin)
@@ -505,13 +581,13 @@ class DelegatedIpam:
 
     def call(self, command: str) -> tuple[dict[str, Any] | None, str]:
         try:
-            return exec_plugin(self.path, command, self.env, self.stdin), self.version
+            return exec_plugin(self.path, command, self.env, self.stdin, self.caller), self.version
         except CniError as err:
             if err.code != ERR_INCOMPATIBLE_VERSION or _version_key(self.version) <= (1, 0, 0):
                 raise
         if command in ("STATUS", "GC"):
             return None, self.version  # nothing to ask a plugin that predates these commands
-        return exec_plugin(self.path, command, self.env, self._lowered()), "1.0.0"
+        return exec_plugin(self.path, command, self.env, self._lowered(), self.caller), "1.0.0"
 
     def add(self) -> dict[str, Any]:
         result, version = self.call("ADD")
@@ -574,17 +650,19 @@ def _prev_result(conf: Mapping[str, Any], version: str) -> dict[str, Any] | None
     return to_current(prev, version)
 
 
-def netns_ref(netns: str) -> tuple[str, int]:
+def netns_ref(netns: str, caller: Caller = _PROCESS) -> tuple[str, int]:
     """A path to the container's namespace that the router can open, whatever its mounts.
 
     Runtimes often create CNI_NETNS as a bind mount inside their own mount namespace (podman
     under ``ip netns exec``, for one), where the router - another process, maybe in another mount
     namespace - sees only the empty mount point. So the plugin opens the namespace itself and
     hands the router ``/proc/<our pid>/fd/<fd>``, valid while we wait for its answer; the caller
-    closes the fd afterwards. Raises error 3 when there is no namespace.
+    closes the fd afterwards. Raises error 3 when there is no namespace. (In the router, serving
+    the shim, ``caller.open_netns`` gives the descriptor the shim opened in the runtime's mount
+    namespace, and the path names it in the router's own ``/proc``.)
     """
     try:
-        fd = os.open(netns, os.O_RDONLY)
+        fd = caller.open_netns(netns) if caller.open_netns else os.open(netns, os.O_RDONLY)
     except OSError as err:
         detail = f"{netns}: {err.strerror}"
         raise CniError(ERR_UNKNOWN_CONTAINER, "network namespace does not exist", detail) from None
@@ -595,11 +673,16 @@ def netns_ref(netns: str) -> tuple[str, int]:
 
 
 def cmd_add(
-    env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
+    env: Mapping[str, str],
+    stdin: bytes,
+    conf: dict[str, Any],
+    version: str,
+    router: RouterClient,
+    caller: Caller = _PROCESS,
 ) -> dict[str, Any]:
-    ref, fd = netns_ref(env["CNI_NETNS"])
+    ref, fd = netns_ref(env["CNI_NETNS"], caller)
     try:
-        return _add(env, stdin, conf, version, router, ref)
+        return _add(env, stdin, conf, version, router, ref, caller)
     finally:
         os.close(fd)
 
@@ -611,13 +694,14 @@ def _add(
     version: str,
     router: RouterClient,
     ref: str,
+    caller: Caller,
 ) -> dict[str, Any]:
     prev = _prev_result(conf, version)
     request = _base_request(env, conf)
     request["netnsRef"] = ref
     delegated: DelegatedIpam | None = None
     if not _uses_weft_ipam(conf):
-        delegated = DelegatedIpam(conf["ipam"]["type"], env, stdin, version)
+        delegated = DelegatedIpam(conf["ipam"]["type"], env, stdin, version, caller)
         request["ipam"] = delegated.add()
     try:
         try:
@@ -629,7 +713,7 @@ def _add(
             try:
                 delegated.call("DEL")
             except CniError as undo:
-                print(f"weft: undoing ipam after failed ADD: {undo.msg}", file=sys.stderr)
+                caller.log(f"weft: undoing ipam after failed ADD: {undo.msg}")
         raise
     ours = answer.get("result")
     if not isinstance(ours, dict):
@@ -638,7 +722,12 @@ def _add(
 
 
 def cmd_del(
-    env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
+    env: Mapping[str, str],
+    stdin: bytes,
+    conf: dict[str, Any],
+    version: str,
+    router: RouterClient,
+    caller: Caller = _PROCESS,
 ) -> None:
     request = _base_request(env, conf)
     request["weftIpam"] = _uses_weft_ipam(conf)
@@ -648,21 +737,26 @@ def cmd_del(
         # Replaying a DEL is harmless (idempotent), so "maybe done" is spooled like "not done".
         spool_dir = str(conf.get("spoolDir") or DEFAULT_SPOOL_DIR)
         _write_spool(spool_dir, request)
-        print(f"weft: router unreachable ({err}); release spooled in {spool_dir}", file=sys.stderr)
+        caller.log(f"weft: router unreachable ({err}); release spooled in {spool_dir}")
     if not request["weftIpam"]:
-        DelegatedIpam(conf["ipam"]["type"], env, stdin, version).call("DEL")
+        DelegatedIpam(conf["ipam"]["type"], env, stdin, version, caller).call("DEL")
 
 
 def cmd_check(
-    env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
+    env: Mapping[str, str],
+    stdin: bytes,
+    conf: dict[str, Any],
+    version: str,
+    router: RouterClient,
+    caller: Caller = _PROCESS,
 ) -> None:
     prev = _prev_result(conf, version)
     if prev is None:
         raise CniError(ERR_INVALID_CONFIG, "required prevResult missing for CHECK")
     if not _uses_weft_ipam(conf):
-        DelegatedIpam(conf["ipam"]["type"], env, stdin, version).call("CHECK")
+        DelegatedIpam(conf["ipam"]["type"], env, stdin, version, caller).call("CHECK")
     request = _base_request(env, conf)
-    request["netnsRef"], fd = netns_ref(env["CNI_NETNS"])
+    request["netnsRef"], fd = netns_ref(env["CNI_NETNS"], caller)
     request["prevResult"] = prev
     request["weftIpam"] = _uses_weft_ipam(conf)
     try:
@@ -674,7 +768,12 @@ def cmd_check(
 
 
 def cmd_status(
-    env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
+    env: Mapping[str, str],
+    stdin: bytes,
+    conf: dict[str, Any],
+    version: str,
+    router: RouterClient,
+    caller: Caller = _PROCESS,
 ) -> None:
     try:
         router.post("/cni/status", {"network": conf["name"]}, OTHER_TIMEOUT)
@@ -686,13 +785,18 @@ def cmd_status(
         raise
     if not _uses_weft_ipam(conf):
         try:
-            DelegatedIpam(conf["ipam"]["type"], env, stdin, version).call("STATUS")
+            DelegatedIpam(conf["ipam"]["type"], env, stdin, version, caller).call("STATUS")
         except CniError as err:
             raise CniError(ERR_NOT_AVAILABLE, f"ipam: {err.msg}", err.details) from None
 
 
 def cmd_gc(
-    env: Mapping[str, str], stdin: bytes, conf: dict[str, Any], version: str, router: RouterClient
+    env: Mapping[str, str],
+    stdin: bytes,
+    conf: dict[str, Any],
+    version: str,
+    router: RouterClient,
+    caller: Caller = _PROCESS,
 ) -> None:
     valid = conf.get("cni.dev/valid-attachments")
     if valid is None:  # not the same as an empty list: that one would release everything
@@ -717,7 +821,7 @@ def cmd_gc(
         errors.append(err.msg)
     if not _uses_weft_ipam(conf):
         try:
-            DelegatedIpam(conf["ipam"]["type"], env, stdin, version).call("GC")
+            DelegatedIpam(conf["ipam"]["type"], env, stdin, version, caller).call("GC")
         except CniError as err:
             errors.append(f"ipam: {err.msg}")
     if errors:
@@ -725,9 +829,16 @@ def cmd_gc(
 
 
 def run(
-    env: Mapping[str, str], stdin: bytes, router: RouterClient | None = None
+    env: Mapping[str, str],
+    stdin: bytes,
+    router: RouterClient | None = None,
+    caller: Caller = _PROCESS,
 ) -> tuple[int, str]:
-    """One plugin invocation: returns (exit status, stdout text). Never raises."""
+    """One plugin invocation: returns (exit status, stdout text). Never raises.
+
+    ``router``: the client to use whatever the configuration's ``socket`` says (tests);
+    ``caller``: where the invocation runs (see ``Caller``).
+    """
     version = CURRENT
     try:
         command = validate_env(env)
@@ -742,15 +853,15 @@ def run(
         if conf.get("cniVersion") in SUPPORTED_VERSIONS:
             version = conf["cniVersion"]  # errors, too, speak the runtime's version
         version = check_version(conf, command)
+        sock = conf.get("socket") or DEFAULT_SOCKET
+        if not isinstance(sock, str):
+            raise CniError(ERR_INVALID_CONFIG, "socket must be a path")
         if router is None:
-            sock = conf.get("socket") or DEFAULT_SOCKET
-            if not isinstance(sock, str):
-                raise CniError(ERR_INVALID_CONFIG, "socket must be a path")
-            router = RouterClient(sock)
+            router = caller.client_for(sock) if caller.client_for else RouterClient(sock)
         if command == "ADD":
-            return 0, dumps(cmd_add(env, stdin, conf, version, router))
+            return 0, dumps(cmd_add(env, stdin, conf, version, router, caller))
         handler = {"DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
-        handler[command](env, stdin, conf, version, router)
+        handler[command](env, stdin, conf, version, router, caller)
         return 0, ""
     except CniError as err:
         return 1, dumps(err.to_json(version))
@@ -758,9 +869,21 @@ def run(
         return 1, dumps(CniError(ERR_INTERNAL, "internal error", repr(err)).to_json(version))
 
 
+def invoke(env: Mapping[str, str], stdin: bytes, caller: Caller = _PROCESS) -> tuple[bytes, int]:
+    """One invocation as the runtime sees it: (stdout bytes, exit status). The plugin process
+    (``main``) and the router serving the compiled shim both run exactly this."""
+    status, text = run(env, stdin, None, caller)
+    return ((text + "\n").encode() if text else b""), status
+
+
+NO_ANSWER_ENV = "WEFT_CNI_NO_ANSWER"  # set by the shim: "<socket>: <reason>"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point (console script ``weft-cni`` and the launcher ``weft`` in /opt/cni/bin)."""
+    """Entry point (console script ``weft-cni``, the launcher ``weft`` in /opt/cni/bin, and the
+    compiled shim's fallback when the router cannot be reached)."""
     del argv
+    no_answer = os.environ.pop(NO_ANSWER_ENV, None)
     if not os.environ.get("CNI_COMMAND") and sys.stdin.isatty():
         print(
             "weft CNI plugin; CNI protocol versions supported: " + ", ".join(SUPPORTED_VERSIONS),
@@ -773,9 +896,13 @@ def main(argv: list[str] | None = None) -> int:
         out = CniError(ERR_IO, "error reading from stdin", str(err)).to_json(CURRENT)
         print(dumps(out))
         return 1
-    status, text = run(os.environ, stdin)
-    if text:
-        sys.stdout.write(text + "\n")
+    caller = _PROCESS
+    if no_answer is not None:
+        path, _, reason = no_answer.partition(": ")
+        caller = Caller(client_for=lambda sock: NoAnswerClient(path, reason))
+    answer, status = invoke(os.environ, stdin, caller)
+    if answer:
+        sys.stdout.buffer.write(answer)
         sys.stdout.flush()
     return status
 

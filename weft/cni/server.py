@@ -656,42 +656,16 @@ class CniService:
 _HTTP_STATUS = {1: 400, 2: 400, 3: 404, 4: 400, 5: 500, 6: 400, 7: 400, 11: 503, 50: 503, 51: 503}
 
 
-def _error_response(err: CniError) -> web.Response:
+def _error_answer(err: CniError) -> tuple[int, bytes]:
     status = _HTTP_STATUS.get(err.code, 409 if err.code == ERR_INTERFACE_EXISTS else 500)
-    return web.json_response(
-        {"code": err.code, "msg": err.msg, "details": err.details}, status=status
-    )
+    return status, json.dumps({"code": err.code, "msg": err.msg, "details": err.details}).encode()
 
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
-def _handler(service: CniService, op: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
-        if request.headers.get("Origin"):
-            return web.json_response({"error": "cross-site request refused"}, status=403)
-        try:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise CniError(ERR_DECODING, "request body is not JSON") from None
-            if not isinstance(body, dict):
-                raise CniError(ERR_DECODING, "request body is not a JSON object")
-            answer = await op(body)
-        except CniError as err:
-            return _error_response(err)
-        except Exception as err:
-            log.exception("CNI %s failed", request.path)
-            return _error_response(CniError(ERR_INTERNAL, "internal error", repr(err)))
-        finally:
-            service.kick_drain()
-        return web.json_response(answer or {})
-
-    return handle
-
-
-def setup_routes(app: web.Application, service: CniService) -> None:
-    """Add ``POST /cni/{add,del,check,status,gc}`` to ``app``; replay pending releases at start."""
+def operations(service: CniService) -> dict[str, Handler]:
+    """The ``/cni`` routes and what each runs."""
 
     async def add(body: Mapping[str, Any]) -> dict[str, Any]:
         return {"result": await service.add(body)}
@@ -705,11 +679,51 @@ def setup_routes(app: web.Application, service: CniService) -> None:
     async def status(body: Mapping[str, Any]) -> None:
         await service.status(body)
 
-    app.router.add_post("/cni/add", _handler(service, add))
-    app.router.add_post("/cni/del", _handler(service, delete))
-    app.router.add_post("/cni/check", _handler(service, check))
-    app.router.add_post("/cni/status", _handler(service, status))
-    app.router.add_post("/cni/gc", _handler(service, service.gc))
+    return {
+        "/cni/add": add,
+        "/cni/del": delete,
+        "/cni/check": check,
+        "/cni/status": status,
+        "/cni/gc": service.gc,
+    }
+
+
+async def dispatch(service: CniService, op: Handler, raw: bytes) -> tuple[int, bytes]:
+    """One ``/cni`` request, body as sent: (HTTP status, JSON answer). The HTTP routes and the
+    router's in-process client for the shim (weft/cni/shim_server.py) both answer through this,
+    so the plugin logic sees byte-identical answers either way."""
+    try:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise CniError(ERR_DECODING, "request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise CniError(ERR_DECODING, "request body is not a JSON object")
+        answer = await op(body)
+    except CniError as err:
+        return _error_answer(err)
+    except Exception as err:
+        log.exception("CNI request failed")
+        return _error_answer(CniError(ERR_INTERNAL, "internal error", repr(err)))
+    finally:
+        service.kick_drain()
+    return 200, json.dumps(answer or {}).encode()
+
+
+def _handler(service: CniService, op: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        if request.headers.get("Origin"):
+            return web.json_response({"error": "cross-site request refused"}, status=403)
+        status, data = await dispatch(service, op, await request.read())
+        return web.Response(body=data, status=status, content_type="application/json")
+
+    return handle
+
+
+def setup_routes(app: web.Application, service: CniService) -> None:
+    """Add ``POST /cni/{add,del,check,status,gc}`` to ``app``; replay pending releases at start."""
+    for route, op in operations(service).items():
+        app.router.add_post(route, _handler(service, op))
 
     async def on_startup(app: web.Application) -> None:
         del app
@@ -737,9 +751,15 @@ def setup_cni(
     config: CniConfig | None = None,
     mtu: Callable[[], int | None] = lambda: None,
 ) -> CniService:
-    """Compose CNI into a router before it starts: the /cni routes and a ``cni`` status key."""
+    """Compose CNI into a router before it starts: the /cni routes, a ``cni`` status key, and
+    the compiled shim's socket beside the router's API socket (``router.config.api_socket``;
+    weft/cni/shim_server.py)."""
+    from weft.cni.shim_server import setup_shim_server
+
     service = CniService(ipam, config, mtu)
     setup_routes(router.app, service)
+    api_socket = getattr(getattr(router, "config", None), "api_socket", None)
+    setup_shim_server(router.app, service, str(api_socket) if api_socket else None)
     router.add_status_provider("cni", service.status_json)
     return service
 
@@ -770,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR)
     parser.add_argument("--mtu", type=int, default=None)
     parser.add_argument("--state", default=None, help="JSON file keeping allocations")
+    parser.add_argument(
+        "--shim-socket",
+        default=None,
+        help="the CNI shim's socket (default: cni.sock beside --socket)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -779,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
         service = CniService(ipam, config, mtu=lambda: args.mtu)
         app = web.Application()
         setup_routes(app, service)
+        from weft.cni.shim_server import setup_shim_server
+
+        setup_shim_server(app, service, args.socket, args.shim_socket)
         runner = await serve_unix(app, args.socket)
         try:
             await asyncio.Event().wait()
