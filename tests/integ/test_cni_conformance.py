@@ -1,4 +1,7 @@
-"""CNI conformance on real namespaces: the installed launcher run exactly as a runtime runs it.
+"""CNI conformance on real namespaces: the installed plugin run exactly as a runtime runs it.
+
+Every test runs with both ways ``weft setup-cni`` installs the plugin: the compiled shim (the
+router runs the plugin logic in-process) and the Python launcher.
 
 One host namespace holds a ``weft`` bridge (10.32.0.1/12, as ``weft expose`` would give) and the
 CNI-only router (``python -m weft.cni.server``: the real /cni routes and kernel work, with an
@@ -174,6 +177,7 @@ class World:
     bin_dir: Path
     tmp: Path
     backend: str
+    mode: str  # "shim": the compiled shim; "python": the Python launcher
     counter: int = 0
 
     def container(self) -> str:
@@ -232,20 +236,24 @@ class World:
         return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
-@pytest.fixture(scope="module", params=["cni-only", "router"])
+@pytest.fixture(
+    scope="module",
+    params=[("cni-only", "shim"), ("cni-only", "python"), ("router", "shim"), ("router", "python")],
+    ids=lambda p: "-".join(p),
+)
 def world(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     """``cni-only``: ``python -m weft.cni.server`` on a hand-made bridge (in-memory allocator
-    persisted to a JSON file). ``router``: the real router, the same tests end to end."""
-    backend = str(request.param)
-    tmp = tmp_path_factory.mktemp(f"cni-{backend}")
+    persisted to a JSON file). ``router``: the real router, the same tests end to end. Each with
+    the compiled shim and with the Python launcher."""
+    backend, mode = request.param
+    tmp = tmp_path_factory.mktemp(f"cni-{backend}-{mode}")
     u = Underlay(1, base_dir=tmp / "hosts")
     router: Router | WeftRouter | None = None
     try:
         host = u.hosts[0]
         bin_dir = tmp / "bin"
-        done = install.install(str(bin_dir), str(tmp / "net.d"))
         if backend == "cni-only":
             host.sh(
                 "ip link add weft type bridge && ip addr add 10.32.0.1/12 dev weft && "
@@ -260,8 +268,12 @@ def world(
             )
         else:
             router = WeftRouter(host, socket=str(host.data_dir / "weft.sock"), log=tmp / "r.log")
+        done = install.install(
+            str(bin_dir), str(tmp / "net.d"), socket=router.socket, shim=mode == "shim"
+        )
+        assert done.shim == (mode == "shim"), done.note
         router.start()
-        yield World(u, host, router, done.launcher, bin_dir, tmp, backend)
+        yield World(u, host, router, done.launcher, bin_dir, tmp, backend, mode)
     finally:
         if router is not None:
             router.stop()
