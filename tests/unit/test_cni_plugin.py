@@ -28,6 +28,41 @@ from weft.cni.plugin import (
     run,
     to_current,
 )
+from weft.cni.shim_server import Request
+
+
+def run_as_the_router(
+    env: Mapping[str, str],
+    stdin: bytes,
+    router: Any = None,
+    caller: plugin.Caller | None = None,
+) -> tuple[int, str]:
+    """``plugin.run`` the way the router runs it for the compiled shim (shim_server.ShimServer):
+    CNI_NETNS opened beforehand as the shim opens it (ADD, CHECK), its descriptor or its error
+    handed over, log lines to the shim's stderr descriptor."""
+    del caller
+    netns_fd = netns_errno = None
+    if env.get("CNI_COMMAND") in ("ADD", "CHECK") and env.get("CNI_NETNS"):
+        try:
+            netns_fd = os.open(env["CNI_NETNS"], os.O_RDONLY)
+        except OSError as err:
+            netns_errno = err.errno
+    request = Request(dict(env), stdin, os.dup(2), netns_fd, netns_errno)
+    try:
+        caller = plugin.Caller(request.stderr_fd, request.open_netns)
+        return plugin.run(request.env, request.stdin, router, caller)
+    finally:
+        request.close()
+
+
+@pytest.fixture(autouse=True, params=["process", "router"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: as the plugin process runs the logic, and as the router does for the
+    shim (the conformance of both ways; test_cni_shim.py runs the real shim)."""
+    if request.param == "router":
+        monkeypatch.setattr(sys.modules[__name__], "run", run_as_the_router)
+    return str(request.param)
+
 
 ROUTER_RESULT: dict[str, Any] = {
     "cniVersion": "1.1.0",
