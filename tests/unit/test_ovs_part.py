@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from weft.errors import ConfigError
 from weft.fastdp.heartbeat import HeartbeatConfig, Probe, decode_probe
 from weft.fastdp.ovs import FlowKey, OutputAction
 from weft.fastdp.ovs_flows import OvsFlowPlanner, OvsPeer, OvsPorts
@@ -26,7 +27,7 @@ from weft.router.ovs_part import (
     OvsLinkHandle,
     OvsPart,
     OvsPartConfig,
-    build_ovs_part,
+    make_part,
 )
 
 A = PeerName.parse("02:00:00:00:00:0a")
@@ -432,22 +433,20 @@ async def test_malformed_control_is_a_protocol_error() -> None:
         pair.a.part.control_received(pair.a.handle, b"\x09")
 
 
-async def test_build_ovs_part_says_why_not() -> None:
-    hb = HeartbeatConfig()
-    kw: dict[str, Any] = {"bridge": "weft", "tap": None, "heartbeat": hb}
-    part, note = build_ovs_part(mode="vxlan", openvswitch=(True, ""), encrypted=False, **kw)
-    assert part is None and note == "ovs: not used (--datapath vxlan)"
-    part, note = build_ovs_part(
-        mode="auto",
-        openvswitch=(False, "No such file (ENOENT)"),
-        encrypted=False,
-        **kw,
-    )
-    assert part is None and note == "ovs: No such file (ENOENT)"
-    part, note = build_ovs_part(mode="auto", openvswitch=(True, ""), encrypted=True, **kw)
-    assert part is None and "ESP" in note
-    part, note = build_ovs_part(mode="ovs", openvswitch=(True, ""), encrypted=False, **kw)
-    assert isinstance(part, OvsPart) and note == ""
+@dataclass(frozen=True)
+class Ctx:
+    bridge: str = "weft"
+    tap: str | None = "weft-tap"
+    heartbeat: HeartbeatConfig = HB
+    encrypted: bool = False
+
+
+async def test_make_part_for_the_switch() -> None:
+    with pytest.raises(ConfigError, match="ESP"):
+        make_part(Ctx(encrypted=True))
+    part = make_part(Ctx(bridge="br-x"))
+    assert isinstance(part, OvsPart) and part.name == "ovs" and part.part_id == 3
+    assert part.config.datapath.bridge == "br-x" and part.heartbeat is HB
     part.close()
 
 

@@ -13,7 +13,7 @@ What the part does with the kernel:
   with it; ``status()["stale_removed"]`` names them), then the datapath is built. The bridge end
   of the veth and the sleeve's TAP are ``isolated`` bridge ports: no frame crosses between the
   tunnel and the sleeve. A kernel without ``openvswitch`` is found once by
-  ``weft.fastdp.capabilities`` and the part is not built (:func:`build_ovs_part` says why); a
+  ``weft.fastdp.capabilities`` and the part is not built (the switch says why); a
   start that fails is reported in ``problem`` and not retried.
 * Heartbeats: full-MTU probe frames sent through the tunnel with a packet-execute
   (``OvsDatapath.send_probe``); the far side gets them as miss upcalls on its vxlan vport
@@ -53,7 +53,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from weft.errors import WeftError
+from weft.errors import ConfigError, WeftError
 from weft.fastdp.errors import DatapathError
 from weft.fastdp.fdb import normalize_mac
 from weft.fastdp.heartbeat import (
@@ -88,7 +88,7 @@ __all__ = [
     "OvsPart",
     "OvsPartConfig",
     "Worker",
-    "build_ovs_part",
+    "make_part",
     "remove_stale_ovs",
 ]
 
@@ -813,29 +813,26 @@ def remove_stale_ovs(config: OvsConfig | None = None) -> list[str]:
     return removed
 
 
-def build_ovs_part(
-    *,
-    mode: str,
-    openvswitch: tuple[bool, str],
-    encrypted: bool,
-    bridge: str,
-    tap: str | None,
-    heartbeat: HeartbeatConfig,
-    config: OvsPartConfig | None = None,
-) -> tuple[OvsPart | None, str]:
-    """``(part, note)`` for ``make_overlay``: the OVS part where the kernel has openvswitch
-    (``openvswitch`` = ``(available, detail)`` from the capability probe, done once) and the mode
-    allows it; otherwise None and why (the note shown in status). With a password, no part until
-    ESP is wired into it (and no stale datapath may stay: call :func:`remove_stale_ovs`)."""
-    available, detail = openvswitch
-    if mode not in ("auto", "ovs"):
-        return None, f"ovs: not used (--datapath {mode})"
-    if not available:
-        return None, f"ovs: {detail}"
-    if encrypted:
-        return None, "ovs: encrypted connections need ESP on the OVS datapath (not wired yet)"
-    try:
-        return OvsPart(bridge=bridge, tap=tap, heartbeat=heartbeat, config=config), ""
-    except Exception as err:  # the sleeve still runs; say why there is no OVS
-        log.exception("OVS datapath unavailable")
-        return None, f"ovs: {type(err).__name__}: {err}"
+class PartContext(Protocol):
+    """What :func:`make_part` reads from the switch's ``FastPartContext``."""
+
+    @property
+    def bridge(self) -> str: ...
+
+    @property
+    def tap(self) -> str | None: ...
+
+    @property
+    def heartbeat(self) -> HeartbeatConfig: ...
+
+    @property
+    def encrypted(self) -> bool: ...
+
+
+def make_part(ctx: PartContext, config: OvsPartConfig | None = None) -> OvsPart:
+    """The OVS part for ``weft.router.switch._build_fast_parts`` (called only where the
+    capability probe, done once, found openvswitch). Raises with the reason it cannot run: with
+    a password, until ESP is wired into this part."""
+    if ctx.encrypted:
+        raise ConfigError("encrypted connections need ESP on the OVS datapath (not wired yet)")
+    return OvsPart(bridge=ctx.bridge, tap=ctx.tap, heartbeat=ctx.heartbeat, config=config)

@@ -1,0 +1,295 @@
+"""Runs inside the test VM (Debian's kernel with openvswitch): two hosts (network namespaces)
+running real weft routers with ``--datapath auto``, a container each. Prints one JSON object of
+findings on the last line; tests/e2e/test_qemu_ovs_routers.py asserts on it.
+
+Steps: the connection reaches datapath "ovs" (API and ``weft status connections``); the
+containers ping each other (also full-size with DF) with flows in both datapaths (dumped with
+weft.fastdp.ovs); an nftables rule dropping UDP 6784 on h2 moves the connection to sleeve with
+the reason shown while a ping keeps answering; removing it moves the connection back to ovs; a
+router killed with SIGKILL leaves its datapath behind and the restarted router removes it and
+comes back on ovs.
+
+Python under TCG is slow (router start takes seconds): every wait is condition-bounded and
+generous. Heartbeats are fast (WEFT_FASTDP_HEARTBEAT) so the fallback takes seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import suppress
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))
+
+from tests.integ.hosts import Host, Underlay, run  # noqa: E402
+
+ENV = {
+    "WEFT_FASTDP_HEARTBEAT": "0.5,1,4",
+    "WEFT_FASTDP_RECOVERY_HOLD": "0.5",
+    "PYTHONPATH": str(REPO),
+}
+NFT_TABLE = "wfovs"
+results: dict[str, Any] = {}
+marks: dict[str, float] = {}
+START = time.monotonic()
+
+
+def mark(name: str) -> None:
+    marks[name] = round(time.monotonic() - START, 1)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as err:  # not checkable yet
+            last = err
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f" (last error: {last!r})" if last else "")
+            )
+        time.sleep(interval)
+
+
+def api(host: Host, path: str, body: dict[str, Any] | None = None) -> Any:
+    args = ["curl", "-s", "-f", "--max-time", "20"]
+    if body is not None:
+        args += ["-X", "POST", "-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    proc = host.exec(*args, f"http://127.0.0.1:6784{path}", check=False, timeout=30)
+    if proc.returncode != 0 or not proc.stdout:
+        return {}
+    return json.loads(proc.stdout)
+
+
+def connection(host: Host, nick: str) -> dict[str, Any]:
+    rows = api(host, "/status").get("router", {}).get("connections", [])
+    return next((r for r in rows if r.get("nickname") == nick and r.get("peer")), {})
+
+
+def on(host: Host, nick: str, datapath: str) -> bool:
+    row = connection(host, nick)
+    return row.get("state") == "established" and row.get("datapath") == datapath
+
+
+def start_router(host: Host, i: int, peer_ip: str) -> None:
+    host.spawn(
+        sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
+        "--api-socket", "", "--datapath", "auto", "--nickname", f"h{i}",
+        "--heartbeat-interval", "1", "--heartbeat-timeout", "30", peer_ip,
+        log=host.data_dir / "router.log", env=ENV,
+    )  # fmt: skip
+
+
+def pings(ns: str, ip: str, *extra: str) -> bool:
+    cmd = ["ip", "netns", "exec", ns, "ping", "-c1", "-W2", *extra, ip]
+    return run(cmd, check=False, timeout=30).returncode == 0
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_netns(name: str) -> None:
+    """Move this (single-threaded) process into a named network namespace ("" = the VM's)."""
+    fd = os.open(f"/run/netns/{name}" if name else "/proc/1/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+    finally:
+        os.close(fd)
+
+
+def datapath_flows(ns: str) -> dict[str, Any]:
+    """The flows of ``weft-dp`` in ``ns``, dumped with weft's own OVS client."""
+    from weft.fastdp.ovs import OvsClient, SetTunnelAction
+
+    enter_netns(ns)
+    try:
+        client = OvsClient()
+        try:
+            dp = client.find_datapath("weft-dp")
+            if dp is None:
+                return {"exists": False, "flows": []}
+            vports = sorted(v.name for v in client.list_vports(dp))
+            flows = []
+            for f in client.dump_flows(dp):
+                tun = f.key.tunnel
+                flows.append(
+                    {
+                        "in_port": f.key.in_port,
+                        "src": f.key.eth_src,
+                        "dst": f.key.eth_dst,
+                        "tun_id": tun.tun_id if tun else None,
+                        "tun_src": tun.ipv4_src if tun else None,
+                        "to_tunnel": [
+                            a.tunnel.ipv4_dst for a in f.actions if isinstance(a, SetTunnelAction)
+                        ],
+                        "actions": len(f.actions),
+                        "packets": f.packets,
+                    }
+                )
+            return {"exists": True, "ifindex": dp.ifindex, "vports": vports, "flows": flows}
+        finally:
+            client.close()
+    finally:
+        enter_netns("")
+
+
+def mac_of(ns: str) -> str:
+    return run(["ip", "-n", ns, "-br", "link", "show", "ethwe"]).stdout.split()[2]
+
+
+def kill_router(host: Host) -> None:
+    for proc in host.procs:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    host.procs.clear()
+
+
+def ping_log(out: str) -> dict[str, Any]:
+    answered = [line for line in out.splitlines() if "bytes from" in line]
+    seqs = sorted(int(line.split("icmp_seq=")[1].split()[0]) for line in answered)
+    gaps = [b - a - 1 for a, b in itertools.pairwise(seqs)]
+    return {
+        "answered": len(seqs),
+        "last": seqs[-1] if seqs else 0,
+        "longest_gap": max(gaps, default=0),
+    }
+
+
+def scenario(u: Underlay) -> None:
+    h1, h2 = u.hosts
+    start_router(h1, 1, h2.ip)
+    start_router(h2, 2, h1.ip)
+    containers = []
+    for i, host in enumerate(u.hosts, 1):
+        wait_for(partial(api, host, "/status"), 120, f"router h{i} up")
+        ns = host.add_netns("c")
+        ip = f"10.32.0.{i}"
+        wait_for(partial(api, host, "/attach", {"netns": ns, "ip": [f"{ip}/16"]}), 60, "attach")
+        containers.append((ns, ip))
+    mark("routers_up")
+    (c1, ip1), (c2, ip2) = containers
+    wait_for(lambda: on(h1, "h2", "ovs") and on(h2, "h1", "ovs"), 120, "h1<->h2 on ovs")
+    mark("on_ovs")
+    results["row_on_ovs"] = connection(h1, "h2")
+    results["status_connections"] = h1.exec(
+        sys.executable, "-m", "weft.router.cli", "status", "connections", timeout=60
+    ).stdout
+    overlay = api(h1, "/status").get("overlay", {})
+    results["overlay_datapath"] = overlay.get("datapath")
+    results["switch"] = overlay.get("switch", {})
+
+    # Containers ping over the OVS datapath; flows appear in both datapaths.
+    wait_for(lambda: pings(c1, ip2), 60, "c1 pings c2")
+    results["ping"] = pings(c1, ip2)
+    results["ping_full_size_df"] = pings(c1, ip2, "-s", "1348", "-M", "do")
+    results["ping_back"] = pings(c2, ip1)
+    results["macs"] = {"c1": mac_of(c1), "c2": mac_of(c2)}
+    results["flows_h1"] = datapath_flows(h1.ns)
+    results["flows_h2"] = datapath_flows(h2.ns)
+    results["ovs_status_h1"] = api(h1, "/status").get("overlay", {}).get("switch", {})
+    mark("pinged")
+
+    # Block UDP 6784 on h2: the connection moves to sleeve, with the reason; pings go on.
+    pinger = subprocess.Popen(
+        ["ip", "netns", "exec", c1, "ping", "-i", "0.2", "-W", "2", ip2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        h2.sh(
+            f"nft add table inet {NFT_TABLE}"
+            f" && nft add chain inet {NFT_TABLE} in '{{ type filter hook input priority 0; }}'"
+            f" && nft add rule inet {NFT_TABLE} in udp dport 6784 drop"
+        )
+        mark("blocked")
+        try:
+            wait_for(
+                lambda: on(h1, "h2", "sleeve") and on(h2, "h1", "sleeve"), 90, "h1<->h2 on sleeve"
+            )
+            mark("on_sleeve")
+            results["row_blocked"] = connection(h1, "h2")
+            results["row_blocked_h2"] = connection(h2, "h1")
+            results["status_blocked"] = h1.exec(
+                sys.executable, "-m", "weft.router.cli", "status", "connections", timeout=60
+            ).stdout
+            results["ping_on_sleeve"] = bool(wait_for(lambda: pings(c1, ip2), 60, "sleeve ping"))
+            results["fallbacks"] = api(h1, "/status")["overlay"]["switch"].get("fallbacks")
+        finally:
+            h2.sh(f"nft delete table inet {NFT_TABLE}", check=False)
+        mark("unblocked")
+        wait_for(lambda: on(h1, "h2", "ovs") and on(h2, "h1", "ovs"), 90, "h1<->h2 back on ovs")
+        mark("back_on_ovs")
+        results["row_back"] = connection(h1, "h2")
+        results["ping_back_on_ovs"] = bool(wait_for(lambda: pings(c1, ip2), 60, "ovs ping"))
+        time.sleep(1.0)
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        out, _ = pinger.communicate(timeout=30)
+    results["ping_through_fallback"] = ping_log(out)
+
+    # A crashed router leaves its datapath; the restarted one removes it and builds a new one.
+    before = datapath_flows(h1.ns)
+    kill_router(h1)
+    results["left_after_kill"] = datapath_flows(h1.ns)
+    results["ifindex_before"] = before.get("ifindex")
+    log_before = (h1.data_dir / "router.log").read_text(errors="replace")
+    start_router(h1, 1, h2.ip)
+    mark("restarted")
+    wait_for(lambda: on(h1, "h2", "ovs") and on(h2, "h1", "ovs"), 120, "restarted h1 on ovs")
+    mark("restart_on_ovs")
+    log_after = (h1.data_dir / "router.log").read_text(errors="replace")[len(log_before) :]
+    results["restart_log_stale"] = [
+        line for line in log_after.splitlines() if "earlier router left" in line
+    ]
+    results["after_restart"] = datapath_flows(h1.ns)
+    switch = api(h1, "/status").get("overlay", {}).get("switch", {})
+    results["ovs_status_after_restart"] = switch
+    results["ping_after_restart"] = bool(wait_for(lambda: pings(c1, ip2), 60, "ping after restart"))
+    mark("done")
+
+
+def main() -> None:
+    u = Underlay(2, net=66, base_dir=Path("/tmp/weft-ovs-routers"))
+    try:
+        scenario(u)
+    except BaseException:
+        results["error"] = traceback.format_exc()
+    finally:
+        logs = {}
+        for host in u.hosts:
+            log = host.data_dir / "router.log"
+            if log.exists():
+                logs[host.ns.rsplit("-", 1)[1]] = log.read_text(errors="replace")[-5000:]
+        if "error" in results:
+            results["logs"] = logs
+        u.close()
+    results["marks"] = marks
+    results["seconds"] = round(time.monotonic() - START, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
