@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
+from unittest.mock import ANY
 
 import pytest
 
-from weft.errors import RemoteProtocolError
+from weft.errors import ConfigError, RemoteProtocolError
 from weft.fastdp.link import FastPathLink
 from weft.fastdp.vxlan import VxlanConfig
 from weft.gossip.peer import PeerName
+from weft.router.fast_part import FastPart
 from weft.router.fastpath_overlay import VxlanLinkHandle, VxlanPart
 from weft.router.overlay import (
     Overlay,
@@ -22,8 +24,10 @@ from weft.router.overlay import (
 )
 from weft.router.switch import SwitchConnection, SwitchOverlay
 from weft.router.switch_core import (
+    PART_OVS,
     PART_SLEEVE,
     PART_SWITCH,
+    PART_VXLAN,
     SwitchConfig,
     encode_path_state,
     wrap,
@@ -77,9 +81,14 @@ class FakeSleeve:
 
 
 class FakeVxlan:
-    def __init__(self, mtu: int = 1450) -> None:
+    """A fast part in memory (``name`` vxlan unless told): records what the switch asks."""
+
+    def __init__(self, mtu: int = 1450, name: str = "vxlan", part_id: int = PART_VXLAN) -> None:
+        self.name = name
+        self.part_id = part_id
         self.problem = ""
-        self.mtu = mtu
+        self.mtu: int | None = mtu
+        self.encrypted = False
         self.device_config = VxlanConfig()
         self.local_macs: frozenset[str] = frozenset({"02:42:00:00:00:01"})
         self.on_local_macs: Callable[[frozenset[str]], None] = lambda macs: None
@@ -87,20 +96,34 @@ class FakeVxlan:
         self.control: list[bytes] = []
         self.carrying: dict[PeerName, bool] = {}
         self.macs: dict[PeerName, frozenset[str]] = {}
+        self.params: list[OverlayConnectionParams] = []
+
+    def features(self) -> dict[str, Any]:
+        if self.name != "vxlan":
+            return {f"fastdp_{self.name}": 1}
+        return {"fastdp_vxlan": 1, "fastdp_vxlan_port": 6784, "fastdp_vni": 0xFFFFFF}
+
+    def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
+        if remote_features.get(f"fastdp_{self.name}") != 1:
+            return f"{self.name}: the peer has no {self.name} datapath"
+        return ""
 
     def ensure_started(self, local: PeerName, ip: str) -> bool:
         return True
 
     def start_link(
         self,
-        local: PeerName,
-        remote: PeerName,
-        ip: str,
+        params: OverlayConnectionParams,
         send_control: Callable[[bytes], None],
         on_health: Callable[[bool, str], None],
+        on_failed: Callable[[str], None],
     ) -> VxlanLinkHandle:
-        link = FastPathLink(local, remote, self.mtu, False, 0.0)
-        handle = VxlanLinkHandle(remote, ip, link, send_control, on_health)
+        assert self.mtu is not None
+        self.params.append(params)
+        link = FastPathLink(params.local_name, params.remote_name, self.mtu, False, 0.0)
+        handle = VxlanLinkHandle(
+            params.remote_name, params.remote_ip, link, send_control, on_health, on_failed
+        )
         self.handles.append(handle)
         return handle
 
@@ -123,6 +146,10 @@ class FakeVxlan:
         pass
 
 
+def _vxlan_part_is_a_fast_part(part: VxlanPart) -> FastPart:
+    return part  # mypy checks VxlanPart against the protocol
+
+
 SWITCH_FEATURES = {
     "sleeve_version": 1,
     "overlay_switch": 1,
@@ -140,6 +167,7 @@ class End:
     sent: list[bytes] = field(default_factory=list)
     established: int = 0
     conn: SwitchConnection | None = None
+    ovs: FakeVxlan | None = None
 
     def connect(
         self, local: PeerName, remote: PeerName, features: Mapping[str, Any], key: bytes | None
@@ -170,7 +198,7 @@ def make_end(mode: str = "auto", vxlan: FakeVxlan | None = None, container_mtu: 
     vx = vxlan or FakeVxlan()
     overlay = SwitchOverlay(
         cast(Overlay, sleeve),
-        cast(VxlanPart, vx),
+        [cast(FastPart, vx)],
         mode=mode,
         switch_config=SwitchConfig(recovery_hold=0.0),
         container_mtu=container_mtu,
@@ -293,7 +321,7 @@ async def test_forced_sleeve_never_starts_vxlan() -> None:
 
 async def test_encrypted_connection_stays_on_sleeve_and_says_so() -> None:
     sleeve = FakeSleeve()
-    overlay = SwitchOverlay(cast(Overlay, sleeve), None, vxlan_note="encrypted: kernel has no ESP")
+    overlay = SwitchOverlay(cast(Overlay, sleeve), [], note="encrypted: kernel has no ESP")
     end = End(overlay, sleeve, FakeVxlan())
     conn = end.connect(A, B, SWITCH_FEATURES, b"k" * 32)
     sleeve.conns[0].establish()
@@ -344,3 +372,98 @@ async def test_a_replacing_connection_survives_the_old_ones_stop() -> None:
     assert a.sleeve.conns[0].stopped and not a.sleeve.conns[1].stopped
     a.sleeve.conns[1].establish()
     assert new.status().state == "established"
+
+
+def make_two_part_end() -> End:
+    """An end with an OVS part (part 3) and a vxlan part, given in the wrong order."""
+    sleeve = FakeSleeve()
+    vx = FakeVxlan()
+    ovs = FakeVxlan(name="ovs", part_id=PART_OVS)
+    overlay = SwitchOverlay(
+        cast(Overlay, sleeve),
+        [cast(FastPart, vx), cast(FastPart, ovs)],
+        switch_config=SwitchConfig(recovery_hold=0.0),
+        container_mtu=1376,
+    )
+    return End(overlay, sleeve, vx, ovs=ovs)
+
+
+BOTH_FEATURES = {**SWITCH_FEATURES, "fastdp_ovs": 1}
+
+
+async def test_fast_parts_best_first_each_with_its_own_envelope_part() -> None:
+    a = make_two_part_end()
+    ovs = a.ovs
+    assert ovs is not None
+    assert [p.name for p in a.overlay.fast_parts] == ["ovs", "vxlan"]
+    assert a.overlay.features()["fastdp_ovs"] == 1
+    ca = a.connect(A, B, BOTH_FEATURES, None)
+    assert ca.switch.status()["paths"] == {
+        name: {"healthy": False, "peer_healthy": False, "reason": ANY} for name in ("ovs", "vxlan")
+    } | {"sleeve": ANY}
+    assert ovs.params[0].remote_name == B and a.vxlan.params[0].data_send_key is None
+    ca.control_received(wrap(PART_OVS, b"to-ovs"))
+    ca.control_received(wrap(PART_VXLAN, b"to-vxlan"))
+    assert ovs.control == [b"to-ovs"] and a.vxlan.control == [b"to-vxlan"]
+    a.sent.clear()
+    ovs.handles[0].send_control(b"from-ovs")
+    a.vxlan.handles[0].send_control(b"from-vxlan")
+    assert a.sent == [wrap(PART_OVS, b"from-ovs"), wrap(PART_VXLAN, b"from-vxlan")]
+    # MACs are the host's: every fast part of the connection gets them.
+    ca.control_received(wrap(PART_SWITCH, bytes.fromhex("020001") + bytes(6)))
+    assert ovs.macs[B] == a.vxlan.macs[B] == frozenset({"00:00:00:00:00:00"})
+    # Both healthy at both ends: ovs carries; ovs lost: vxlan; vxlan lost: sleeve.
+    a.sleeve.conns[0].establish()
+    for part in (ovs, a.vxlan):
+        part.handles[0].on_health(True, "")
+        ca.control_received(wrap(PART_SWITCH, encode_path_state(part.name, True)))
+    assert ca.switch.chosen == "ovs" and ovs.carrying[B] and not a.vxlan.carrying[B]
+    fallbacks: list[tuple[str, str]] = []
+    a.overlay.on_fallback(lambda old, new: fallbacks.append((old, new)))
+    ovs.handles[0].on_health(False, "ovs down")
+    assert ca.switch.chosen == "vxlan" and a.vxlan.carrying[B] and not ovs.carrying[B]
+    assert ca.status().info == "ovs: ovs down; using vxlan"
+    a.vxlan.handles[0].on_health(False, "vxlan down")
+    assert ca.switch.chosen == "sleeve" and not a.vxlan.carrying[B]
+    assert fallbacks == [("ovs", "vxlan"), ("vxlan", "sleeve")]
+    assert a.overlay.status()["switch"]["datapaths"] == ["ovs", "vxlan", "sleeve"]
+    ca.stop()
+    assert ovs.handles[0].stopped and a.vxlan.handles[0].stopped
+
+
+async def test_a_peer_without_ovs_gets_vxlan_and_the_note_says_why() -> None:
+    a = make_two_part_end()
+    ovs = a.ovs
+    assert ovs is not None
+    ca = a.connect(A, B, SWITCH_FEATURES, None)
+    assert ovs.handles == [] and len(a.vxlan.handles) == 1
+    a.sleeve.conns[0].establish()
+    a.vxlan.handles[0].on_health(True, "")
+    ca.control_received(wrap(PART_SWITCH, encode_path_state("vxlan", True)))
+    assert ca.switch.chosen == "vxlan"
+    assert ca.status().info == "ovs: the peer has no ovs datapath; using vxlan"
+    # The peer's OVS messages for a path we do not run are ignored, not an error.
+    ca.control_received(wrap(PART_OVS, b"whatever"))
+    assert ovs.control == []
+
+
+async def test_forced_ovs_without_an_ovs_part_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ovs: not available"):
+        SwitchOverlay(cast(Overlay, FakeSleeve()), [], mode="ovs")
+    with pytest.raises(ConfigError, match="no openvswitch"):
+        SwitchOverlay(cast(Overlay, FakeSleeve()), [], mode="ovs", note="ovs: no openvswitch")
+    with pytest.raises(ConfigError, match="expected one of auto, ovs, vxlan, sleeve"):
+        SwitchOverlay(cast(Overlay, FakeSleeve()), [], mode="fast")
+
+
+async def test_a_part_that_fails_a_connection_leaves_it_on_sleeve_for_good() -> None:
+    a = make_end()
+    ca = a.connect(A, B, SWITCH_FEATURES, None)
+    a.sleeve.conns[0].establish()
+    a.sent.clear()
+    a.vxlan.handles[0].on_failed("vxlan: ESP: allocate an ESP SPI failed")
+    assert a.sent == [wrap(PART_SWITCH, encode_path_state("vxlan", False))]
+    a.vxlan.handles[0].on_health(True, "")
+    ca.control_received(wrap(PART_SWITCH, encode_path_state("vxlan", True)))
+    assert ca.switch.chosen == "sleeve"
+    assert ca.status().info == "vxlan: ESP: allocate an ESP SPI failed; using sleeve"

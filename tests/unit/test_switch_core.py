@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from weft.errors import LocalError, RemoteProtocolError
 from weft.router.switch_core import (
     MAX_MACS,
+    PART_OVS,
     PART_SLEEVE,
     PART_SWITCH,
     PART_VXLAN,
@@ -176,7 +177,8 @@ def test_envelope_and_messages_round_trip() -> None:
     many = [f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(MAX_MACS + 5)]
     decoded = decode_switch_message(encode_macs(many))
     assert isinstance(decoded, MacsAnnounced) and len(decoded.macs) == MAX_MACS
-    assert PART_SWITCH == 2
+    assert (PART_SWITCH, PART_OVS) == (2, 3)
+    assert split_envelope(wrap(PART_OVS, b"o")) == (PART_OVS, b"o")
 
 
 @given(st.binary(max_size=64))

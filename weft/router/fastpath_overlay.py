@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -55,6 +55,8 @@ from weft.fastdp.heartbeat import (
 from weft.fastdp.link import FastPathLink
 from weft.fastdp.vxlan import VXLAN_PORT, HeartbeatSocket, VxlanConfig, VxlanDatapath
 from weft.gossip.peer import PeerName
+from weft.router.overlay import OverlayConnectionParams
+from weft.router.switch_core import PART_VXLAN
 
 __all__ = ["VxlanLinkHandle", "VxlanPart", "flush_learned", "health_text", "local_bridge_macs"]
 
@@ -65,6 +67,9 @@ NUD_PERMANENT = 0x80
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
 MAC_POLL_INTERVAL = 2.0  # seconds between looks at the bridge's learned MACs
+FEATURE_VXLAN = "fastdp_vxlan"
+FEATURE_VXLAN_PORT = "fastdp_vxlan_port"
+FEATURE_VNI = "fastdp_vni"
 
 
 def health_text(state: HeartbeatState, reason: str) -> str:
@@ -93,6 +98,7 @@ class VxlanLinkHandle:
     link: FastPathLink
     send_control: Callable[[bytes], None]  # a fast-path control message to the peer's link
     on_health: Callable[[bool, str], None]  # (healthy, reason) when it changes
+    on_failed: Callable[[str], None] = lambda reason: None  # can never carry (why); once
     carrying: bool = False
     macs: frozenset[str] = field(default_factory=frozenset)
     stopped: bool = False
@@ -144,7 +150,11 @@ def flush_learned(ipr: Any, bridge: str, ports: list[str]) -> int:
 
 
 class VxlanPart:
-    """The vxlan datapath of one router (create inside the running loop)."""
+    """The vxlan datapath of one router (create inside the running loop); a
+    :class:`weft.router.fast_part.FastPart`."""
+
+    name = "vxlan"
+    part_id = PART_VXLAN
 
     def __init__(
         self,
@@ -161,6 +171,7 @@ class VxlanPart:
         self.heartbeat = heartbeat or HeartbeatConfig()
         self.device_config = device or VxlanConfig(bridge=bridge)
         self.on_local_macs = on_local_macs
+        self.encrypted = False
         self.links: dict[PeerName, VxlanLinkHandle] = {}
         self.local_name: PeerName | None = None
         self.mtu: int | None = None
@@ -177,6 +188,27 @@ class VxlanPart:
         self._closed = False
         self._bridge_installed: set[str] = set()  # worker thread only
         self.bridge_entries = 0
+
+    # -- what we offer ---------------------------------------------------------------------------
+
+    def features(self) -> dict[str, Any]:
+        return {
+            FEATURE_VXLAN: 1,
+            FEATURE_VXLAN_PORT: self.device_config.port,
+            FEATURE_VNI: self.device_config.vni,
+        }
+
+    def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
+        """ "" when the peer runs vxlan on our port and VNI, else why not."""
+        if remote_features.get(FEATURE_VXLAN) != 1:
+            return "vxlan: the peer has no vxlan datapath"
+        port, vni = remote_features.get(FEATURE_VXLAN_PORT), remote_features.get(FEATURE_VNI)
+        if port != self.device_config.port or vni != self.device_config.vni:
+            return (
+                f"vxlan: the peer uses UDP {port} VNI {vni}, we use UDP "
+                f"{self.device_config.port} VNI {self.device_config.vni}"
+            )
+        return ""
 
     # -- lifecycle (the device starts with the first connection: it needs our peer name) --------
 
@@ -249,13 +281,13 @@ class VxlanPart:
 
     def start_link(
         self,
-        local: PeerName,
-        remote: PeerName,
-        ip: str,
+        params: OverlayConnectionParams,
         send_control: Callable[[bytes], None],
         on_health: Callable[[bool, str], None],
+        on_failed: Callable[[str], None],
     ) -> VxlanLinkHandle | None:
-        """Start probing ``remote`` through the tunnel; None when vxlan cannot run here."""
+        """Start probing the peer through the tunnel; None when vxlan cannot run here."""
+        local, remote, ip = params.local_name, params.remote_name, params.remote_ip
         if not self.ensure_started(local, ip) or self.mtu is None:
             return None
         old = self.links.pop(remote, None)
@@ -263,7 +295,7 @@ class VxlanPart:
             old.stopped = True
         now = self.loop.time()
         link = FastPathLink(local, remote, self.mtu, False, now, self.heartbeat)
-        handle = VxlanLinkHandle(remote, ip, link, send_control, on_health)
+        handle = VxlanLinkHandle(remote, ip, link, send_control, on_health, on_failed)
         self.links[remote] = handle
         self._submit(self._dp_call, "peer_started", remote, ip)
         self._process(handle)

@@ -1,20 +1,22 @@
-"""The overlay switch: the sleeve and the kernel VXLAN datapath behind one ``Overlay``.
+"""The overlay switch: the sleeve and the kernel fast datapaths behind one ``Overlay``.
 
 ``make_overlay(config)`` (for ``weft.router.daemon.OVERLAY_FACTORIES``) builds the sleeve
 (weft.router.sleeve, always: it is every connection's fallback and owns the bridge and the TAP),
-probes the kernel once (weft.fastdp.capabilities) and, where vxlan links can be created, adds the
-VXLAN datapath (weft.router.fastpath_overlay.VxlanPart). ``--datapath``: ``auto`` = the best
-healthy datapath per connection (ovs, vxlan, sleeve); ``vxlan`` = vxlan only, no fallback;
-``sleeve`` = sleeve only.
+probes the kernel once (weft.fastdp.capabilities) and builds the fast parts
+(:func:`_build_fast_parts`; each a :class:`weft.router.fast_part.FastPart`, best first: the OVS
+datapath ``weft.router.ovs_part`` where openvswitch is available, else the Linux VXLAN datapath
+weft.router.fastpath_overlay.VxlanPart). ``--datapath``: ``auto`` = the best healthy datapath
+per connection (ovs, vxlan, sleeve); ``ovs`` / ``vxlan`` = that one only, no fallback (a
+ConfigError when it cannot run here); ``sleeve`` = sleeve only.
 
 Per connection (:class:`SwitchConnection`): every datapath both ends support starts at once; the
 decision is :class:`weft.router.switch_core.PathSwitch` (pure, tested with a stepped clock).
 Overlay-control messages travel in the envelope documented in switch_core.py (part 0 sleeve,
-1 vxlan, 2 switch) when both ends advertise ``overlay_switch``; with a plain-sleeve peer they are
-bare sleeve messages.
+1 vxlan, 2 switch, 3 ovs) when both ends advertise ``overlay_switch``; with a plain-sleeve peer
+they are bare sleeve messages.
 
-Hello features added: ``overlay_switch`` 1; with vxlan running: ``fastdp_vxlan`` 1,
-``fastdp_vxlan_port`` (6784), ``fastdp_vni``.
+Hello features added: ``overlay_switch`` 1, plus each running fast part's ``features()``
+(vxlan: ``fastdp_vxlan`` 1, ``fastdp_vxlan_port`` (6784), ``fastdp_vni``).
 
 MTU. Containers keep one MTU whichever datapath carries their traffic (a connection may change
 datapath at any time and a container cannot follow): the bridge's, 1376 by default (``WEFT_MTU``).
@@ -45,8 +47,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -56,7 +60,7 @@ from weft.fastdp.capabilities import Capabilities
 from weft.fastdp.heartbeat import HeartbeatConfig
 from weft.fastdp.vxlan import VxlanConfig
 from weft.gossip.peer import PeerName
-from weft.router.fastpath_overlay import VxlanLinkHandle, VxlanPart
+from weft.router.fast_part import FastLinkHandle, FastPart
 from weft.router.overlay import (
     Overlay,
     OverlayConnection,
@@ -67,7 +71,6 @@ from weft.router.overlay import (
 from weft.router.switch_core import (
     PART_SLEEVE,
     PART_SWITCH,
-    PART_VXLAN,
     SLEEVE,
     MacsAnnounced,
     PathState,
@@ -80,21 +83,28 @@ from weft.router.switch_core import (
     wrap,
 )
 
-__all__ = ["SwitchConnection", "SwitchOverlay", "heartbeat_from_env", "make_overlay"]
+__all__ = [
+    "FAST_DATAPATHS",
+    "MODES",
+    "FastPartContext",
+    "SwitchConnection",
+    "SwitchOverlay",
+    "heartbeat_from_env",
+    "make_overlay",
+]
 
 log = logging.getLogger("weft.switch")
 
 FEATURE_SWITCH = "overlay_switch"
-FEATURE_VXLAN = "fastdp_vxlan"
-FEATURE_VXLAN_PORT = "fastdp_vxlan_port"
-FEATURE_VNI = "fastdp_vni"
-MODES = ("auto", "vxlan", "sleeve")
+FAST_DATAPATHS = ("ovs", "vxlan")  # best first; sleeve is always last
+MODES = ("auto", "ovs", "vxlan", "sleeve")
+ESP_INFO = "ESP rfc4106(gcm(aes))"
 
 
 class _SleeveRoutes:
     """The routes the sleeve forwards along, minus what the tunnel already carries: a broadcast
-    (or unknown unicast) we originate reaches peers whose connection vxlan carries through the
-    vxlan device's flood entries, so the sleeve leaves them out -- unless they relay it further
+    (or unknown unicast) we originate reaches peers whose connection a fast path carries through
+    that datapath's flooding, so the sleeve leaves them out -- unless they relay it further
     (a partial mesh), where a duplicate at that peer beats a peer never reached."""
 
     def __init__(self, overlay: SwitchOverlay, inner: RoutesView) -> None:
@@ -141,7 +151,7 @@ class SwitchConnection:
         for note in notes:
             self.switch.note(note)
         self.sleeve: OverlayConnection | None = None
-        self.vx: VxlanLinkHandle | None = None
+        self.fast: dict[str, FastLinkHandle] = {}  # datapath name -> this connection's link
         if unavailable:
             self.switch.unavailable(candidates[0], unavailable, now)
         if SLEEVE in candidates and overlay.sleeve is not None:
@@ -159,19 +169,22 @@ class SwitchConnection:
                 on_status_changed=self._sleeve_changed,
             )
             self.sleeve = overlay.sleeve.prepare_connection(sleeve_params)
-        if "vxlan" in candidates and not unavailable and overlay.vxlan is not None:
-            self.vx = overlay.vxlan.start_link(
-                params.local_name,
-                params.remote_name,
-                params.remote_ip,
-                self._send_vxlan,
-                self._vxlan_health,
+        for part in overlay.fast_parts:
+            if part.name not in candidates or unavailable:
+                continue
+            handle = part.start_link(
+                params,
+                partial(self._send_fast, part.part_id),
+                partial(self._fast_health, part.name),
+                partial(self._fast_failed, part.name),
             )
-            if self.vx is None:
-                self.switch.unavailable("vxlan", overlay.vxlan.problem, now)
+            if handle is None:
+                self.switch.unavailable(part.name, part.problem, now)
             else:
-                self.switch.path_state("vxlan", False, self.vx.link.reason, now)  # "waiting..."
-                self._send_switch(encode_macs(sorted(overlay.vxlan.local_macs)))
+                self.fast[part.name] = handle
+                self.switch.path_state(part.name, False, handle.link.reason, now)  # "waiting..."
+        if self.fast:
+            self._send_switch(encode_macs(sorted(overlay.local_macs())))
         self._sleeve_changed()
 
     # -- OverlayConnection ----------------------------------------------------------------------
@@ -183,24 +196,23 @@ class SwitchConnection:
             if self.sleeve is not None:
                 self.sleeve.control_received(payload)
             return
-        part, body = split_envelope(payload)
-        if part == PART_SLEEVE:
+        part_id, body = split_envelope(payload)
+        if part_id == PART_SLEEVE:
             if self.sleeve is not None:
                 self.sleeve.control_received(body)
-        elif part == PART_VXLAN:
-            if self.vx is not None and self.overlay.vxlan is not None:
-                self.overlay.vxlan.control_received(self.vx, body)
-        else:
+        elif part_id == PART_SWITCH:
             message = decode_switch_message(body)
             if isinstance(message, PathState):
                 self.switch.peer_state(message.datapath, message.healthy, self.overlay.loop.time())
                 self._after()
-            elif (
-                isinstance(message, MacsAnnounced)
-                and self.vx is not None
-                and self.overlay.vxlan is not None
-            ):
-                self.overlay.vxlan.peer_macs(self.vx, message.macs)
+            elif isinstance(message, MacsAnnounced):
+                for name, handle in self.fast.items():
+                    self.overlay.part(name).peer_macs(handle, message.macs)
+        else:
+            part = self.overlay.part_by_id.get(part_id)
+            link = self.fast.get(part.name) if part is not None else None
+            if part is not None and link is not None:
+                part.control_received(link, body)
 
     def status(self) -> OverlayConnectionStatus:
         chosen = self.switch.chosen or SLEEVE
@@ -210,15 +222,19 @@ class SwitchConnection:
                 return OverlayConnectionStatus(SLEEVE, "failed", None, info or "no sleeve")
             s = self.sleeve.status()
             return OverlayConnectionStatus(SLEEVE, s.state, s.mtu, info or s.info, s.encrypted)
-        vxlan = self.overlay.vxlan
+        part = self.overlay.parts.get(chosen)
+        handle = self.fast.get(chosen)
         if self.switch.carrying:
             state = "established"
-        elif self.vx is not None and self.vx.link.state.value == "pending":
+        elif handle is not None and handle.link.state.value == "pending":
             state = "pending"
         else:
             state = "failed"
+        encrypted = part is not None and part.encrypted
+        if encrypted and self.switch.carrying:
+            info = f"{info}; {ESP_INFO}" if info else ESP_INFO
         return OverlayConnectionStatus(
-            chosen, state, vxlan.mtu if vxlan is not None else None, info, False
+            chosen, state, part.mtu if part is not None else None, info, encrypted
         )
 
     def stop(self) -> None:
@@ -230,8 +246,8 @@ class SwitchConnection:
             self._timer = None
         if self.sleeve is not None:
             self.sleeve.stop()
-        if self.vx is not None and self.overlay.vxlan is not None:
-            self.overlay.vxlan.stop_link(self.vx)
+        for name, handle in self.fast.items():
+            self.overlay.part(name).stop_link(handle)
         self.overlay.connection_stopped(self)
 
     # -- inside ---------------------------------------------------------------------------------
@@ -248,16 +264,16 @@ class SwitchConnection:
     def _send_sleeve(self, payload: bytes) -> None:
         self._send(PART_SLEEVE, payload)
 
-    def _send_vxlan(self, payload: bytes) -> None:
+    def _send_fast(self, part_id: int, payload: bytes) -> None:
         if self.envelope:
-            self._send(PART_VXLAN, payload)
+            self._send(part_id, payload)
 
     def _send_switch(self, payload: bytes) -> None:
         if self.envelope:
             self._send(PART_SWITCH, payload)
 
     def send_macs(self, macs: frozenset[str]) -> None:
-        if self.vx is not None:
+        if self.fast:
             self._send_switch(encode_macs(sorted(macs)))
 
     def _sleeve_changed(self) -> None:
@@ -272,22 +288,31 @@ class SwitchConnection:
                 self.switch.path_state(SLEEVE, ok, reason or s.state, self.overlay.loop.time())
         self._after()
 
-    def _vxlan_health(self, healthy: bool, reason: str) -> None:
+    def _fast_health(self, name: str, healthy: bool, reason: str) -> None:
         if self.stopped:
             return
-        self.switch.path_state("vxlan", healthy, reason, self.overlay.loop.time())
-        self._send_switch(encode_path_state("vxlan", healthy))
+        self.switch.path_state(name, healthy, reason, self.overlay.loop.time())
+        self._send_switch(encode_path_state(name, healthy))
+        self._after()
+
+    def _fast_failed(self, name: str, reason: str) -> None:
+        """The part cannot carry this connection, ever (e.g. its ESP setup failed)."""
+        if self.stopped:
+            return
+        self.switch.unavailable(name, reason, self.overlay.loop.time())
+        self._send_switch(encode_path_state(name, False))
         self._after()
 
     def _after(self) -> None:
-        """Act on the switch's decisions: FDB, sleeve routes, metrics, the router's callbacks."""
+        """Act on the switch's decisions: what each part carries, sleeve routes, metrics, the
+        router's callbacks."""
         if self.stopped:
             return
         changed = False
         while (event := self.switch.next_event()) is not None:
             changed = True
-            if self.vx is not None and self.overlay.vxlan is not None:
-                self.overlay.vxlan.set_carrying(self.vx, event.new == "vxlan")
+            for name, handle in self.fast.items():
+                self.overlay.part(name).set_carrying(handle, event.new == name)
             if event.old is None:
                 continue
             log.info(
@@ -307,8 +332,9 @@ class SwitchConnection:
         self.params.on_status_changed()
         self._arm()
 
-    def switch_worse(self, old: str, new: str) -> bool:
-        order = ["ovs", "vxlan", SLEEVE]
+    @staticmethod
+    def switch_worse(old: str, new: str) -> bool:
+        order = [*FAST_DATAPATHS, SLEEVE]
         return order.index(new) > order.index(old)
 
     def _arm(self) -> None:
@@ -326,15 +352,17 @@ class SwitchConnection:
 
 
 class SwitchOverlay:
-    """The router's data plane: sleeve plus, where the kernel allows, vxlan (``Overlay``)."""
+    """The router's data plane: sleeve plus, where the kernel allows, fast datapaths
+    (``Overlay``). ``fast_parts`` best first (``ovs``, ``vxlan``); ``note`` says why there is
+    none (shown on every connection when there is no fast part)."""
 
     def __init__(
         self,
         sleeve: Overlay | None,
-        vxlan: VxlanPart | None,
+        fast_parts: Sequence[FastPart] = (),
         *,
         mode: str = "auto",
-        vxlan_note: str = "",
+        note: str = "",
         capabilities: Capabilities | None = None,
         switch_config: SwitchConfig | None = None,
         container_mtu: int | None = None,
@@ -343,11 +371,21 @@ class SwitchOverlay:
 
         if mode not in MODES:
             raise ConfigError(f"--datapath {mode!r}: expected one of {', '.join(MODES)}")
+        order = {name: i for i, name in enumerate(FAST_DATAPATHS)}
+        for part in fast_parts:
+            if part.name not in order:
+                raise ConfigError(f"unknown fast datapath {part.name!r}")
+        self.fast_parts = sorted(fast_parts, key=lambda p: order[p.name])
+        self.parts = {p.name: p for p in self.fast_parts}
+        if len(self.parts) != len(self.fast_parts):
+            raise ConfigError("two fast parts for the same datapath")
+        self.part_by_id = {p.part_id: p for p in self.fast_parts}
+        if mode in FAST_DATAPATHS and mode not in self.parts:
+            raise ConfigError(note or f"{mode}: not available")
         self.loop = asyncio.get_running_loop()
         self.sleeve = sleeve
-        self.vxlan = vxlan
         self.mode = mode
-        self.vxlan_note = vxlan_note
+        self.note = note
         self.capabilities = capabilities
         self.switch_config = switch_config or SwitchConfig()
         self.container_mtu = container_mtu
@@ -356,18 +394,21 @@ class SwitchOverlay:
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self._fallback_callbacks: list[Callable[[str, str], None]] = []
         self._routes: _SleeveRoutes | None = None
-        if vxlan is not None:
-            vxlan.on_local_macs = self._local_macs
+        self._announced: frozenset[str] = frozenset()
+        for part in self.fast_parts:
+            part.on_local_macs = self._local_macs
+
+    def part(self, name: str) -> FastPart:
+        return self.parts[name]
 
     # -- Overlay --------------------------------------------------------------------------------
 
     def features(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.sleeve.features()) if self.sleeve is not None else {}
         out[FEATURE_SWITCH] = 1
-        if self.vxlan is not None and not self.vxlan.problem:
-            out[FEATURE_VXLAN] = 1
-            out[FEATURE_VXLAN_PORT] = self.vxlan.device_config.port
-            out[FEATURE_VNI] = self.vxlan.device_config.vni
+        for part in self.fast_parts:
+            if not part.problem:
+                out.update(part.features())
         return out
 
     def prepare_connection(self, params: OverlayConnectionParams) -> OverlayConnection:
@@ -388,14 +429,21 @@ class SwitchOverlay:
         out: dict[str, Any] = dict(self.sleeve.status()) if self.sleeve is not None else {}
         out["datapath"] = self.mode
         switch: dict[str, Any] = {
-            "datapaths": ([] if self.vxlan is None else ["vxlan"]) + [SLEEVE],
-            "vxlan_note": self.vxlan_note,
-            "vxlan": self.vxlan.status() if self.vxlan is not None else None,
-            "capabilities": self.capabilities.status() if self.capabilities else None,
-            "container_mtu": self.container_mtu,
-            "fallbacks": {f"{a}->{b}": n for (a, b), n in sorted(self.fallbacks.items())},
-            "connections": {str(p): c.switch.status() for p, c in self.conns.items()},
+            "datapaths": [p.name for p in self.fast_parts] + [SLEEVE],
+            "note": self.note,
+            "vxlan_note": self.note,  # the earlier name of "note"
         }
+        for name in FAST_DATAPATHS:
+            part = self.parts.get(name)
+            switch[name] = part.status() if part is not None else None
+        switch.update(
+            {
+                "capabilities": self.capabilities.status() if self.capabilities else None,
+                "container_mtu": self.container_mtu,
+                "fallbacks": {f"{a}->{b}": n for (a, b), n in sorted(self.fallbacks.items())},
+                "connections": {str(p): c.switch.status() for p, c in self.conns.items()},
+            }
+        )
         out["switch"] = switch
         return out
 
@@ -408,8 +456,11 @@ class SwitchOverlay:
     def close(self) -> None:
         for conn in list(self.conns.values()):
             conn.stop()
-        if self.vxlan is not None:
-            self.vxlan.close()
+        for part in self.fast_parts:
+            try:
+                part.close()
+            except Exception:
+                log.exception("closing the %s datapath failed", part.name)
         closer = getattr(self.sleeve, "close", None)
         if callable(closer):
             closer()
@@ -428,45 +479,60 @@ class SwitchOverlay:
             except Exception:
                 log.exception("fallback callback failed")
 
+    def local_macs(self) -> frozenset[str]:
+        """Every MAC on our bridge (each fast part watches it; their union)."""
+        macs: frozenset[str] = frozenset()
+        for part in self.fast_parts:
+            macs |= part.local_macs
+        return macs
+
+    def why_not(self, part: FastPart, params: OverlayConnectionParams) -> str:
+        """Why ``part`` cannot carry this connection ("" when it can try)."""
+        encrypted = params.data_send_key is not None
+        if part.problem:
+            return part.problem
+        if encrypted and not part.encrypted:
+            return "encrypted: kernel has no ESP"
+        if part.encrypted and not encrypted:
+            return f"{part.name}: runs with ESP only and this connection is not encrypted"
+        if not part.ensure_started(params.local_name, params.remote_ip):  # once: the MTU
+            return part.problem or f"{part.name}: could not start"
+        features = params.remote_features
+        if features.get(FEATURE_SWITCH) != 1:
+            return f"{part.name}: the peer has no {part.name} datapath"
+        why = part.peer_compatible(features)
+        if why:
+            return why
+        if (
+            self.container_mtu is not None
+            and part.mtu is not None
+            and (part.mtu < self.container_mtu)
+        ):
+            return (
+                f"{part.name}: overlay MTU {part.mtu} below the container MTU {self.container_mtu}"
+            )
+        return ""
+
     def candidates_for(self, params: OverlayConnectionParams) -> tuple[list[str], list[str], str]:
         """``(candidates, notes, unavailable)`` for a new connection: the datapaths it starts
-        (best first), why better ones are not started, and (forced vxlan only) why the single
-        candidate can never carry."""
-        features = params.remote_features
-        encrypted = params.data_send_key is not None
-        why_not = ""
-        if self.vxlan is not None and not encrypted:
-            self.vxlan.ensure_started(params.local_name, params.remote_ip)  # once: the MTU
-        if self.vxlan is None:
-            why_not = self.vxlan_note or "vxlan: not available"
-        elif self.vxlan.problem:
-            why_not = self.vxlan.problem
-        elif encrypted:
-            why_not = "encrypted: kernel has no ESP"  # never reached: no VxlanPart with a password
-        elif features.get(FEATURE_VXLAN) != 1 or features.get(FEATURE_SWITCH) != 1:
-            why_not = "vxlan: the peer has no vxlan datapath"
-        elif (
-            features.get(FEATURE_VXLAN_PORT) != self.vxlan.device_config.port
-            or features.get(FEATURE_VNI) != self.vxlan.device_config.vni
-        ):
-            why_not = (
-                f"vxlan: the peer uses UDP {features.get(FEATURE_VXLAN_PORT)} VNI "
-                f"{features.get(FEATURE_VNI)}, we use UDP {self.vxlan.device_config.port} VNI "
-                f"{self.vxlan.device_config.vni}"
-            )
-        elif (
-            self.container_mtu is not None
-            and self.vxlan.mtu is not None
-            and self.vxlan.mtu < self.container_mtu
-        ):
-            why_not = (
-                f"vxlan: overlay MTU {self.vxlan.mtu} below the container MTU {self.container_mtu}"
-            )
-        if self.mode == "vxlan":
-            return ["vxlan"], [], why_not
-        if self.mode == SLEEVE or why_not:
-            return [SLEEVE], [why_not] if why_not and self.mode != SLEEVE else [], ""
-        return ["vxlan", SLEEVE], [], ""
+        (best first), why better ones are not started, and (forced fast datapath only) why the
+        single candidate can never carry."""
+        if self.mode == SLEEVE:
+            return [SLEEVE], [], ""
+        if self.mode in FAST_DATAPATHS:
+            part = self.parts[self.mode]
+            return [part.name], [], self.why_not(part, params)
+        candidates: list[str] = []
+        notes: list[str] = []
+        for part in self.fast_parts:
+            why = self.why_not(part, params)
+            if why:
+                notes.append(why)
+            else:
+                candidates.append(part.name)
+        if not self.fast_parts:
+            notes.append(self.note or "vxlan: not available")
+        return [*candidates, SLEEVE], notes, ""
 
     def connection_stopped(self, conn: SwitchConnection) -> None:
         if self.conns.get(conn.remote) is conn:
@@ -480,7 +546,11 @@ class SwitchOverlay:
         if self._routes is not None:
             self._routes.recompute()
 
-    def _local_macs(self, macs: frozenset[str]) -> None:
+    def _local_macs(self, _changed: frozenset[str]) -> None:
+        macs = self.local_macs()
+        if macs == self._announced:
+            return
+        self._announced = macs
         for conn in list(self.conns.values()):
             try:
                 conn.send_macs(macs)
@@ -517,30 +587,115 @@ def _remove_stale_vxlan(device: VxlanConfig) -> None:
         VxlanDevice(ipr, device).remove_stale()
 
 
+@dataclass(frozen=True)
+class FastPartContext:
+    """What a fast part needs to be built (see :func:`_build_fast_parts`)."""
+
+    config: Any  # the RouterConfig
+    mode: str  # auto, ovs or vxlan (never sleeve here)
+    caps: Capabilities
+    bridge: str  # the sleeve's bridge (containers' veths are on it)
+    tap: str | None  # the sleeve's TAP on that bridge
+    container_mtu: int | None
+    heartbeat: HeartbeatConfig
+    encrypted: bool  # a password is set: every part must run its links over ESP
+
+
+def _build_ovs_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
+    """The OVS part, where the kernel has openvswitch and the part is in this build.
+
+    Contract for ``weft.router.ovs_part``: ``make_part(ctx: FastPartContext) -> FastPart``
+    (name ``"ovs"``, part_id ``switch_core.PART_OVS``); raising says why it cannot run here.
+    """
+    if not ctx.caps.openvswitch.available:
+        return None, f"ovs: {ctx.caps.openvswitch.detail}"
+    try:
+        from weft.router import ovs_part  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None, "ovs: the OVS part is not in this build"
+    make = getattr(ovs_part, "make_part", None)
+    if not callable(make):
+        return None, "ovs: the OVS part is not in this build"
+    try:
+        part: FastPart = make(ctx)
+    except Exception as err:  # the other datapaths still run; say why there is no OVS
+        log.exception("ovs datapath unavailable")
+        return None, f"ovs: {type(err).__name__}: {err}"
+    return part, ""
+
+
+def _build_vxlan_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
+    if not ctx.caps.vxlan.available:
+        return None, f"vxlan: {ctx.caps.vxlan.detail}"
+    from weft.router.fastpath_overlay import VxlanPart
+
+    try:
+        part = VxlanPart(
+            bridge=ctx.bridge,
+            tap=ctx.tap,
+            heartbeat=ctx.heartbeat,
+            device=VxlanConfig(bridge=ctx.bridge),
+        )
+    except Exception as err:  # the sleeve still runs; say why there is no vxlan
+        log.exception("vxlan datapath unavailable")
+        return None, f"vxlan: {type(err).__name__}: {err}"
+    return part, ""
+
+
+def _build_fast_parts(ctx: FastPartContext) -> tuple[list[FastPart], str]:
+    """The fast parts for ``ctx.mode``, best first, and a note when there is none (why).
+
+    OVS first. Both datapaths listen on UDP 6784, so a host runs one of them: vxlan only where
+    OVS is not built (an OVS host talks to vxlan-only peers itself, with the network VNI).
+    With a password a kernel without ESP gets none: nothing may leave unencrypted.
+    """
+    if ctx.encrypted and not ctx.caps.esp.available:
+        return [], "encrypted: kernel has no ESP"
+    if ctx.encrypted:
+        return [], "encrypted: the ESP fast path is not wired into the switch yet"
+    parts: list[FastPart] = []
+    notes: list[str] = []
+    if ctx.mode in ("auto", "ovs"):
+        ovs, why = _build_ovs_part(ctx)
+        if ovs is not None:
+            parts.append(ovs)
+        elif why:
+            notes.append(why)
+    if ctx.mode in ("auto", "vxlan") and not parts:
+        vxlan, why = _build_vxlan_part(ctx)
+        if vxlan is not None:
+            parts.append(vxlan)
+        elif why:
+            notes.append(why)
+    if parts:
+        return parts, ""
+    wanted = [n for n in notes if ctx.mode == "auto" or n.startswith(f"{ctx.mode}:")]
+    return [], "; ".join(wanted)
+
+
 def make_overlay(config: Any) -> SwitchOverlay:
     """The router's data plane from its ``RouterConfig`` (inside the running loop).
 
-    ``config.datapath``: ``auto`` (also what ``none``-less callers mean), ``vxlan``, ``sleeve``.
-    The sleeve is built by ``weft.router.sleeve.make_overlay`` (its errors propagate: the
-    daemon decides whether they are fatal); the kernel is probed once, here.
+    ``config.datapath``: ``auto``, ``ovs``, ``vxlan``, ``sleeve`` (a forced fast datapath that
+    cannot run here is a ConfigError saying why). The sleeve is built by
+    ``weft.router.sleeve.make_overlay`` (its errors propagate: the daemon decides whether they
+    are fatal); the kernel is probed once, here; the fast parts come from
+    :func:`_build_fast_parts`.
     """
     from weft.fastdp.capabilities import probe_capabilities
     from weft.router import sleeve as sleeve_module
 
     mode = str(getattr(config, "datapath", "auto") or "auto")
-    if mode == "ovs":
-        raise ConfigError("--datapath ovs: the OVS datapath is not wired into the switch yet")
     if mode not in MODES:
         raise ConfigError(f"--datapath {mode!r}: expected one of {', '.join(MODES)}")
     heartbeat, switch_config = heartbeat_from_env()
     sleeve = sleeve_module.make_overlay(config)
+    parts: list[FastPart] = []
     try:
         bridge = sleeve.bridge.name
         container_mtu = sleeve.bridge.mtu
         tap = sleeve.tap.name if sleeve.tap is not None else None
-        device = VxlanConfig(bridge=bridge)
         caps: Capabilities | None = None
-        vxlan: VxlanPart | None = None
         note = ""
         encrypted = getattr(config, "password", None) is not None
         if mode == SLEEVE:
@@ -552,33 +707,30 @@ def make_overlay(config: Any) -> SwitchOverlay:
                     # Nothing may leave unencrypted: a vxlan device left by an earlier router
                     # (enslaved to our bridge, with its FDB) goes before any container traffic.
                     # If that fails, the router must not run.
-                    pool.submit(_remove_stale_vxlan, device).result(timeout=60)
-            if not caps.vxlan.available:
-                note = f"vxlan: {caps.vxlan.detail}"
-            elif encrypted and not caps.esp.available:
-                note = "encrypted: kernel has no ESP"
-            elif encrypted:
-                note = "encrypted: the ESP fast path is not wired into the switch yet"
-            else:
-                try:
-                    vxlan = VxlanPart(bridge=bridge, tap=tap, heartbeat=heartbeat, device=device)
-                except Exception as err:  # the sleeve still runs; say why there is no vxlan
-                    log.exception("vxlan datapath unavailable")
-                    note = f"vxlan: {type(err).__name__}: {err}"
-        if mode == "vxlan" and vxlan is None:
-            raise ConfigError(note)  # the daemon says "--datapath vxlan is not available here"
-        log.info(
-            "datapaths: %s%s", "vxlan, sleeve" if vxlan else "sleeve", f" ({note})" * bool(note)
-        )
+                    pool.submit(_remove_stale_vxlan, VxlanConfig(bridge=bridge)).result(timeout=60)
+            ctx = FastPartContext(
+                config, mode, caps, bridge, tap, container_mtu, heartbeat, encrypted
+            )
+            parts, note = _build_fast_parts(ctx)
+        if mode in FAST_DATAPATHS and mode not in {p.name for p in parts}:
+            # the daemon says "--datapath vxlan is not available here: <note>"
+            raise ConfigError(note or f"{mode}: not available")
+        names = [p.name for p in parts] + [SLEEVE]
+        log.info("datapaths: %s%s", ", ".join(names), f" ({note})" * bool(note))
         return SwitchOverlay(
             sleeve,
-            vxlan,
+            parts,
             mode=mode,
-            vxlan_note=note,
+            note=note,
             capabilities=caps,
             switch_config=switch_config,
             container_mtu=container_mtu,
         )
     except BaseException:
+        for part in parts:
+            try:
+                part.close()
+            except Exception:
+                log.exception("closing the %s datapath failed", part.name)
         sleeve.close()
         raise

@@ -28,6 +28,7 @@ from weft.errors import ConfigError, LocalError, RemoteProtocolError
 
 __all__ = [
     "MAX_MACS",
+    "PART_OVS",
     "PART_SLEEVE",
     "PART_SWITCH",
     "PART_VXLAN",
@@ -51,18 +52,23 @@ SLEEVE = "sleeve"
 # When both ends advertise ``overlay_switch`` 1 in their hello features, every overlay-control
 # message (tag 7) is ``part (1 byte) || the part's own message``, so each sub-overlay gets its own
 # messages unchanged: 0 = sleeve (its heartbeat acks), 1 = the vxlan fast path (FastPathLink's
-# messages: heartbeat acks, ESP SPIs), 2 = the switch itself:
+# messages: heartbeat acks, ESP SPIs), 3 = the OVS fast path (the same messages, its own links),
+# 2 = the switch itself:
 #   ``0x01 || datapath id u8 (1 vxlan, 2 ovs) || healthy u8``: the sender's own view of that fast
 #       path (its probes through the tunnel are answered); sent when it changes and at start;
 #   ``0x02 || count u16 || count x 6-byte MACs``: every MAC the sender has on its bridge (its
 #       containers and exposed addresses), complete each time, sent when it changes; the receiver
-#       points those MACs at the sender in its vxlan FDB (only while vxlan carries the connection).
+#       gives them to every fast datapath it runs for this connection (vxlan: FDB entries, only
+#       while vxlan carries the connection). MACs are the host's, not a datapath's.
+# A message for a known part the receiver does not run for this connection is ignored (the peer
+# may have started a datapath we lack); an unknown part is a protocol error.
 # A peer without ``overlay_switch`` gets sleeve messages bare (what a plain sleeve expects).
 
 PART_SLEEVE = 0
 PART_VXLAN = 1
 PART_SWITCH = 2
-_PARTS = (PART_SLEEVE, PART_VXLAN, PART_SWITCH)
+PART_OVS = 3
+_PARTS = (PART_SLEEVE, PART_VXLAN, PART_SWITCH, PART_OVS)
 _KIND_STATE = 1
 _KIND_MACS = 2
 _DATAPATH_IDS = {"vxlan": 1, "ovs": 2}
