@@ -14,8 +14,12 @@ module moves bytes and counts syscalls:
   the unprivileged options.
 
 The per-frame path (``WEFT_SLEEVE_MODE=per-frame``, or automatically towards a peer that does not
-advertise super-frames) opens the TAP without a virtio_net_hdr and uses no GSO/GRO: one frame per
-read, one datagram per send. Each peer advertises ``sleeve_version``, ``sleeve_port``,
+advertise super-frames) opens the TAP without a virtio_net_hdr: one frame per read, one frame per
+datagram, no fragments. UDP GSO and GRO stay local syscall batching there: equal-size datagrams
+for one peer leave in one ``sendmsg`` (:func:`~weft.router.sleeve_core.gso_batches`), which the
+kernel cuts back into the same separate datagrams, and GRO-coalesced arrivals are split again by
+the core, so a peer without either sees the same wire. ``WEFT_SLEEVE_UDP_OFFLOAD=off`` turns both
+off (the strict path of a kernel without them: one datagram per syscall). Each peer advertises ``sleeve_version``, ``sleeve_port``,
 ``sleeve_superframes`` and ``sleeve_cipher`` in its hello features; when any connected peer
 lacks super-frames the TAP's offloads are switched off, so the kernel segments and checksums
 before the sleeve sees a frame.
@@ -59,6 +63,7 @@ from weft.router.sleeve_core import (
     TapFrame,
     Transmit,
     features_of,
+    gso_batches,
     remote_sleeve,
 )
 
@@ -205,8 +210,11 @@ class SleeveOverlay:
         self.core: SleeveCore | None = None
         self.bridge = Bridge(bridge or "weft", mtu or DEFAULT_MTU)
         superframes = cfg.tap_vnet_hdr
-        self.gso = superframes if gso is None else gso
-        self.gro = superframes if gro is None else gro
+        # UDP GSO/GRO are local syscall batching (the wire is the same datagrams either way), so
+        # both paths use them when the kernel has them; False forces them off (the strict
+        # per-frame path, what a kernel without them gets).
+        self.gso = True if gso is None else gso
+        self.gro = True if gro is None else gro
         self.sock = self._open_socket(host, cfg.port, buffer_bytes)
         port = self.sock.getsockname()[1]
         if port != cfg.port:
@@ -236,6 +244,9 @@ class SleeveOverlay:
             if self.tap is not None:
                 self.tap.close()
             raise
+        # TAP frames read between two sends: a GSO send's worth (44 full frames on a 1500-byte
+        # underlay) when the datagrams can leave together, else a few.
+        self._gso_every = 32 if self.gso else 8
         self._sender: _Worker[Transmit] | None = None
         self._writer: _Worker[TapFrame] | None = None
         if threads:
@@ -434,6 +445,8 @@ class SleeveOverlay:
             return 0
         core = self.core
         fd = tap.fd
+        # With UDP GSO up to a send's worth of per-frame datagrams wait to leave together.
+        every = self._gso_every
         n = 0
         while n < _DRAIN_BUDGET:
             try:
@@ -449,7 +462,7 @@ class SleeveOverlay:
                 self.drops["no_peers"] += 1
                 continue
             core.frame_from_tap(frame, now)
-            if n % 8 == 0:
+            if n % every == 0:
                 self._send_transmits(core)
         self.n_tap_read += n + 1
         return n
@@ -459,6 +472,7 @@ class SleeveOverlay:
         core = self.core
         sock = self.sock
         gro = self.gro
+        every = 8
         n = 0
         while n < _DRAIN_BUDGET:
             try:
@@ -483,7 +497,7 @@ class SleeveOverlay:
                     if level == SOL_UDP and kind == UDP_GRO:
                         segment = _INT.unpack_from(value.ljust(4, b"\0"))[0]
             core.datagrams_received(data, addr, now, segment)
-            if n % 8 == 0:
+            if n % every == 0 or segment:  # a coalesced buffer holds many frames already
                 self._process(rearm=False)
         self.n_udp_recv += n + 1
         return n
@@ -491,6 +505,9 @@ class SleeveOverlay:
     def _send_transmits(self, core: SleeveCore) -> None:
         transmits = core.take_transmits()
         if transmits:
+            if self.gso and len(transmits) > 1:
+                cfg = self.config
+                transmits = gso_batches(transmits, cfg.max_gso_segments, cfg.max_gso_bytes)
             sender = self._sender
             if sender is not None:
                 sender.submit(transmits)
@@ -638,8 +655,11 @@ def make_overlay(config: Any) -> SleeveOverlay:
     Sleeve knobs not (yet) in RouterConfig come from the environment:
     ``WEFT_SLEEVE_MODE`` = ``super-frames`` (default) or ``per-frame``; ``WEFT_MTU`` = the
     containers' MTU (default 1376); ``WEFT_BRIDGE`` = the bridge name (default ``weft``);
-    ``WEFT_SLEEVE_THREADS=1`` moves UDP sends and TAP writes to two threads (measured here: no
-    clear gain and more CPU per byte on a busy 2-core machine, so off by default).
+    ``WEFT_SLEEVE_UDP_OFFLOAD`` = ``auto`` (default: UDP GSO/GRO when the local kernel has them,
+    in both modes; they batch syscalls locally and leave the wire unchanged) or ``off`` (never:
+    what a kernel without them gets); ``WEFT_SLEEVE_THREADS=1`` moves UDP sends and TAP writes
+    to two threads (measured here: no clear gain and more CPU per byte on a busy 2-core machine,
+    so off by default).
     """
     mode = os.environ.get("WEFT_SLEEVE_MODE", "super-frames")
     if mode not in ("super-frames", "per-frame"):
@@ -653,6 +673,16 @@ def make_overlay(config: Any) -> SleeveOverlay:
     host = str(getattr(config, "listen_host", "0.0.0.0"))
     sleeve = SleeveConfig(port=port or 6783, tap_vnet_hdr=mode == "super-frames")
     threads = os.environ.get("WEFT_SLEEVE_THREADS", "0") in ("1", "yes", "true")
+    offload = os.environ.get("WEFT_SLEEVE_UDP_OFFLOAD", "auto")
+    if offload not in ("auto", "off"):
+        raise ConfigError(f"WEFT_SLEEVE_UDP_OFFLOAD={offload!r}: expected auto or off")
+    local = None if offload == "auto" else False
     return SleeveOverlay(
-        sleeve, host=host, bridge=os.environ.get("WEFT_BRIDGE", "weft"), mtu=mtu, threads=threads
+        sleeve,
+        host=host,
+        bridge=os.environ.get("WEFT_BRIDGE", "weft"),
+        mtu=mtu,
+        gso=local,
+        gro=local,
+        threads=threads,
     )

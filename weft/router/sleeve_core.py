@@ -111,6 +111,7 @@ __all__ = [
     "Transmit",
     "complete_checksum",
     "features_of",
+    "gso_batches",
     "icmp_too_big",
     "remote_sleeve",
 ]
@@ -632,7 +633,8 @@ class SleeveCore:
         view = memoryview(buf)
         start = 0
         while start < n:
-            if n - start > segment:
+            # A run needs a multi-fragment message (count >= 2); per-frame datagrams skip it.
+            if n - start > segment and (buf[start + 25] or buf[start + 26] > 1):
                 done = self._run(buf, view, start, n, segment, addr, now)
                 if done:
                     start = done
@@ -1185,6 +1187,59 @@ def _name_bytes(name: int) -> bytes:
             _NAME_BYTES.clear()
         raw = _NAME_BYTES[name] = name.to_bytes(6, "big")
     return raw
+
+
+def gso_batches(transmits: list[Transmit], max_segments: int, max_bytes: int) -> list[Transmit]:
+    """Single datagrams for one address merged into UDP GSO sends (local syscall batching).
+
+    Consecutive single-datagram transmissions (``segment == 0``) to the same address whose sizes
+    are equal join one :class:`Transmit` with ``segment`` = that size; a shorter one may close the
+    run (GSO's short last segment). The kernel cuts the send back into exactly the datagrams it
+    was made of, so the wire is unchanged: a receiver without UDP GRO (or without super-frame
+    support) sees the same separate datagrams as without batching, each still sealed on its own.
+    Order per address is kept (a batch leaves before anything later to the same address); at most
+    ``max_segments`` datagrams and ``max_bytes`` bytes per send. Anything else passes unchanged.
+    """
+    if len(transmits) < 2:
+        return transmits
+    out: list[Transmit] = []
+    # address -> [index in out, size, count, bytes, pieces, closed]
+    open_: dict[tuple[str, int], list[Any]] = {}
+
+    def close(batch: list[Any]) -> None:
+        if batch[2] > 1:
+            first = out[batch[0]]
+            out[batch[0]] = Transmit(first.peer, first.addr, tuple(batch[4]), batch[1])
+
+    for t in transmits:
+        batch = open_.get(t.addr)
+        if t.segment:
+            if batch is not None:
+                close(batch)
+                del open_[t.addr]
+            out.append(t)
+            continue
+        size = 0
+        for piece in t.pieces:
+            size += len(piece)
+        if batch is not None:
+            if (
+                not batch[5]
+                and size <= batch[1]
+                and batch[2] < max_segments
+                and batch[3] + size <= max_bytes
+            ):
+                batch[2] += 1
+                batch[3] += size
+                batch[4].extend(t.pieces)
+                batch[5] = size < batch[1]
+                continue
+            close(batch)
+        open_[t.addr] = [len(out), size, 1, size, list(t.pieces), False]
+        out.append(t)
+    for batch in open_.values():
+        close(batch)
+    return out
 
 
 def _fragments(parts: list[bytes | memoryview], chunk: int) -> list[bytes | memoryview]:
