@@ -708,6 +708,13 @@ def make_overlay(config: Any) -> SwitchOverlay:
                     # (enslaved to our bridge, with its FDB) goes before any container traffic.
                     # If that fails, the router must not run.
                     pool.submit(_remove_stale_vxlan, VxlanConfig(bridge=bridge)).result(timeout=60)
+                if caps.openvswitch.available and (encrypted or mode == "vxlan"):
+                    # The same for an OVS datapath left by an earlier router (its veth is in our
+                    # bridge; it also holds UDP 6784) where no OVS part will start to remove it.
+                    from weft.fastdp.ovs_datapath import OvsConfig
+                    from weft.router.ovs_part import remove_stale_ovs
+
+                    pool.submit(remove_stale_ovs, OvsConfig(bridge=bridge)).result(timeout=60)
             ctx = FastPartContext(
                 config, mode, caps, bridge, tap, container_mtu, heartbeat, encrypted
             )
