@@ -1,6 +1,6 @@
 """CNI ADD/DEL latency: weft's plugin against the reference bridge + host-local, same run.
 
-    python -m bench.cni [--containers 30] [--router] [--json]
+    python -m bench.cni [--containers 30] [--router] [--python] [--json]
 
 Needs root, network namespaces and Debian's containernetworking-plugins (/usr/lib/cni). Builds one
 host namespace with a ``weft`` bridge (10.32.0.1/12) and the CNI-only router
@@ -10,12 +10,18 @@ each host namespace in turn (setns) and runs the plugins exactly as a runtime wo
 call, configuration on stdin, CNI_* in the environment. Calls alternate between weft and the
 reference, container by container, so both see the same machine noise.
 
+weft is installed with ``weft setup-cni`` (what users get: the compiled shim when a C compiler is
+there, which hands each call to the router's ``cni.sock``, else the Python launcher; the report
+says which). ``--python`` adds ``weft-python``: the Python launcher (``setup-cni --python``) on the
+same CNI-only router, for comparison.
+
 ``--router`` adds the real router (``weft launch``: mesh, sleeve, IPAM committing each
 allocation to SQLite before answering) as ``weft-router``, next to ``weft`` (the CNI-only router,
 an in-memory allocator: the plugin and kernel path alone).
 
 Reported per implementation: VERSION (pure start-up), ADD and DEL wall time, median and p95, in
-milliseconds, and ADD's ratio to the reference (target: at most 2). Figures, not assertions.
+milliseconds, and each median's ratio to the reference's (target for ADD: at most 2). Figures,
+not assertions.
 """
 
 from __future__ import annotations
@@ -88,6 +94,12 @@ def call(exe: str, command: str, conf: dict[str, Any], cid: str, netns: str, pat
     return took * 1000
 
 
+def kind(exe: str) -> str:
+    """``shim`` (an ELF binary: the compiled shim) or ``python`` (the launcher script)."""
+    with open(exe, "rb") as f:
+        return "shim" if f.read(4) == b"\x7fELF" else "python"
+
+
 def api(sock: str, method: str, route: str, body: Any = None) -> Any:
     """One request to the router's API on its unix socket (raises on an error status)."""
     import http.client
@@ -115,6 +127,18 @@ def api(sock: str, method: str, route: str, body: Any = None) -> Any:
         conn.close()
 
 
+def setup_cni(bin_dir: Path, conf_dir: Path, api_socket: str, *extra: str) -> str:
+    """``weft setup-cni`` as a user runs it; returns what it said on stderr ('' normally)."""
+    argv = [sys.executable, "-m", "weft.router.cli", "setup-cni", "--bin-dir", str(bin_dir)]
+    proc = subprocess.run(
+        [*argv, "--conf-dir", str(conf_dir), "--api-socket", api_socket, *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stderr.strip()
+
+
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -127,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--router", action="store_true", help="also the real router (weft launch: IPAM on SQLite)"
+    )
+    parser.add_argument(
+        "--python", action="store_true", help="also the Python launcher (setup-cni --python)"
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or not (REFERENCE / "bridge").exists():
@@ -159,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         sh("ip", "-n", weft_host, "link", "add", "weft", "type", "bridge")
         sh("ip", "-n", weft_host, "addr", "add", "10.32.0.1/12", "dev", "weft")
         sh("ip", "-n", weft_host, "link", "set", "weft", "up")
-        done = install.install(str(tmp / "bin"), str(tmp / "net.d"))
         sock = str(tmp / "weft.sock")
+        notes = {"weft": setup_cni(tmp / "bin", tmp / "net.d", sock)}
+        launcher = str(tmp / "bin" / "weft")
+        plugin_kind = {"weft": kind(launcher)}
         router = subprocess.Popen(
             [
                 "ip",
@@ -205,9 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         impls: dict[str, tuple[str, dict[str, Any], str, str]] = {
-            "weft": (str(done.launcher), weft_conf, weft_host, path),
+            "weft": (launcher, weft_conf, weft_host, path),
             "reference": (str(REFERENCE / "bridge"), ref_conf, ref_host, str(REFERENCE)),
         }
+        if args.python:
+            setup_cni(tmp / "py-bin", tmp / "py-net.d", sock, "--python")
+            py_path = f"{tmp / 'py-bin'}:{REFERENCE}"
+            py_conf = dict(weft_conf, name="pybench")
+            impls["weft-python"] = (str(tmp / "py-bin" / "weft"), py_conf, weft_host, py_path)
+            plugin_kind["weft-python"] = kind(str(tmp / "py-bin" / "weft"))
         if args.router:
             # the real router: mesh, sleeve data plane, IPAM with its SQLite store, CNI
             full_host = netns("hf")
@@ -238,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             api(full_sock, "PUT", "/ip/weft-expose/10.32.0.1/12")  # the gateway, as in weft
             api(full_sock, "POST", "/expose", {"cidr": "10.32.0.1/12"})
             full_conf = dict(weft_conf, name="fullbench", socket=full_sock)
-            impls["weft-router"] = (str(done.launcher), full_conf, full_host, path)
+            # its own install: the shim is built for the socket beside this router's API socket
+            notes["weft-router"] = setup_cni(tmp / "full-bin", tmp / "full-net.d", full_sock)
+            full_path = f"{tmp / 'full-bin'}:{REFERENCE}"
+            full_exe = str(tmp / "full-bin" / "weft")
+            impls["weft-router"] = (full_exe, full_conf, full_host, full_path)
+            plugin_kind["weft-router"] = kind(full_exe)
         times: dict[str, dict[str, list[float]]] = {
             k: {"VERSION": [], "ADD": [], "DEL": []} for k in impls
         }
@@ -280,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "containers": args.containers,
         "interpreter": install.interpreter(),
+        "plugin": plugin_kind,
+        "setup_cni_notes": {k: v for k, v in notes.items() if v},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "results": {
             name: {cmd: summary(values) for cmd, values in cmds.items()}
             for name, cmds in times.items()
@@ -288,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     ref_add = report["results"]["reference"]["ADD"]["median_ms"]
     report["add_median_ratio"] = {
         name: round(cmds["ADD"]["median_ms"] / ref_add, 2)
+        for name, cmds in report["results"].items()
+        if name != "reference"
+    }
+    ref = report["results"]["reference"]
+    report["median_ratio"] = {
+        name: {c: round(v["median_ms"] / ref[c]["median_ms"], 2) for c, v in cmds.items()}
         for name, cmds in report["results"].items()
         if name != "reference"
     }
@@ -300,7 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{c['median_ms']:7.1f}/{c['p95_ms']:7.1f} ms" for c in cmds.values()]
             print(f"{name:12} " + " ".join(f"{cell:>18}" for cell in cells))
         for name, ratio in report["add_median_ratio"].items():
-            print(f"ADD median ratio {name}/reference: {ratio} (target <= 2)")
+            print(
+                f"ADD median ratio {name}/reference: {ratio} (target <= 2); all medians: "
+                f"{report['median_ratio'][name]}; plugin: {plugin_kind[name]}"
+            )
+        for name, note in report["setup_cni_notes"].items():
+            print(f"setup-cni ({name}): {note}")
+        print(f"load average at the end: {report['load_average']}")
     return 0
 
 

@@ -376,8 +376,9 @@ def test_router_hanging_up_before_taking_the_request_falls_back(plugins: Plugins
         add = call(shim, "ADD", conf(plugins, pad="z" * 200_000), CNI_CONTAINERID="hangup")
         assert add.rc == 0, add
         assert "cni:weftnet:hangup:eth0" in plugins.router.allocations()
-        assert call(shim, "DEL", conf(plugins), CNI_CONTAINERID="hangup").rc == 0
-        assert "cni:weftnet:hangup:eth0" not in plugins.router.allocations()
+        deleted = call(shim, "DEL", conf(plugins), CNI_CONTAINERID="hangup")
+        assert deleted.rc == 0, deleted
+        assert "cni:weftnet:hangup:eth0" not in plugins.router.allocations(), deleted
     finally:
         server.close()
 
@@ -416,3 +417,42 @@ def test_malformed_request_is_closed_without_an_acknowledgement(plugins: Plugins
         sock.connect(shim_socket_for(plugins.router.api))
         sock.sendall(b"HTTP" + b"\0" * 16)
         assert sock.recv(1) == b""
+
+
+# ------------------------------------------------------------------------------ Kubernetes
+
+
+def test_kubernetes_install_uses_a_matching_prebuilt_shim(tmp_path: Path) -> None:
+    from weft.k8s.install import build_prebuilt_shim, install_on_host
+
+    runtime_dir = str(tmp_path / "opt" / "weft")
+    bin_dir = tmp_path / "cni" / "bin"
+    api = str(tmp_path / "run" / "weft.sock")
+    prebuilt = tmp_path / "image" / "weft"
+    build_prebuilt_shim(prebuilt, runtime_dir, api)
+    install_on_host(
+        Path("/"),
+        runtime_dir=runtime_dir,
+        bin_dir=str(bin_dir),
+        conf_dir=str(tmp_path / "cni" / "net.d"),
+        socket=api,
+        prebuilt_shim=str(prebuilt),
+    )
+    plugin = bin_dir / "weft"
+    assert plugin.read_bytes() == prebuilt.read_bytes()
+    # no router: the shim runs the copied Python with the copied package
+    env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [str(plugin)], input=b'{"cniVersion": "0.4.0"}', env=env, capture_output=True, timeout=30
+    )
+    assert proc.returncode == 0 and json.loads(proc.stdout)["cniVersion"] == "0.4.0", proc
+    # built for another socket: not used, the launcher instead
+    install_on_host(
+        Path("/"),
+        runtime_dir=runtime_dir,
+        bin_dir=str(bin_dir),
+        conf_dir=str(tmp_path / "cni" / "net.d"),
+        socket=str(tmp_path / "elsewhere" / "weft.sock"),
+        prebuilt_shim=str(prebuilt),
+    )
+    assert plugin.read_bytes().startswith(b"#!")

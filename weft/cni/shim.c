@@ -168,7 +168,8 @@ static long long now_ms(void) {
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Read exactly len bytes before the deadline: 0, or -1 error/timeout, or -2 EOF at once. */
+/* Read exactly len bytes before the deadline: 0; -1 timeout or cut short; -2 closed or reset
+ * before the first byte (for the acknowledgement: the router did not take the request). */
 static int recv_all(int sock, unsigned char *buf, size_t len, long long deadline) {
     size_t got = 0;
     while (got < len) {
@@ -177,12 +178,11 @@ static int recv_all(int sock, unsigned char *buf, size_t len, long long deadline
         struct pollfd pfd = {.fd = sock, .events = POLLIN};
         int r = poll(&pfd, 1, left > 60000 ? 60000 : (int)left);
         if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return -1;
+        if (r < 0) return got == 0 ? -2 : -1;
         if (r == 0) continue;
         ssize_t n = recv(sock, buf + got, len - got, 0);
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (n < 0) return -1;
-        if (n == 0) return got == 0 ? -2 : -1;
+        if (n <= 0) return got == 0 ? -2 : -1; /* EOF, or ECONNRESET: closed with our data unread */
         got += (size_t)n;
     }
     return 0;
@@ -263,7 +263,7 @@ int main(void) {
     long long deadline = now_ms() + (long long)WEFT_ANSWER_TIMEOUT * 1000;
     unsigned char ack, answer[12];
     int r = recv_all(sock, &ack, 1, deadline);
-    if (r == -2) fallback(1, NULL); /* closed before taking the request */
+    if (r == -2) fallback(1, NULL); /* closed (or reset) before taking the request */
     if (r != 0 || ack != 'A') fallback(1, r == 0 ? "bad acknowledgement" : "timed out");
     if (recv_all(sock, answer, sizeof answer, deadline) != 0 || memcmp(answer, "WCNR", 4) != 0)
         fallback(1, "closed without an answer");

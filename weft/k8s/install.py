@@ -9,12 +9,21 @@
   the host's environment out. Needs a Python built without a shared libpython (Debian's is) and
   a host glibc at least as new as the image's.
 * ``/opt/weft/lib/weft/``: the weft package (the plugin imports only the standard library);
-* ``/opt/cni/bin/weft``: the launcher (weft/cni/install.py's, pointing at the two above);
+* ``/opt/cni/bin/weft``: the plugin: the compiled CNI shim (weft/cni/shim.c) when the image
+  carries one built for these paths (``--build-shim``, see below) or ``--shim compile`` finds a C
+  compiler in the image, else the Python launcher (weft/cni/install.py's). Either way it runs the
+  copied Python above when the router cannot be reached; the shim reaches the router on
+  ``/run/weft/cni.sock`` (beside ``--api-socket``, a hostPath shared with the router's pod);
 * ``/etc/cni/net.d/10-weft.conflist``: weft chained with ``portmap`` (weft/cni/install.py).
 
 Each tree is written beside the old one and swapped in with a rename, so a kubelet calling the
 plugin during an upgrade sees either the old or the new one, never half of each. A runtime with
 the same version stamp is kept as is (restarts of the pod copy nothing).
+
+A prebuilt shim: ``python -m weft.k8s.install --build-shim /opt/weft-shim/weft`` at image build
+time (a stage with ``cc``; the result is a static binary, no compiler needed later) writes the
+binary and ``weft.json`` beside it naming the paths it was built for. The init step copies it to
+the host when those match its own (``--runtime-dir``, ``--api-socket``), else falls back as above.
 """
 
 from __future__ import annotations
@@ -29,10 +38,13 @@ from pathlib import Path
 from typing import Final
 
 import weft
-from weft.cni.install import CONFLIST_NAME, conflist, launcher_text
+from weft.cni.install import CONFLIST_NAME, ShimBuildError, build_shim, conflist, launcher_text
 from weft.cni.plugin import DEFAULT_SOCKET
+from weft.cni.shim_server import shim_socket_for
 
-__all__ = ["install_on_host", "main"]
+__all__ = ["build_prebuilt_shim", "install_on_host", "main", "shim_settings"]
+
+DEFAULT_PREBUILT_SHIM = "/opt/weft-shim/weft"
 
 _SKIP: Final = {
     "site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter", "turtledemo",
@@ -98,6 +110,62 @@ def _write(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def shim_settings(runtime_dir: str, socket: str) -> dict[str, str]:
+    """What a shim for this host must have compiled in: the copied Python, the copied package
+    and the router's shim socket."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    runtime = runtime_dir.rstrip("/")
+    return {
+        "python": f"{runtime}/python/bin/{version}",
+        "package_parent": f"{runtime}/lib",
+        "shim_socket": shim_socket_for(socket),
+    }
+
+
+def _sidecar(shim: Path) -> Path:
+    return shim.with_name(f"{shim.name}.json")
+
+
+def build_prebuilt_shim(
+    out: Path, runtime_dir: str = "/opt/weft", socket: str = DEFAULT_SOCKET
+) -> Path:
+    """Compile the shim for hosts set up by ``install_on_host`` (image build time); writes the
+    binary and its settings beside it. Raises ShimBuildError."""
+    settings = shim_settings(runtime_dir, socket)
+    build_shim(out, settings["shim_socket"], settings["python"], settings["package_parent"])
+    _write(_sidecar(out), json.dumps(settings, indent=2) + "\n", 0o644)
+    return out
+
+
+def _place_plugin(
+    plugin: Path, runtime_dir: str, socket: str, shim: str, prebuilt: Path
+) -> str:
+    """Write the plugin at ``plugin``; returns what it is (``shim (...)`` or ``launcher``)."""
+    settings = shim_settings(runtime_dir, socket)
+    if shim != "never":
+        try:
+            if json.loads(_sidecar(prebuilt).read_text()) == settings:
+                tmp = plugin.with_name(f".{plugin.name}.tmp")
+                plugin.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(prebuilt, tmp)
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, plugin)
+                return f"shim (prebuilt {prebuilt})"
+        except (OSError, ValueError):
+            pass
+    if shim == "compile":
+        try:
+            build_shim(plugin, settings["shim_socket"], settings["python"],
+                       settings["package_parent"])
+            return "shim (compiled here)"
+        except ShimBuildError as err:
+            print(f"weft: cannot build the CNI shim ({err}); installing the Python launcher",
+                  file=sys.stderr)
+    _write(plugin, launcher_text(python=settings["python"],
+                                 package_parent=settings["package_parent"]), 0o755)
+    return "launcher"
+
+
 def install_on_host(
     host_root: Path,
     *,
@@ -107,27 +175,24 @@ def install_on_host(
     network: str = "weft",
     socket: str = DEFAULT_SOCKET,
     portmap: bool = True,
+    shim: str = "auto",
+    prebuilt_shim: str = DEFAULT_PREBUILT_SHIM,
 ) -> list[Path]:
     """Install everything under ``host_root`` (``/`` on the host itself); returns the paths.
 
-    ``runtime_dir``, ``bin_dir`` and ``conf_dir`` are paths as the host sees them.
+    ``runtime_dir``, ``bin_dir`` and ``conf_dir`` are paths as the host sees them. ``shim``:
+    ``auto`` (the prebuilt shim when it matches, else the launcher), ``compile`` (also try the
+    C compiler) or ``never`` (the launcher).
     """
     def on_host(path: str) -> Path:
         return host_root / path.lstrip("/")
 
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     runtime = on_host(runtime_dir)
     _copy_runtime(runtime / "python")
     _copy_package(runtime / "lib")
     launcher = on_host(bin_dir) / "weft"
-    _write(
-        launcher,
-        launcher_text(
-            python=f"{runtime_dir.rstrip('/')}/python/bin/{version}",
-            package_parent=f"{runtime_dir.rstrip('/')}/lib",
-        ),
-        0o755,
-    )
+    what = _place_plugin(launcher, runtime_dir, socket, shim, Path(prebuilt_shim))
+    print(f"CNI plugin {launcher}: {what}")
     conf = on_host(conf_dir) / CONFLIST_NAME
     doc = conflist(network, socket, portmap=portmap)
     _write(conf, json.dumps(doc, indent=2) + "\n", 0o644)
@@ -145,7 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network-name", default="weft")
     parser.add_argument("--api-socket", default=DEFAULT_SOCKET)
     parser.add_argument("--no-portmap", action="store_true")
+    parser.add_argument("--shim", choices=("auto", "compile", "never"), default="auto",
+                        help="the compiled CNI shim: prebuilt when it matches (auto), also "
+                        "compile it here (compile), or the Python launcher (never)")
+    parser.add_argument("--prebuilt-shim", default=DEFAULT_PREBUILT_SHIM)
+    parser.add_argument("--build-shim", metavar="OUT", default=None,
+                        help="only compile the shim for these paths into OUT (image build)")
     args = parser.parse_args(argv)
+    if args.build_shim:
+        try:
+            built = build_prebuilt_shim(Path(args.build_shim), args.runtime_dir, args.api_socket)
+        except ShimBuildError as err:
+            print(f"weft: {err}", file=sys.stderr)
+            return 1
+        print(f"built {built}")
+        return 0
     for path in install_on_host(
         Path(args.host_root),
         runtime_dir=args.runtime_dir,
@@ -154,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         network=args.network_name,
         socket=args.api_socket,
         portmap=not args.no_portmap,
+        shim=args.shim,
+        prebuilt_shim=args.prebuilt_shim,
     ):
         print(f"installed {path}")
     return 0
