@@ -130,3 +130,10 @@ def test_ovs_host_and_linux_vxlan_host_interoperate(vm: dict[str, Any]) -> None:
     assert vm["interop_probe_to_linux"] and vm["interop_probe_to_ovs"]
     assert vm["interop_probes_at_linux"] == [[7, 1464]]  # via the packet socket on vxlan-weft
     assert vm["interop_probes_at_ovs"] == [[1, 1464]]  # as a heartbeat miss at host 1
+
+
+def test_stale_datapath_removed_where_no_ovs_part_starts(vm: dict[str, Any]) -> None:
+    assert vm["stale_part_removed"] == ["weft-dp", "vethwe-b"]
+    assert not vm["stale_part_left"]
+    assert vm["stale_part_links"] == ["lo", "weft"]  # the veth pair went with vethwe-b
+    assert vm["stale_part_again"] == []  # nothing left to find

@@ -361,6 +361,39 @@ def esp_checks(
         c.close()
 
 
+def stale_cleanup_without_the_part() -> None:
+    """What a router that starts no OVS part (password, --datapath vxlan) does at start: a
+    datapath and veth left by an earlier router are removed (weft.router.ovs_part)."""
+    from weft.router.ovs_part import remove_stale_ovs
+
+    sh(
+        """
+        ip netns add stale
+        ip -n stale link add weft type bridge
+        ip -n stale link add vethwe-b type veth peer name vethwe-dp
+        ip -n stale link set vethwe-b master weft
+        """
+    )
+    enter_netns("stale")
+    try:
+        client = OvsClient()
+        dp = client.create_datapath("weft-dp")
+        client.create_vport(dp, VportType.NETDEV, "vethwe-dp")
+        client.close()
+        results["stale_part_removed"] = remove_stale_ovs(OvsConfig(bridge="weft"))
+        client = OvsClient()
+        results["stale_part_left"] = client.find_datapath("weft-dp") is not None
+        client.close()
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+        results["stale_part_links"] = sorted(
+            line.split("@")[0].split()[0] for line in links.splitlines()
+        )
+        results["stale_part_again"] = remove_stale_ovs(OvsConfig(bridge="weft"))
+    finally:
+        enter_netns("")
+        subprocess.run(["ip", "netns", "del", "stale"], check=False)
+
+
 def main() -> None:
     t0 = step("start")
     try:
@@ -370,6 +403,8 @@ def main() -> None:
         step("ovs")
         two_hosts()
         step("two_hosts")
+        stale_cleanup_without_the_part()
+        step("stale_cleanup")
     except Exception:
         results["error"] = traceback.format_exc()
     results["seconds"] = {k: round(v - t0, 2) for k, v in timings.items()}
