@@ -661,3 +661,29 @@ def test_chained_with_reference_plugins_at_1_0_0(world: World) -> None:
     assert "cni:weftnet:chain:eth0" not in world.router.allocations()
     assert host_if not in world.host_links()
     assert "18080" not in run(["ip", "netns", "exec", world.host.ns, "iptables-save"]).stdout
+
+
+# ---------------------------------------------------------------------------- the shim
+
+
+def test_the_shim_is_served_by_the_router(world: World) -> None:
+    """A shim whose Python fallback cannot start still works: the router answered every call."""
+    if world.mode != "shim":
+        pytest.skip("the compiled shim only")
+    from weft.cni.shim_server import shim_socket_for
+
+    shim = world.tmp / "no-python-bin" / "weft"
+    if not shim.exists():
+        install.build_shim(shim, shim_socket_for(world.router.socket), "/nonexistent/python3")
+    real, world.launcher = world.launcher, shim
+    try:
+        netns = world.container()
+        rc, out = world.cni("VERSION", {"cniVersion": "0.4.0"}, "served", netns)
+        assert rc == 0 and out is not None and out["cniVersion"] == "0.4.0", out
+        result = world.ok("ADD", world.conf(), "served", netns)
+        assert container_ip(netns) == [result["ips"][0]["address"]]
+        world.ok("CHECK", dict(world.conf(), prevResult=result), "served", netns)
+        world.ok("DEL", world.conf(), "served", netns)
+        assert "cni:weftnet:served:eth0" not in world.router.allocations()
+    finally:
+        world.launcher = real
