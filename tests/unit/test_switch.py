@@ -467,3 +467,27 @@ async def test_a_part_that_fails_a_connection_leaves_it_on_sleeve_for_good() -> 
     ca.control_received(wrap(PART_SWITCH, encode_path_state("vxlan", True)))
     assert ca.switch.chosen == "sleeve"
     assert ca.status().info == "vxlan: ESP: allocate an ESP SPI failed; using sleeve"
+
+
+async def test_an_encrypted_connection_on_an_esp_fast_path_says_so() -> None:
+    vx = FakeVxlan(mtu=1410)
+    vx.encrypted = True
+    a = make_end(vxlan=vx)
+    ca = a.connect(A, B, SWITCH_FEATURES, b"k" * 32)
+    assert vx.params[0].data_send_key == b"k" * 32  # the part gets the data keys
+    a.sleeve.conns[0].establish()
+    assert ca.status().datapath == "sleeve"
+    vx.handles[0].on_health(True, "")
+    ca.control_received(wrap(PART_SWITCH, encode_path_state("vxlan", True)))
+    status = ca.status()
+    assert (status.datapath, status.state, status.mtu, status.encrypted) == (
+        "vxlan",
+        "established",
+        1410,
+        True,
+    )
+    assert status.info == "ESP rfc4106(gcm(aes))"
+    # A connection without keys never runs on a part that only does ESP.
+    cc = a.connect(A, C, SWITCH_FEATURES, None)
+    assert len(vx.handles) == 1 and cc.switch.chosen == "sleeve"
+    assert "vxlan: runs with ESP only" in cc.switch.info

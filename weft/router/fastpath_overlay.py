@@ -40,10 +40,12 @@ import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from weft.errors import WeftError
 from weft.fastdp.errors import DatapathError
+from weft.fastdp.esp import ESP_OVERHEAD
 from weft.fastdp.fdb import normalize_mac
 from weft.fastdp.heartbeat import (
     HealthChanged,
@@ -55,6 +57,7 @@ from weft.fastdp.heartbeat import (
 from weft.fastdp.link import FastPathLink
 from weft.fastdp.vxlan import VXLAN_PORT, HeartbeatSocket, VxlanConfig, VxlanDatapath
 from weft.gossip.peer import PeerName
+from weft.router.esp_links import EspLink, EspLinks
 from weft.router.overlay import OverlayConnectionParams
 from weft.router.switch_core import PART_VXLAN
 
@@ -70,6 +73,7 @@ MAC_POLL_INTERVAL = 2.0  # seconds between looks at the bridge's learned MACs
 FEATURE_VXLAN = "fastdp_vxlan"
 FEATURE_VXLAN_PORT = "fastdp_vxlan_port"
 FEATURE_VNI = "fastdp_vni"
+FEATURE_ESP = "fastdp_esp"  # 1: our fast paths run over ESP (a password is set)
 
 
 def health_text(state: HeartbeatState, reason: str) -> str:
@@ -99,6 +103,7 @@ class VxlanLinkHandle:
     send_control: Callable[[bytes], None]  # a fast-path control message to the peer's link
     on_health: Callable[[bool, str], None]  # (healthy, reason) when it changes
     on_failed: Callable[[str], None] = lambda reason: None  # can never carry (why); once
+    esp: EspLink | None = None  # with a password: this link's ESP
     carrying: bool = False
     macs: frozenset[str] = field(default_factory=frozenset)
     stopped: bool = False
@@ -164,6 +169,7 @@ class VxlanPart:
         heartbeat: HeartbeatConfig | None = None,
         device: VxlanConfig | None = None,
         on_local_macs: Callable[[frozenset[str]], None] = lambda macs: None,
+        esp: EspLinks | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.bridge = bridge
@@ -171,7 +177,12 @@ class VxlanPart:
         self.heartbeat = heartbeat or HeartbeatConfig()
         self.device_config = device or VxlanConfig(bridge=bridge)
         self.on_local_macs = on_local_macs
-        self.encrypted = False
+        # With ESP every link is encrypted (see weft.router.esp_links): the overlay MTU leaves
+        # room for ESP, and a peer's FDB entries exist only while its SAs and policies do.
+        self.esp = esp
+        self.encrypted = esp is not None
+        if esp is not None:
+            self.device_config = replace(self.device_config, extra_overhead=ESP_OVERHEAD)
         self.links: dict[PeerName, VxlanLinkHandle] = {}
         self.local_name: PeerName | None = None
         self.mtu: int | None = None
@@ -188,15 +199,20 @@ class VxlanPart:
         self._closed = False
         self._bridge_installed: set[str] = set()  # worker thread only
         self.bridge_entries = 0
+        if esp is not None:
+            esp.bind(self.loop, self._pool.submit)
 
     # -- what we offer ---------------------------------------------------------------------------
 
     def features(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             FEATURE_VXLAN: 1,
             FEATURE_VXLAN_PORT: self.device_config.port,
             FEATURE_VNI: self.device_config.vni,
         }
+        if self.encrypted:
+            out[FEATURE_ESP] = 1
+        return out
 
     def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
         """ "" when the peer runs vxlan on our port and VNI, else why not."""
@@ -208,6 +224,8 @@ class VxlanPart:
                 f"vxlan: the peer uses UDP {port} VNI {vni}, we use UDP "
                 f"{self.device_config.port} VNI {self.device_config.vni}"
             )
+        if self.encrypted and remote_features.get(FEATURE_ESP) != 1:
+            return "vxlan: the peer's vxlan datapath has no ESP"
         return ""
 
     # -- lifecycle (the device starts with the first connection: it needs our peer name) --------
@@ -224,6 +242,9 @@ class VxlanPart:
             local_ip = _source_address(remote_ip)
             if local_ip is not None:
                 self.device_config = replace(self.device_config, local_ip=local_ip)
+        if self.esp is not None and self.device_config.local_ip is None:
+            self.problem = f"vxlan: ESP needs our underlay address, and no route to {remote_ip}"
+            return False
         try:
             self.mtu = self._pool.submit(self._start, local_name).result(timeout=30)
         except Exception as err:
@@ -239,6 +260,8 @@ class VxlanPart:
     def _start(self, local_name: PeerName) -> int:
         from pyroute2 import IPRoute
 
+        if self.esp is not None:  # stale SAs gone and the inbound guard up before the device
+            self.esp.start()
         self._ipr = IPRoute()
         dp = VxlanDatapath(self._ipr, self.device_config, local_name)
         mtu = dp.start()
@@ -266,10 +289,14 @@ class VxlanPart:
         self.links.clear()
 
         def stop() -> None:
-            if self._dp is not None:
-                self._dp.stop()
-            if self._ipr is not None:
-                self._ipr.close()
+            try:
+                if self._dp is not None:
+                    self._dp.stop()  # the device (and its FDB) first, then what encrypted it
+            finally:
+                if self.esp is not None:
+                    self.esp.stop()
+                if self._ipr is not None:
+                    self._ipr.close()
 
         try:
             self._pool.submit(stop).result(timeout=30)
@@ -294,11 +321,22 @@ class VxlanPart:
         if old is not None:
             old.stopped = True
         now = self.loop.time()
-        link = FastPathLink(local, remote, self.mtu, False, now, self.heartbeat)
+        link = FastPathLink(local, remote, self.mtu, self.encrypted, now, self.heartbeat)
         handle = VxlanLinkHandle(remote, ip, link, send_control, on_health, on_failed)
         self.links[remote] = handle
-        self._submit(self._dp_call, "peer_started", remote, ip)
+        if self.esp is not None:
+            local_ip = self.device_config.local_ip
+            assert local_ip is not None  # ensure_started refuses ESP without it
+            handle.esp = self.esp.link_started(
+                remote, local_ip, ip, params.data_send_key, params.data_recv_key
+            )  # the FDB entry comes once ESP is installed (_publish)
+        else:
+            self._submit(self._dp_call, "peer_started", remote, ip)
         self._process(handle)
+        if old is not None and old.esp is not None and self.esp is not None:
+            # after the new link's first job took its guard reference: the peer's plaintext
+            # stays dropped throughout
+            self.esp.link_stopped(old.esp, self._withdraw(remote))
         return handle
 
     def control_received(self, handle: VxlanLinkHandle, payload: bytes) -> None:
@@ -333,11 +371,15 @@ class VxlanPart:
             if handle.carrying:
                 self._submit(self._flush)
                 self._sync_bridge()
+        if handle.esp is not None and self.esp is not None:
+            self.esp.link_stopped(handle.esp, self._withdraw(handle.remote))
         self._arm()
 
     def status(self) -> dict[str, Any]:
         return {
             "device": self.device_config.name,
+            "encrypted": self.encrypted,
+            "esp": self.esp.status() if self.esp is not None else None,
             "port": self.device_config.port,
             "vni": self.device_config.vni,
             "mtu": self.mtu,
@@ -486,6 +528,20 @@ class VxlanPart:
             if sock is not None:
                 sock.send(encode_probe(link.local, link.remote, seq, size))
         while (event := link.next_event()) is not None:
+            if (
+                self.esp is not None
+                and handle.esp is not None
+                and self.esp.handle_event(
+                    handle.esp,
+                    link,
+                    event,
+                    resume=partial(self._resume, handle),
+                    failed=partial(self._esp_failed, handle),
+                    publish=partial(self._publish, handle),
+                    withdraw=self._withdraw(handle.remote),
+                )
+            ):
+                continue
             if isinstance(event, HealthChanged):
                 healthy = event.state == HeartbeatState.HEALTHY
                 try:
@@ -493,6 +549,36 @@ class VxlanPart:
                 except Exception:
                     log.exception("fast-path health callback failed for %s", handle.remote)
         self._arm()
+
+    # -- ESP (see weft.router.esp_links) --------------------------------------------------------
+
+    def _resume(self, handle: VxlanLinkHandle) -> None:
+        if not handle.stopped and not self._closed:
+            self._process(handle)
+
+    def _esp_failed(self, handle: VxlanLinkHandle, reason: str) -> None:
+        if self.esp is not None and self.esp.fatal and not self.problem:
+            self.problem = self.esp.fatal  # the kernel cannot: new connections stay on sleeve
+        if not handle.stopped:
+            handle.on_failed(reason)
+
+    def _publish(self, handle: VxlanLinkHandle) -> None:
+        """Worker, right after the peer's SAs and policies are installed: its FDB entries."""
+        dp = self._dp
+        if dp is None or handle.stopped:
+            return
+        dp.peer_started(handle.remote, handle.ip)
+        if handle.carrying:
+            dp.peer_carrying(handle.remote, True)
+
+    def _withdraw(self, remote: PeerName) -> Callable[[], None]:
+        """Worker, before the peer's ESP goes or is replaced: no FDB entry towards it."""
+
+        def withdraw() -> None:
+            if self._dp is not None:
+                self._dp.peer_stopped(remote)
+
+        return withdraw
 
     def _arm(self) -> None:
         if self._timer is not None:

@@ -25,11 +25,18 @@ so a healthy vxlan path carries every container frame. When the vxlan MTU is bel
 containers' (an underlay under 1426) vxlan is not used: "vxlan: overlay MTU N below the container
 MTU M". The status ``mtu`` of a connection is the chosen path's.
 
-Encryption. With a password every connection is encrypted. Fast paths then need kernel ESP
-(weft.fastdp.esp); the ESP wiring is not in the switch yet, so with a password the vxlan device
-is never created (a stale one from an earlier router is deleted) and connections say
-"encrypted: kernel has no ESP; using sleeve" (or "... ESP fast path not wired yet") — no
-unencrypted VXLAN can leave.
+Encryption. With a password every connection is encrypted, and a fast path must be too: where
+the kernel has ESP (``caps.esp``), the vxlan part runs every link over IPsec ESP in transport
+mode (weft.router.esp_links with weft.fastdp.esp: kernel-chosen SPIs exchanged over the control
+connection, keys from the connection's data keys, an nftables guard dropping plain VXLAN from
+encrypted peers); a peer gets FDB entries only after its SAs and policies are in, and heartbeats
+start only then, so nothing leaves unencrypted and a path is healthy only through ESP. The
+overlay MTU leaves room for ESP (underlay - 90: 1410). Such a connection shows ``encrypted``
+true and "ESP rfc4106(gcm(aes))" in its info. Where the kernel has no ESP no fast part is built
+(a stale ``vxlan-weft`` from an earlier router is deleted at start) and connections say
+"encrypted: kernel has no ESP; using sleeve". An ESP error on one connection leaves it on sleeve
+with the reason (not retried); a kernel that turns out to lack ESP stops the fast path for new
+connections.
 
 Knobs not in RouterConfig (environment, read by ``make_overlay``):
 ``WEFT_FASTDP_HEARTBEAT`` = ``interval,healthy_interval,timeout`` seconds (default ``1,5,15``:
@@ -635,6 +642,7 @@ def _build_vxlan_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
             tap=ctx.tap,
             heartbeat=ctx.heartbeat,
             device=VxlanConfig(bridge=ctx.bridge),
+            esp=make_esp("vxlan") if ctx.encrypted else None,
         )
     except Exception as err:  # the sleeve still runs; say why there is no vxlan
         log.exception("vxlan datapath unavailable")
@@ -642,20 +650,31 @@ def _build_vxlan_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
     return part, ""
 
 
+def make_esp(name: str) -> Any:
+    """An ESP driver for one fast part's links (weft.router.esp_links.EspLinks) on the kernel's
+    xfrm and the nftables inbound guard; the part binds it to its worker thread."""
+    from weft.fastdp.esp import InboundGuard, XfrmClient
+    from weft.router.esp_links import EspLinks
+
+    return EspLinks(XfrmClient, InboundGuard(), name)
+
+
 def _build_fast_parts(ctx: FastPartContext) -> tuple[list[FastPart], str]:
     """The fast parts for ``ctx.mode``, best first, and a note when there is none (why).
 
     OVS first. Both datapaths listen on UDP 6784, so a host runs one of them: vxlan only where
     OVS is not built (an OVS host talks to vxlan-only peers itself, with the network VNI).
-    With a password a kernel without ESP gets none: nothing may leave unencrypted.
+    With a password a kernel without ESP gets none: nothing may leave unencrypted; with ESP the
+    parts run every link over it (:func:`make_esp`). The OVS part is not built with a password
+    until it takes an ESP driver.
     """
     if ctx.encrypted and not ctx.caps.esp.available:
         return [], "encrypted: kernel has no ESP"
-    if ctx.encrypted:
-        return [], "encrypted: the ESP fast path is not wired into the switch yet"
     parts: list[FastPart] = []
     notes: list[str] = []
-    if ctx.mode in ("auto", "ovs"):
+    if ctx.mode == "ovs" and ctx.encrypted:
+        notes.append("ovs: the OVS part does not run ESP yet")
+    elif ctx.mode in ("auto", "ovs") and not ctx.encrypted:
         ovs, why = _build_ovs_part(ctx)
         if ovs is not None:
             parts.append(ovs)
