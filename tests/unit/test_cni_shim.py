@@ -158,13 +158,19 @@ if cmd == "ADD":
 """
 
 
-def scenario(p: Plugins, exe: Path) -> list[Out]:
-    """Every kind of request, in an order that leaves the router as it found it."""
+def fake_ipam_dir(p: Plugins) -> Path:
+    """A CNI_PATH directory with ``fake-ipam``, a delegated IPAM plugin."""
     ipam_dir = p.tmp / "ipam-bin"
     ipam_dir.mkdir(exist_ok=True)
     fake_ipam = ipam_dir / "fake-ipam"
     fake_ipam.write_text(FAKE_IPAM.format(python=sys.executable))
     fake_ipam.chmod(0o755)
+    return ipam_dir
+
+
+def scenario(p: Plugins, exe: Path) -> list[Out]:
+    """Every kind of request, in an order that leaves the router as it found it."""
+    ipam_dir = fake_ipam_dir(p)
     missing = str(p.tmp / "missing.sock")
     not_netns = p.tmp / "not-a-netns"
     not_netns.write_text("")
@@ -456,3 +462,36 @@ def test_kubernetes_install_uses_a_matching_prebuilt_shim(tmp_path: Path) -> Non
         prebuilt_shim=str(prebuilt),
     )
     assert plugin.read_bytes().startswith(b"#!")
+
+
+# ------------------------------------------------------------------------------ declining
+
+
+def test_router_declines_what_needs_the_callers_files(
+    plugins: Plugins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From another mount namespace, a delegated IPAM plugin or another router's socket is the
+    caller's to run: the router says "P" and the shim runs the Python plugin (here one that
+    cannot start, to tell who answered)."""
+    from weft.cni import shim_server
+
+    shim = shim_for(
+        plugins, "nopython-live", shim_socket_for(plugins.router.api), python="/nonexistent/py"
+    )
+    ipam_dir = fake_ipam_dir(plugins)
+    delegated = conf(plugins, ipam={"type": "fake-ipam"})
+    # same mount namespace: the router runs even the delegated plugin
+    out = call(shim, "ADD", delegated, CNI_CONTAINERID="decl", CNI_PATH=str(ipam_dir))
+    assert out.rc == 0 and out.json["ips"][0]["address"] == "192.168.50.7/24", out
+    assert call(shim, "DEL", delegated, CNI_CONTAINERID="decl", CNI_PATH=str(ipam_dir)).rc == 0
+
+    monkeypatch.setattr(shim_server, "same_mount_namespace", lambda pid: False)
+    out = call(shim, "ADD", delegated, CNI_CONTAINERID="decl", CNI_PATH=str(ipam_dir))
+    assert out.rc == 1 and "/nonexistent/py" in out.json["details"], out  # declined
+    out = call(shim, "STATUS", conf(plugins, "1.1.0", socket=str(plugins.tmp / "other.sock")))
+    assert out.rc == 1 and "/nonexistent/py" in out.json["details"], out  # declined
+    out = call(shim, "ADD", conf(plugins), CNI_CONTAINERID="decl")  # weft's: still served
+    assert out.rc == 0, out
+    assert call(shim, "DEL", conf(plugins), CNI_CONTAINERID="decl").rc == 0
+    assert call(shim, "VERSION", b"{}").rc == 0
+    assert call(shim, "ADD", b"garbage").json["code"] == 6

@@ -610,7 +610,8 @@ def spool_name(network: str, container_id: str, ifname: str) -> str:
 def _write_spool(spool_dir: str, request: Mapping[str, Any]) -> None:
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     name = spool_name(request["network"], request["containerId"], request["ifname"])
-    tmp = os.path.join(spool_dir, f".{name}.{os.getpid()}.tmp")
+    # pid and object id: the router may write for several shim requests at once
+    tmp = os.path.join(spool_dir, f".{name}.{os.getpid()}.{id(request):x}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(dumps(request))
         f.flush()

@@ -20,7 +20,8 @@
  *   request:  "WCNI" flags netns_errno env_len stdin_len, env ("K=V\0"...), stdin
  *             SCM_RIGHTS with the header: stderr (flags & 1), then the netns fd (flags & 2);
  *             flags & 4: opening CNI_NETNS failed with netns_errno.
- *   answer:   "A" once the whole request is read, then "WCNR" exit_status stdout_len, stdout.
+ *   answer:   "A" once the whole request is read, then "WCNR" exit_status stdout_len, stdout;
+ *             or "P": declined (it needs our view of the filesystem), run the Python plugin.
  *
  * Compile-time settings (weft setup-cni passes them with -D): WEFT_CNI_SOCKET, WEFT_PYTHON,
  * WEFT_PYTHON_CODE (the fallback's "-c" program), WEFT_ANSWER_TIMEOUT (seconds).
@@ -264,6 +265,7 @@ int main(void) {
     unsigned char ack, answer[12];
     int r = recv_all(sock, &ack, 1, deadline);
     if (r == -2) fallback(1, NULL); /* closed (or reset) before taking the request */
+    if (r == 0 && ack == 'P') fallback(1, NULL); /* declined: run it here */
     if (r != 0 || ack != 'A') fallback(1, r == 0 ? "bad acknowledgement" : "timed out");
     if (recv_all(sock, answer, sizeof answer, deadline) != 0 || memcmp(answer, "WCNR", 4) != 0)
         fallback(1, "closed without an answer");

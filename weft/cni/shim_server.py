@@ -12,9 +12,14 @@ Wire format (big-endian u32 integers)::
              SCM_RIGHTS with the header: stderr (flags & 1), then the netns fd (flags & 2);
              flags & 4: opening CNI_NETNS failed with errno netns_errno
     answer   "A" as soon as the whole request is read | "WCNR" exit_status stdout_len | stdout
+             or "P" (declined) and nothing more
 
 A request that is malformed (or from a peer that is not root or the router's user) is closed
-without the "A": the shim then runs the Python plugin itself.
+without the "A": the shim then runs the Python plugin itself. So is a request the router would
+run differently from the plugin process, answered "P": one that needs the caller's filesystem
+view (a delegated IPAM plugin found in CNI_PATH and keeping its state on disk, or a
+configuration ``socket`` other than this router's API socket) when the shim runs in another
+mount namespace than the router (a runtime on the host, the router in a pod).
 
 Threads: the event loop only accepts connections; each one is served on a dedicated thread pool
 (not the default executor, which the CNI service's own kernel work uses: plugin threads waiting
@@ -265,11 +270,31 @@ class ShimServer:
             return LocalClient(sock, self._loop, self._ops, self.service)
         return RouterClient(sock)
 
+    def _needs_callers_files(self, request: Request) -> bool:
+        """Would the plugin logic touch files by the caller's paths (see module docstring)?"""
+        if request.env.get("CNI_COMMAND") == "VERSION":
+            return False
+        try:
+            conf = plugin.loads(request.stdin)
+        except ValueError:
+            return False  # a decoding error, whoever reports it
+        if not isinstance(conf, dict):
+            return False
+        ipam = conf.get("ipam")
+        if isinstance(ipam, dict) and ipam.get("type", "weft") not in ("", "weft"):
+            return True
+        sock = conf.get("socket") or plugin.DEFAULT_SOCKET
+        return not (
+            isinstance(sock, str)
+            and self.api_socket is not None
+            and _same_path(sock, self.api_socket)
+        )
+
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                _pid, uid, _gid = struct.unpack("3i", creds)
+                pid, uid, _gid = struct.unpack("3i", creds)
                 if uid not in (0, os.geteuid()):
                     log.warning("CNI shim socket: refused uid %d", uid)
                     return
@@ -279,6 +304,9 @@ class ShimServer:
                 log.warning("CNI shim request refused: %s", err)
                 return
             try:
+                if not same_mount_namespace(pid) and self._needs_callers_files(request):
+                    conn.sendall(b"P")  # the shim runs the Python plugin where it is
+                    return
                 conn.sendall(b"A")
                 caller = Caller(request.stderr_fd, request.open_netns, self._client_for)
                 out, status = plugin.invoke(request.env, request.stdin, caller)
@@ -288,6 +316,19 @@ class ShimServer:
                 log.warning("CNI shim request: the shim went away: %s", err)
             finally:
                 request.close()
+
+
+def same_mount_namespace(pid: int) -> bool:
+    """Does process ``pid`` (0: not in our pid namespace) see the files we see?"""
+    if pid <= 0:
+        return False
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/")
+        return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt") and (
+            (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+        )
+    except OSError:
+        return False
 
 
 def _same_path(a: str, b: str) -> bool:
