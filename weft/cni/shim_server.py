@@ -37,6 +37,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -221,7 +222,8 @@ class ShimServer:
         self._loop = asyncio.get_running_loop()
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):  # a stale one; never another file
+                os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             old = os.umask(0o177)
