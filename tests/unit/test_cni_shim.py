@@ -495,3 +495,29 @@ def test_router_declines_what_needs_the_callers_files(
     assert call(shim, "DEL", conf(plugins), CNI_CONTAINERID="decl").rc == 0
     assert call(shim, "VERSION", b"{}").rc == 0
     assert call(shim, "ADD", b"garbage").json["code"] == 6
+
+
+# ------------------------------------------------------------------------------ setup-cni
+
+
+def test_setup_cni_without_a_compiler_installs_the_launcher_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    argv = ["--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "net.d")]
+    assert install.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no C compiler" in err and "Python launcher" in err
+    assert (tmp_path / "bin" / "weft").read_bytes().startswith(b"#!")
+
+
+def test_setup_cni_compiles_the_shim_for_the_socket_beside_the_api_socket(tmp_path: Path) -> None:
+    done = install.install(
+        str(tmp_path / "bin"), str(tmp_path / "net.d"), socket="/srv/weft-x/api.sock"
+    )
+    assert done.shim and not done.note
+    binary = done.launcher.read_bytes()
+    assert binary.startswith(b"\x7fELF") and b"/srv/weft-x/cni.sock\0" in binary
+    conf = json.loads(done.conflist.read_text())
+    assert conf["plugins"][0]["socket"] == "/srv/weft-x/api.sock"
