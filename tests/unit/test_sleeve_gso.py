@@ -8,13 +8,20 @@ import pytest
 
 from tests.unit.test_sleeve_core import ADDR, A, B, C, established_net, eth, mac
 from weft.gossip.peer import PeerName
-from weft.router.sleeve_core import HEADER_SIZE, SleeveConfig, Transmit, gso_batches
+from weft.router.sleeve_core import (
+    HEADER_SIZE,
+    KIND_DATA,
+    KIND_HEARTBEAT,
+    SleeveConfig,
+    Transmit,
+    gso_batches,
+)
 
 PER_FRAME = SleeveConfig(tap_vnet_hdr=False)
 
 
-def single(size: int, peer: PeerName = B, fill: int = 0) -> Transmit:
-    head = bytes([fill]) * min(size, HEADER_SIZE)
+def single(size: int, peer: PeerName = B, fill: int = 0, kind: int = KIND_DATA) -> Transmit:
+    head = bytes([0x10 | kind]) + bytes([fill]) * (min(size, HEADER_SIZE) - 1)
     return Transmit(peer, ADDR[peer], (head, bytes([fill + 1]) * (size - len(head))), 0)
 
 
@@ -125,3 +132,24 @@ def test_mtu_change_mid_batch_splits_the_send() -> None:
         net._carry(A, t)
     net.settle()
     assert net.tap[B] == big + small
+
+
+def test_heartbeats_are_never_merged() -> None:
+    """PMTU probes must cross the path as the datagrams they are: a ladder of probes, then the
+    regular heartbeat at the confirmed size, then data; only the data may merge."""
+    probes = [single(s, kind=KIND_HEARTBEAT) for s in (1472, 1472, 548)]
+    data = [single(1200, fill=i) for i in range(3)]
+    out = gso_batches([*probes, *data], 64, 65507)
+    assert out[:3] == probes
+    assert [(len(t.buffer), t.segment) for t in out[3:]] == [(3600, 1200)]
+
+
+def test_real_probe_ladder_is_sent_unmerged() -> None:
+    net = established_net([(A, B)], encrypted=False, config=PER_FRAME)
+    core = net.cores[A]
+    core.send_too_big(B, 1400, net.now)  # the search starts again: a ladder of probes
+    net.now += 1.0
+    core.handle_timer(net.now)
+    ts = core.take_transmits()
+    assert len(ts) > 1
+    assert gso_batches(ts, 64, 65507) == ts

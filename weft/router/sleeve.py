@@ -14,15 +14,17 @@ module moves bytes and counts syscalls:
   the unprivileged options.
 
 The per-frame path (``WEFT_SLEEVE_MODE=per-frame``, or automatically towards a peer that does not
-advertise super-frames) opens the TAP without a virtio_net_hdr: one frame per read, one frame per
-datagram, no fragments. UDP GSO and GRO stay local syscall batching there: equal-size datagrams
-for one peer leave in one ``sendmsg`` (:func:`~weft.router.sleeve_core.gso_batches`), which the
-kernel cuts back into the same separate datagrams, and GRO-coalesced arrivals are split again by
-the core, so a peer without either sees the same wire. ``WEFT_SLEEVE_UDP_OFFLOAD=off`` turns both
-off (the strict path of a kernel without them: one datagram per syscall). Each peer advertises ``sleeve_version``, ``sleeve_port``,
-``sleeve_superframes`` and ``sleeve_cipher`` in its hello features; when any connected peer
-lacks super-frames the TAP's offloads are switched off, so the kernel segments and checksums
-before the sleeve sees a frame.
+advertise super-frames) carries one frame per datagram, no fragments. Where the local kernel
+allows, three local offloads batch syscalls without changing the wire: equal-size datagrams for
+one peer leave in one UDP GSO ``sendmsg`` (:func:`~weft.router.sleeve_core.gso_batches`), which
+the kernel cuts back into the same separate datagrams; UDP GRO-coalesced arrivals are split again
+by the core; and the TAP, opened with a virtio_net_hdr but no offloads (reads stay plain frames),
+takes in-order TCP segments merged into one GSO write (:mod:`weft.router.sleeve_gro`). A peer
+sees the same datagrams with or without them. ``WEFT_SLEEVE_LOCAL_OFFLOADS=off`` turns all three
+off (the strict path of a kernel without them: one frame per syscall). Each peer advertises
+``sleeve_version``, ``sleeve_port``, ``sleeve_superframes`` and ``sleeve_cipher`` in its hello
+features; when any connected peer lacks super-frames the TAP's offloads are switched off, so the
+kernel segments and checksums before the sleeve sees a frame.
 
 Integration: ``make_overlay(config)`` (what ``weft.router.daemon`` calls) returns a
 :class:`SleeveOverlay`; ``overlay.setup_routes(app)`` adds the bridge API
@@ -56,6 +58,7 @@ from weft.router.overlay import (
     RoutesView,
 )
 from weft.router.sleeve_core import (
+    VNET_HDR_SIZE,
     LinkEstablished,
     LinkStatusChanged,
     SleeveConfig,
@@ -65,7 +68,9 @@ from weft.router.sleeve_core import (
     features_of,
     gso_batches,
     remote_sleeve,
+    strip_vnet,
 )
+from weft.router.sleeve_gro import coalesce
 
 __all__ = ["SleeveConnection", "SleeveOverlay", "make_overlay"]
 
@@ -86,6 +91,9 @@ _SEGMENT = struct.Struct("=H")
 _INT = struct.Struct("=i")
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)  # a plain int: the IntFlag's & costs an enum per datagram
 DEFAULT_TAP: Final = "weft-tap"
+# The per-frame TAP's tx ring: a container's TCP burst (its GSO packets cut to MTU size at the
+# TAP) waits here while the pump works; 1000 overflowed under iperf3 (drops, retransmits).
+PER_FRAME_TXQUEUELEN: Final = 4096
 
 
 T = TypeVar("T")
@@ -193,6 +201,7 @@ class SleeveOverlay:
         mtu: int | None = None,
         gso: bool | None = None,
         gro: bool | None = None,
+        tap_gro: bool | None = None,
         buffer_bytes: int = 16 << 20,
         threads: bool = False,
     ) -> None:
@@ -215,6 +224,10 @@ class SleeveOverlay:
         # per-frame path, what a kernel without them gets).
         self.gso = True if gso is None else gso
         self.gro = True if gro is None else gro
+        # Per-frame path: the TAP still gets a virtio_net_hdr (offloads off, so reads stay plain
+        # frames) and TCP segments are merged before the write (weft.router.sleeve_gro); False:
+        # one frame per write, a TAP without the header.
+        self.tap_gro = (not superframes) if tap_gro is None else (tap_gro and not superframes)
         self.sock = self._open_socket(host, cfg.port, buffer_bytes)
         port = self.sock.getsockname()[1]
         if port != cfg.port:
@@ -225,7 +238,7 @@ class SleeveOverlay:
             if tap_name is not None:
                 from weft.router.tap import Tap
 
-                self.tap = Tap(tap_name, vnet_hdr=superframes, offload=superframes)
+                self.tap = Tap(tap_name, vnet_hdr=superframes or self.tap_gro, offload=superframes)
                 if bridge is not None:
                     from weft.router.bridge import ensure_bridge
 
@@ -239,6 +252,9 @@ class SleeveOverlay:
                             raise
                         except Exception as err:  # pyroute2's NetlinkError is no OSError
                             raise LocalError(f"cannot set up bridge {bridge}: {err}") from err
+                if not superframes and self.tap.txqueuelen < PER_FRAME_TXQUEUELEN:
+                    self.tap.set_txqueuelen(PER_FRAME_TXQUEUELEN)
+                    log.info("TAP %s txqueuelen %d", tap_name, self.tap.txqueuelen)
         except BaseException:
             self.sock.close()
             if self.tap is not None:
@@ -257,12 +273,13 @@ class SleeveOverlay:
         if self.tap is not None:
             self.loop.add_reader(self.tap.fd, self._on_tap)
         log.info(
-            "sleeve on udp %s:%d, %s, gso %s, gro %s, writer threads %s",
+            "sleeve on udp %s:%d, %s, gso %s, gro %s, tap gro %s, writer threads %s",
             host,
             port,
             "super-frames" if superframes else "per-frame",
             self.gso,
             self.gro,
+            self.tap_gro,
             threads,
         )
 
@@ -346,6 +363,7 @@ class SleeveOverlay:
             "mode": "super-frames" if self.config.tap_vnet_hdr else "per-frame",
             "gso": self.gso,
             "gro": self.gro,
+            "tap_gro": self.tap_gro,
             "tap": self.tap.name if self.tap is not None else None,
             "tap_offload": bool(self.tap and self.tap.offload),
             "bridge": self.bridge.name,
@@ -410,8 +428,8 @@ class SleeveOverlay:
 
     def _offload_check(self) -> None:
         tap = self.tap
-        if tap is None or not tap.vnet_hdr or self.core is None:
-            return
+        if tap is None or not self.config.tap_vnet_hdr or self.core is None:
+            return  # (a per-frame TAP with a header for TAP GRO never asks for super-frames)
         want = self.core.superframes_everywhere
         if want != tap.offload:
             tap.set_offload(want)
@@ -447,6 +465,7 @@ class SleeveOverlay:
         fd = tap.fd
         # With UDP GSO up to a send's worth of per-frame datagrams wait to leave together.
         every = self._gso_every
+        strip = self.tap_gro
         n = 0
         while n < _DRAIN_BUDGET:
             try:
@@ -461,7 +480,17 @@ class SleeveOverlay:
             if core is None:
                 self.drops["no_peers"] += 1
                 continue
-            core.frame_from_tap(frame, now)
+            if strip:  # the per-frame TAP's header (for TAP GRO writes): all zero on reads
+                if frame[0] & 1 or frame[1]:
+                    plain = strip_vnet(frame)
+                    if plain is None:
+                        self.drops["needs_offload"] += 1
+                        continue
+                    core.frame_from_tap(plain, now)
+                else:
+                    core.frame_from_tap(memoryview(frame)[VNET_HDR_SIZE:], now)
+            else:
+                core.frame_from_tap(frame, now)
             if n % every == 0:
                 self._send_transmits(core)
         self.n_tap_read += n + 1
@@ -565,6 +594,16 @@ class SleeveOverlay:
         if tap is None:
             return
         fd = tap.fd
+        if self.tap_gro:
+            flat = [b"".join(f) if isinstance(f, tuple) else f for f in frames]
+            writes = coalesce(flat)
+            for w in writes:
+                try:
+                    os.writev(fd, w)
+                except OSError:
+                    self.drops["tap_write_error"] += 1
+            self.n_tap_write += len(writes)
+            return
         for frame in frames:
             try:
                 if type(frame) is tuple:
@@ -655,9 +694,10 @@ def make_overlay(config: Any) -> SleeveOverlay:
     Sleeve knobs not (yet) in RouterConfig come from the environment:
     ``WEFT_SLEEVE_MODE`` = ``super-frames`` (default) or ``per-frame``; ``WEFT_MTU`` = the
     containers' MTU (default 1376); ``WEFT_BRIDGE`` = the bridge name (default ``weft``);
-    ``WEFT_SLEEVE_UDP_OFFLOAD`` = ``auto`` (default: UDP GSO/GRO when the local kernel has them,
-    in both modes; they batch syscalls locally and leave the wire unchanged) or ``off`` (never:
-    what a kernel without them gets); ``WEFT_SLEEVE_THREADS=1`` moves UDP sends and TAP writes
+    ``WEFT_SLEEVE_LOCAL_OFFLOADS`` = ``auto`` (default: UDP GSO/GRO when the local kernel has
+    them, in both modes, and TCP coalescing into the TAP on the per-frame path; they batch
+    syscalls locally and leave the wire unchanged) or ``off`` (none: what a kernel without them
+    gets); ``WEFT_SLEEVE_THREADS=1`` moves UDP sends and TAP writes
     to two threads (measured here: no clear gain and more CPU per byte on a busy 2-core machine,
     so off by default).
     """
@@ -673,9 +713,9 @@ def make_overlay(config: Any) -> SleeveOverlay:
     host = str(getattr(config, "listen_host", "0.0.0.0"))
     sleeve = SleeveConfig(port=port or 6783, tap_vnet_hdr=mode == "super-frames")
     threads = os.environ.get("WEFT_SLEEVE_THREADS", "0") in ("1", "yes", "true")
-    offload = os.environ.get("WEFT_SLEEVE_UDP_OFFLOAD", "auto")
+    offload = os.environ.get("WEFT_SLEEVE_LOCAL_OFFLOADS", "auto")
     if offload not in ("auto", "off"):
-        raise ConfigError(f"WEFT_SLEEVE_UDP_OFFLOAD={offload!r}: expected auto or off")
+        raise ConfigError(f"WEFT_SLEEVE_LOCAL_OFFLOADS={offload!r}: expected auto or off")
     local = None if offload == "auto" else False
     return SleeveOverlay(
         sleeve,
@@ -684,5 +724,6 @@ def make_overlay(config: Any) -> SleeveOverlay:
         mtu=mtu,
         gso=local,
         gro=local,
+        tap_gro=local,
         threads=threads,
     )

@@ -114,6 +114,7 @@ __all__ = [
     "gso_batches",
     "icmp_too_big",
     "remote_sleeve",
+    "strip_vnet",
 ]
 
 VERSION: Final = 1
@@ -436,7 +437,7 @@ class SleeveCore:
 
     # ----------------------------------------------------------------- TAP side
 
-    def frame_from_tap(self, frame: bytes, now: float) -> None:
+    def frame_from_tap(self, frame: bytes | memoryview, now: float) -> None:
         """A frame the local bridge handed to the TAP (with virtio_net_hdr when configured)."""
         eth = self._eth
         if len(frame) < eth + _ETH_HEADER:
@@ -493,7 +494,7 @@ class SleeveCore:
                 continue
             self._queue(link, src_bytes, BROADCAST, flags, frame)
 
-    def _too_big(self, link: _Link, frame: bytes, flags: int) -> bool:
+    def _too_big(self, link: _Link, frame: bytes | memoryview, flags: int) -> bool:
         """``fragment=False`` mode: answer frames that need more than one datagram with ICMP."""
         eth = VNET_HDR_SIZE if flags & FLAG_VNET else 0
         if flags & FLAG_VNET and frame[1] != 0:  # GSO super-frames are always fragmented
@@ -514,7 +515,7 @@ class SleeveCore:
         self, link: _Link, src: bytes, dst: bytes, flags: int, frame: bytes | memoryview
     ) -> None:
         if flags & FLAG_VNET and not link.superframes:
-            stripped = _strip_vnet(frame)
+            stripped = strip_vnet(frame)
             if stripped is None:
                 self.drops["needs_offload"] += 1
                 return
@@ -993,7 +994,7 @@ class SleeveCore:
             if self.config.tap_vnet_hdr:
                 self._tap.append(frame)
                 return
-            stripped = _strip_vnet(frame)
+            stripped = strip_vnet(frame)
             if stripped is None:
                 self.drops["needs_offload"] += 1
                 return
@@ -1198,7 +1199,10 @@ def gso_batches(transmits: list[Transmit], max_segments: int, max_bytes: int) ->
     was made of, so the wire is unchanged: a receiver without UDP GRO (or without super-frame
     support) sees the same separate datagrams as without batching, each still sealed on its own.
     Order per address is kept (a batch leaves before anything later to the same address); at most
-    ``max_segments`` datagrams and ``max_bytes`` bytes per send. Anything else passes unchanged.
+    ``max_segments`` datagrams and ``max_bytes`` bytes per send. Anything else passes unchanged,
+    heartbeats too: they are path-MTU probes and must cross the path as the datagrams they are
+    (a GSO buffer can pass a veth or bridge whose MTU its segments exceed, which would confirm
+    a size the real path drops).
     """
     if len(transmits) < 2:
         return transmits
@@ -1213,7 +1217,7 @@ def gso_batches(transmits: list[Transmit], max_segments: int, max_bytes: int) ->
 
     for t in transmits:
         batch = open_.get(t.addr)
-        if t.segment:
+        if t.segment or t.pieces[0][0] != _VK_DATA:
             if batch is not None:
                 close(batch)
                 del open_[t.addr]
@@ -1288,7 +1292,7 @@ def _cut(parts: list[bytes | memoryview], chunk: int) -> list[list[bytes | memor
     return out
 
 
-def _strip_vnet(frame: bytes | memoryview) -> bytes | None:
+def strip_vnet(frame: bytes | memoryview) -> bytes | None:
     """Drop the virtio_net_hdr for a peer or TAP without one; finish a partial checksum.
 
     A GSO super-frame cannot be passed on that way (None)."""

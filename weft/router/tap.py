@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import struct
 from typing import Final
 
@@ -25,6 +26,8 @@ __all__ = ["MAX_FRAME", "Tap"]
 TUNSETIFF: Final = 0x400454CA
 TUNSETOFFLOAD: Final = 0x400454D0
 TUNSETVNETHDRSZ: Final = 0x400454D8
+SIOCGIFTXQLEN: Final = 0x8942
+SIOCSIFTXQLEN: Final = 0x8943
 IFF_TAP: Final = 0x0002
 IFF_NO_PI: Final = 0x1000
 IFF_VNET_HDR: Final = 0x4000
@@ -66,6 +69,21 @@ class Tap:
             raise LocalError("TAP offloads need IFF_VNET_HDR")
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, OFFLOADS if on else 0)
         self.offload = on
+
+    @property
+    def txqueuelen(self) -> int:
+        """Frames the kernel queues for us to read before it drops (the TAP's tx ring)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            req = struct.pack("16si", self.name.encode(), 0)
+            return int(struct.unpack_from("i", fcntl.ioctl(sock, SIOCGIFTXQLEN, req), 16)[0])
+
+    def set_txqueuelen(self, frames: int) -> None:
+        """Resize the tx ring (the kernel resizes it in place): on the per-frame path a TCP burst
+        arrives as MTU-sized frames, and a full ring drops them (TCP then retransmits)."""
+        if frames < 1:
+            raise LocalError(f"txqueuelen {frames} must be at least 1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            fcntl.ioctl(sock, SIOCSIFTXQLEN, struct.pack("16si", self.name.encode(), frames))
 
     def read(self) -> bytes | None:
         """One frame, or None when nothing is waiting."""
