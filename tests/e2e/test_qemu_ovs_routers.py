@@ -8,6 +8,7 @@ busybox are missing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -26,12 +27,33 @@ pytestmark = [
 ]
 
 
+def switch_builds_ovs_with_a_password() -> bool:
+    """Whether ``weft.router.switch`` builds the OVS part for an encrypted router on a kernel
+    with openvswitch and ESP (then the VM also runs the encrypted scenario). Nothing touches
+    the kernel: parts start with their first connection."""
+    from weft.fastdp.capabilities import Capabilities, Feature
+    from weft.fastdp.heartbeat import HeartbeatConfig
+    from weft.router.switch import FastPartContext, _build_fast_parts
+
+    async def build() -> bool:
+        yes = Feature(True, "")
+        caps = Capabilities(openvswitch=yes, vxlan=yes, esp=yes)
+        ctx = FastPartContext(None, "auto", caps, "weft", None, 1376, HeartbeatConfig(), True)
+        parts, _ = _build_fast_parts(ctx)
+        for part in parts:
+            part.close()
+        return any(part.name == "ovs" for part in parts)
+
+    return asyncio.run(build())
+
+
 @pytest.fixture(scope="module")
 def vm() -> dict[str, Any]:
+    esp = switch_builds_ovs_with_a_password()
     result = run_in_vm(
         f"'{sys.executable}' tests/e2e/qemu/check_ovs_routers.py",
-        modules=("openvswitch", "vxlan", "bridge", "veth", "tun", "nf_tables"),
-        env={"PYTHONPATH": str(REPO)},
+        modules=("openvswitch", "vxlan", "esp4", "xfrm_user", "bridge", "veth", "tun", "nf_tables"),
+        env={"PYTHONPATH": str(REPO), "WEFT_E2E_OVS_ESP": "1" if esp else "0"},
         cwd=REPO,
         memory_mb=1536,
         timeout=900,
@@ -86,7 +108,6 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(vm: dict[str, Any]) 
     info = row["info"] + " | " + other["info"]
     assert "ovs:" in info and "using sleeve" in info, info
     assert "6784" in info, info
-    assert "using sleeve" in vm["status_blocked"]
     assert vm["ping_on_sleeve"]
     assert vm["fallbacks"].get("ovs->sleeve", 0) >= 1
     back = vm["row_back"]
@@ -108,3 +129,22 @@ def test_a_restarted_router_removes_the_stale_datapath(vm: dict[str, Any]) -> No
     after = vm["after_restart"]
     assert after["exists"] and after["ifindex"] != vm["ifindex_before"]
     assert vm["ping_after_restart"]
+
+
+def test_with_a_password_the_ovs_wire_carries_only_esp(vm: dict[str, Any]) -> None:
+    if "esp_skipped" in vm:
+        pytest.skip(vm["esp_skipped"])
+    row = vm["esp_row"]
+    assert row["datapath"] == "ovs" and row["state"] == "established", row
+    assert row["data_encrypted"] is True
+    assert row["mtu"] == 1410  # 1500 - 50 (VXLAN) - 40 (ESP)
+    ovs = vm["esp_switch"]["ovs"]
+    assert ovs["encrypted"] and ovs["esp"]["fatal"] == "" and ovs["esp"]["error"] == ""
+    link = next(iter(ovs["esp"]["links"].values()))
+    assert link["in_spi"] and link["out_spi"] and link["installs"] >= 1
+    assert vm["esp_ping"] and vm["esp_ping_full_size_df"]
+    wire = vm["esp_wire"]
+    assert wire["esp"] >= 20 and wire["plain_vxlan"] == 0, wire  # 10 pings, both ways
+    assert "192.168.66.2" in vm["esp_guard"]  # plain VXLAN from the peer is dropped
+    flows = vm["esp_flows_h1"]["flows"]
+    assert any(f["tun_id"] == NETWORK_VNI and f["packets"] > 0 for f in flows), flows

@@ -7,20 +7,25 @@ worker runs jobs inline and timers are a list the test fires by hand.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
 
-from weft.errors import ConfigError
+from weft.fastdp.esp import ESP_OVERHEAD, EspPair
 from weft.fastdp.heartbeat import HeartbeatConfig, Probe, decode_probe
 from weft.fastdp.ovs import FlowKey, OutputAction
 from weft.fastdp.ovs_flows import OvsFlowPlanner, OvsPeer, OvsPorts
 from weft.fastdp.vxlan import NETWORK_VNI
 from weft.gossip.peer import PeerName
+from weft.router.esp_links import EspLinks
 from weft.router.overlay import OverlayConnectionParams
 from weft.router.ovs_part import (
+    FEATURE_ESP,
     FEATURE_OVS,
     FEATURE_OVS_PORT,
     FEATURE_OVS_VNI,
@@ -37,8 +42,8 @@ MTU = 1450
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
         self.timers: list[Timer] = []
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
@@ -89,6 +94,14 @@ class InlineWorker:
             result, err = None, exc
         if then is not None:
             then(result, err)
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def close(self) -> None:
         pass
@@ -196,7 +209,12 @@ class Side:
 
 
 def make_side(
-    clock: Clock, tunnel: Tunnel, ip: str, hosts: list[FakeHost], **host_args: Any
+    clock: Clock,
+    tunnel: Tunnel,
+    ip: str,
+    hosts: list[FakeHost],
+    esp: EspLinks | None = None,
+    **host_args: Any,
 ) -> Side:
     def make_host(name: PeerName, local_ip: str) -> FakeHost:
         host = FakeHost(tunnel, name, local_ip, **host_args)
@@ -212,6 +230,7 @@ def make_side(
         worker=InlineWorker(),
         clock=lambda: clock.now,
         call_at=clock.call_at,
+        esp=esp,
     )
     side = Side(part)
     part.on_local_macs = side.local_macs.append
@@ -254,11 +273,13 @@ class Pair:
             self.pump()
 
 
-async def make_pair(start_links: bool = True) -> Pair:
-    clock, tunnel = Clock(), Tunnel()
+async def make_pair(start_links: bool = True, esp: list[EspLinks] | None = None) -> Pair:
+    # The ESP driver stamps esp_installed with the loop's clock: start ours there.
+    clock = Clock(asyncio.get_running_loop().time() if esp else 1000.0)
+    tunnel = Tunnel()
     hosts: list[FakeHost] = []
-    a = make_side(clock, tunnel, "10.0.0.1", hosts)
-    b = make_side(clock, tunnel, "10.0.0.2", hosts)
+    a = make_side(clock, tunnel, "10.0.0.1", hosts, esp=esp[0] if esp else None)
+    b = make_side(clock, tunnel, "10.0.0.2", hosts, esp=esp[1] if esp else None)
     pair = Pair(clock, tunnel, a, b, hosts)
     if start_links:
 
@@ -270,8 +291,9 @@ async def make_pair(start_links: bool = True) -> Pair:
             return send
 
         for me, other, local, remote, ip in ((a, b, A, B, "10.0.0.2"), (b, a, B, A, "10.0.0.1")):
+            key = b"k" * 32 if esp else None
             me.handle = me.part.start_link(
-                params(local, remote, ip),
+                params(local, remote, ip, key),
                 to(other),
                 me.health_callback(),
                 me.failed.append,
@@ -402,7 +424,7 @@ async def test_stale_state_is_reported_and_a_failed_start_is_not_retried() -> No
     assert broken.part.features() == {}
 
 
-async def test_encrypted_connections_are_refused_until_esp_is_wired() -> None:
+async def test_a_part_without_esp_refuses_encrypted_connections() -> None:
     clock, tunnel = Clock(), Tunnel()
     hosts: list[FakeHost] = []
     side = make_side(clock, tunnel, "10.0.0.1", hosts)
@@ -442,12 +464,112 @@ class Ctx:
 
 
 async def test_make_part_for_the_switch() -> None:
-    with pytest.raises(ConfigError, match="ESP"):
-        make_part(Ctx(encrypted=True))
     part = make_part(Ctx(bridge="br-x"))
     assert isinstance(part, OvsPart) and part.name == "ovs" and part.part_id == 3
     assert part.config.datapath.bridge == "br-x" and part.heartbeat is HB
+    assert not part.encrypted and part.config.datapath.extra_overhead == 0
     part.close()
+    encrypted = make_part(Ctx(encrypted=True))
+    assert encrypted.encrypted and encrypted.esp is not None and encrypted.esp.name == "ovs"
+    assert encrypted.config.datapath.extra_overhead == ESP_OVERHEAD
+    assert encrypted.features()[FEATURE_ESP] == 1
+    encrypted.close()
+
+
+# -- ESP (weft.router.esp_links with a fake kernel) ---------------------------------------------
+
+
+@dataclass
+class FakeXfrm:
+    log: list[tuple[str, Any]]
+    next_spi: int = 0x1000
+
+    def alloc_spi(self, local_ip: str, remote_ip: str) -> int:
+        self.next_spi += 1
+        self.log.append(("alloc", (local_ip, remote_ip)))
+        return self.next_spi
+
+    def install(self, pair: EspPair, send_key: bytes, recv_key: bytes) -> None:
+        self.log.append(("install", pair))
+
+    def remove(self, pair: EspPair) -> None:
+        self.log.append(("remove", pair))
+
+    def remove_stale(self) -> tuple[int, int]:
+        return (1, 2)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeGuard:
+    log: list[tuple[str, Any]]
+
+    def start(self) -> None:
+        self.log.append(("guard start", None))
+
+    def require_esp_from(self, ip: str) -> None:
+        self.log.append(("guard", ip))
+
+    def forget(self, ip: str) -> None:
+        self.log.append(("forget", ip))
+
+    def stop(self) -> None:
+        self.log.append(("guard stop", None))
+
+
+async def settle(pair: Pair, seconds: float) -> None:
+    """Step the clock, letting the ESP driver's results (call_soon_threadsafe) run."""
+    end = pair.clock.now + seconds
+    while pair.clock.now < end - 1e-9:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        pair.clock.advance(min(0.25, end - pair.clock.now))
+        pair.pump()
+
+
+async def test_encrypted_links_probe_only_after_esp_and_the_datapath_knows_the_peer_then() -> None:
+    logs: list[list[tuple[str, Any]]] = [[], []]
+    xfrms = [partial(FakeXfrm, logs[i], 0x1000 * (i + 1)) for i in (0, 1)]
+    drivers = [EspLinks(xfrms[i], FakeGuard(logs[i]), "ovs") for i in (0, 1)]
+    pair = await make_pair(esp=drivers)
+    host_a = pair.hosts[0]
+    assert pair.a.part.mtu == MTU and pair.a.part.encrypted
+    # Before the SPIs are exchanged and ESP installed the datapath does not know the peer.
+    assert host_a.peers == {} and ("guard start", None) in logs[0]
+    await settle(pair, 3)
+    kinds = [k for k, _ in logs[0]]
+    assert kinds.index("guard") < kinds.index("alloc") < kinds.index("install")
+    assert host_a.peers == {B: OvsPeer("10.0.0.2", 0x234, False, vni=NETWORK_VNI)}
+    assert pair.a.health[-1] == (True, "") and pair.b.health[-1] == (True, "")
+    installed = next(p for k, p in logs[0] if k == "install")
+    assert installed.remote_ip == "10.0.0.2"
+    assert (installed.in_spi, installed.out_spi) == (0x1001, 0x2001)
+    status = pair.a.part.status()
+    assert status["encrypted"] and status["esp"]["stale_removed"] == {"sas": 1, "policies": 2}
+    # The link goes: the datapath forgets the peer before its ESP is removed.
+    assert pair.a.handle is not None
+    pair.a.part.set_carrying(pair.a.handle, True)
+    pair.a.part.stop_link(pair.a.handle)
+    await settle(pair, 0.5)
+    assert host_a.peers == {}
+    assert ("remove", installed) in logs[0] and ("forget", "10.0.0.2") in logs[0]
+    pair.a.part.close()
+    assert host_a.stopped and logs[0][-1] == ("guard stop", None)
+
+
+async def test_an_esp_part_refuses_unencrypted_peers() -> None:
+    logs: list[tuple[str, Any]] = []
+    side = make_side(
+        Clock(), Tunnel(), "10.0.0.1", [], esp=EspLinks(lambda: FakeXfrm(logs), FakeGuard(logs))
+    )
+    features = side.part.features()
+    assert side.part.peer_compatible(features) == ""
+    plain = {k: v for k, v in features.items() if k != FEATURE_ESP}
+    assert side.part.peer_compatible(plain) == "ovs: the peer's OVS datapath has no ESP"
+    assert side.part.start_link(params(A, B, "10.0.0.2"), print, print, side.failed.append) is None
+    assert side.failed == ["ovs: an unencrypted connection on an ESP datapath"]
 
 
 # -- the planner's announced MAC locations (weft.fastdp.ovs_flows.OvsFlowPlanner.locate) --------

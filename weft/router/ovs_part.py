@@ -51,10 +51,12 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol
 
-from weft.errors import ConfigError, WeftError
+from weft.errors import WeftError
 from weft.fastdp.errors import DatapathError
+from weft.fastdp.esp import ESP_OVERHEAD
 from weft.fastdp.fdb import normalize_mac
 from weft.fastdp.heartbeat import (
     HealthChanged,
@@ -68,6 +70,7 @@ from weft.fastdp.ovs_datapath import OvsConfig
 from weft.fastdp.ovs_flows import OvsPeer
 from weft.fastdp.vxlan import NETWORK_VNI
 from weft.gossip.peer import PeerName
+from weft.router.esp_links import EspLink, EspLinks
 from weft.router.fastpath_overlay import (
     NTF_MASTER,
     NTF_STICKY,
@@ -98,6 +101,7 @@ PART_OVS = 3  # the overlay-control envelope part of OVS links (switch_core.PART
 FEATURE_OVS = "fastdp_ovs"
 FEATURE_OVS_PORT = "fastdp_ovs_port"
 FEATURE_OVS_VNI = "fastdp_ovs_vni"
+FEATURE_ESP = "fastdp_esp"  # 1: our fast paths run over ESP (as the vxlan part says it)
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,10 @@ class Worker(Protocol):
         """Queue ``fn(*args)``; ``then(result, error)`` runs on the loop afterwards."""
         ...
 
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Queue ``fn()`` and return its future (the ESP driver's jobs, weft.router.esp_links)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -201,6 +209,9 @@ class _ThreadWorker:
                 self.loop.call_soon_threadsafe(then, result, err)
 
         future.add_done_callback(done)
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        return self.pool.submit(fn)
 
     def close(self) -> None:
         self.closed = True
@@ -355,6 +366,8 @@ class OvsLinkHandle:
     link: FastPathLink
     send_control: Callable[[bytes], None]
     on_health: Callable[[bool, str], None]
+    on_failed: Callable[[str], None] = lambda reason: None
+    esp: EspLink | None = None  # with a password: this link's ESP
     carrying: bool = False
     macs: frozenset[str] = field(default_factory=frozenset)
     stopped: bool = False
@@ -369,7 +382,6 @@ class OvsPart:
 
     name = "ovs"
     part_id = PART_OVS
-    encrypted = False
 
     def __init__(
         self,
@@ -383,13 +395,20 @@ class OvsPart:
         worker: Worker | None = None,
         clock: Callable[[], float] | None = None,
         call_at: Callable[[float, Callable[[], None]], Any] | None = None,
+        esp: EspLinks | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config or OvsPartConfig()
-        if self.config.datapath.bridge != bridge:
-            self.config = replace(
-                self.config, datapath=replace(self.config.datapath, bridge=bridge)
-            )
+        # With ESP every link is encrypted (weft.router.esp_links): the overlay MTU leaves room
+        # for ESP, and the datapath knows a peer (so can tunnel to it) only while its SAs and
+        # policies exist.
+        self.esp = esp
+        self.encrypted = esp is not None
+        overhead = ESP_OVERHEAD if esp is not None else self.config.datapath.extra_overhead
+        self.config = replace(
+            self.config,
+            datapath=replace(self.config.datapath, bridge=bridge, extra_overhead=overhead),
+        )
         self.bridge = bridge
         self.tap = tap
         self.heartbeat = heartbeat or HeartbeatConfig()
@@ -422,6 +441,10 @@ class OvsPart:
         self._expire_timer: Any = None
         self._mac_timer: Any = None
         self._closed = False
+        self._wanted: dict[PeerName, OvsPeer] = {}  # worker only: the last peers from the loop
+        self._published: set[PeerName] = set()  # worker only: peers whose ESP is installed
+        if esp is not None:
+            esp.bind(self.loop, self._worker.submit)
 
     def _later(self, delay: float, fn: Callable[[], None]) -> Any:
         return self._call_at(self._clock() + delay, fn)
@@ -434,11 +457,14 @@ class OvsPart:
     def features(self) -> dict[str, Any]:
         if self.problem:
             return {}
-        return {
+        out: dict[str, Any] = {
             FEATURE_OVS: 1,
             FEATURE_OVS_PORT: self.config.datapath.port,
             FEATURE_OVS_VNI: self.config.vni,
         }
+        if self.encrypted:
+            out[FEATURE_ESP] = 1
+        return out
 
     def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
         if remote_features.get(FEATURE_OVS) != 1:
@@ -449,6 +475,8 @@ class OvsPart:
                 f"ovs: the peer uses UDP {port} VNI {vni}, we use UDP "
                 f"{self.config.datapath.port} VNI {self.config.vni}"
             )
+        if self.encrypted and remote_features.get(FEATURE_ESP) != 1:
+            return "ovs: the peer's OVS datapath has no ESP"
         return ""
 
     def ensure_started(self, local_name: PeerName, remote_ip: str) -> bool:
@@ -465,7 +493,7 @@ class OvsPart:
         self.local_ip = local_ip
         try:
             host = self._make_host(local_name, local_ip)
-            self.mtu = int(self._worker.call(host.start, timeout=60))
+            self.mtu = int(self._worker.call(self._start_host, host, timeout=60))
             self._host = host
             self.stale_removed = list(self._worker.call(host.stale_removed))
             self._fd = self._worker.call(host.fileno)
@@ -480,6 +508,19 @@ class OvsPart:
         self._refresh_kernel()
         return True
 
+    def _start_host(self, host: OvsHost) -> int:
+        if self.esp is not None:  # stale SAs gone and the inbound guard up before the tunnel
+            self.esp.start()
+        return host.start()
+
+    def _stop_host(self, host: OvsHost | None) -> None:
+        try:
+            if host is not None:
+                host.stop()  # the datapath (and its flows) first, then what encrypted it
+        finally:
+            if self.esp is not None:
+                self.esp.stop()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -489,12 +530,10 @@ class OvsPart:
                 timer.cancel()
         self._pause_reading()
         self.links.clear()
-        host = self._host
-        if host is not None:
-            try:
-                self._worker.call(host.stop)
-            except Exception:
-                log.exception("stopping the OVS datapath failed")
+        try:
+            self._worker.call(self._stop_host, self._host)
+        except Exception:
+            log.exception("stopping the OVS datapath failed")
         self._worker.close()
 
     # -- per connection ----------------------------------------------------------------------------
@@ -506,26 +545,47 @@ class OvsPart:
         on_health: Callable[[bool, str], None],
         on_failed: Callable[[str], None],
     ) -> OvsLinkHandle | None:
-        """Start probing the peer through the OVS tunnel; None when OVS cannot run here (or,
-        until ESP is wired into this part, for an encrypted connection: ``problem`` unchanged,
-        ``on_failed`` says why)."""
+        """Start probing the peer through the OVS tunnel (after ESP is installed, when
+        encrypted); None when OVS cannot run here. A connection without data keys on an ESP
+        part, or with them on a part without ESP, can never carry: ``on_failed`` says why."""
         if not self.ensure_started(params.local_name, params.remote_ip) or self.mtu is None:
             return None
-        if params.data_send_key is not None and not self.encrypted:
-            on_failed("ovs: encrypted connections need ESP on this datapath")
+        if (params.data_send_key is not None) != self.encrypted:
+            on_failed(
+                "ovs: encrypted connections need ESP on this datapath"
+                if not self.encrypted
+                else "ovs: an unencrypted connection on an ESP datapath"
+            )
             return None
         remote = params.remote_name
         old = self.links.pop(remote, None)
         if old is not None:
             old.stopped = True
         now = self._clock()
-        link = FastPathLink(params.local_name, remote, self.mtu, False, now, self.heartbeat)
+        link = FastPathLink(
+            params.local_name, remote, self.mtu, self.encrypted, now, self.heartbeat
+        )
         handle = OvsLinkHandle(
-            remote, params.remote_ip, params.remote_short_id & 0xFFF, link, send_control, on_health
+            remote,
+            params.remote_ip,
+            params.remote_short_id & 0xFFF,
+            link,
+            send_control,
+            on_health,
+            on_failed,
         )
         self.links[remote] = handle
+        if self.esp is not None:
+            assert self.local_ip is not None  # set by ensure_started
+            handle.esp = self.esp.link_started(
+                remote, self.local_ip, params.remote_ip, params.data_send_key, params.data_recv_key
+            )  # the datapath hears of the peer once ESP is installed (_publish)
         self._push_peers()
         self._process(handle)
+        if old is not None and old.esp is not None and self.esp is not None:
+            # after the new link's first job took its guard reference: the peer's plaintext
+            # stays dropped throughout
+            self.esp.link_stopped(old.esp, self._withdraw(remote))
         return handle
 
     def control_received(self, handle: OvsLinkHandle, payload: bytes) -> None:
@@ -561,6 +621,8 @@ class OvsPart:
             if handle.carrying:
                 self._run(self._host_call("flush_learned"), then=self._flushed)
                 self._sync_bridge()
+        if handle.esp is not None and self.esp is not None:
+            self.esp.link_stopped(handle.esp, self._withdraw(handle.remote))
         self._arm()
 
     def status(self) -> dict[str, Any]:
@@ -571,6 +633,8 @@ class OvsPart:
             "vni": self.config.vni,
             "local_ip": self.local_ip,
             "mtu": self.mtu,
+            "encrypted": self.encrypted,
+            "esp": self.esp.status() if self.esp is not None else None,
             "problem": self.problem,
             "error": self.error,
             "stale_removed": list(self.stale_removed),
@@ -635,7 +699,22 @@ class OvsPart:
             h.remote: OvsPeer(h.ip, h.short_id, h.carrying, vni=self.config.vni)
             for h in self.links.values()
         }
-        self._run(self._host_call("set_peers"), peers)
+        self._run(self._set_peers, peers)
+
+    def _set_peers(self, peers: dict[PeerName, OvsPeer]) -> None:
+        """*Worker*: the datapath knows the peers the loop has links for -- with ESP, only
+        those whose SAs and policies are installed (published)."""
+        self._wanted = peers
+        self._apply_peers()
+
+    def _apply_peers(self) -> None:
+        host = self._host
+        if host is None:
+            return
+        peers = self._wanted
+        if self.encrypted:
+            peers = {name: p for name, p in peers.items() if name in self._published}
+        host.set_peers(peers)
 
     def _push_macs(self) -> None:
         locations: dict[str, PeerName] = {}
@@ -757,6 +836,20 @@ class OvsPart:
             frame = encode_probe(link.local, link.remote, seq, size)
             self._run(self._host_call("send_probe"), link.remote, frame, then=self._probe_sent)
         while (event := link.next_event()) is not None:
+            if (
+                self.esp is not None
+                and handle.esp is not None
+                and self.esp.handle_event(
+                    handle.esp,
+                    link,
+                    event,
+                    resume=partial(self._resume, handle),
+                    failed=partial(self._esp_failed, handle),
+                    publish=partial(self._publish, handle.remote),
+                    withdraw=self._withdraw(handle.remote),
+                )
+            ):
+                continue
             if isinstance(event, HealthChanged):
                 healthy = event.state == HeartbeatState.HEALTHY
                 try:
@@ -764,6 +857,34 @@ class OvsPart:
                 except Exception:
                     log.exception("OVS health callback failed for %s", handle.remote)
         self._arm()
+
+    # -- ESP (see weft.router.esp_links) --------------------------------------------------------
+
+    def _resume(self, handle: OvsLinkHandle) -> None:
+        if not handle.stopped and not self._closed:
+            self._process(handle)
+
+    def _esp_failed(self, handle: OvsLinkHandle, reason: str) -> None:
+        if self.esp is not None and self.esp.fatal and not self.problem:
+            self.problem = self.esp.fatal  # the kernel cannot: new connections stay on sleeve
+        if not handle.stopped:
+            handle.on_failed(reason)
+
+    def _publish(self, remote: PeerName) -> None:
+        """*Worker*, right after the peer's SAs and policies are installed: the datapath may
+        tunnel to it (probes first; container frames once the switch says it carries)."""
+        self._published.add(remote)
+        self._apply_peers()
+
+    def _withdraw(self, remote: PeerName) -> Callable[[], None]:
+        """*Worker*, before the peer's ESP goes or is replaced: the datapath forgets the peer
+        (its flows are flushed), so nothing is tunnelled to it unencrypted."""
+
+        def withdraw() -> None:
+            self._published.discard(remote)
+            self._apply_peers()
+
+        return withdraw
 
     def _probe_sent(self, ok: Any) -> None:
         self.counters["probes_sent" if ok else "probes_failed"] += 1
@@ -831,8 +952,11 @@ class PartContext(Protocol):
 
 def make_part(ctx: PartContext, config: OvsPartConfig | None = None) -> OvsPart:
     """The OVS part for ``weft.router.switch._build_fast_parts`` (called only where the
-    capability probe, done once, found openvswitch). Raises with the reason it cannot run: with
-    a password, until ESP is wired into this part."""
+    capability probe, done once, found openvswitch). With a password (``ctx.encrypted``; the
+    switch builds parts then only where the kernel has ESP) every link runs over ESP."""
+    esp = None
     if ctx.encrypted:
-        raise ConfigError("encrypted connections need ESP on the OVS datapath (not wired yet)")
-    return OvsPart(bridge=ctx.bridge, tap=ctx.tap, heartbeat=ctx.heartbeat, config=config)
+        from weft.fastdp.esp import InboundGuard, XfrmClient
+
+        esp = EspLinks(XfrmClient, InboundGuard(), "ovs")
+    return OvsPart(bridge=ctx.bridge, tap=ctx.tap, heartbeat=ctx.heartbeat, config=config, esp=esp)
