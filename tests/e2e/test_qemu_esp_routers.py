@@ -2,8 +2,9 @@
 kernel (esp4, vxlan) booted in qemu.
 
 One VM boot for the module: tests/e2e/qemu/check_esp_routers.py runs inside (two hosts as network
-namespaces, a container each, ``--datapath auto``) and reports JSON; the tests below assert on
-it. Shown: the connection runs on vxlan with ESP (encrypted, MTU 1410, info names ESP), the
+namespaces, a container each) and reports JSON; the tests below assert on
+it. ``--datapath vxlan`` is forced (``auto`` would prefer OVS where the kernel loads it). Shown:
+the connection runs on vxlan with ESP (encrypted, MTU 1410, info names ESP), the
 containers ping (also full-size with DF), a capture on the underlay from before the routers start
 until they stop sees ESP and never plain UDP 6784 or the pings' payload, and stopping the
 routers leaves no xfrm state, policy, guard table or vxlan device. Skipped where qemu, the
@@ -22,7 +23,7 @@ import pytest
 from tests.e2e.qemu.harness import missing, run_in_vm
 
 REPO = Path(__file__).resolve().parents[2]
-# openvswitch is not needed here (with a password only vxlan runs ESP); tun for the sleeve.
+# openvswitch is not needed here; tun for the sleeve.
 MODULES = ("vxlan", "esp4", "xfrm_user", "bridge", "veth", "tun", "nf_tables")
 
 pytestmark = [
@@ -67,7 +68,9 @@ def test_the_connection_runs_on_vxlan_over_esp(vm: dict[str, Any]) -> None:
     assert link["installs"] == 1 and link["out_spi"] and not link["failed"], status["esp"]
     # One SA per direction and the in/out policies (plus the kernel's own socket policies: none).
     assert vm["xfrm_up"] == {"1": {"states": 2, "policies": 2}, "2": {"states": 2, "policies": 2}}
-    assert "192.168.84.2" in vm["guard_1"] and "ipsec missing" in vm["guard_1"]
+    # The strict guard: no plain UDP 6784 from anyone while a password is set.
+    assert "udp dport 6784 meta ipsec missing" in vm["guard_1"], vm["guard_1"]
+    assert "saddr" not in vm["guard_1"], vm["guard_1"]
 
 
 def test_containers_ping_over_esp(vm: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ from weft.fastdp.esp import EspPair, esp_key
 from weft.fastdp.link import EspReady, FastPathLink, LinkEvent, SpiRequested
 from weft.gossip.peer import PeerName
 
-__all__ = ["EspLink", "EspLinks", "GuardLike", "XfrmLike"]
+__all__ = ["EspLink", "EspLinks", "GuardLike", "StrictInboundGuard", "XfrmLike"]
 
 log = logging.getLogger("weft.fastdp")
 
@@ -87,6 +87,67 @@ class GuardLike(Protocol):
     def forget(self, ip: str) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class StrictInboundGuard:
+    """The inbound guard of a router with a password: *every* UDP 6784 packet without ESP is
+    dropped, whatever its source.
+
+    ``weft.fastdp.esp.InboundGuard`` drops plain VXLAN only from the IPs of encrypted peers, so
+    a host that is not a peer could still inject frames through the vxlan device. With a
+    password every legitimate tunnel packet is ESP, so this guard needs no per-peer state: same
+    table (``inet weft-esp``, so either guard's leftovers are stale to the other), one rule
+    ``udp dport 6784 meta ipsec missing counter drop`` in the input hook. ``require_esp_from`` and
+    ``forget`` only keep the set of peers for status.
+    """
+
+    TABLE = "weft-esp"
+
+    def __init__(self, nft: tuple[str, ...] = ("nft",), port: int = 6784) -> None:
+        self.nft = nft
+        self.port = port
+        self.peers: set[str] = set()
+
+    def _run(self, op: str, script: str) -> None:
+        import subprocess
+
+        from weft.fastdp.errors import DatapathError, wrap_os_error
+
+        try:
+            proc = subprocess.run(
+                [*self.nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            raise wrap_os_error(op, err) from err
+        if proc.returncode != 0:
+            raise DatapathError(op, proc.stderr.strip() or f"nft exited {proc.returncode}")
+
+    def start(self) -> None:
+        table = self.TABLE
+        self._run(
+            f"create nftables table inet {table}",
+            f"table inet {table} {{}}\n"
+            f"delete table inet {table}\n"
+            f"table inet {table} {{\n"
+            "  chain input {\n"
+            "    type filter hook input priority -10; policy accept;\n"
+            f"    udp dport {self.port} meta ipsec missing counter drop\n"
+            "  }\n"
+            "}\n",
+        )
+
+    def require_esp_from(self, ip: str) -> None:
+        self.peers.add(ip)
+
+    def forget(self, ip: str) -> None:
+        self.peers.discard(ip)
+
+    def stop(self) -> None:
+        table = self.TABLE
+        self._run(
+            f"delete nftables table inet {table}",
+            f"table inet {table} {{}}\ndelete table inet {table}\n",
+        )
 
 
 Submit = Callable[[Callable[[], Any]], "Future[Any]"]

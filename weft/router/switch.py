@@ -652,11 +652,12 @@ def _build_vxlan_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
 
 def make_esp(name: str) -> Any:
     """An ESP driver for one fast part's links (weft.router.esp_links.EspLinks) on the kernel's
-    xfrm and the nftables inbound guard; the part binds it to its worker thread."""
-    from weft.fastdp.esp import InboundGuard, XfrmClient
-    from weft.router.esp_links import EspLinks
+    xfrm and the nftables inbound guard (strict: with a password no plain UDP 6784 from anyone);
+    the part binds it to its worker thread."""
+    from weft.fastdp.esp import XfrmClient
+    from weft.router.esp_links import EspLinks, StrictInboundGuard
 
-    return EspLinks(XfrmClient, InboundGuard(), name)
+    return EspLinks(XfrmClient, StrictInboundGuard(), name)
 
 
 def _build_fast_parts(ctx: FastPartContext) -> tuple[list[FastPart], str]:

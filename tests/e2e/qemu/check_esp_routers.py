@@ -1,5 +1,7 @@
 """Runs inside the test VM (Debian's kernel: esp4, vxlan): two hosts (network namespaces) run
-real weft routers with the same password and ``--datapath auto``, one container each. Prints one
+real weft routers with the same password and ``--datapath vxlan`` (forced: where the kernel has
+openvswitch, and asking for its genl family loads it, ``auto`` prefers the OVS part, which
+tests/e2e/test_qemu_ovs_routers.py covers), one container each. Prints one
 JSON object of findings on the last line; tests/e2e/test_qemu_esp_routers.py asserts on it.
 
 A packet capture on host 2's underlay interface runs from before the routers start until they
@@ -121,7 +123,7 @@ def parse_pcap(path: Path) -> dict[str, int]:
 def start_router(host: Host, i: int, peer_ip: str) -> None:
     host.spawn(
         sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
-        "--api-socket", "", "--datapath", "auto", "--nickname", f"h{i}",
+        "--api-socket", "", "--datapath", "vxlan", "--nickname", f"h{i}",
         "--heartbeat-interval", "2", "--heartbeat-timeout", "60", peer_ip,
         log=host.data_dir / "router.log", env=ENV,
     )  # fmt: skip
