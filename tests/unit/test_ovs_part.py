@@ -630,3 +630,23 @@ def test_announced_macs_return_with_a_peer_that_carries_again() -> None:
     p.set_peers({B: OvsPeer("10.0.0.2", 2, True, vni=NETWORK_VNI)})
     assert p.macs[MAC] == B
     assert to_mac(p).actions[1] == OutputAction(PORTS.vxlan)
+
+
+async def test_the_switch_builds_the_ovs_part_first_also_with_a_password() -> None:
+    from weft.fastdp.capabilities import Capabilities, Feature
+    from weft.router.switch import FastPartContext, _build_fast_parts
+
+    yes, no = Feature(True, ""), Feature(False, "No such file (ENOENT)")
+    for encrypted in (False, True):
+        caps = Capabilities(openvswitch=yes, vxlan=yes, esp=yes)
+        ctx = FastPartContext(None, "auto", caps, "weft", None, 1376, HB, encrypted)
+        parts, note = _build_fast_parts(ctx)
+        assert [p.name for p in parts] == ["ovs"] and note == ""  # one datapath on UDP 6784
+        assert parts[0].encrypted == encrypted
+        assert parts[0].mtu is None  # nothing touched the kernel: it starts with a connection
+        parts[0].close()
+    caps = Capabilities(openvswitch=no, vxlan=yes, esp=yes)
+    parts, note = _build_fast_parts(
+        FastPartContext(None, "ovs", caps, "weft", None, 1376, HB, False)
+    )
+    assert parts == [] and note == "ovs: No such file (ENOENT)"  # found once, reported

@@ -954,9 +954,9 @@ def make_part(ctx: PartContext, config: OvsPartConfig | None = None) -> OvsPart:
     """The OVS part for ``weft.router.switch._build_fast_parts`` (called only where the
     capability probe, done once, found openvswitch). With a password (``ctx.encrypted``; the
     switch builds parts then only where the kernel has ESP) every link runs over ESP."""
-    esp = None
+    esp: EspLinks | None = None
     if ctx.encrypted:
-        from weft.fastdp.esp import InboundGuard, XfrmClient
+        from weft.router.switch import make_esp  # the switch's driver: xfrm + strict guard
 
-        esp = EspLinks(XfrmClient, InboundGuard(), "ovs")
+        esp = make_esp("ovs")
     return OvsPart(bridge=ctx.bridge, tap=ctx.tap, heartbeat=ctx.heartbeat, config=config, esp=esp)

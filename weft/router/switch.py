@@ -666,16 +666,13 @@ def _build_fast_parts(ctx: FastPartContext) -> tuple[list[FastPart], str]:
     OVS first. Both datapaths listen on UDP 6784, so a host runs one of them: vxlan only where
     OVS is not built (an OVS host talks to vxlan-only peers itself, with the network VNI).
     With a password a kernel without ESP gets none: nothing may leave unencrypted; with ESP the
-    parts run every link over it (:func:`make_esp`). The OVS part is not built with a password
-    until it takes an ESP driver.
+    parts run every link over it (:func:`make_esp`; ``ovs_part.make_part`` takes one too).
     """
     if ctx.encrypted and not ctx.caps.esp.available:
         return [], "encrypted: kernel has no ESP"
     parts: list[FastPart] = []
     notes: list[str] = []
-    if ctx.mode == "ovs" and ctx.encrypted:
-        notes.append("ovs: the OVS part does not run ESP yet")
-    elif ctx.mode in ("auto", "ovs") and not ctx.encrypted:
+    if ctx.mode in ("auto", "ovs"):
         ovs, why = _build_ovs_part(ctx)
         if ovs is not None:
             parts.append(ovs)
