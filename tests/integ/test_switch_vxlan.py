@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.integ.hosts import Host, Underlay, have_netns, run, wait_for
+from tests.integ.hosts import Host, Underlay, have_netns, run, underlay, wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -428,3 +428,50 @@ def test_encrypted_without_esp_stays_on_sleeve_and_says_so(encrypted_pair: Mesh)
     for host in (h1, h2):
         assert host.exec("ip", "link", "show", "vxlan-weft", check=False).returncode != 0
     assert api(h1, "/status")["overlay"]["switch"]["vxlan"] is None
+
+
+def test_the_strict_esp_guard_drops_plain_udp_6784_from_anyone() -> None:
+    """What a router with a password and ESP puts in place before its vxlan device exists
+    (weft.router.esp_links.StrictInboundGuard): plain UDP 6784 is dropped whatever its source,
+    other ports pass; stop removes the table."""
+    from weft.router.esp_links import StrictInboundGuard
+
+    with underlay(2, net=83) as u:
+        h1, h2 = u.hosts
+        guard = StrictInboundGuard(nft=("ip", "netns", "exec", h2.ns, "nft"))
+        listen = (
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.bind(('0.0.0.0', {port})); s.settimeout(3); print('ready', flush=True); "
+            "print(s.recv(100).decode())"
+        )
+
+        def delivered(port: int) -> bool:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", h2.ns, sys.executable, "-c", listen.format(port=port)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            send = (
+                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                f"[s.sendto(b'plain', ('{h2.ip}', {port})) for _ in range(3)]"
+            )
+            h1.exec(sys.executable, "-c", send)
+            out, _ = proc.communicate(timeout=30)
+            return proc.returncode == 0 and "plain" in out
+
+        guard.start()
+        try:
+            rules = h2.exec("nft", "list", "table", "inet", "weft-esp").stdout
+            assert "udp dport 6784 meta ipsec missing" in rules and "saddr" not in rules
+            assert not delivered(6784)
+            assert delivered(6785)
+            assert "packets 0 " not in h2.exec("nft", "list", "table", "inet", "weft-esp").stdout
+            guard.start()  # again: recreated, not duplicated
+            rules = h2.exec("nft", "list", "table", "inet", "weft-esp").stdout
+            assert rules.count("meta ipsec missing") == 1
+        finally:
+            guard.stop()
+        assert h2.exec("nft", "list", "table", "inet", "weft-esp", check=False).returncode != 0
+        assert delivered(6784)
