@@ -396,3 +396,44 @@ async def test_an_esp_link_needs_both_keys(missing: str) -> None:
     keys = {"send": KEY_AB, "recv": KEY_BA, missing: None}
     with pytest.raises(LocalError):
         esp.link_started(B, "192.0.2.1", "192.0.2.2", keys["send"], keys["recv"])
+
+
+def _caps(ovs: bool = False, esp: bool = True) -> Any:
+    from weft.fastdp.capabilities import Capabilities, Feature
+
+    return Capabilities(
+        openvswitch=Feature(ovs, "" if ovs else "no openvswitch (ENOENT)"),
+        vxlan=Feature(True, ""),
+        esp=Feature(esp, "" if esp else "no ESP (ENOSYS)"),
+    )
+
+
+def _ctx(mode: str, encrypted: bool, caps: Any) -> Any:
+    from weft.router.switch import FastPartContext
+
+    return FastPartContext(None, mode, caps, "weft", "weft-tap", 1376, HeartbeatConfig(), encrypted)
+
+
+async def test_with_a_password_and_kernel_esp_the_vxlan_part_runs_esp() -> None:
+    from weft.router.esp_links import StrictInboundGuard
+    from weft.router.switch import _build_fast_parts
+
+    parts, note = _build_fast_parts(_ctx("auto", True, _caps()))
+    assert note == "" and [p.name for p in parts] == ["vxlan"]
+    part = parts[0]
+    assert isinstance(part, VxlanPart) and part.encrypted and part.esp is not None
+    assert isinstance(cast(Any, part.esp)._guard, StrictInboundGuard)
+    assert part.device_config.extra_overhead == 40  # ESP_OVERHEAD off the overlay MTU
+    part.close()
+    plain, note = _build_fast_parts(_ctx("auto", False, _caps()))
+    assert note == "" and not plain[0].encrypted
+    plain[0].close()
+
+
+async def test_with_a_password_and_no_kernel_esp_there_is_no_fast_part() -> None:
+    from weft.router.switch import _build_fast_parts
+
+    parts, note = _build_fast_parts(_ctx("auto", True, _caps(esp=False)))
+    assert (parts, note) == ([], "encrypted: kernel has no ESP")
+    parts, note = _build_fast_parts(_ctx("ovs", False, _caps()))
+    assert (parts, note) == ([], "ovs: no openvswitch (ENOENT)")
