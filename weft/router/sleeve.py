@@ -262,7 +262,7 @@ class SleeveOverlay:
             raise
         # TAP frames read between two sends: a GSO send's worth (44 full frames on a 1500-byte
         # underlay) when the datagrams can leave together, else a few.
-        self._gso_every = 32 if self.gso else 8
+        self._gso_every = 32 if self.gso and not superframes else 8
         self._sender: _Worker[Transmit] | None = None
         self._writer: _Worker[TapFrame] | None = None
         if threads:
@@ -501,6 +501,7 @@ class SleeveOverlay:
         core = self.core
         sock = self.sock
         gro = self.gro
+        per_frame = not self.config.tap_vnet_hdr
         every = 8
         n = 0
         while n < _DRAIN_BUDGET:
@@ -526,7 +527,7 @@ class SleeveOverlay:
                     if level == SOL_UDP and kind == UDP_GRO:
                         segment = _INT.unpack_from(value.ljust(4, b"\0"))[0]
             core.datagrams_received(data, addr, now, segment)
-            if n % every == 0 or segment:  # a coalesced buffer holds many frames already
+            if n % every == 0 or (segment and per_frame):  # a GRO buffer: many frames
                 self._process(rearm=False)
         self.n_udp_recv += n + 1
         return n
