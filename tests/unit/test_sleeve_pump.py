@@ -170,3 +170,33 @@ async def test_bridge_api_asks_the_allocator_when_no_address_is_given() -> None:
         assert await r.json() == {"addresses": ["10.40.0.7/12"]}
         assert (await client.post("/detach", json={"netns": "c1"})).status == 200
     assert asked == ["netns:c1", "weft:expose"] and released == ["netns:c1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("WEFT_SLEEVE_LOCAL_OFFLOADS", "maybe"), ("WEFT_SLEEVE_MODE", "jumbo")],
+)
+def test_make_overlay_refuses_unknown_knob_values(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    from weft.router.sleeve import make_overlay
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        make_overlay(object())
+
+
+async def test_local_offloads_off_means_none_and_status_says_so() -> None:
+    cfg = SleeveConfig(port=0, tap_vnet_hdr=False)
+    strict = SleeveOverlay(
+        cfg, host="127.0.0.1", tap_name=None, bridge=None, gso=False, gro=False, tap_gro=False
+    )
+    auto = SleeveOverlay(cfg, host="127.0.0.1", tap_name=None, bridge=None)
+    try:
+        st = strict.status()
+        assert (st["gso"], st["gro"], st["tap_gro"]) == (False, False, False)
+        st = auto.status()
+        assert st["tap_gro"] is True and st["mode"] == "per-frame"
+    finally:
+        strict.close()
+        auto.close()
