@@ -189,7 +189,7 @@ def test_env_sets_the_http_address(
         (["launch", "--port", "x"], "argument --port: invalid int value: 'x'"),
         (["status", "everything"], "invalid choice: 'everything'"),
         (["connect"], "the following arguments are required: PEER"),
-        (["launch", "--datapath", "ovs"], "invalid choice: 'ovs'"),
+        (["launch", "--datapath", "dpdk"], "invalid choice: 'dpdk'"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(

@@ -56,7 +56,7 @@ def test_peers_are_normalised_with_the_default_port() -> None:
         ({"http_addr": "localhost"}, "expected host:port"),
         ({"http_addr": "127.0.0.1:http"}, "port must be a number"),
         ({"conn_limit": 0}, "--conn-limit 0 invalid"),
-        ({"datapath": "ovs"}, "expected one of auto, vxlan, sleeve, none"),
+        ({"datapath": "dpdk"}, "expected one of auto, ovs, vxlan, sleeve, none"),
         ({"heartbeat_interval": 0}, "--heartbeat-interval 0 must be positive"),
         ({"heartbeat_interval": 10, "heartbeat_timeout": 10}, "must be longer than"),
         ({"password": b""}, "password is empty"),

@@ -151,9 +151,10 @@ def _add_router_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--datapath",
         default="auto",
-        choices=("auto", "vxlan", "sleeve", "none"),
-        help="data plane: auto (per connection the best healthy of kernel vxlan and sleeve),"
-        " vxlan, sleeve (userspace UDP) or none (control only)",
+        choices=("auto", "ovs", "vxlan", "sleeve", "none"),
+        help="data plane: auto (per connection the best healthy of the kernel's OVS datapath,"
+        " kernel vxlan and sleeve), ovs, vxlan (both forced: no fallback), sleeve (userspace UDP)"
+        " or none (control only)",
     )
     p.add_argument(
         "--no-ipam", action="store_true", help="no address allocator (and so no /ip, /cni)"
