@@ -30,6 +30,10 @@ What the part does with the kernel:
 * The bridge: on a carrying change the bridge forgets what it learned on the veth and the TAP, and
   the MACs a carried peer announced get static bridge entries pointing at the veth (as the vxlan
   part does for its device).
+* ESP (with a password; weft.router.esp_links): every link is encrypted; per link the inbound
+  guard, a kernel SPI exchanged over control, SAs and policies, and only then does the datapath
+  hear of the peer (``set_peers``; withdrawn before the SAs go), so no flow or probe can tunnel
+  to it in the clear; heartbeats start after the install. Overlay MTU underlay - 90.
 
 VNI: every OVS connection uses the network VNI (0xFFFFFF, the Linux VXLAN datapath's), not Weave's
 pairwise ``src | dst << 12``: the overlay does not know our own short id (it changes when short ids
