@@ -664,7 +664,9 @@ def _build_fast_parts(ctx: FastPartContext) -> tuple[list[FastPart], str]:
     """The fast parts for ``ctx.mode``, best first, and a note when there is none (why).
 
     OVS first. Both datapaths listen on UDP 6784, so a host runs one of them: vxlan only where
-    OVS is not built (an OVS host talks to vxlan-only peers itself, with the network VNI).
+    OVS is not built. A connection between an OVS host and a vxlan-only host therefore stays on
+    sleeve ("ovs: the peer has no OVS datapath"): the wire formats would match, but the two parts do
+    not yet present themselves to each other (different envelope parts and heartbeat catchers).
     With a password a kernel without ESP gets none: nothing may leave unencrypted; with ESP the
     parts run every link over it (:func:`make_esp`; ``ovs_part.make_part`` takes one too).
     """
