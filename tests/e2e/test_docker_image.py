@@ -105,6 +105,11 @@ def test_image_builds_offline_and_installs_a_working_plugin(
         ".git", "*cache*", "__pycache__", "artifacts", "node_modules", "*.egg-info", "wheels"))
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
          str(context / "deploy" / "wheels"), str(context)], timeout=900)
+    host = tmp_path / "host"
+    runtime = tmp_path / "opt-weft"  # as "the host" sees it (here: this machine, same path)
+    # the compiled CNI shim for those host paths, carried by the image (deploy/shim/README)
+    run([sys.executable, "-m", "weft.k8s.install", "--runtime-dir", str(runtime),
+         "--build-shim", str(context / "deploy" / "shim" / "weft")], timeout=300)
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
     build = subprocess.run(
         [*docker, "build", "--network", "none", "--build-arg", "BASE=weft-test-base:bookworm",
@@ -116,15 +121,15 @@ def test_image_builds_offline_and_installs_a_working_plugin(
     help_text = run([*docker, "run", "--rm", "--network", "none", "weft-test:img", "--help"]).stdout
     assert "router" in help_text and "launch" in help_text
 
-    host = tmp_path / "host"
-    runtime = tmp_path / "opt-weft"  # as "the host" sees it (here: this machine, same path)
-    run([*docker, "run", "--rm", "--network", "none", "-v", f"{host}:/host",
+    installed = run([*docker, "run", "--rm", "--network", "none", "-v", f"{host}:/host",
          "--entrypoint", "python3", "weft-test:img",
          "-m", "weft.k8s.install", "--host-root", "/host", "--runtime-dir", str(runtime),
          "--bin-dir", "/opt/cni/bin", "--conf-dir", "/etc/cni/net.d"], timeout=300)
     # the runtime went to /host<runtime>; put it where the launcher expects it on this "host"
     shutil.move(str(host / str(runtime).lstrip("/")), str(runtime))
     launcher = host / "opt" / "cni" / "bin" / "weft"
+    assert "shim (prebuilt /opt/weft-shim/weft)" in installed.stdout, installed.stdout
+    assert launcher.read_bytes()[:4] == b"\x7fELF"
     conf = json.loads((host / "etc" / "cni" / "net.d" / "10-weft.conflist").read_text())
     assert conf["plugins"][0]["type"] == "weft"
     proc = subprocess.run([str(launcher)], input=b"{}", capture_output=True, timeout=30,
