@@ -153,3 +153,42 @@ def test_real_probe_ladder_is_sent_unmerged() -> None:
     ts = core.take_transmits()
     assert len(ts) > 1
     assert gso_batches(ts, 64, 65507) == ts
+
+
+@pytest.mark.parametrize("tap_vnet_hdr", [True, False])
+def test_frames_from_tap_decides_like_frame_by_frame(tap_vnet_hdr: bool) -> None:
+    """The batched TAP entry reuses the previous frame's decision only when it must be the same:
+    the outputs equal those of frame_from_tap called for each frame."""
+    cfg = SleeveConfig(tap_vnet_hdr=tap_vnet_hdr)
+    nets = [established_net([(A, B), (A, C)], encrypted=False, config=cfg) for _ in range(2)]
+    for net in nets:
+        net.learn(B, mac(2))
+        net.learn(C, mac(3))
+    pad = bytes(10) if tap_vnet_hdr else b""
+    room = nets[0].cores[A].link_status(B)["mtu"]  # type: ignore[index]
+    payloads = [os.urandom(room), os.urandom(room), os.urandom(60)]
+    frames = [pad + eth(mac(2), mac(1), p) for p in payloads]
+    frames += [pad + eth(mac(3), mac(1), payloads[0]), pad + eth(mac(3), mac(1), payloads[1])]
+    frames += [pad + eth(mac(3), mac(1), b"")[:-1]]  # a runt with the same addresses
+    frames += [pad + eth(b"\xff" * 6, mac(1), b"arp"), pad + eth(mac(3), mac(1), b"x" * 50)]
+    frames += [pad + eth(mac(9), mac(1), b"unknown"), pad + eth(mac(9), mac(1), b"unknown2")]
+    frames += [pad + eth(mac(2), mac(4), b"y" * 200)]
+    frames += [pad + eth(mac(2), mac(4), b"z" * 1000)]
+    one, batched = nets
+    for f in frames:
+        one.cores[A].frame_from_tap(f, one.now)
+    batched.cores[A].frames_from_tap(frames, batched.now)
+    outs = []
+    for net in nets:
+        core = net.cores[A]
+        core.flush()
+        outs.append(
+            (
+                [(t.addr, t.buffer, t.segment) for t in core.take_transmits()],
+                dict(core.drops),
+                core.tap_frames_in,
+                len(core.macs),
+            )
+        )
+    assert outs[0] == outs[1]
+    assert outs[0][1].get("tap_runt") == 1

@@ -466,6 +466,7 @@ class SleeveOverlay:
         # With UDP GSO up to a send's worth of per-frame datagrams wait to leave together.
         every = self._gso_every
         strip = self.tap_gro
+        batch: list[bytes | memoryview] = []
         n = 0
         while n < _DRAIN_BUDGET:
             try:
@@ -486,13 +487,17 @@ class SleeveOverlay:
                     if plain is None:
                         self.drops["needs_offload"] += 1
                         continue
-                    core.frame_from_tap(plain, now)
+                    batch.append(plain)
                 else:
-                    core.frame_from_tap(memoryview(frame)[VNET_HDR_SIZE:], now)
+                    batch.append(memoryview(frame)[VNET_HDR_SIZE:])
             else:
-                core.frame_from_tap(frame, now)
+                batch.append(frame)
             if n % every == 0:
+                core.frames_from_tap(batch, now)
+                batch.clear()
                 self._send_transmits(core)
+        if batch and core is not None:
+            core.frames_from_tap(batch, now)
         self.n_tap_read += n + 1
         return n
 

@@ -329,6 +329,8 @@ class SleeveCore:
         self._column_cache: dict[tuple[int, int, int, int], list[bytes]] = {}
         self._eth = VNET_HDR_SIZE if self.config.tap_vnet_hdr else 0
         self._tap_flags = FLAG_VNET if self.config.tap_vnet_hdr else 0
+        self._last_link: _Link | None = None  # the unicast decision of the last TAP frame
+        self._last_dst = b""
 
     # ----------------------------------------------------------------- links
 
@@ -470,7 +472,40 @@ class SleeveCore:
             return
         if not self.config.fragment and self._too_big(link, frame, self._tap_flags):
             return
-        self._queue(link, self.local_bytes, _name_bytes(owner), self._tap_flags, frame)
+        dst_b = _name_bytes(owner)
+        self._last_link, self._last_dst = link, dst_b  # for frames_from_tap's next frame
+        self._queue(link, self.local_bytes, dst_b, self._tap_flags, frame)
+
+    def frames_from_tap(self, frames: Iterable[bytes | memoryview], now: float) -> None:
+        """Frames read from the TAP in one drain, in order (:meth:`frame_from_tap` for each).
+
+        A frame to the same destination from the same source MAC as the frame before it takes
+        that frame's decision (owner, next hop, link) without learning and looking up again:
+        with one ``now`` nothing can change in between (the only learning is that same source's,
+        and routes, links and MAC expiry change only between calls)."""
+        eth = self._eth
+        flags = self._tap_flags
+        local_bytes = self.local_bytes
+        queue = self._queue
+        last_key = b""
+        last_link: _Link | None = None
+        last_dst = b""
+        memo = self.config.fragment  # fragment=False decides per frame size (ICMP too-big)
+        least = eth + _ETH_HEADER
+        for frame in frames:
+            if memo and last_link is not None and len(frame) >= least:
+                key = bytes(frame[eth : eth + 12])
+                if key == last_key:
+                    self.tap_frames_in += 1
+                    queue(last_link, local_bytes, last_dst, flags, frame)
+                    continue
+            self._last_link = None
+            self.frame_from_tap(frame, now)
+            last_link = self._last_link
+            if last_link is not None:
+                last_key = bytes(frame[eth : eth + 12])
+                last_dst = self._last_dst
+                self._last_link = None
 
     def _broadcast(
         self,
@@ -523,9 +558,10 @@ class SleeveCore:
         size = RECORD_HEADER_SIZE + len(frame)
         room = link.pmtu - HEADER_SIZE - link.overhead
         header = _RECORD.pack(src, dst, flags, len(frame))
-        if size > room - _MIN_RECORD:
-            # No other record could join this one (a full-MTU frame on the per-frame path, or a
-            # fragmented one): a message of its own now, after what waits, as batching would.
+        if size > room // 2:
+            # No record as large could join this one (a full-MTU frame on the per-frame path, or
+            # a fragmented one), only a rare tiny one: a message of its own now, after what
+            # waits, as batching would.
             if link.pending:
                 self._flush_link(link)
             if link.sealer is None and size <= room:  # _send_message's one-datagram case, inline
