@@ -261,8 +261,8 @@ class SleeveOverlay:
                 self.tap.close()
             raise
         # TAP frames read between two sends: a GSO send's worth (44 full frames on a 1500-byte
-        # underlay) when the datagrams can leave together, else a few.
-        self._gso_every = 32 if self.gso and not superframes else 8
+        # underlay: one sendmsg) when the datagrams can leave together, else a few.
+        self._gso_every = 44 if self.gso and not superframes else 8
         self._sender: _Worker[Transmit] | None = None
         self._writer: _Worker[TapFrame] | None = None
         if threads:

@@ -130,6 +130,7 @@ _TAIL = struct.Struct(">IHH")  # offset, index, count
 _CONSTANT_HEADER: Final = _PREFIX.size  # 19 bytes the same in every fragment of a message
 _RECORD = struct.Struct(">6s6sBI")
 RECORD_HEADER_SIZE: Final = _RECORD.size  # 17
+_HEADER_RECORD = struct.Struct(">B6sQIIHH6s6sBI")  # a one-record datagram's two headers
 VNET_HDR_SIZE: Final = 10
 FLAG_VNET: Final = 0x01
 BROADCAST: Final = b"\x00" * 6
@@ -555,9 +556,9 @@ class SleeveCore:
                 self.drops["needs_offload"] += 1
                 return
             frame, flags = stripped, flags & ~FLAG_VNET
-        size = RECORD_HEADER_SIZE + len(frame)
+        n = len(frame)
+        size = RECORD_HEADER_SIZE + n
         room = link.pmtu - HEADER_SIZE - link.overhead
-        header = _RECORD.pack(src, dst, flags, len(frame))
         if size > room // 2:
             # No record as large could join this one (a full-MTU frame on the per-frame path, or
             # a fragmented one), only a rare tiny one: a message of its own now, after what
@@ -569,14 +570,17 @@ class SleeveCore:
                 link.seq = (msg_id + 1) & 0xFFFFFFFFFFFFFFFF
                 self.messages_out += 1
                 self.bytes_out += HEADER_SIZE + size
-                head = _HEADER.pack(_VK_DATA, self.local_bytes, msg_id, size, 0, 0, 1)
-                self._transmits.append(Transmit(link.name, link.addr, (head, header, frame), 0))
+                # datagram header and record header in one buffer: one iovec less per datagram
+                head = _HEADER_RECORD.pack(
+                    _VK_DATA, self.local_bytes, msg_id, size, 0, 0, 1, src, dst, flags, n
+                )
+                self._transmits.append(Transmit(link.name, link.addr, (head, frame), 0))
                 return
-            self._send_message(link, _VK_DATA, (header, frame))
+            self._send_message(link, _VK_DATA, (_RECORD.pack(src, dst, flags, n), frame))
             return
         if link.pending_size + size > room:
             self._flush_link(link)
-        link.pending.append(header)
+        link.pending.append(_RECORD.pack(src, dst, flags, n))
         link.pending.append(frame)
         link.pending_size += size
         self._dirty[link.name] = link
