@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 
 import pytest
 
 from weft.router.sleeve_core import complete_checksum
-from weft.router.sleeve_gro import VNET_ZERO, coalesce
+from weft.router.sleeve_gro import VNET_ZERO, Frame, coalesce
 
 SRC_MAC, DST_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 SRC_IP, DST_IP = bytes([10, 32, 0, 1]), bytes([10, 32, 0, 2])
@@ -168,3 +169,12 @@ def test_memoryview_frames() -> None:
     writes = coalesce([memoryview(s) for s in segs])
     assert len(writes) == 1
     check_merged(writes[0], data, 1000)
+
+
+def test_sources_name_the_frames_of_each_write() -> None:
+    segs, _ = stream(3)
+    arp = DST_MAC + SRC_MAC + b"\x08\x06" + bytes(28)
+    sources: list[Sequence[Frame]] = []
+    writes = coalesce([*segs, arp, segs[0]], sources)
+    assert len(writes) == len(sources) == 3
+    assert [list(s) for s in sources] == [segs, [arp], [segs[0]]]

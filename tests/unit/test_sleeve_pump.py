@@ -200,3 +200,77 @@ async def test_local_offloads_off_means_none_and_status_says_so() -> None:
     finally:
         strict.close()
         auto.close()
+
+
+async def test_refused_gso_send_falls_back_to_single_datagrams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno as errno_mod
+
+    from weft.router.sleeve_core import Transmit
+
+    ov = SleeveOverlay(SleeveConfig(port=0, tap_vnet_hdr=False), host="127.0.0.1",
+                       tap_name=None, bridge=None, gso=True)  # fmt: skip
+    sent: list[bytes] = []
+
+    class Sock:
+        def sendmsg(self, pieces: Any, anc: Any, flags: int, addr: Any) -> int:
+            if anc:
+                raise OSError(errno_mod.EIO, "no GSO here")
+            sent.append(b"".join(pieces))
+            return len(sent[-1])
+
+        def sendto(self, data: Any, addr: Any) -> int:
+            sent.append(bytes(data))
+            return len(data)
+
+        def fileno(self) -> int:
+            return -1
+
+    real = ov.sock
+    try:
+        monkeypatch.setattr(ov, "sock", Sock())
+        t = Transmit(B, ("127.0.0.1", 9), (b"a" * 100, b"b" * 100, b"c" * 50), 100)
+        ov._send(t)
+        assert sent == [b"a" * 100, b"b" * 100, b"c" * 50]
+        assert ov.gso is False and ov.drops["udp_gso_refused"] == 1
+    finally:
+        monkeypatch.setattr(ov, "sock", real)
+        ov.close()
+
+
+async def test_refused_merged_tap_write_falls_back_to_segments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno as errno_mod
+
+    from tests.unit.test_sleeve_gro import stream
+    from weft.router.sleeve_gro import VNET_ZERO
+
+    ov = SleeveOverlay(SleeveConfig(port=0, tap_vnet_hdr=False), host="127.0.0.1",
+                       tap_name=None, bridge=None)  # fmt: skip
+    written: list[bytes] = []
+
+    def writev(fd: int, pieces: Any) -> int:
+        if bytes(pieces[0]) != VNET_ZERO:
+            raise OSError(errno_mod.EINVAL, "no GSO writes")
+        written.append(b"".join(bytes(p) for p in pieces))
+        return len(written[-1])
+
+    class FakeTap:
+        fd = 99
+
+    try:
+        monkeypatch.setattr(os, "writev", writev)
+        ov.tap = FakeTap()  # type: ignore[assignment]
+        assert ov.tap_gro
+        segs, _ = stream(5)
+        ov._write_frames(list(segs))
+        assert written == [VNET_ZERO + s for s in segs]
+        assert ov.drops["tap_gro_refused"] == 1 and not ov.drops["tap_write_error"]
+        written.clear()
+        ov._write_frames(list(segs))  # merging stays off
+        assert written == [VNET_ZERO + s for s in segs]
+    finally:
+        ov.tap = None
+        ov.close()

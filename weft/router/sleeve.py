@@ -43,7 +43,7 @@ import socket
 import struct
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Generic, TypeVar
 
@@ -70,7 +70,8 @@ from weft.router.sleeve_core import (
     remote_sleeve,
     strip_vnet,
 )
-from weft.router.sleeve_gro import coalesce
+from weft.router.sleeve_gro import VNET_ZERO, coalesce
+from weft.router.sleeve_gro import Frame as TapWriteFrame
 
 __all__ = ["SleeveConnection", "SleeveOverlay", "make_overlay"]
 
@@ -228,6 +229,7 @@ class SleeveOverlay:
         # frames) and TCP segments are merged before the write (weft.router.sleeve_gro); False:
         # one frame per write, a TAP without the header.
         self.tap_gro = (not superframes) if tap_gro is None else (tap_gro and not superframes)
+        self._tap_merge = self.tap_gro  # False once the kernel refused a merged write
         self.sock = self._open_socket(host, cfg.port, buffer_bytes)
         port = self.sock.getsockname()[1]
         if port != cfg.port:
@@ -591,6 +593,13 @@ class SleeveOverlay:
                 else:
                     self._too_big(t.peer, size)
                 self.drops["udp_too_big"] += 1
+            elif t.segment and self.gso and err.errno in (errno.EINVAL, errno.EIO, errno.ENOTSUP):
+                # The kernel (or the route's device) refuses UDP GSO: datagram by datagram from
+                # now on (the wire is the same).
+                log.warning("UDP GSO refused (%s): sending datagram by datagram", err)
+                self.gso = False
+                self.drops["udp_gso_refused"] += 1
+                self._send(t, blocking)
             else:
                 self.drops["udp_send_error"] += 1
                 log.debug("UDP send to %s failed: %s", t.addr, err)
@@ -602,12 +611,33 @@ class SleeveOverlay:
         fd = tap.fd
         if self.tap_gro:
             flat = [b"".join(f) if isinstance(f, tuple) else f for f in frames]
-            writes = coalesce(flat)
-            for w in writes:
+            if not self._tap_merge:
+                for f in flat:
+                    try:
+                        os.writev(fd, (VNET_ZERO, f))
+                    except OSError:
+                        self.drops["tap_write_error"] += 1
+                self.n_tap_write += len(flat)
+                return
+            sources: list[Sequence[TapWriteFrame]] = []
+            writes = coalesce(flat, sources)
+            for w, src in zip(writes, sources, strict=True):
                 try:
                     os.writev(fd, w)
-                except OSError:
-                    self.drops["tap_write_error"] += 1
+                except OSError as err:
+                    if len(src) > 1 and self._tap_merge:
+                        # A kernel that refuses GSO writes: the segments one by one from now on.
+                        log.warning("TAP refused a merged TCP write (%s): TAP GRO off", err)
+                        self._tap_merge = False
+                        self.drops["tap_gro_refused"] += 1
+                    if len(src) > 1:
+                        for f in src:
+                            try:
+                                os.writev(fd, (VNET_ZERO, f))
+                            except OSError:
+                                self.drops["tap_write_error"] += 1
+                    else:
+                        self.drops["tap_write_error"] += 1
             self.n_tap_write += len(writes)
             return
         for frame in frames:

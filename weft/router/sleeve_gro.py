@@ -27,7 +27,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
-__all__ = ["VNET_ZERO", "coalesce"]
+__all__ = ["VNET_ZERO", "Frame", "TapWrite", "coalesce"]
 
 VNET_ZERO: Final = bytes(10)  # a virtio_net_hdr that says nothing: a complete, ordinary frame
 _VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, offset
@@ -102,9 +102,13 @@ def _merged(segs: list[Frame], hl: int, mss: int, payload: int, psh: int) -> Tap
     return tuple(out)
 
 
-def coalesce(frames: Sequence[Frame]) -> list[TapWrite]:
+def coalesce(
+    frames: Sequence[Frame], sources: list[Sequence[Frame]] | None = None
+) -> list[TapWrite]:
     """The TAP writes (each a tuple for ``writev``, starting with a virtio_net_hdr) for
-    ``frames`` in order; runs of mergeable TCP segments become one super-frame each."""
+    ``frames`` in order; runs of mergeable TCP segments become one super-frame each. With
+    ``sources``, the frames each write was made of are appended there (in parallel), so that a
+    kernel refusing a merged write can still be given the segments one by one."""
     out: list[TapWrite] = []
     run: list[Frame] = []
     key = b""
@@ -112,11 +116,18 @@ def coalesce(frames: Sequence[Frame]) -> list[TapWrite]:
     closed = False
 
     def flush() -> None:
+        nonlocal run
         if len(run) == 1:
             out.append((VNET_ZERO, run[0]))
         elif run:
             out.append(_merged(run, hl, mss, payload, psh))
-        run.clear()
+        else:
+            return
+        if sources is not None:
+            sources.append(run)
+            run = []
+        else:
+            run.clear()
 
     psh = 0
     for f in frames:
@@ -124,6 +135,8 @@ def coalesce(frames: Sequence[Frame]) -> list[TapWrite]:
         if info is None:
             flush()
             out.append((VNET_ZERO, f))
+            if sources is not None:
+                sources.append((f,))
             continue
         k, h, size, seq, flags = info
         if (
