@@ -39,8 +39,12 @@ The plaintext of a *data* message is one or more records::
 so a TCP super-frame (up to ~64 KB, read from a TAP opened with IFF_VNET_HDR and TSO offloads)
 travels as one record in one message, fragmented to the path MTU and re-joined on the far side,
 where the virtio_net_hdr goes back to the kernel unchanged. Small frames for the same next hop are
-batched into one message up to one datagram. A relay reassembles, forwards each record along the
-routes and fragments again for its own next hop, whose path MTU may differ.
+batched into one message up to one datagram; a frame larger than half a datagram leaves at once
+in a message of its own (on the per-frame path: one full-size frame, one datagram). How datagrams
+are handed to the kernel is local: :func:`gso_batches` lets equal-size ones for one address leave
+in one UDP GSO send, which the kernel cuts back into the same datagrams. A relay reassembles,
+forwards each record along the routes and fragments again for its own next hop, whose path MTU
+may differ.
 
 The plaintext of a *heartbeat* message is ``sequence(4) || padding``; heartbeats double as
 path-MTU probes, so the whole datagram has exactly the probed size. The receiver acknowledges each
