@@ -57,22 +57,28 @@ def _ip_checksum(header: bytes | bytearray) -> int:
     return (~_fold(total)) & 0xFFFF
 
 
-def _tcp_info(f: Frame) -> tuple[bytes, int, int, int, int] | None:
+# Ethernet .. TCP urgent pointer of an option-less IPv4 header: Ethernet header, TOS, total
+# length, (flags, fragment offset, TTL, protocol), (addresses, ports), sequence, (ACK number,
+# data offset), TCP flags, window, urgent pointer; skipped: version/IHL, id and both checksums.
+_HEADERS = struct.Struct(">14sxBH2x4s2x12sI5sB2s2x2s")
+_FlowKey = tuple[bytes, int, bytes, bytes, bytes, bytes, bytes, bytes]
+
+
+def _tcp_info(f: Frame) -> tuple[_FlowKey, int, int, int, int] | None:
     """(flow key, header length, payload length, sequence, flags) of a mergeable TCP/IPv4
     segment; None when the frame must go on its own."""
     n = len(f)
     if n < _ETH + _IP + 20 or f[12] != 8 or f[13] != 0 or f[14] != 0x45 or f[23] != 6:
         return None
-    if (f[16] << 8 | f[17]) != n - _ETH or f[20] & 0x3F or f[21]:  # padding, MF, offset
+    eth, tos, total, fragttl, flow, seq, ackdoff, flags, window, urg = _HEADERS.unpack_from(f, 0)
+    if total != n - _ETH or fragttl[0] & 0x3F or fragttl[1]:  # padding, MF, fragment offset
         return None
-    hl = _ETH + _IP + (f[46] >> 4) * 4
-    flags = f[47]
+    hl = _ETH + _IP + (ackdoff[4] >> 4) * 4
     if hl < _ETH + _IP + 20 or hl >= n or flags & ~(_ACK | _PSH) or not flags & _ACK:
         return None
-    head = bytes(f[:hl])
     # Everything that must match, without the lengths, IP id, checksums, sequence and PSH.
-    key = head[:16] + head[20:24] + head[26:38] + head[42:47] + head[48:50] + head[52:]
-    return key, hl, n - hl, int.from_bytes(head[38:42], "big"), flags
+    key = (eth, tos, fragttl, flow, ackdoff, window, urg, bytes(f[_ETH + _IP + 20 : hl]))
+    return key, hl, n - hl, seq, flags
 
 
 def _merged(segs: list[Frame], hl: int, mss: int, payload: int, psh: int) -> TapWrite:
@@ -111,7 +117,7 @@ def coalesce(
     kernel refusing a merged write can still be given the segments one by one."""
     out: list[TapWrite] = []
     run: list[Frame] = []
-    key = b""
+    key: _FlowKey | None = None
     hl = mss = payload = next_seq = 0
     closed = False
 
