@@ -1,11 +1,16 @@
-"""The vxlan part's bridge helpers against a fake netlink (weft.router.fastpath_overlay)."""
+"""The fast parts' bridge helpers against a fake netlink (weft.router.fast_common; the vxlan
+part re-exports some from weft.router.fastpath_overlay)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
+from weft.fastdp.errors import DatapathError
 from weft.fastdp.heartbeat import HeartbeatState
+from weft.router.fast_common import point_bridge_macs
 from weft.router.fastpath_overlay import flush_learned, health_text, local_bridge_macs
 
 BRIDGE, TAP, VXLAN, VETH = 1, 2, 3, 4
@@ -29,6 +34,10 @@ class Msg:
 class FakeIpr:
     entries: list[Msg]
     deleted: list[tuple[int, str]] = field(default_factory=list)
+    replaced: list[tuple[int, str, int, int]] = field(
+        default_factory=list
+    )  # port, mac, flags, state
+    refuse: str = ""  # a MAC the kernel will not take
 
     def link_lookup(self, ifname: str) -> list[int]:
         return {"weft": [BRIDGE], "weft-tap": [TAP], "vxlan-weft": [VXLAN]}.get(ifname, [])
@@ -39,7 +48,15 @@ class FakeIpr:
     def fdb(self, command: str, **kwargs: Any) -> list[Msg]:
         if command == "dump":
             return list(self.entries)
-        assert command == "del" and kwargs["master"] == BRIDGE
+        assert kwargs["master"] == BRIDGE
+        if command == "replace":
+            if kwargs["lladdr"] == self.refuse:
+                raise OSError("refused")
+            self.replaced.append(
+                (kwargs["ifindex"], kwargs["lladdr"], kwargs["flags"], kwargs["state"])
+            )
+            return []
+        assert command == "del"
         self.deleted.append((kwargs["ifindex"], kwargs["lladdr"]))
         return []
 
@@ -80,3 +97,22 @@ def testhealth_text_names_the_likely_causes_once() -> None:
     pending = "no full-size (1450 byte) heartbeat ... (UDP 6784 blocked or path MTU too small?)"
     assert health_text(HeartbeatState.UNHEALTHY, pending) == pending
     assert health_text(HeartbeatState.HEALTHY, "") == ""
+
+
+def test_point_bridge_macs_keeps_exactly_the_desired_static_entries() -> None:
+    ipr, installed = FakeIpr([]), set[str]()
+    a, b, c = "02:42:0a:00:02:02", "02:42:0a:00:03:02", "02:42:0a:00:04:02"
+    assert point_bridge_macs(ipr, "weft", "vxlan-weft", installed, frozenset({b, a}))
+    assert ipr.replaced == [(VXLAN, a, 0x04 | 0x40, NOARP), (VXLAN, b, 0x04 | 0x40, NOARP)]
+    assert installed == {a, b}
+    ipr.replaced.clear()
+    assert point_bridge_macs(ipr, "weft", "vxlan-weft", installed, frozenset({b, c}))
+    assert ipr.deleted == [(VXLAN, a)] and ipr.replaced == [(VXLAN, c, 0x44, NOARP)]
+    assert installed == {b, c}
+    # no port (e.g. the device is gone): nothing done, and the caller hears so
+    assert not point_bridge_macs(ipr, "weft", "weft-veth", installed, frozenset())
+    assert installed == {b, c}
+    ipr.refuse = a
+    with pytest.raises(DatapathError, match="point bridge entry 02:42:0a:00:02:02 at vxlan-weft"):
+        point_bridge_macs(ipr, "weft", "vxlan-weft", installed, frozenset({a, b, c}))
+    assert installed == {b, c}

@@ -35,6 +35,10 @@ Contract, for every part:
 
 A handle exposes ``remote`` (PeerName), ``link`` (its ``weft.fastdp.link.FastPathLink``: the
 switch reads ``link.state`` and ``link.reason``) and ``stopped``.
+
+Both parts build on ``weft.router.fast_common.FastPartBase``, which implements the per-connection
+half of this contract (``start_link`` ... ``stop_link``, heartbeats, ESP events) once; each part
+adds its kernel side.
 """
 
 from __future__ import annotations

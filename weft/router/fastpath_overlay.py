@@ -36,130 +36,54 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, replace
 from typing import Any
 
 from weft.errors import WeftError
-from weft.fastdp.errors import DatapathError
 from weft.fastdp.esp import ESP_OVERHEAD
-from weft.fastdp.fdb import normalize_mac
-from weft.fastdp.heartbeat import (
-    HealthChanged,
-    HeartbeatConfig,
-    HeartbeatState,
-    decode_probe,
-    encode_probe,
-)
+from weft.fastdp.heartbeat import HeartbeatConfig, decode_probe, encode_probe
 from weft.fastdp.link import FastPathLink
-from weft.fastdp.vxlan import VXLAN_PORT, HeartbeatSocket, VxlanConfig, VxlanDatapath
+from weft.fastdp.vxlan import HeartbeatSocket, VxlanConfig, VxlanDatapath
 from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLink, EspLinks
-from weft.router.overlay import OverlayConnectionParams
+from weft.router.esp_links import EspLinks
+from weft.router.fast_common import (
+    FEATURE_ESP,
+    FastPartBase,
+    LinkHandle,
+    flush_learned,
+    health_text,
+    local_bridge_macs,
+    point_bridge_macs,
+    source_address,
+)
 from weft.router.switch_core import PART_VXLAN
 
+# flush_learned, health_text and local_bridge_macs live in weft.router.fast_common (both parts
+# use them); they stay importable from here.
 __all__ = ["VxlanLinkHandle", "VxlanPart", "flush_learned", "health_text", "local_bridge_macs"]
 
 log = logging.getLogger("weft.fastdp")
 
-NUD_NOARP = 0x40
-NUD_PERMANENT = 0x80
-NTF_MASTER = 0x04
-NTF_STICKY = 0x40
 MAC_POLL_INTERVAL = 2.0  # seconds between looks at the bridge's learned MACs
 FEATURE_VXLAN = "fastdp_vxlan"
 FEATURE_VXLAN_PORT = "fastdp_vxlan_port"
 FEATURE_VNI = "fastdp_vni"
-FEATURE_ESP = "fastdp_esp"  # 1: our fast paths run over ESP (a password is set)
-
-
-def health_text(state: HeartbeatState, reason: str) -> str:
-    """The heartbeat reason as a connection shows it: an unhealthy one names the likely causes."""
-    if state == HeartbeatState.UNHEALTHY and "blocked" not in reason and "MTU" not in reason:
-        return f"{reason} (UDP {VXLAN_PORT} blocked or path MTU too small?)"
-    return reason
-
-
-def _source_address(remote_ip: str) -> str | None:
-    """Our address on the route to ``remote_ip`` (None when there is none)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((remote_ip, VXLAN_PORT))
-            return str(probe.getsockname()[0])
-    except OSError:
-        return None
 
 
 @dataclass
-class VxlanLinkHandle:
+class VxlanLinkHandle(LinkHandle):
     """One connection's vxlan path, as the switch holds it."""
 
-    remote: PeerName
-    ip: str
-    link: FastPathLink
-    send_control: Callable[[bytes], None]  # a fast-path control message to the peer's link
-    on_health: Callable[[bool, str], None]  # (healthy, reason) when it changes
-    on_failed: Callable[[str], None] = lambda reason: None  # can never carry (why); once
-    esp: EspLink | None = None  # with a password: this link's ESP
-    carrying: bool = False
-    macs: frozenset[str] = field(default_factory=frozenset)
-    stopped: bool = False
 
-
-def local_bridge_macs(ipr: Any, bridge: str, exclude: set[str]) -> set[str]:
-    """MACs on ``bridge`` that are ours to announce: learned on ports other than ``exclude``
-    (the TAP and the vxlan device), plus the bridge's own (the host's exposed address)."""
-    found = ipr.link_lookup(ifname=bridge)
-    if not found:
-        return set()
-    index = int(found[0])
-    skip = {int(i) for name in exclude for i in ipr.link_lookup(ifname=name)}
-    macs: set[str] = set()
-    own = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
-    if own:
-        macs.add(str(own).lower())
-    for msg in ipr.fdb("dump"):
-        if msg.get_attr("NDA_MASTER") != index or int(msg["ifindex"]) in skip:
-            continue
-        if msg["state"] & (NUD_PERMANENT | NUD_NOARP):
-            continue  # the ports' own addresses, static entries
-        mac = msg.get_attr("NDA_LLADDR")
-        if mac and not int(str(mac)[:2], 16) & 1:
-            macs.add(str(mac).lower())
-    return macs
-
-
-def flush_learned(ipr: Any, bridge: str, ports: list[str]) -> int:
-    """Forget what ``bridge`` learned on ``ports`` (dynamic entries only); return how many."""
-    found = ipr.link_lookup(ifname=bridge)
-    if not found:
-        return 0
-    index = int(found[0])
-    wanted = {int(i) for name in ports for i in ipr.link_lookup(ifname=name)}
-    gone = 0
-    for msg in ipr.fdb("dump"):
-        if msg.get_attr("NDA_MASTER") != index or int(msg["ifindex"]) not in wanted:
-            continue
-        if msg["state"] & (NUD_PERMANENT | NUD_NOARP):
-            continue
-        mac = msg.get_attr("NDA_LLADDR")
-        try:
-            ipr.fdb("del", ifindex=int(msg["ifindex"]), lladdr=mac, master=index, flags=NTF_MASTER)
-            gone += 1
-        except Exception:  # aged out meanwhile
-            log.debug("flush of %s failed", mac, exc_info=True)
-    return gone
-
-
-class VxlanPart:
+class VxlanPart(FastPartBase[VxlanLinkHandle]):
     """The vxlan datapath of one router (create inside the running loop); a
     :class:`weft.router.fast_part.FastPart`."""
 
     name = "vxlan"
     part_id = PART_VXLAN
+    handle_type = VxlanLinkHandle
 
     def __init__(
         self,
@@ -171,32 +95,21 @@ class VxlanPart:
         on_local_macs: Callable[[frozenset[str]], None] = lambda macs: None,
         esp: EspLinks | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.bridge = bridge
-        self.tap = tap
-        self.heartbeat = heartbeat or HeartbeatConfig()
+        super().__init__(
+            bridge=bridge, tap=tap, heartbeat=heartbeat, on_local_macs=on_local_macs, esp=esp
+        )
         self.device_config = device or VxlanConfig(bridge=bridge)
-        self.on_local_macs = on_local_macs
-        # With ESP every link is encrypted (see weft.router.esp_links): the overlay MTU leaves
-        # room for ESP, and a peer's FDB entries exist only while its SAs and policies do.
-        self.esp = esp
-        self.encrypted = esp is not None
+        # With ESP the overlay MTU leaves room for ESP, and a peer's FDB entries exist only
+        # while its SAs and policies do.
         if esp is not None:
             self.device_config = replace(self.device_config, extra_overhead=ESP_OVERHEAD)
-        self.links: dict[PeerName, VxlanLinkHandle] = {}
-        self.local_name: PeerName | None = None
-        self.mtu: int | None = None
-        self.problem = ""  # non-empty: the device could not start (why)
-        self.local_macs: frozenset[str] = frozenset()
         self.flushes = 0
         self.fdb_error = ""
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weft-vxlan")
         self._ipr: Any = None
         self._dp: VxlanDatapath | None = None
         self._sock: HeartbeatSocket | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._mac_timer: asyncio.TimerHandle | None = None
-        self._closed = False
         self._bridge_installed: set[str] = set()  # worker thread only
         self.bridge_entries = 0
         if esp is not None:
@@ -239,7 +152,7 @@ class VxlanPart:
             return not self.problem
         self.local_name = local_name
         if self.device_config.local_ip is None:
-            local_ip = _source_address(remote_ip)
+            local_ip = source_address(remote_ip)
             if local_ip is not None:
                 self.device_config = replace(self.device_config, local_ip=local_ip)
         if self.esp is not None and self.device_config.local_ip is None:
@@ -304,76 +217,26 @@ class VxlanPart:
             log.exception("stopping the vxlan datapath failed")
         self._pool.shutdown(wait=False)
 
-    # -- per connection -------------------------------------------------------------------------
+    # -- per connection (FastPartBase drives the links; the device's FDB follows) -------------
 
-    def start_link(
-        self,
-        params: OverlayConnectionParams,
-        send_control: Callable[[bytes], None],
-        on_health: Callable[[bool, str], None],
-        on_failed: Callable[[str], None],
-    ) -> VxlanLinkHandle | None:
-        """Start probing the peer through the tunnel; None when vxlan cannot run here."""
-        local, remote, ip = params.local_name, params.remote_name, params.remote_ip
-        if not self.ensure_started(local, ip) or self.mtu is None:
-            return None
-        old = self.links.pop(remote, None)
-        if old is not None:
-            old.stopped = True
-        now = self.loop.time()
-        link = FastPathLink(local, remote, self.mtu, self.encrypted, now, self.heartbeat)
-        handle = VxlanLinkHandle(remote, ip, link, send_control, on_health, on_failed)
-        self.links[remote] = handle
-        if self.esp is not None:
-            local_ip = self.device_config.local_ip
-            assert local_ip is not None  # ensure_started refuses ESP without it
-            handle.esp = self.esp.link_started(
-                remote, local_ip, ip, params.data_send_key, params.data_recv_key
-            )  # the FDB entry comes once ESP is installed (_publish)
-        else:
-            self._submit(self._dp_call, "peer_started", remote, ip)
-        self._process(handle)
-        if old is not None and old.esp is not None and self.esp is not None:
-            # after the new link's first job took its guard reference: the peer's plaintext
-            # stays dropped throughout
-            self.esp.link_stopped(old.esp, self._withdraw(remote))
-        return handle
+    def _tunnel_source(self) -> str | None:
+        return self.device_config.local_ip
 
-    def control_received(self, handle: VxlanLinkHandle, payload: bytes) -> None:
-        if handle.stopped:
-            return
-        handle.link.control_received(payload, self.loop.time())  # raises RemoteProtocolError
-        self._process(handle)
+    def _link_added(self, handle: VxlanLinkHandle) -> None:
+        if self.esp is None:  # with ESP the FDB entry comes once ESP is installed (_publish)
+            self._submit(self._dp_call, "peer_started", handle.remote, handle.ip)
 
-    def set_carrying(self, handle: VxlanLinkHandle, carrying: bool) -> None:
-        if handle.stopped or handle.carrying == carrying:
-            return
-        handle.carrying = carrying
-        self._submit(self._dp_call, "peer_carrying", handle.remote, carrying)
-        self._submit(self._flush)
-        self._sync_bridge()
+    def _link_removed(self, handle: VxlanLinkHandle) -> None:
+        self._submit(self._dp_call, "peer_stopped", handle.remote)
 
-    def peer_macs(self, handle: VxlanLinkHandle, macs: frozenset[str]) -> None:
-        if handle.stopped or handle.macs == macs:
-            return
-        handle.macs = macs
-        self._push_macs()
-        self._sync_bridge()
+    def _carrying_changed(self, handle: VxlanLinkHandle) -> None:
+        self._submit(self._dp_call, "peer_carrying", handle.remote, handle.carrying)
 
-    def stop_link(self, handle: VxlanLinkHandle) -> None:
-        if handle.stopped:
-            return
-        handle.stopped = True
-        if self.links.get(handle.remote) is handle:
-            del self.links[handle.remote]
-            self._submit(self._dp_call, "peer_stopped", handle.remote)
-            self._push_macs()
-            if handle.carrying:
-                self._submit(self._flush)
-                self._sync_bridge()
-        if handle.esp is not None and self.esp is not None:
-            self.esp.link_stopped(handle.esp, self._withdraw(handle.remote))
-        self._arm()
+    def _macs_changed(self, locations: dict[str, PeerName]) -> None:
+        self._submit(self._dp_call, "macs_changed", locations)
+
+    def _point_macs(self, desired: frozenset[str]) -> None:
+        self._submit(self._apply_bridge, desired)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -388,16 +251,7 @@ class VxlanPart:
             "local_macs": len(self.local_macs),
             "flushes": self.flushes,
             "bridge_entries": self.bridge_entries,
-            "links": {
-                str(h.remote): {
-                    "ip": h.ip,
-                    "state": h.link.state.value,
-                    "reason": h.link.reason,
-                    "carrying": h.carrying,
-                    "macs": len(h.macs),
-                }
-                for h in self.links.values()
-            },
+            "links": self.links_status(),
         }
 
     # -- worker-thread jobs ---------------------------------------------------------------------
@@ -425,59 +279,16 @@ class VxlanPart:
         getattr(self._dp, method)(*args)
 
     def _flush(self) -> None:
+        self._submit(self._flush_learned)
+
+    def _flush_learned(self) -> None:
         ports = [self.device_config.name] + ([self.tap] if self.tap else [])
         self.flushes += flush_learned(self._ipr, self.bridge, ports)
 
-    def _sync_bridge(self) -> None:
-        """Static bridge entries ``MAC -> vxlan port`` for every MAC of a carried peer."""
-        local = self.local_macs
-        desired = frozenset(
-            mac
-            for h in self.links.values()
-            if h.carrying
-            for mac in h.macs
-            if mac not in local  # a container that moved here is ours now
-        )
-        self._submit(self._apply_bridge, desired)
-
     def _apply_bridge(self, desired: frozenset[str]) -> None:
-        ipr = self._ipr
-        bridge = ipr.link_lookup(ifname=self.bridge)
-        port = ipr.link_lookup(ifname=self.device_config.name)
-        if not bridge or not port:
-            return
-        for mac in sorted(self._bridge_installed - desired):
-            try:
-                ipr.fdb("del", ifindex=port[0], lladdr=mac, master=bridge[0], flags=NTF_MASTER)
-            except Exception:  # already gone (e.g. with the device)
-                log.debug("removing bridge entry %s failed", mac, exc_info=True)
-            self._bridge_installed.discard(mac)
-        for mac in sorted(desired - self._bridge_installed):
-            try:
-                ipr.fdb(
-                    "replace",
-                    ifindex=port[0],
-                    lladdr=mac,
-                    master=bridge[0],
-                    flags=NTF_MASTER | NTF_STICKY,
-                    state=NUD_NOARP,  # static: forwarded, never aged, not local
-                )
-            except Exception as err:
-                raise DatapathError(
-                    f"point bridge entry {mac} at {self.device_config.name}", str(err)
-                ) from err
-            self._bridge_installed.add(mac)
-        self.bridge_entries = len(self._bridge_installed)
-
-    def _push_macs(self) -> None:
-        locations: dict[str, PeerName] = {}
-        for handle in self.links.values():
-            for mac in handle.macs:
-                try:
-                    locations[normalize_mac(mac)] = handle.remote
-                except WeftError:
-                    continue
-        self._submit(self._dp_call, "macs_changed", locations)
+        installed = self._bridge_installed
+        if point_bridge_macs(self._ipr, self.bridge, self.device_config.name, installed, desired):
+            self.bridge_entries = len(installed)
 
     def _poll_macs(self) -> None:
         self._mac_timer = None
@@ -495,10 +306,7 @@ class VxlanPart:
     def _macs_polled(self, macs: frozenset[str]) -> None:
         if self._closed:
             return
-        if macs != self.local_macs:
-            self.local_macs = macs
-            self.on_local_macs(macs)
-            self._sync_bridge()
+        self._local_macs_found(macs)
         self._mac_timer = self.loop.call_later(MAC_POLL_INTERVAL, self._poll_macs)
 
     # -- heartbeats on the loop -----------------------------------------------------------------
@@ -516,51 +324,13 @@ class VxlanPart:
                 handle.link.probe_received(probe)
                 self._process(handle)
 
-    def _process(self, handle: VxlanLinkHandle) -> None:
-        link = handle.link
-        for message in link.control_to_send():
-            try:
-                handle.send_control(message)
-            except Exception:  # the control connection is closing; stop_link follows
-                log.debug("fast-path control to %s failed", handle.remote, exc_info=True)
+    def _send_probes(self, link: FastPathLink, probes: list[tuple[int, int]]) -> None:
         sock = self._sock
-        for seq, size in link.probes_to_send():
+        for seq, size in probes:
             if sock is not None:
                 sock.send(encode_probe(link.local, link.remote, seq, size))
-        while (event := link.next_event()) is not None:
-            if (
-                self.esp is not None
-                and handle.esp is not None
-                and self.esp.handle_event(
-                    handle.esp,
-                    link,
-                    event,
-                    resume=partial(self._resume, handle),
-                    failed=partial(self._esp_failed, handle),
-                    publish=partial(self._publish, handle),
-                    withdraw=self._withdraw(handle.remote),
-                )
-            ):
-                continue
-            if isinstance(event, HealthChanged):
-                healthy = event.state == HeartbeatState.HEALTHY
-                try:
-                    handle.on_health(healthy, health_text(event.state, event.reason))
-                except Exception:
-                    log.exception("fast-path health callback failed for %s", handle.remote)
-        self._arm()
 
     # -- ESP (see weft.router.esp_links) --------------------------------------------------------
-
-    def _resume(self, handle: VxlanLinkHandle) -> None:
-        if not handle.stopped and not self._closed:
-            self._process(handle)
-
-    def _esp_failed(self, handle: VxlanLinkHandle, reason: str) -> None:
-        if self.esp is not None and self.esp.fatal and not self.problem:
-            self.problem = self.esp.fatal  # the kernel cannot: new connections stay on sleeve
-        if not handle.stopped:
-            handle.on_failed(reason)
 
     def _publish(self, handle: VxlanLinkHandle) -> None:
         """Worker, right after the peer's SAs and policies are installed: its FDB entries."""
@@ -579,21 +349,3 @@ class VxlanPart:
                 self._dp.peer_stopped(remote)
 
         return withdraw
-
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        deadlines = [t for h in self.links.values() if (t := h.link.get_timer()) is not None]
-        if deadlines and not self._closed:
-            self._timer = self.loop.call_at(min(deadlines), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = self.loop.time()
-        for handle in list(self.links.values()):
-            timer = handle.link.get_timer()
-            if timer is not None and timer <= now + 0.001:  # asyncio may fire a hair early
-                handle.link.handle_timer(now)
-                self._process(handle)
-        self._arm()

@@ -55,37 +55,30 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, Protocol
 
 from weft.errors import WeftError
-from weft.fastdp.errors import DatapathError
 from weft.fastdp.esp import ESP_OVERHEAD
-from weft.fastdp.fdb import normalize_mac
-from weft.fastdp.heartbeat import (
-    HealthChanged,
-    HeartbeatConfig,
-    HeartbeatState,
-    Probe,
-    encode_probe,
-)
+from weft.fastdp.heartbeat import HeartbeatConfig, Probe, encode_probe
 from weft.fastdp.link import FastPathLink
 from weft.fastdp.ovs_datapath import OvsConfig
 from weft.fastdp.ovs_flows import OvsPeer
 from weft.fastdp.vxlan import NETWORK_VNI
 from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLink, EspLinks
-from weft.router.fastpath_overlay import (
-    NTF_MASTER,
-    NTF_STICKY,
-    NUD_NOARP,
+from weft.router.esp_links import EspLinks
+from weft.router.fast_common import (
+    FEATURE_ESP,
+    FastPartBase,
+    LinkHandle,
     flush_learned,
-    health_text,
     local_bridge_macs,
+    point_bridge_macs,
+    source_address,
 )
 from weft.router.overlay import OverlayConnectionParams
 
 __all__ = [
+    "FEATURE_ESP",  # weft.router.fast_common's, for the tests and the switch
     "FEATURE_OVS",
     "FEATURE_OVS_PORT",
     "FEATURE_OVS_VNI",
@@ -105,7 +98,6 @@ PART_OVS = 3  # the overlay-control envelope part of OVS links (switch_core.PART
 FEATURE_OVS = "fastdp_ovs"
 FEATURE_OVS_PORT = "fastdp_ovs_port"
 FEATURE_OVS_VNI = "fastdp_ovs_vni"
-FEATURE_ESP = "fastdp_esp"  # 1: our fast paths run over ESP (as the vxlan part says it)
 
 
 @dataclass(frozen=True)
@@ -222,16 +214,6 @@ class _ThreadWorker:
         self.pool.shutdown(wait=False)
 
 
-def _source_address(remote_ip: str, port: int) -> str | None:
-    """Our address on the route to ``remote_ip`` (None when there is none)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((remote_ip, port))
-            return str(probe.getsockname()[0])
-    except OSError:
-        return None
-
-
 class KernelOvsHost:
     """:class:`OvsHost` on the real kernel: pyroute2 for links and the bridge, the OVS client
     for the datapath. Everything on the part's worker thread."""
@@ -314,32 +296,9 @@ class KernelOvsHost:
         return flush_learned(self._ipr, self.config.datapath.bridge, self._ports())
 
     def point_macs(self, macs: frozenset[str]) -> int:
-        ipr, cfg = self._ipr, self.config.datapath
-        bridge = ipr.link_lookup(ifname=cfg.bridge)
-        port = ipr.link_lookup(ifname=cfg.bridge_veth)
-        if not bridge or not port:
+        cfg = self.config.datapath
+        if not point_bridge_macs(self._ipr, cfg.bridge, cfg.bridge_veth, self._installed, macs):
             return 0
-        for mac in sorted(self._installed - macs):
-            try:
-                ipr.fdb("del", ifindex=port[0], lladdr=mac, master=bridge[0], flags=NTF_MASTER)
-            except Exception:  # already gone
-                log.debug("removing bridge entry %s failed", mac, exc_info=True)
-            self._installed.discard(mac)
-        for mac in sorted(macs - self._installed):
-            try:
-                ipr.fdb(
-                    "replace",
-                    ifindex=port[0],
-                    lladdr=mac,
-                    master=bridge[0],
-                    flags=NTF_MASTER | NTF_STICKY,
-                    state=NUD_NOARP,
-                )
-            except Exception as err:
-                raise DatapathError(
-                    f"point bridge entry {mac} at {cfg.bridge_veth}", str(err)
-                ) from err
-            self._installed.add(mac)
         return len(self._installed)
 
     def local_macs(self) -> set[str]:
@@ -360,24 +319,14 @@ class KernelOvsHost:
                 self._ipr = None
 
 
-@dataclass
-class OvsLinkHandle:
+@dataclass(kw_only=True)
+class OvsLinkHandle(LinkHandle):
     """One connection's OVS path, as the switch holds it."""
 
-    remote: PeerName
-    ip: str
-    short_id: int
-    link: FastPathLink
-    send_control: Callable[[bytes], None]
-    on_health: Callable[[bool, str], None]
-    on_failed: Callable[[str], None] = lambda reason: None
-    esp: EspLink | None = None  # with a password: this link's ESP
-    carrying: bool = False
-    macs: frozenset[str] = field(default_factory=frozenset)
-    stopped: bool = False
+    short_id: int = 0  # the peer's short id (12 bits)
 
 
-class OvsPart:
+class OvsPart(FastPartBase[OvsLinkHandle]):
     """The OVS datapath of one router (create inside the running loop).
 
     ``make_host``, ``worker``, ``clock`` and ``call_at`` replace the kernel, the worker thread and
@@ -386,6 +335,8 @@ class OvsPart:
 
     name = "ovs"
     part_id = PART_OVS
+    handle_type = OvsLinkHandle
+    log_label = "OVS"
 
     def __init__(
         self,
@@ -401,33 +352,28 @@ class OvsPart:
         call_at: Callable[[float, Callable[[], None]], Any] | None = None,
         esp: EspLinks | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        super().__init__(
+            bridge=bridge,
+            tap=tap,
+            heartbeat=heartbeat,
+            on_local_macs=on_local_macs,
+            esp=esp,
+            clock=clock,
+            call_at=call_at,
+        )
         self.config = config or OvsPartConfig()
         # With ESP every link is encrypted (weft.router.esp_links): the overlay MTU leaves room
         # for ESP, and the datapath knows a peer (so can tunnel to it) only while its SAs and
         # policies exist.
-        self.esp = esp
-        self.encrypted = esp is not None
         overhead = ESP_OVERHEAD if esp is not None else self.config.datapath.extra_overhead
         self.config = replace(
             self.config,
             datapath=replace(self.config.datapath, bridge=bridge, extra_overhead=overhead),
         )
-        self.bridge = bridge
-        self.tap = tap
-        self.heartbeat = heartbeat or HeartbeatConfig()
-        self.on_local_macs = on_local_macs
         self._make_host = make_host or self._kernel_host
         self._worker: Worker = worker or _ThreadWorker(self.loop)
-        self._clock = clock or self.loop.time
-        self._call_at = call_at or self.loop.call_at
-        self.links: dict[PeerName, OvsLinkHandle] = {}
-        self.local_name: PeerName | None = None
         self.local_ip: str | None = None
-        self.mtu: int | None = None
-        self.problem = ""
         self.error = ""  # the last kernel job that failed (empty when the last one succeeded)
-        self.local_macs: frozenset[str] = frozenset()
         self.counters = {
             "flushes": 0,
             "flows_expired": 0,
@@ -441,10 +387,8 @@ class OvsPart:
         self._host: OvsHost | None = None
         self._fd: int | None = None
         self._reading = False
-        self._timer: Any = None
         self._expire_timer: Any = None
         self._mac_timer: Any = None
-        self._closed = False
         self._wanted: dict[PeerName, OvsPeer] = {}  # worker only: the last peers from the loop
         self._published: set[PeerName] = set()  # worker only: peers whose ESP is installed
         if esp is not None:
@@ -490,7 +434,7 @@ class OvsPart:
             return not self.problem
         self.local_name = local_name
         port = self.config.datapath.port
-        local_ip = self.config.local_ip or _source_address(remote_ip, port)
+        local_ip = self.config.local_ip or source_address(remote_ip, port)
         if local_ip is None:
             self.problem = f"ovs: no route to {remote_ip} for the tunnel"
             return False
@@ -542,92 +486,39 @@ class OvsPart:
 
     # -- per connection ----------------------------------------------------------------------------
 
-    def start_link(
-        self,
-        params: OverlayConnectionParams,
-        send_control: Callable[[bytes], None],
-        on_health: Callable[[bool, str], None],
-        on_failed: Callable[[str], None],
-    ) -> OvsLinkHandle | None:
-        """Start probing the peer through the OVS tunnel (after ESP is installed, when
-        encrypted); None when OVS cannot run here. A connection without data keys on an ESP
-        part, or with them on a part without ESP, can never carry: ``on_failed`` says why."""
-        if not self.ensure_started(params.local_name, params.remote_ip) or self.mtu is None:
-            return None
+    def _accepts(self, params: OverlayConnectionParams, on_failed: Callable[[str], None]) -> bool:
+        """A connection without data keys on an ESP part, or with them on a part without ESP,
+        can never carry: ``on_failed`` says why."""
         if (params.data_send_key is not None) != self.encrypted:
             on_failed(
                 "ovs: encrypted connections need ESP on this datapath"
                 if not self.encrypted
                 else "ovs: an unencrypted connection on an ESP datapath"
             )
-            return None
-        remote = params.remote_name
-        old = self.links.pop(remote, None)
-        if old is not None:
-            old.stopped = True
-        now = self._clock()
-        link = FastPathLink(
-            params.local_name, remote, self.mtu, self.encrypted, now, self.heartbeat
-        )
-        handle = OvsLinkHandle(
-            remote,
-            params.remote_ip,
-            params.remote_short_id & 0xFFF,
-            link,
-            send_control,
-            on_health,
-            on_failed,
-        )
-        self.links[remote] = handle
-        if self.esp is not None:
-            assert self.local_ip is not None  # set by ensure_started
-            handle.esp = self.esp.link_started(
-                remote, self.local_ip, params.remote_ip, params.data_send_key, params.data_recv_key
-            )  # the datapath hears of the peer once ESP is installed (_publish)
+            return False
+        return True
+
+    def _handle_made(self, handle: OvsLinkHandle, params: OverlayConnectionParams) -> None:
+        handle.short_id = params.remote_short_id & 0xFFF
+
+    def _tunnel_source(self) -> str | None:
+        return self.local_ip  # set by ensure_started
+
+    def _link_added(self, handle: OvsLinkHandle) -> None:
+        self._push_peers()  # with ESP the datapath hears of the peer once installed (_publish)
+
+    def _link_removed(self, handle: OvsLinkHandle) -> None:
         self._push_peers()
-        self._process(handle)
-        if old is not None and old.esp is not None and self.esp is not None:
-            # after the new link's first job took its guard reference: the peer's plaintext
-            # stays dropped throughout
-            self.esp.link_stopped(old.esp, self._withdraw(remote))
-        return handle
 
-    def control_received(self, handle: OvsLinkHandle, payload: bytes) -> None:
-        if handle.stopped:
-            return
-        handle.link.control_received(payload, self._clock())  # raises RemoteProtocolError
-        self._process(handle)
-
-    def set_carrying(self, handle: OvsLinkHandle, carrying: bool) -> None:
-        if handle.stopped or handle.carrying == carrying:
-            return
-        handle.carrying = carrying
+    def _carrying_changed(self, handle: OvsLinkHandle) -> None:
         self._push_peers()
         self._push_macs()
+
+    def _flush(self) -> None:
         self._run(self._host_call("flush_learned"), then=self._flushed)
-        self._sync_bridge()
 
-    def peer_macs(self, handle: OvsLinkHandle, macs: frozenset[str]) -> None:
-        if handle.stopped or handle.macs == macs:
-            return
-        handle.macs = macs
-        self._push_macs()
-        self._sync_bridge()
-
-    def stop_link(self, handle: OvsLinkHandle) -> None:
-        if handle.stopped:
-            return
-        handle.stopped = True
-        if self.links.get(handle.remote) is handle:
-            del self.links[handle.remote]
-            self._push_peers()
-            self._push_macs()
-            if handle.carrying:
-                self._run(self._host_call("flush_learned"), then=self._flushed)
-                self._sync_bridge()
-        if handle.esp is not None and self.esp is not None:
-            self.esp.link_stopped(handle.esp, self._withdraw(handle.remote))
-        self._arm()
+    def _macs_changed(self, locations: dict[str, PeerName]) -> None:
+        self._run(self._host_call("macs_changed"), locations)
 
     def status(self) -> dict[str, Any]:
         self._refresh_kernel()  # the next status shows the kernel's newer counters
@@ -645,16 +536,7 @@ class OvsPart:
             "local_macs": len(self.local_macs),
             **self.counters,
             "kernel": dict(self.kernel),
-            "links": {
-                str(h.remote): {
-                    "ip": h.ip,
-                    "state": h.link.state.value,
-                    "reason": h.link.reason,
-                    "carrying": h.carrying,
-                    "macs": len(h.macs),
-                }
-                for h in self.links.values()
-            },
+            "links": self.links_status(),
         }
 
     # -- kernel jobs (worker thread) ---------------------------------------------------------------
@@ -720,25 +602,7 @@ class OvsPart:
             peers = {name: p for name, p in peers.items() if name in self._published}
         host.set_peers(peers)
 
-    def _push_macs(self) -> None:
-        locations: dict[str, PeerName] = {}
-        for handle in self.links.values():
-            for mac in handle.macs:
-                try:
-                    locations[normalize_mac(mac)] = handle.remote
-                except WeftError:
-                    continue
-        self._run(self._host_call("macs_changed"), locations)
-
-    def _sync_bridge(self) -> None:
-        desired = frozenset(
-            mac
-            for h in self.links.values()
-            if h.carrying
-            for mac in h.macs
-            if mac not in self.local_macs  # a container that moved here is ours now
-        )
-
+    def _point_macs(self, desired: frozenset[str]) -> None:
         def done(count: Any) -> None:
             self.counters["bridge_entries"] = int(count)
 
@@ -758,11 +622,7 @@ class OvsPart:
             return
 
         def done(macs: Any) -> None:
-            found = frozenset(str(m) for m in macs)
-            if found != self.local_macs:
-                self.local_macs = found
-                self.on_local_macs(found)
-                self._sync_bridge()
+            self._local_macs_found(frozenset(str(m) for m in macs))
 
         self._run(self._host_call("local_macs"), then=done)
         self._mac_timer = self._later(self.config.mac_poll_interval, self._poll_macs)
@@ -829,55 +689,17 @@ class OvsPart:
 
     # -- heartbeats on the loop --------------------------------------------------------------------
 
-    def _process(self, handle: OvsLinkHandle) -> None:
-        link = handle.link
-        for message in link.control_to_send():
-            try:
-                handle.send_control(message)
-            except Exception:  # the control connection is closing; stop_link follows
-                log.debug("OVS control to %s failed", handle.remote, exc_info=True)
-        for seq, size in link.probes_to_send():
+    def _send_probes(self, link: FastPathLink, probes: list[tuple[int, int]]) -> None:
+        for seq, size in probes:
             frame = encode_probe(link.local, link.remote, seq, size)
             self._run(self._host_call("send_probe"), link.remote, frame, then=self._probe_sent)
-        while (event := link.next_event()) is not None:
-            if (
-                self.esp is not None
-                and handle.esp is not None
-                and self.esp.handle_event(
-                    handle.esp,
-                    link,
-                    event,
-                    resume=partial(self._resume, handle),
-                    failed=partial(self._esp_failed, handle),
-                    publish=partial(self._publish, handle.remote),
-                    withdraw=self._withdraw(handle.remote),
-                )
-            ):
-                continue
-            if isinstance(event, HealthChanged):
-                healthy = event.state == HeartbeatState.HEALTHY
-                try:
-                    handle.on_health(healthy, health_text(event.state, event.reason))
-                except Exception:
-                    log.exception("OVS health callback failed for %s", handle.remote)
-        self._arm()
 
     # -- ESP (see weft.router.esp_links) --------------------------------------------------------
 
-    def _resume(self, handle: OvsLinkHandle) -> None:
-        if not handle.stopped and not self._closed:
-            self._process(handle)
-
-    def _esp_failed(self, handle: OvsLinkHandle, reason: str) -> None:
-        if self.esp is not None and self.esp.fatal and not self.problem:
-            self.problem = self.esp.fatal  # the kernel cannot: new connections stay on sleeve
-        if not handle.stopped:
-            handle.on_failed(reason)
-
-    def _publish(self, remote: PeerName) -> None:
+    def _publish(self, handle: OvsLinkHandle) -> None:
         """*Worker*, right after the peer's SAs and policies are installed: the datapath may
         tunnel to it (probes first; container frames once the switch says it carries)."""
-        self._published.add(remote)
+        self._published.add(handle.remote)
         self._apply_peers()
 
     def _withdraw(self, remote: PeerName) -> Callable[[], None]:
@@ -892,25 +714,6 @@ class OvsPart:
 
     def _probe_sent(self, ok: Any) -> None:
         self.counters["probes_sent" if ok else "probes_failed"] += 1
-
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        deadlines = [t for h in self.links.values() if (t := h.link.get_timer()) is not None]
-        if deadlines and not self._closed:
-            self._timer = self._call_at(min(deadlines), self.handle_timer)
-
-    def handle_timer(self) -> None:
-        """Heartbeat timers that are due (the loop's timer; tests call it after stepping)."""
-        self._timer = None
-        now = self._clock()
-        for handle in list(self.links.values()):
-            timer = handle.link.get_timer()
-            if timer is not None and timer <= now + 0.001:  # asyncio may fire a hair early
-                handle.link.handle_timer(now)
-                self._process(handle)
-        self._arm()
 
 
 def remove_stale_ovs(config: OvsConfig | None = None) -> list[str]:
