@@ -15,7 +15,8 @@ and iperf3 TCP for each of:
                  TCP coalescing into the TAP, one frame per syscall (what a kernel without them
                  gets).
 
-Each weft row says in ``local_features`` what its routers used (mode, TAP offloads, UDP GSO/GRO).
+Each weft row says in ``local_features`` what its routers used (mode, TAP offloads, UDP GSO/GRO,
+TCP coalescing into the TAP = ``tap_gro``).
 
 Each figure is the median of ``--runs`` iperf3 runs of ``--seconds``; for the weft modes also the
 CPU seconds per second of each router, Gbit/s per router CPU-second, drop counters and syscall
