@@ -13,7 +13,9 @@ and iperf3 TCP for each of:
                  segments merged into one TAP write (the datagrams on the wire are the same);
 * ``per-frame-strict``  the same with ``WEFT_SLEEVE_LOCAL_OFFLOADS=off``: no UDP GSO/GRO and no
                  TCP coalescing into the TAP, one frame per syscall (what a kernel without them
-                 gets).
+                 gets);
+* ``fastdp``     weft's Linux VXLAN fast datapath (``--datapath vxlan``: the overlay switch puts
+                 the connection on the kernel's vxlan device; the routers only keep its FDB).
 
 Each weft row says in ``local_features`` what its routers used (mode, TAP offloads, UDP GSO/GRO,
 TCP coalescing into the TAP = ``tap_gro``).
@@ -24,7 +26,8 @@ counts, and a kernel VXLAN run interleaved before each weft run (a second ratio 
 machine's drifting load). The targets
 (issue 3) are ratios to kernel VXLAN in the same run: sleeve >= 0.30, encrypted >= 0.22,
 per-frame >= 0.045 (judged on the ``per-frame`` row; ``per-frame-strict`` has no target and is
-reported for comparison). The machine may be shared: compare only figures of one run.
+reported for comparison); and (issue 6) the fast datapath >= 0.90. The machine may be shared:
+compare only figures of one run.
 
     python -m bench.throughput [--json] [--runs 3] [--seconds 5] [--modes sleeve,encrypted]
 """
@@ -45,8 +48,8 @@ from typing import Any
 
 from tests.integ.hosts import Host, Underlay, run, underlay, wait_for
 
-TARGETS = {"sleeve": 0.30, "encrypted": 0.22, "per-frame": 0.045}
-WEFT_MODES = ("sleeve", "encrypted", "per-frame", "per-frame-strict")
+TARGETS = {"sleeve": 0.30, "encrypted": 0.22, "per-frame": 0.045, "fastdp": 0.90}
+WEFT_MODES = ("sleeve", "encrypted", "per-frame", "per-frame-strict", "fastdp")
 
 
 def iperf(client_ns: str, server_ns: str, ip: str, seconds: float) -> dict[str, float]:
@@ -104,9 +107,9 @@ def _pings(ns: str, ip: str) -> bool:
     return run(["ip", "netns", "exec", ns, "ping", "-c1", "-W1", ip], check=False).returncode == 0
 
 
-def _established(host: Host) -> bool:
+def _established(host: Host, datapath: str = "sleeve") -> bool:
     conns = _status(host).get("router", {}).get("connections", [])
-    return any(c.get("state") == "established" for c in conns)
+    return any(c.get("state") == "established" and c.get("datapath") == datapath for c in conns)
 
 
 def _measure(
@@ -184,6 +187,7 @@ def _start_routers(u: Underlay, mode: str) -> list[tuple[Host, subprocess.Popen[
         env["WEFT_PASSWORD"] = "bench-password"
     else:
         env["WEFT_PASSWORD"] = ""
+    datapath = "vxlan" if mode == "fastdp" else "sleeve"
     out = []
     for i, host in enumerate(u.hosts[:2]):
         peers = [h.ip for h in u.hosts[:2] if h is not host]
@@ -198,7 +202,7 @@ def _start_routers(u: Underlay, mode: str) -> list[tuple[Host, subprocess.Popen[
             "--api-socket",
             "",
             "--datapath",
-            "sleeve",
+            datapath,
             "--nickname",
             f"h{i + 1}",
             *peers,
@@ -207,7 +211,9 @@ def _start_routers(u: Underlay, mode: str) -> list[tuple[Host, subprocess.Popen[
         )
         out.append((host, proc))
     for host, _ in out:
-        wait_for(partial(_established, host), timeout=60, what=f"{mode} established")
+        wait_for(
+            partial(_established, host, datapath), timeout=60, what=f"{mode} established"
+        )
     return out
 
 
