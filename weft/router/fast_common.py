@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -181,12 +181,17 @@ H = TypeVar("H", bound=LinkHandle)
 
 class FastPartBase(Generic[H]):
     """The loop side every fast part shares (create inside the running loop). Subclasses set
-    ``name``, ``part_id``, ``handle_type`` and ``log_label`` and implement the hooks below."""
+    ``name``, ``part_id``, ``handle_type``, ``log_label``, ``feature_keys`` and
+    ``datapath_label`` and implement the hooks below."""
 
     name: str
     part_id: int
     handle_type: type[H]  # the part's LinkHandle
     log_label = "fast-path"  # how log lines name the part
+    # The hello features saying we run the datapath, its UDP port and its VNI; how reasons
+    # name the datapath.
+    feature_keys: tuple[str, str, str]
+    datapath_label: str
 
     def __init__(
         self,
@@ -217,7 +222,38 @@ class FastPartBase(Generic[H]):
         self._timer: Any = None
         self._closed = False
 
+    # -- what we offer ---------------------------------------------------------------------------
+
+    def features(self) -> dict[str, Any]:
+        has, port_key, vni_key = self.feature_keys
+        port, vni = self._port_vni()
+        out: dict[str, Any] = {has: 1, port_key: port, vni_key: vni}
+        if self.encrypted:
+            out[FEATURE_ESP] = 1
+        return out
+
+    def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
+        """ "" when the peer runs the datapath on our port and VNI (with ESP when we do), else
+        why not."""
+        has, port_key, vni_key = self.feature_keys
+        name, label = self.name, self.datapath_label
+        if remote_features.get(has) != 1:
+            return f"{name}: the peer has no {label} datapath"
+        port, vni = remote_features.get(port_key), remote_features.get(vni_key)
+        our_port, our_vni = self._port_vni()
+        if port != our_port or vni != our_vni:
+            return (
+                f"{name}: the peer uses UDP {port} VNI {vni}, we use UDP {our_port} VNI {our_vni}"
+            )
+        if self.encrypted and remote_features.get(FEATURE_ESP) != 1:
+            return f"{name}: the peer's {label} datapath has no ESP"
+        return ""
+
     # -- hooks -----------------------------------------------------------------------------------
+
+    def _port_vni(self) -> tuple[int, int]:
+        """The UDP port and VNI our tunnel uses (what peers must match)."""
+        raise NotImplementedError
 
     def ensure_started(self, local_name: PeerName, remote_ip: str) -> bool:
         raise NotImplementedError

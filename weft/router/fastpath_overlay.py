@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -49,7 +49,6 @@ from weft.fastdp.vxlan import HeartbeatSocket, VxlanConfig, VxlanDatapath
 from weft.gossip.peer import PeerName
 from weft.router.esp_links import EspLinks
 from weft.router.fast_common import (
-    FEATURE_ESP,
     FastPartBase,
     LinkHandle,
     flush_learned,
@@ -84,6 +83,8 @@ class VxlanPart(FastPartBase[VxlanLinkHandle]):
     name = "vxlan"
     part_id = PART_VXLAN
     handle_type = VxlanLinkHandle
+    feature_keys = (FEATURE_VXLAN, FEATURE_VXLAN_PORT, FEATURE_VNI)
+    datapath_label = "vxlan"
 
     def __init__(
         self,
@@ -117,29 +118,8 @@ class VxlanPart(FastPartBase[VxlanLinkHandle]):
 
     # -- what we offer ---------------------------------------------------------------------------
 
-    def features(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            FEATURE_VXLAN: 1,
-            FEATURE_VXLAN_PORT: self.device_config.port,
-            FEATURE_VNI: self.device_config.vni,
-        }
-        if self.encrypted:
-            out[FEATURE_ESP] = 1
-        return out
-
-    def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
-        """ "" when the peer runs vxlan on our port and VNI, else why not."""
-        if remote_features.get(FEATURE_VXLAN) != 1:
-            return "vxlan: the peer has no vxlan datapath"
-        port, vni = remote_features.get(FEATURE_VXLAN_PORT), remote_features.get(FEATURE_VNI)
-        if port != self.device_config.port or vni != self.device_config.vni:
-            return (
-                f"vxlan: the peer uses UDP {port} VNI {vni}, we use UDP "
-                f"{self.device_config.port} VNI {self.device_config.vni}"
-            )
-        if self.encrypted and remote_features.get(FEATURE_ESP) != 1:
-            return "vxlan: the peer's vxlan datapath has no ESP"
-        return ""
+    def _port_vni(self) -> tuple[int, int]:
+        return self.device_config.port, self.device_config.vni
 
     # -- lifecycle (the device starts with the first connection: it needs our peer name) --------
 

@@ -52,7 +52,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -337,6 +337,8 @@ class OvsPart(FastPartBase[OvsLinkHandle]):
     part_id = PART_OVS
     handle_type = OvsLinkHandle
     log_label = "OVS"
+    feature_keys = (FEATURE_OVS, FEATURE_OVS_PORT, FEATURE_OVS_VNI)
+    datapath_label = "OVS"
 
     def __init__(
         self,
@@ -403,29 +405,10 @@ class OvsPart(FastPartBase[OvsLinkHandle]):
     # -- the part's face to the switch -------------------------------------------------------------
 
     def features(self) -> dict[str, Any]:
-        if self.problem:
-            return {}
-        out: dict[str, Any] = {
-            FEATURE_OVS: 1,
-            FEATURE_OVS_PORT: self.config.datapath.port,
-            FEATURE_OVS_VNI: self.config.vni,
-        }
-        if self.encrypted:
-            out[FEATURE_ESP] = 1
-        return out
+        return {} if self.problem else super().features()
 
-    def peer_compatible(self, remote_features: Mapping[str, Any]) -> str:
-        if remote_features.get(FEATURE_OVS) != 1:
-            return "ovs: the peer has no OVS datapath"
-        port, vni = remote_features.get(FEATURE_OVS_PORT), remote_features.get(FEATURE_OVS_VNI)
-        if port != self.config.datapath.port or vni != self.config.vni:
-            return (
-                f"ovs: the peer uses UDP {port} VNI {vni}, we use UDP "
-                f"{self.config.datapath.port} VNI {self.config.vni}"
-            )
-        if self.encrypted and remote_features.get(FEATURE_ESP) != 1:
-            return "ovs: the peer's OVS datapath has no ESP"
-        return ""
+    def _port_vni(self) -> tuple[int, int]:
+        return self.config.datapath.port, self.config.vni
 
     def ensure_started(self, local_name: PeerName, remote_ip: str) -> bool:
         """Start the datapath once (blocks the loop for the netlink round trips, once); False
