@@ -13,16 +13,12 @@ kernel package or busybox are missing.
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.qemu.harness import missing, run_in_vm
+from tests.e2e.qemu.harness import missing, run_check
 
-REPO = Path(__file__).resolve().parents[2]
 # openvswitch is not needed here; tun for the sleeve.
 MODULES = ("vxlan", "esp4", "xfrm_user", "bridge", "veth", "tun", "nf_tables")
 
@@ -34,17 +30,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vm() -> dict[str, Any]:
-    result = run_in_vm(
-        f"'{sys.executable}' tests/e2e/qemu/check_esp_routers.py",
-        modules=MODULES,
-        env={"PYTHONPATH": str(REPO)},
-        cwd=REPO,
-        memory_mb=1536,
-        timeout=900,
-    ).check()
-    lines = result.output.strip().splitlines()
-    assert lines, f"no output from the VM\n{result.console[-3000:]}"
-    report: dict[str, Any] = json.loads(lines[-1])
+    report, result = run_check("check_esp_routers.py", modules=MODULES, memory_mb=1536)
     print(
         f"VM run took {result.seconds:.1f}s; inside: {report.get('seconds')}s, routers up at "
         f"{report.get('t_routers_up')}s, on vxlan+ESP at {report.get('t_on_vxlan')}s; "

@@ -6,16 +6,11 @@ the tests below assert on it. Skipped where qemu, the kernel package or busybox 
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.qemu.harness import missing, run_in_vm
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.qemu.harness import missing, run_check
 
 pytestmark = [
     pytest.mark.e2e,
@@ -25,15 +20,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vm() -> dict[str, Any]:
-    result = run_in_vm(
-        f"'{sys.executable}' tests/e2e/qemu/check_ovs.py",
-        env={"PYTHONPATH": str(REPO)},
-        cwd=REPO,
-        timeout=900,
-    ).check()
-    lines = result.output.strip().splitlines()
-    assert lines, f"no output from the VM\n{result.console[-3000:]}"
-    report: dict[str, Any] = json.loads(lines[-1])
+    report, result = run_check("check_ovs.py")
     report["boot_seconds"] = result.seconds
     print(f"VM run took {result.seconds:.1f}s; inside: {report.get('seconds')}")
     assert "error" not in report, report["error"]

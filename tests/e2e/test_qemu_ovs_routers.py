@@ -9,16 +9,12 @@ busybox are missing.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.qemu.harness import missing, run_in_vm
+from tests.e2e.qemu.harness import missing, run_check
 
-REPO = Path(__file__).resolve().parents[2]
 NETWORK_VNI = 0xFFFFFF
 
 pytestmark = [
@@ -50,17 +46,12 @@ def switch_builds_ovs_with_a_password() -> bool:
 @pytest.fixture(scope="module")
 def vm() -> dict[str, Any]:
     esp = switch_builds_ovs_with_a_password()
-    result = run_in_vm(
-        f"'{sys.executable}' tests/e2e/qemu/check_ovs_routers.py",
+    report, result = run_check(
+        "check_ovs_routers.py",
         modules=("openvswitch", "vxlan", "esp4", "xfrm_user", "bridge", "veth", "tun", "nf_tables"),
-        env={"PYTHONPATH": str(REPO), "WEFT_E2E_OVS_ESP": "1" if esp else "0"},
-        cwd=REPO,
+        env={"WEFT_E2E_OVS_ESP": "1" if esp else "0"},
         memory_mb=1536,
-        timeout=900,
-    ).check()
-    lines = result.output.strip().splitlines()
-    assert lines, f"no output from the VM\n{result.console[-3000:]}"
-    report: dict[str, Any] = json.loads(lines[-1])
+    )
     print(f"VM run took {result.seconds:.1f}s; inside: {report.get('seconds')}s {report['marks']}")
     if "error" in report:
         logs = "\n".join(f"--- {h} ---\n{text}" for h, text in report.get("logs", {}).items())

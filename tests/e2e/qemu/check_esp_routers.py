@@ -28,6 +28,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
+from tests.e2e.qemu import vm_hosts  # noqa: E402
+from tests.e2e.qemu.vm_hosts import api, connection, on_datapath  # noqa: E402
 from tests.integ.hosts import Host, Underlay  # noqa: E402
 
 PASSWORD = "qemu-esp-routers"
@@ -42,42 +44,11 @@ MARKER_BYTES = bytes.fromhex(MARKER)
 
 
 def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except Exception:  # not checkable yet (e.g. the API is not up)
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-
-
-def api(host: Host, path: str, body: dict[str, Any] | None = None) -> Any:
-    args = ["curl", "-s", "-f", "--max-time", "20"]
-    if body is not None:
-        args += ["-X", "POST", "-H", "Content-Type: application/json", "-d", json.dumps(body)]
-    proc = host.exec(*args, f"http://127.0.0.1:6784{path}", check=False, timeout=60)
-    if proc.returncode != 0 or not proc.stdout:
-        return {}
-    return json.loads(proc.stdout)
-
-
-def connection(host: Host, nick: str) -> dict[str, Any]:
-    rows = api(host, "/status").get("router", {}).get("connections", [])
-    found = [r for r in rows if r.get("nickname") == nick and r.get("peer")]
-    return dict(found[0]) if found else {}
+    return vm_hosts.wait(predicate, timeout, what, interval=0.5)
 
 
 def on_esp_vxlan(host: Host, nick: str) -> bool:
-    row = connection(host, nick)
-    return (
-        row.get("datapath") == "vxlan"
-        and row.get("state") == "established"
-        and row.get("data_encrypted") is True
-    )
+    return on_datapath(host, nick, "vxlan", encrypted=True)
 
 
 def xfrm(host: Host) -> dict[str, int]:
@@ -121,12 +92,7 @@ def parse_pcap(path: Path) -> dict[str, int]:
 
 
 def start_router(host: Host, i: int, peer_ip: str) -> None:
-    host.spawn(
-        sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
-        "--api-socket", "", "--datapath", "vxlan", "--nickname", f"h{i}",
-        "--heartbeat-interval", "2", "--heartbeat-timeout", "60", peer_ip,
-        log=host.data_dir / "router.log", env=ENV,
-    )  # fmt: skip
+    vm_hosts.start_router(host, i, peer_ip, datapath="vxlan", env=ENV, heartbeat=("2", "60"))
 
 
 def run(results: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ Kept as one script so the VM boots once and Python imports (slow under TCG) happ
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
@@ -20,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from tests.e2e.qemu.vm_hosts import enter_netns
 from weft.fastdp.capabilities import probe_capabilities
 from weft.fastdp.esp import ESP_OVERHEAD, EspPair, XfrmClient, esp_key
 from weft.fastdp.heartbeat import decode_probe, encode_probe
@@ -155,20 +155,6 @@ def ovs_checks() -> None:
     results["stale_removed"] = fresh.remove_stale(DP)
     fresh.close()
     client.close()
-
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def enter_netns(name: str) -> None:
-    """Move this (single-threaded) process into a named network namespace."""
-    fd = os.open(f"/run/netns/{name}" if name else "/proc/1/ns/net", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-    finally:
-        os.close(fd)
 
 
 def sh(script: str) -> None:

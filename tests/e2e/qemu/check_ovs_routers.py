@@ -15,7 +15,6 @@ generous. Heartbeats are fast (WEFT_FASTDP_HEARTBEAT) so the fallback takes seco
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import os
@@ -36,6 +35,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
+from tests.e2e.qemu import vm_hosts  # noqa: E402
+from tests.e2e.qemu.vm_hosts import (  # noqa: E402
+    api,
+    connection,
+    enter_netns,
+    on_datapath,
+)
+from tests.e2e.qemu.vm_hosts import wait as wait_for  # noqa: E402
 from tests.integ.hosts import Host, Underlay, run  # noqa: E402
 
 ENV = {
@@ -53,71 +60,18 @@ def mark(name: str) -> None:
     marks[name] = round(time.monotonic() - START, 1)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as err:  # not checkable yet
-            last = err
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f}s waiting for {what}"
-                + (f" (last error: {last!r})" if last else "")
-            )
-        time.sleep(interval)
-
-
-def api(host: Host, path: str, body: dict[str, Any] | None = None) -> Any:
-    args = ["curl", "-s", "-f", "--max-time", "20"]
-    if body is not None:
-        args += ["-X", "POST", "-H", "Content-Type: application/json", "-d", json.dumps(body)]
-    proc = host.exec(*args, f"http://127.0.0.1:6784{path}", check=False, timeout=30)
-    if proc.returncode != 0 or not proc.stdout:
-        return {}
-    return json.loads(proc.stdout)
-
-
-def connection(host: Host, nick: str) -> dict[str, Any]:
-    rows = api(host, "/status").get("router", {}).get("connections", [])
-    return next((r for r in rows if r.get("nickname") == nick and r.get("peer")), {})
-
-
 def on(host: Host, nick: str, datapath: str) -> bool:
-    row = connection(host, nick)
-    return row.get("state") == "established" and row.get("datapath") == datapath
+    return on_datapath(host, nick, datapath)
 
 
 def start_router(host: Host, i: int, peer_ip: str, password: str | None = None) -> None:
     env = {**ENV, "WEFT_PASSWORD": password} if password else ENV
-    host.spawn(
-        sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
-        "--api-socket", "", "--datapath", "auto", "--nickname", f"h{i}",
-        "--heartbeat-interval", "1", "--heartbeat-timeout", "30", peer_ip,
-        log=host.data_dir / "router.log", env=env,
-    )  # fmt: skip
+    vm_hosts.start_router(host, i, peer_ip, datapath="auto", env=env, heartbeat=("1", "30"))
 
 
 def pings(ns: str, ip: str, *extra: str) -> bool:
     cmd = ["ip", "netns", "exec", ns, "ping", "-c1", "-W2", *extra, ip]
     return run(cmd, check=False, timeout=30).returncode == 0
-
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def enter_netns(name: str) -> None:
-    """Move this (single-threaded) process into a named network namespace ("" = the VM's)."""
-    fd = os.open(f"/run/netns/{name}" if name else "/proc/1/ns/net", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-    finally:
-        os.close(fd)
 
 
 def datapath_flows(ns: str) -> dict[str, Any]:

@@ -20,17 +20,22 @@ busybox-static (apt).
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["VmResult", "find_kernel", "missing", "run_in_vm"]
+__all__ = ["VmResult", "find_kernel", "missing", "run_check", "run_in_vm"]
+
+REPO = Path(__file__).resolve().parents[3]
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/usr/bin/busybox")
@@ -263,3 +268,28 @@ def run_in_vm(
         out_file = job / "output"
         output = out_file.read_text(errors="replace") if out_file.exists() else ""
         return VmResult(rc, output, console, seconds)
+
+
+def run_check(
+    script: str,
+    *,
+    modules: Sequence[str] = DEFAULT_MODULES,
+    env: dict[str, str] | None = None,
+    memory_mb: int = 1024,
+    timeout: float = 900,
+) -> tuple[dict[str, Any], VmResult]:
+    """Run the in-VM check ``tests/e2e/qemu/<script>`` with this Python, in the repository and
+    with it on ``PYTHONPATH`` (plus ``env``); return the JSON report it printed on its last line
+    of output, and the run. AssertionError when the command failed or printed nothing."""
+    result = run_in_vm(
+        f"'{sys.executable}' tests/e2e/qemu/{script}",
+        modules=modules,
+        env={"PYTHONPATH": str(REPO), **(env or {})},
+        cwd=REPO,
+        memory_mb=memory_mb,
+        timeout=timeout,
+    ).check()
+    lines = result.output.strip().splitlines()
+    assert lines, f"no output from the VM\n{result.console[-3000:]}"
+    report: dict[str, Any] = json.loads(lines[-1])
+    return report, result
