@@ -17,15 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.qemu.harness import missing, run_check
+from tests.e2e.qemu.harness import run_check, vm_marks
 
 # openvswitch is not needed here; tun for the sleeve.
 MODULES = ("vxlan", "esp4", "xfrm_user", "bridge", "veth", "tun", "nf_tables")
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(missing() is not None, reason=f"test VM unavailable: {missing()}"),
-]
+pytestmark = vm_marks()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.qemu.harness import missing, run_check
+from tests.e2e.qemu.harness import run_check, vm_marks
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(missing() is not None, reason=f"test VM unavailable: {missing()}"),
-]
+pytestmark = vm_marks()
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.qemu.harness import missing, run_check
+from tests.e2e.qemu.harness import run_check, vm_marks
 
 NETWORK_VNI = 0xFFFFFF
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(missing() is not None, reason=f"test VM unavailable: {missing()}"),
-]
+pytestmark = vm_marks()
 
 
 def switch_builds_ovs_with_a_password() -> bool:

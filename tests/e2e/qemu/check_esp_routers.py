@@ -21,7 +21,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +111,9 @@ def run(results: dict[str, Any]) -> None:
         wait(lambda: b"listening" in os.read(err_fd, 4096), 60, "tcpdump")
         for i, host in enumerate(u.hosts, 1):
             start_router(host, i, (h2 if host is h1 else h1).ip)
-        containers = []
-        for i, host in enumerate(u.hosts, 1):
-            wait(partial(api, host, "/status"), 240, f"router h{i} up")
-            ns = host.add_netns("c")
-            ip = f"10.32.84.{i}"
-            body = {"netns": ns, "ip": [f"{ip}/16"]}
-            wait(partial(api, host, "/attach", body), 120, f"attach h{i}")
-            containers.append((ns, ip))
+        containers = vm_hosts.attach_containers(
+            u.hosts, "10.32.84", up_timeout=240, attach_timeout=120, interval=0.5
+        )
         results["t_routers_up"] = round(time.monotonic() - results["t0"], 1)
         wait(lambda: on_esp_vxlan(h1, "h2") and on_esp_vxlan(h2, "h1"), 240, "vxlan over ESP")
         results["t_on_vxlan"] = round(time.monotonic() - results["t0"], 1)

@@ -172,13 +172,7 @@ def scenario(u: Underlay) -> None:
     h1, h2 = u.hosts
     start_router(h1, 1, h2.ip)
     start_router(h2, 2, h1.ip)
-    containers = []
-    for i, host in enumerate(u.hosts, 1):
-        wait_for(partial(api, host, "/status"), 120, f"router h{i} up")
-        ns = host.add_netns("c")
-        ip = f"10.32.0.{i}"
-        wait_for(partial(api, host, "/attach", {"netns": ns, "ip": [f"{ip}/16"]}), 60, "attach")
-        containers.append((ns, ip))
+    containers = vm_hosts.attach_containers(u.hosts, "10.32.0", up_timeout=120, attach_timeout=60)
     mark("routers_up")
     (c1, ip1), (c2, ip2) = containers
     wait_for(lambda: on(h1, "h2", "ovs") and on(h2, "h1", "ovs"), 120, "h1<->h2 on ovs")

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VmResult", "find_kernel", "missing", "run_check", "run_in_vm"]
+import pytest
+
+__all__ = ["VmResult", "find_kernel", "missing", "run_check", "run_in_vm", "vm_marks"]
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -293,3 +295,12 @@ def run_check(
     assert lines, f"no output from the VM\n{result.console[-3000:]}"
     report: dict[str, Any] = json.loads(lines[-1])
     return report, result
+
+
+def vm_marks() -> list[pytest.MarkDecorator]:
+    """A VM test module's ``pytestmark``: e2e, skipped where the VM cannot boot (why)."""
+    reason = missing()
+    return [
+        pytest.mark.e2e,
+        pytest.mark.skipif(reason is not None, reason=f"test VM unavailable: {reason}"),
+    ]

@@ -12,12 +12,21 @@ import ctypes
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from tests.integ.hosts import Host, wait_for
 
-__all__ = ["api", "connection", "enter_netns", "on_datapath", "start_router", "wait"]
+__all__ = [
+    "api",
+    "attach_containers",
+    "connection",
+    "enter_netns",
+    "on_datapath",
+    "start_router",
+    "wait",
+]
 
 API = "http://127.0.0.1:6784"
 CLONE_NEWNET = 0x40000000
@@ -76,6 +85,27 @@ def start_router(
         "--heartbeat-interval", interval, "--heartbeat-timeout", timeout, peer_ip,
         log=host.data_dir / "router.log", env=env,
     )  # fmt: skip
+
+
+def attach_containers(
+    hosts: Sequence[Host],
+    subnet: str,
+    *,
+    up_timeout: float,
+    attach_timeout: float,
+    interval: float = 0.3,
+) -> list[tuple[str, str]]:
+    """Once each host's router answers, a container (namespace) attached with address
+    ``<subnet>.<i>/16`` on the i-th host (from 1); returns ``(namespace, address)`` each."""
+    containers = []
+    for i, host in enumerate(hosts, 1):
+        wait(partial(api, host, "/status"), up_timeout, f"router h{i} up", interval)
+        ns = host.add_netns("c")
+        ip = f"{subnet}.{i}"
+        body = {"netns": ns, "ip": [f"{ip}/16"]}
+        wait(partial(api, host, "/attach", body), attach_timeout, f"attach h{i}", interval)
+        containers.append((ns, ip))
+    return containers
 
 
 def enter_netns(name: str) -> None:
