@@ -56,7 +56,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -162,15 +162,8 @@ class SwitchConnection:
         if unavailable:
             self.switch.unavailable(candidates[0], unavailable, now)
         if SLEEVE in candidates and overlay.sleeve is not None:
-            sleeve_params = OverlayConnectionParams(
-                local_name=params.local_name,
-                remote_name=params.remote_name,
-                remote_short_id=params.remote_short_id,
-                remote_ip=params.remote_ip,
-                outbound=params.outbound,
-                data_send_key=params.data_send_key,
-                data_recv_key=params.data_recv_key,
-                remote_features=params.remote_features,
+            sleeve_params = replace(
+                params,
                 send_control=self._send_sleeve,
                 on_established=self._sleeve_changed,
                 on_status_changed=self._sleeve_changed,
