@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from weft.errors import LocalError
-from weft.fastdp.esp import EspPair, esp_key
+from weft.fastdp.esp import GUARD_TABLE, VXLAN_PORT, EspPair, InboundGuard, esp_key
 from weft.fastdp.link import EspReady, FastPathLink, LinkEvent, SpiRequested
 from weft.gossip.peer import PeerName
 
@@ -89,7 +89,7 @@ class GuardLike(Protocol):
     def stop(self) -> None: ...
 
 
-class StrictInboundGuard:
+class StrictInboundGuard(InboundGuard):
     """The inbound guard of a router with a password: *every* UDP 6784 packet without ESP is
     dropped, whatever its source.
 
@@ -101,34 +101,16 @@ class StrictInboundGuard:
     ``forget`` only keep the set of peers for status.
     """
 
-    TABLE = "weft-esp"
-
-    def __init__(self, nft: tuple[str, ...] = ("nft",), port: int = 6784) -> None:
-        self.nft = nft
-        self.port = port
+    def __init__(self, nft: tuple[str, ...] = ("nft",), port: int = VXLAN_PORT) -> None:
+        super().__init__(nft, port)
         self.peers: set[str] = set()
 
-    def _run(self, op: str, script: str) -> None:
-        import subprocess
-
-        from weft.fastdp.errors import DatapathError, wrap_os_error
-
-        try:
-            proc = subprocess.run(
-                [*self.nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.SubprocessError) as err:
-            raise wrap_os_error(op, err) from err
-        if proc.returncode != 0:
-            raise DatapathError(op, proc.stderr.strip() or f"nft exited {proc.returncode}")
-
     def start(self) -> None:
-        table = self.TABLE
         self._run(
-            f"create nftables table inet {table}",
-            f"table inet {table} {{}}\n"
-            f"delete table inet {table}\n"
-            f"table inet {table} {{\n"
+            f"create nftables table inet {GUARD_TABLE}",
+            f"table inet {GUARD_TABLE} {{}}\n"
+            f"delete table inet {GUARD_TABLE}\n"
+            f"table inet {GUARD_TABLE} {{\n"
             "  chain input {\n"
             "    type filter hook input priority -10; policy accept;\n"
             f"    udp dport {self.port} meta ipsec missing counter drop\n"
@@ -141,13 +123,6 @@ class StrictInboundGuard:
 
     def forget(self, ip: str) -> None:
         self.peers.discard(ip)
-
-    def stop(self) -> None:
-        table = self.TABLE
-        self._run(
-            f"delete nftables table inet {table}",
-            f"table inet {table} {{}}\ndelete table inet {table}\n",
-        )
 
 
 Submit = Callable[[Callable[[], Any]], "Future[Any]"]
