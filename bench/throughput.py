@@ -154,8 +154,35 @@ def _measure(
         ]
         result["drops"] = [o.get("drops", {}) for o in overlays]
         result["syscalls"] = [o.get("syscalls", {}) for o in overlays]
-    print(f"{name:>10}: {result['median_gbps']:7.3f} Gbit/s  {result['gbps']}", file=sys.stderr)
+        result["batching"] = [_batching(o) for o in overlays]
+    line = f"{name:>10}: {result['median_gbps']:7.3f} Gbit/s  {result['gbps']}"
+    if result.get("batching"):
+        line += "  " + "  ".join(
+            f"h{i + 1}: {b['messages_per_udp_send']} msg/send,"
+            f" {b['frames_per_tap_write']} frames/write"
+            for i, b in enumerate(result["batching"])
+        )
+    print(line, file=sys.stderr)
     return result
+
+
+def _batching(overlay: dict[str, Any]) -> dict[str, float | None]:
+    """How many sleeve messages one UDP send carried and frames one TAP write, over the run.
+
+    These depend on the load and the kernel (GSO, TAP offloads), so they are figures to print,
+    never something a test asserts.
+    """
+    calls = overlay.get("syscalls", {})
+    stats = overlay.get("stats", {})
+
+    def per(num: str, den: str) -> float | None:
+        n, d = stats.get(num), calls.get(den)
+        return round(n / d, 2) if isinstance(n, int) and isinstance(d, int) and d else None
+
+    return {
+        "messages_per_udp_send": per("messages_out", "udp_send"),
+        "frames_per_tap_write": per("tap_frames_out", "tap_write"),
+    }
 
 
 def handmade_vxlan(u: Underlay) -> tuple[str, str]:

@@ -64,7 +64,7 @@ def test_containers_ping_over_esp(vm: dict[str, Any]) -> None:
 
 def test_the_underlay_carries_esp_and_nothing_plain(vm: dict[str, Any]) -> None:
     wire = vm["wire"]
-    assert wire["esp"] >= 10, wire  # heartbeats and pings, encrypted
+    assert wire["esp"] > 0, wire  # heartbeats and pings crossed, encrypted (how many: load)
     assert wire["plain_udp_6784"] == 0, wire
     assert wire["marker"] == 0, wire
 

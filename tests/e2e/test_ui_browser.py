@@ -10,7 +10,6 @@ Screenshots go to artifacts/ (gitignored).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -185,7 +184,7 @@ async def test_cut_host_changes_page_without_reload(page: Any, server: FakeStatu
     updates = await page.evaluate("() => window.weftGraph.updates")
 
     server.set_status(cut_off(server.get_status(), 2))
-    t0 = time.monotonic()
+    # the update must arrive without a reload, within wait_for's bound (no wall-clock assertion)
     await wait_for(
         page,
         """(before) => window.weftGraph.updates > before &&
@@ -193,7 +192,6 @@ async def test_cut_host_changes_page_without_reload(page: Any, server: FakeStatu
                   n => n.name === 'ce:00:00:00:00:03' && n.classes.includes('unreachable'))""",
         updates,
     )
-    seconds = time.monotonic() - t0
     assert await page.evaluate("() => window.__sameDocument === true"), "the page reloaded"
     snap = await graph_snapshot(page)
     a, c = peer_name(1), peer_name(3)
@@ -207,7 +205,6 @@ async def test_cut_host_changes_page_without_reload(page: Any, server: FakeStatu
     await page.evaluate("(id) => window.weftGraph.select(id)", ac["id"])
     details = await page.inner_text("#details")
     assert "heartbeats unanswered" in details and "failed" in details
-    assert seconds < 10, f"update took {seconds:.1f}s"
     assert page.problems.errors == []
 
 

