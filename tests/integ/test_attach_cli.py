@@ -8,6 +8,7 @@ and each detach must release what the attach allocated, whichever form named the
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Iterator
 
@@ -45,6 +46,7 @@ def host() -> Iterator[Host]:
             log = d / "weft.log"
             if log.exists():  # shown by pytest only when something failed
                 print("\n".join(log.read_text().splitlines()[-30:]))
+    shutil.rmtree(u.base_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("attach_as", "detach_as"), [("path", "name"), ("name", "path")])
