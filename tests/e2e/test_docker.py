@@ -6,7 +6,8 @@ exec roots and socket; host 2 runs a router (``weft launch``) with a namespace a
 ``weft attach``. The image is a busybox-static rootfs made into an image with ``docker import``
 (no registry).
 
-Shown: ``docker network create -d <plugin> --ipam-driver <plugin>``; containers get mesh
+Shown: ``docker network create -d <plugin> --ipam-driver <plugin>`` (and without
+``--ipam-driver``, refused with an error naming it); containers get mesh
 addresses (the plugin's IPAM), a default route via their gateway (no docker_gwbridge) and reach
 the namespace on host 2 over the mesh; ``docker rm`` releases the address; the router restarts
 and the network, its containers and new ``docker run``\\ s still work.
@@ -287,6 +288,13 @@ def _scenario(env: Env) -> None:
                "--ipam-driver", env.plugin, "--ipv6", "--subnet", "fd00:77::/64", "bad"],
               check=False)
     assert bad.returncode != 0 and "IPv6 is not supported by weft" in bad.stderr, bad.stderr
+    # without --ipam-driver, Docker's own IPAM would give every host the same addresses:
+    # refused, and the error Docker prints names the missing flag
+    plain = run([DOCKER, "-H", f"unix://{env.sock}", "network", "create", "-d", env.plugin,
+                 "plain"], check=False)
+    assert plain.returncode != 0, plain.stdout
+    assert f"--ipam-driver {env.plugin}" in plain.stderr, plain.stderr
+    assert "plain" not in env.docker("network", "ls", "--format", "{{.Name}}").split()
     env.docker("network", "create", "-d", env.plugin, "--ipam-driver", env.plugin, "wnet")
     assert "docker_gwbridge" not in env.docker("network", "ls")
     env.docker("run", "-d", "--name", "c1", "--network", "wnet", "wfbusybox", "sleep", "3600")

@@ -443,3 +443,23 @@ def test_setup_cni_installs_the_plugin(tmp_path: Path, capsys: pytest.CaptureFix
     assert cli.main(["setup-cni", "--bin-dir", str(blocker / "bin")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("weft setup-cni: ") and err.count("\n") == 1
+
+
+def test_attach_and_detach_send_names_as_given_and_paths_absolute(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The router runs in another directory: a relative path must reach it absolute."""
+    a = ["--http-addr", api.addr]
+    monkeypatch.chdir(tmp_path)
+    api.replies[("POST", "/attach")] = (200, {"addresses": ["10.32.0.5/12"], "mac": "x"})
+    assert cli.main(["attach", "/run/netns/c1", *a]) == 0
+    assert cli.main(["attach", "./ns/c2", *a]) == 0
+    assert cli.main(["detach", "c1", *a]) == 0
+    assert cli.main(["detach", "ns/c2", *a]) == 0
+    sent = [(path, body["netns"]) for _, path, body in api.requests]
+    assert sent == [
+        ("/attach", "/run/netns/c1"),
+        ("/attach", f"{tmp_path}/ns/c2"),
+        ("/detach", "c1"),
+        ("/detach", f"{tmp_path}/ns/c2"),
+    ]

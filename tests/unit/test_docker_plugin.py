@@ -273,11 +273,34 @@ async def test_null_ipam_network_gets_weft_addresses(env: Env) -> None:
     assert env.ipam.by_ident == {} and env.kernel.exposed == set()
 
 
-async def test_docker_default_ipam_address_is_not_echoed(env: Env) -> None:
+DOCKER_IPAM_NET = {"NetworkID": NET, "IPv4Data": [
+    {"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16", "Gateway": "172.18.0.1/16"}]}
+
+
+async def test_network_with_dockers_own_ipam_is_refused_naming_the_flag(env: Env) -> None:
+    """``docker network create -d weft NET``: Docker's IPAM picks the same addresses on every
+    host, so CreateNetwork refuses it with an error Docker shows, naming the missing flag."""
     d = await env.start()
-    await d.call("NetworkDriver.CreateNetwork", {
-        "NetworkID": NET, "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16",
-                                        "Gateway": "172.18.0.1/16"}]})
+    status, err = await d.err("NetworkDriver.CreateNetwork", DOCKER_IPAM_NET)
+    assert status == 400 and "--ipam-driver wftest" in err, err
+    assert env.kernel.exposed == set() and env.ipam.by_ident == {}
+    state = env.config.state_path
+    assert state is not None and (not state.exists() or NET not in state.read_text())
+    # nothing was kept: a later Join on it is refused as unknown, not served
+    status, err = await d.err("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP2, "Interface": {"Address": "172.18.0.2/16"}})
+    assert "not a weft network" in err
+    await create_weft_network(d)  # with weft's IPAM it is accepted
+
+
+async def test_docker_default_ipam_address_is_not_echoed(env: Env) -> None:
+    """A network with Docker's IPAM made by an older plugin (which accepted it) keeps working."""
+    assert env.config.state_path is not None
+    env.config.state_path.parent.mkdir(parents=True)
+    env.config.state_path.write_text(json.dumps({"version": 1, "networks": [{
+        "id": NET, "pool": "172.18.0.0/16", "gateway": "172.18.0.1/16",
+        "address_space": "LocalDefault", "options": {}, "gateway_ident": None, "endpoints": []}]}))
+    d = await env.start()
     assert env.kernel.exposed == set()  # not ours: the same gateway may exist on every host
     reply = await d.call("NetworkDriver.CreateEndpoint", {
         "NetworkID": NET, "EndpointID": EP2, "Interface": {"Address": "172.18.0.2/16"}})

@@ -8,9 +8,12 @@ reply object, raising :class:`~weft.errors.ConfigError` for a malformed request 
 What Docker does, observed with Debian's docker.io 20.10 (and what libnetwork's remote driver
 requires):
 
-* ``docker network create -d weft [--ipam-driver weft] NET``: ``Plugin.Activate`` once, then (with
-  our IPAM) ``IpamDriver.RequestPool`` and ``RequestAddress`` for the gateway, then
-  ``NetworkDriver.CreateNetwork`` with ``IPv4Data[0] = {AddressSpace, Pool, Gateway}``. Docker
+* ``docker network create -d weft --ipam-driver weft NET``: ``Plugin.Activate`` once, then
+  ``IpamDriver.RequestPool`` and ``RequestAddress`` for the gateway, then
+  ``NetworkDriver.CreateNetwork`` with ``IPv4Data[0] = {AddressSpace, Pool, Gateway}``.
+  CreateNetwork refuses a network whose addresses another IPAM driver manages (Docker's default
+  one included: it would hand out the same addresses on every host); ``--ipam-driver null`` is
+  fine (CreateEndpoint then allocates from weft's IPAM). Docker
   never replays CreateNetwork to a plugin that restarted, so networks are persisted
   (``DockerPluginConfig.state_path``) and reloaded at start.
 * ``docker run --network NET``: ``RequestAddress`` (our IPAM), ``CreateEndpoint`` with
@@ -442,18 +445,20 @@ class DockerPlugin:
             space,
             {str(k): str(v) for k, v in generic.items()},
         )
+        if not net.ours:
+            # Another IPAM (Docker's own by default) picks addresses on each host alone, so two
+            # hosts hand out the same one on the shared layer 2: refuse rather than warn in a log
+            # nobody reads. Docker shows this error to the user and releases its pool.
+            name = self.config.name
+            raise ConfigError(
+                f"weft networks need weft's IPAM (this one uses {space!r}, whose addresses"
+                f" collide across hosts): add --ipam-driver {name}, e.g. `docker network create"
+                f" -d {name} --ipam-driver {name} NET` (or --ipam-driver null)"
+            )
         if net.pool is None and net.gateway is None:
             # No IPAM pool: endpoints get weft addresses; the network still needs a gateway.
             net.gateway_ident = f"docker:gw:{net_id}"
             net.gateway = await self._allocate(net.gateway_ident, None)
-        if not net.ours:
-            log.warning(
-                "docker network %s uses IPAM %r: its addresses are not coordinated with other"
-                " hosts; use --ipam-driver %s for mesh-wide unique addresses",
-                net_id[:12],
-                space,
-                self.config.name,
-            )
         self.store.networks[net_id] = net
         self.store.save()
         await self._expose(net)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +25,7 @@ from aiohttp import web
 from weft.errors import ConfigError
 from weft.router.bridge import Bridge
 
-__all__ = ["setup_routes"]
+__all__ = ["netns_ident", "setup_routes"]
 
 _MAX_BODY = 64 * 1024
 
@@ -48,6 +50,26 @@ def _str(body: dict[str, Any], key: str, default: str | None = None) -> str:
     return value
 
 
+def netns_ident(netns: str) -> str:
+    """The IPAM ident of an attached namespace, given as an ``ip netns`` name or a path.
+
+    The allocator's idents hold no '/', and a namespace attached by name must be released when
+    detached by its /run/netns path (and the other way round), so both forms give
+    ``netns:<name>``. Other paths (``/proc/PID/ns/net``, a runtime's bind mount) are quoted
+    under their own prefix, which no name can produce.
+    """
+    if "/" not in netns:
+        return f"netns:{netns}"
+    path = os.path.normpath(netns)
+    parent, name = os.path.split(path)
+    if name and os.path.realpath(parent) == os.path.realpath("/run/netns"):
+        return f"netns:{name}"
+    ident = "netns-path:" + urllib.parse.quote(path, safe="")
+    if len(ident) > 256:  # the allocator's limit
+        raise ConfigError(f"namespace path too long ({len(path)} characters): {path[:60]}...")
+    return ident
+
+
 Allocate = Callable[[str], Awaitable[list[str]]]
 Release = Callable[[str], Awaitable[None]]
 
@@ -61,7 +83,8 @@ def setup_routes(
     """Add /expose, /hide, /attach, /detach and /ps for ``bridge`` to ``app`` (before start).
 
     ``allocate(ident)`` (optional, e.g. the IPAM allocator) supplies CIDRs when a request names
-    none: ``ident`` is ``"netns:<netns>"`` for an attach and ``"weft:expose"`` for the host.
+    none: ``ident`` is :func:`netns_ident` of the namespace for an attach and ``"weft:expose"``
+    for the host.
     ``release(ident)`` is awaited after a detach. Without them a CIDR is required.
     """
     lock = asyncio.Lock()
@@ -97,18 +120,19 @@ def setup_routes(
         if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool)):
             raise ConfigError('"mtu" must be an integer or null')
         if not ips and allocate is not None:
-            ips = await allocate(f"netns:{netns}")
+            ips = await allocate(netns_ident(netns))
         att = await run(bridge.attach, netns, ips, ifname, mtu)
         return web.json_response(att.as_dict())
 
     async def detach(request: web.Request) -> web.Response:
         body = await _body(request)
         netns = _str(body, "netns")
+        ident = netns_ident(netns)  # before the veth goes: a bad path changes nothing
         done = await run(bridge.detach, netns)
         if not done:
             raise ConfigError(f"{netns} is not attached")
         if release is not None:
-            await release(f"netns:{netns}")
+            await release(ident)
         return web.json_response({"detached": True})
 
     async def ps(request: web.Request) -> web.Response:

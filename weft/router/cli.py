@@ -411,8 +411,14 @@ def cmd_expose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _netns_arg(netns: str) -> str:
+    """A namespace name as given; a path made absolute (the router runs in another directory)."""
+    return os.path.abspath(netns) if "/" in netns else netns
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
-    body = {"netns": args.netns, "ip": args.ip or [], "ifname": args.ifname, "mtu": args.mtu}
+    netns = _netns_arg(args.netns)
+    body = {"netns": netns, "ip": args.ip or [], "ifname": args.ifname, "mtu": args.mtu}
     reply = _client(args).post("/attach", body)
     if isinstance(reply, dict):
         print(" ".join(str(a) for a in reply.get("addresses", [])) or reply.get("mac", ""))
@@ -420,7 +426,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    _client(args).post("/detach", {"netns": args.netns})
+    _client(args).post("/detach", {"netns": _netns_arg(args.netns)})
     return 0
 
 

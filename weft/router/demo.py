@@ -3,8 +3,11 @@
 It builds an underlay "switch" namespace and N host namespaces, launches a router in each (each
 given only the first host, so discovery completes the mesh), attaches two containers per host,
 pings every container from every other one across the mesh, prints `weft status` and serves the
-first host's UI on this machine's loopback through a small forwarder. `weft demo --down` removes
-everything it made. All names start with ``weftdemo-`` so `--down` finds them after a crash too.
+first host's UI on this machine's loopback through a small forwarder. The mesh is encrypted with a
+generated password (printed) unless ``--password`` names one or ``--no-encrypt`` asks for the
+plaintext mode: a first look at an encrypted mesh should show encrypted links.
+`weft demo --down` removes everything it made. All names start with ``weftdemo-`` so `--down` finds
+them after a crash too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ctypes
 import itertools
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DemoPlan", "main"]
+__all__ = ["DemoPlan", "demo_password", "main"]
 
 DEFAULT_PREFIX = "weftdemo"
 UNDERLAY_NET = "192.168.200"
@@ -68,6 +72,19 @@ class DemoPlan:
 
     def containers(self) -> list[tuple[int, int]]:
         return [(i, j) for i in self.host_indexes() for j in range(1, self.containers_per_host + 1)]
+
+
+def demo_password(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The mesh password (None: plaintext) and a line saying where it came from."""
+    if args.no_encrypt:
+        return None, "weft demo: encryption off (--no-encrypt): links are plaintext"
+    if args.password:
+        return args.password, "weft demo: mesh encrypted with the password given"
+    password = secrets.token_urlsafe(12)  # 96 bits: the KDF is slow, but nothing to guess
+    return password, (
+        f"weft demo: mesh encrypted with the generated password {password}"
+        " (--password to choose one, --no-encrypt for plaintext)"
+    )
 
 
 def _sh(args: Sequence[str], *, check: bool = True, timeout: float = 60) -> str:
@@ -297,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bring up a local weft mesh of N hosts in network namespaces (needs root).",
     )
     parser.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3, 2..50)")
-    parser.add_argument("--password", help="encrypt the mesh with this password")
+    enc = parser.add_mutually_exclusive_group()
+    enc.add_argument(
+        "--password", help="encrypt the mesh with this password (default: a generated one)"
+    )
+    enc.add_argument(
+        "--no-encrypt", action="store_true", help="run the mesh unencrypted (plaintext links)"
+    )
     parser.add_argument(
         "--down", action="store_true", help="remove the demo and everything it made"
     )
@@ -334,7 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 2 <= args.hosts <= 50:
         print("weft demo: --hosts must be between 2 and 50", file=sys.stderr)
         return 2
-    return up(DemoPlan(hosts=args.hosts, prefix=args.prefix), args.password, args.ui_port)
+    password, how = demo_password(args)
+    print(how)
+    return up(DemoPlan(hosts=args.hosts, prefix=args.prefix), password, args.ui_port)
 
 
 if __name__ == "__main__":
