@@ -33,7 +33,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {"WEFT_FASTDP_HEARTBEAT": "0.2,0.5,2", "WEFT_FASTDP_RECOVERY_HOLD": "0.5"}
+ENV = {"WEFT_FASTDP_HEARTBEAT": "0.25,0.5,4", "WEFT_FASTDP_RECOVERY_HOLD": "0.5"}
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tests.integ.hosts import Host, Underlay  # noqa: E402
 PASSWORD = "qemu-esp-routers"
 ENV = {
     "WEFT_PASSWORD": PASSWORD,
-    "WEFT_FASTDP_HEARTBEAT": "0.5,1,4",
+    "WEFT_FASTDP_HEARTBEAT": "0.5,2,12",  # an emulated VM on a loaded host stalls for seconds
     "WEFT_FASTDP_RECOVERY_HOLD": "0.5",
     "PYTHONPATH": str(REPO),
 }
