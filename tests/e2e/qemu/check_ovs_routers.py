@@ -178,7 +178,9 @@ def scenario(u: Underlay) -> None:
     h1, h2 = u.hosts
     start_router(h1, 1, h2.ip)
     start_router(h2, 2, h1.ip)
-    containers = vm_hosts.attach_containers(u.hosts, "10.32.0", up_timeout=120, attach_timeout=60)
+    containers = vm_hosts.attach_containers(
+        u.hosts, "10.32.0", up_timeout=300, attach_timeout=120
+    )  # Python under TCG on a loaded host: minutes
     mark("routers_up")
     (c1, ip1), (c2, ip2) = containers
     wait_for(lambda: on(h1, "h2", "ovs") and on(h2, "h1", "ovs"), 120, "h1<->h2 on ovs")
