@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -12,6 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
 from weft.ipam.allocator import AllocationSucceeded, Allocator, IpamConfig
+from weft.router.api import _errors  # the API's own error boundary
 from weft.router.bridge import Attachment
 from weft.router.bridge_api import netns_ident, setup_routes
 
@@ -83,12 +82,3 @@ async def test_attach_by_one_form_detach_by_the_other_releases_the_address() -> 
             r = await client.post("/detach", json={"netns": detach_as})
             assert r.status == 200, await r.text()
             assert ipam.allocations() == [], (attach_as, detach_as)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ConfigError as err:
-        return web.json_response({"error": str(err)}, status=400)

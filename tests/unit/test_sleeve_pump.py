@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
+from weft.router.api import _errors  # the API's own error boundary
 from weft.router.bridge import Attachment
 from weft.router.bridge_api import setup_routes
 from weft.router.overlay import OverlayConnection, OverlayConnectionParams
@@ -114,15 +115,6 @@ class FakeBridge:
 
     def ps(self) -> list[dict[str, Any]]:
         return [{"netns": "c1"}]
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ConfigError as err:
-        return web.json_response({"error": str(err)}, status=400)
 
 
 async def test_bridge_api_shapes() -> None:
