@@ -112,7 +112,7 @@ def run(results: dict[str, Any]) -> None:
         for i, host in enumerate(u.hosts, 1):
             start_router(host, i, (h2 if host is h1 else h1).ip)
         containers = vm_hosts.attach_containers(
-            u.hosts, "10.32.84", up_timeout=240, attach_timeout=120, interval=0.5
+            u.hosts, "10.32.84", up_timeout=300, attach_timeout=120, interval=0.5
         )
         results["t_routers_up"] = round(time.monotonic() - results["t0"], 1)
         wait(lambda: on_esp_vxlan(h1, "h2") and on_esp_vxlan(h2, "h1"), 240, "vxlan over ESP")
