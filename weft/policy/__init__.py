@@ -5,8 +5,6 @@
 * :mod:`weft.policy.compiler` — cluster view + this node -> the desired enforcement state for this
   node's pods (sets of allowed address/protocol/port tuples, isolated pods).
 * :mod:`weft.policy.nft` — that state as one atomic nftables script.
-* :mod:`weft.policy.explain` — why a packet is allowed or denied, from the same compiler.
-
-The reconciler that watches the API server and applies the script is not built yet; see
-docs/NETWORKPOLICY.md.
+Not built yet (issue #16): ``weft policy explain`` (it will read the compiler's grants), the
+reconciler that watches the API server and applies the script, and docs/NETWORKPOLICY.md.
 """

@@ -1,7 +1,7 @@
 """The NetworkPolicy compiler: cluster view + this node -> what the kernel must enforce here.
 
 Pure: no I/O, no clock. The output, :class:`DesiredState`, is data shaped for nftables sets, so
-that the rule list never depends on pods or policies (docs/NETWORKPOLICY.md shows the ruleset):
+that the rule list never depends on pods or policies (weft.policy.nft renders the ruleset):
 
 * per direction, the set of isolated local pod addresses (a pod is isolated for ingress when a
   policy of its namespace selects it and lists Ingress in its policyTypes; egress likewise);
@@ -18,7 +18,7 @@ is not a pod has no named ports, so a named port never matches it).
 Elements of one set never overlap (nftables rejects overlapping intervals in a concatenated set):
 :func:`_disjoint_ranges` and :func:`_disjoint_rectangles` merge what several rules allow into
 disjoint pieces. :class:`Grant` keeps, per local pod, what each policy rule allowed and why; the
-elements are derived from the grants, and :mod:`weft.policy.explain` reads the same grants.
+elements are derived from the grants, and an explain command (not built yet) is to read them.
 
 Always allowed, and therefore part of the fixed ruleset rather than of this state: replies of
 allowed connections (conntrack established/related), IPv6 neighbour discovery, traffic from the
@@ -385,7 +385,7 @@ def _compile_pod(view: ClusterView, pod: Pod, cache: _PeerCache) -> PodPolicy:
 
 
 def compile_pod(view: ClusterView, pod: Pod) -> PodPolicy:
-    """The isolation and grants of one pod (any node's); what :mod:`explain` reads."""
+    """The isolation and grants of one pod (any node's); what an explain reads."""
     return _compile_pod(view, pod, _PeerCache(view))
 
 

@@ -135,7 +135,7 @@ class LabelSelector:
 
 
 @dataclass(frozen=True, order=True)
-class PodRef:
+class _NamespacedRef:
     namespace: str
     name: str
 
@@ -143,13 +143,12 @@ class PodRef:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, order=True)
-class PolicyRef:
-    namespace: str
-    name: str
+class PodRef(_NamespacedRef):
+    """A pod by namespace/name (a type of its own, so a policy's ref never stands for a pod's)."""
 
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
+
+class PolicyRef(_NamespacedRef):
+    """A NetworkPolicy by namespace/name."""
 
 
 @dataclass(frozen=True)

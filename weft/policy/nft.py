@@ -10,7 +10,7 @@ A bridge-family table would not need br_netfilter, but conntrack in the bridge f
 nf_conntrack_bridge, which kernels may lack (this test host's does) — and without ``ct state``
 there are no replies.
 
-The rule list is fixed; only set elements depend on the cluster (docs/NETWORKPOLICY.md):
+The rule list is fixed; only set elements depend on the cluster (see :func:`render_full`):
 
 * :func:`render_full` replaces the whole table in one transaction (``add table`` so the
   ``delete`` cannot fail, ``delete table``, then the table with every set filled): used at start
