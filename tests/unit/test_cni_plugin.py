@@ -231,6 +231,19 @@ def test_garbage_stdin_is_error_6(command: str, stdin: bytes) -> None:
     assert status == 1 and out is not None and out["code"] == 6
 
 
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK"])
+@pytest.mark.parametrize(
+    "stdin",
+    [b"[" * 100_000, b'{"a":' * 100_000, b"[" * 65 + b"]" * 65],
+    ids=["arrays", "objects", "65-closed"],
+)
+def test_deeply_nested_stdin_is_error_6_not_999(command: str, stdin: bytes) -> None:
+    # before weft.jsonlimit: RecursionError escaped the ValueError handlers -> code 999
+    status, out = invoke(command, stdin)
+    assert status == 1 and out is not None and out["code"] == 6
+    assert "nested too deeply" in out["details"]
+
+
 @pytest.mark.parametrize("body", [{"cniVersion": "1.0.0"}, {"cniVersion": "1.0.0", "name": ""}])
 def test_missing_name_is_error_7(body: dict[str, Any]) -> None:
     status, out = invoke("ADD", json.dumps(body).encode())

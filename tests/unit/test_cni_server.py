@@ -356,6 +356,14 @@ async def test_http_add_and_errors(client: Any, fake: FakeKernel) -> None:
     assert response.status == 503 and (await response.json())["code"] == 50
 
 
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000], ids=["arrays", "objects"])
+async def test_http_deeply_nested_body_is_code_6_not_999(client: Any, body: bytes) -> None:
+    # before weft.jsonlimit: RecursionError -> 500 with code 999 "internal error"
+    response = await client.post("/cni/add", data=body)
+    answer = await response.json()
+    assert response.status == 400 and answer["code"] == 6, answer
+
+
 async def test_http_unexpected_failure_is_999(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(spec: kernel.AttachSpec) -> kernel.Attached:
         raise RuntimeError("netlink went away")

@@ -103,6 +103,8 @@ async def test_connect_forget_and_persisted_targets(
     ("body", "message"),
     [
         (b"not json", "not valid JSON"),
+        (b"[" * 100_000, "nested too deeply"),  # was a 500 with a traceback (RecursionError)
+        (b'{"peers": ' + b"[" * 65 + b"]" * 65 + b"}", "nested too deeply"),
         (b"[1]", "must be a JSON object"),
         (b"{}", '"peers" must be a list'),
         (b'{"peers": "10.0.0.1"}', '"peers" must be a list'),

@@ -29,6 +29,8 @@ from __future__ import annotations
 import os
 import sys
 
+from weft.jsonlimit import dumps, loads
+
 # Imported for the type checker only: at run time every import costs start-up time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,64 +41,8 @@ if TYPE_CHECKING:
 #
 # ``import json`` pulls in ``re`` (and enum, functools, ...) and compiles its regular expressions:
 # ~10 ms per plugin run on an idle 2-core machine, ~50 ms under load, more than the interpreter's
-# own start-up. CPython's C accelerator ``_json`` does the same parsing and encoding without any of
-# that, so the plugin drives it directly (the ``json`` module itself is only imported to build
-# the message of a decoding error, and as the fallback on interpreters without ``_json``).
-
-_WS = " \t\n\r"
-
-
-def _no_default(obj: object) -> object:
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def _constant(name: str) -> float:
-    return float({"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}[name])
-
-
-class _DecodeContext:
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = staticmethod(_constant)
-    memo: dict[str, str] = {}
-
-
-try:
-    import _json
-
-    _scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]  # duck-typed in C
-    _encode = _json.make_encoder(
-        None, _no_default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-
-    def loads(data: bytes | str) -> Any:
-        """``json.loads`` for UTF-8 bytes or text, through ``_json`` (ValueError when invalid)."""
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        start = len(text) - len(text.lstrip(_WS))
-        try:
-            value, end = _scan(text, start)
-        except StopIteration as stop:
-            raise ValueError(f"Expecting value at char {stop.value}") from None
-        if text[end:].strip(_WS):
-            raise ValueError(f"Extra data at char {end}")
-        return value
-
-    def dumps(value: Any) -> str:
-        """``json.dumps`` with the default separators, through ``_json``."""
-        return "".join(_encode(value, 0))
-
-except ImportError:  # pragma: no cover - interpreters without the C accelerator
-    import json
-
-    def loads(data: bytes | str) -> Any:
-        return json.loads(data)
-
-    def dumps(value: Any) -> str:
-        return json.dumps(value)
-
+# own start-up. weft.jsonlimit drives CPython's C accelerator ``_json`` directly instead, and
+# bounds the nesting depth: a too-deep document is a decoding failure (code 6), not a crash.
 
 __all__ = [
     "DEFAULT_SOCKET",

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from weft import jsonlimit
 from weft.cni import kernel
 from weft.cni.plugin import (
     CURRENT,
@@ -694,7 +695,7 @@ async def dispatch(service: CniService, op: Handler, raw: bytes) -> tuple[int, b
     so the plugin logic sees byte-identical answers either way."""
     try:
         try:
-            body = json.loads(raw)
+            body = jsonlimit.loads(raw)
         except ValueError:
             raise CniError(ERR_DECODING, "request body is not JSON") from None
         if not isinstance(body, dict):

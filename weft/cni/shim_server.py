@@ -42,6 +42,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from weft import jsonlimit
 from weft.cni import plugin
 from weft.cni.plugin import ERR_TRY_AGAIN_LATER, Caller, RouterClient, RouterNoAnswer
 from weft.cni.server import CniService, Handler, dispatch, operations
@@ -186,7 +187,7 @@ class LocalClient(RouterClient):
         op = self.ops.get(route)
         if op is None:
             return plugin.decode_answer(404, b"")
-        payload = plugin.dumps(body).encode()
+        payload = jsonlimit.dumps(body).encode()
         future = asyncio.run_coroutine_threadsafe(dispatch(self.service, op, payload), self.loop)
         try:
             status, data = future.result(timeout)
@@ -277,7 +278,7 @@ class ShimServer:
         if request.env.get("CNI_COMMAND") == "VERSION":
             return False
         try:
-            conf = plugin.loads(request.stdin)
+            conf = jsonlimit.loads(request.stdin)
         except ValueError:
             return False  # a decoding error, whoever reports it
         if not isinstance(conf, dict):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from weft import jsonlimit
 from weft.cni.server import CniIpam
 from weft.docker.plugin import DockerPlugin, DockerPluginConfig, EndpointKernel
 from weft.errors import ConfigError, WeftError
@@ -50,7 +51,7 @@ def make_app(plugin: DockerPlugin) -> web.Application:
             if len(raw) > MAX_BODY:
                 raise ConfigError(f"request body over {MAX_BODY} bytes")
             try:
-                body = json.loads(raw) if raw.strip() else None
+                body = jsonlimit.loads(raw) if raw.strip() else None
             except ValueError as err:
                 raise ConfigError(f"request body is not JSON ({err})") from None
             if body is None:

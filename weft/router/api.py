@@ -14,7 +14,6 @@ same Origin rule in :func:`_refuse_cross_site_fallback`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from weft import jsonlimit
 from weft.errors import ConfigError, WeftError
 from weft.gossip.peer import PeerName
 
@@ -108,9 +108,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError:
-        raise ConfigError("request body is not valid JSON") from None
+        body = jsonlimit.loads(raw)
+    except ValueError as err:
+        raise ConfigError(f"request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise ConfigError("request body must be a JSON object")
     return body

@@ -14,7 +14,6 @@ Bad requests raise :class:`~weft.errors.ConfigError` (the router's error middlew
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from weft import jsonlimit
 from weft.errors import ConfigError
 from weft.router.bridge import Bridge
 
@@ -35,9 +35,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if len(raw) > _MAX_BODY:
         raise ConfigError("request body too large")
     try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise ConfigError("request body is not valid JSON") from None
+        body = jsonlimit.loads(raw or b"{}")
+    except ValueError as err:
+        raise ConfigError(f"request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise ConfigError("request body must be a JSON object")
     return body

@@ -43,6 +43,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from weft import jsonlimit
 from weft.errors import ConfigError
 from weft.ui.metrics import Metrics
 
@@ -292,7 +293,7 @@ class StatusHub:
 
     def _client_message(self, client: _Client, data: str) -> None:
         try:
-            msg = json.loads(data)
+            msg = jsonlimit.loads(data)
         except ValueError:
             self._reply(client, {"type": "error", "error": "message is not JSON"})
             return
