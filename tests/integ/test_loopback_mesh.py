@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from tests.integ.hosts import wait_until
-from weft.gossip.crypto import derive_password_key
+from weft.gossip.crypto import PasswordKeys
 from weft.gossip.handshake import Handshake, Hello
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.session import FrameCodec
-from weft.router.config import RouterConfig
+from weft.router.config import MESH_SALT_FILE, RouterConfig
 from weft.router.router import Router
 
 TIMEOUT = 60.0  # generous: the machine is shared by many workers
@@ -129,9 +129,21 @@ async def test_encrypted_pair_and_wrong_password_named_on_both_sides(
     started.append(b)
     await wait_until(lambda: established_peers(a) == {str(b.identity.name)}, "a-b established")
     assert all(c["encrypted"] for c in rows(a, "established") + rows(b, "established"))
-    for c in rows(a, "established"):
-        assert c["stats"]["messages_in"] > 0 and c["stats"]["bytes_out"] > 0
+    # b's first messages may still be in flight when a calls the link established.
+    await wait_until(
+        lambda: all(
+            c["stats"]["messages_in"] > 0 and c["stats"]["bytes_out"] > 0
+            for c in rows(a, "established")
+        ),
+        "messages both ways on a-b",
+    )
     assert a.status()["router"]["encryption"] is True
+    # Both settled on one mesh salt and keep it in their data dirs (the second start reuses it).
+    assert a.password_keys is not None and b.password_keys is not None
+    assert a.password_keys.salt == b.password_keys.salt
+    assert a.password_keys.settled and b.password_keys.settled
+    stored = {(tmp_path / f"r{i}" / MESH_SALT_FILE).read_text().strip() for i in (0, 1)}
+    assert stored == {a.password_keys.salt.hex()}
 
     intruder = make_router(tmp_path, 2, addr(a), password=b"wrong")
     await intruder.start()
@@ -176,7 +188,7 @@ class RawPeer:
         peer.name = PeerName(rng.getrandbits(47) | (2 << 40))
         identity = PeerIdentity(peer.name, f"raw{seed}", rng.getrandbits(64) | 1, seed & 0xFFF)
         loop = asyncio.get_running_loop()
-        key = derive_password_key(password) if password else None
+        key = PasswordKeys(password) if password else None  # a fresh router's provisional salt
         hs = Handshake(True, Hello.from_identity(identity, rng.getrandbits(64)), key, loop.time())
         writer.write(hs.data_to_send())
         while not hs.done:
@@ -397,7 +409,7 @@ async def test_version_mismatch_named_on_both_sides(tmp_path: Path, started: lis
     ident = PeerIdentity(PeerName(0x020000000077), "future", 77, 77)
     hs = Handshake(True, Hello.from_identity(ident, 1), None, loop.time(), versions=(7, 9))
     writer.write(hs.data_to_send())
-    with pytest.raises(VersionMismatch, match=r"ours 7\.\.9, theirs 1\.\.1"):
+    with pytest.raises(VersionMismatch, match=r"ours 7\.\.9, theirs 2\.\.2"):
         while True:
             data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
             if not data:
@@ -406,7 +418,7 @@ async def test_version_mismatch_named_on_both_sides(tmp_path: Path, started: lis
     writer.close()
     await wait_until(
         lambda: any(
-            "protocol version mismatch (ours 1..1, theirs 7..9)" in c["info"]
+            "protocol version mismatch (ours 2..2, theirs 7..9)" in c["info"]
             for c in rows(a, "failed")
         ),
         "the router to name the version mismatch",

@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import random
 import struct
 from collections.abc import Callable
 
 import msgpack
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spake2 import SPAKE2_A
 
 from weft.errors import LocalError, RemoteProtocolError
-from weft.gossip.crypto import derive_password_key
+from weft.gossip.crypto import (
+    SALT_SIZE,
+    PasswordKeys,
+    SaltDerivationRefused,
+    choose_salt,
+    derive_session_keys,
+)
 from weft.gossip.handshake import (
     HANDSHAKE_TIMEOUT,
     HEADER_SIZE,
     MAX_HELLO,
+    PAKE_MESSAGE_SIZE,
+    PROTOCOL_VERSIONS,
     EncryptionMismatch,
     Handshake,
     HandshakeClosed,
@@ -30,6 +46,7 @@ from weft.gossip.handshake import (
     MalformedHandshake,
     MalformedHello,
     NotAWeftPeer,
+    SaltBusy,
     VersionMismatch,
     WrongPassword,
     decode_hello,
@@ -39,12 +56,14 @@ from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.session import MessageAuthenticationFailed
 
 NOW = 1000.0
+MESH_SALT = bytes(range(16))
 
 
 @functools.cache
-def pw(password: bytes) -> bytes:
-    """scrypt is slow on purpose: once per password per test run."""
-    return derive_password_key(password)
+def pw(password: bytes) -> PasswordKeys:
+    """scrypt is slow on purpose: once per password per test run (both sides share the object:
+    one mesh salt, settled)."""
+    return PasswordKeys(password, MESH_SALT, settled=True)
 
 
 def seeded(seed: int) -> Callable[[int], bytes]:
@@ -64,10 +83,10 @@ def hello(n: int, **features: object) -> Hello:
 
 
 def pair(
-    pw_a: bytes | None = None,
-    pw_b: bytes | None = None,
-    versions_a: tuple[int, int] = (1, 1),
-    versions_b: tuple[int, int] = (1, 1),
+    pw_a: PasswordKeys | None = None,
+    pw_b: PasswordKeys | None = None,
+    versions_a: tuple[int, int] = PROTOCOL_VERSIONS,
+    versions_b: tuple[int, int] = PROTOCOL_VERSIONS,
 ) -> tuple[Handshake, Handshake]:
     a = Handshake(True, hello(1, udp_port=6783), pw_a, NOW, versions_a, urandom=seeded(1))
     b = Handshake(False, hello(2, gso=True), pw_b, NOW, versions_b, urandom=seeded(2))
@@ -126,7 +145,7 @@ def test_plaintext_handshake() -> None:
     rounds = roundtrip_until_done(a, b)
     assert rounds == 2  # header, then hello
     ra, rb = a.result, b.result
-    assert ra.version == rb.version == 1
+    assert ra.version == rb.version == PROTOCOL_VERSIONS[1] == 2
     assert ra.remote == b.local_hello and rb.remote == a.local_hello
     assert ra.remote.features == {"gso": True}
     assert rb.remote.features == {"udp_port": 6783}
@@ -140,7 +159,8 @@ def test_plaintext_handshake() -> None:
 def test_encrypted_handshake() -> None:
     a, b = pair(pw(b"secret"), pw(b"secret"))
     rounds = roundtrip_until_done(a, b)
-    assert rounds == 2  # a->b, b->a (header+hello), a->b (hello+confirm), b->a (confirm)
+    # a->b header, b->a header+hello, a->b hello+pake, b->a pake+confirm, a->b confirm
+    assert rounds == 3
     ra, rb = a.result, b.result
     assert ra.encrypted and rb.encrypted and ra.control.encrypted
     assert ra.remote.encrypted and ra.remote.ephemeral is not None
@@ -166,31 +186,33 @@ def test_session_keys_differ_per_connection() -> None:
 
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_all_at_once_and_leftover(encrypted: bool) -> None:
-    """The inbound side gets header, hello (and confirm) and frames in one chunk before it sent
-    anything beyond its header; trailing frames come out as leftover."""
+    """A side gets the peer's remaining handshake messages and session frames in one chunk
+    before it sent anything beyond what it could; trailing frames come out as leftover."""
     key = pw(b"secret") if encrypted else None
     a, b = pair(key, key)
     # b's header reaches a first, so a can send everything it has in one go.
     a.receive(b.data_to_send(), NOW)
     burst = a.data_to_send()
     b.receive(burst, NOW)
-    # b now has a's header+hello: it queued its hello (and confirm).
+    # b now has a's header+hello: it queued its hello (and its PAKE message).
     a.receive(b.data_to_send(), NOW)
     if encrypted:
-        assert not b.done
-        assert a.done
-        # a is done; its confirm is still queued, and session frames go right behind it.
-        tail = a.data_to_send()
-        assert len(tail) == 4 + len(b"weft confirm v1") + 16
-        assert a.result.control.frames_sent == 1
-        frames = a.result.control.encode(b"\x04first") + a.result.control.encode(b"\x05second")
-        b.receive(tail + frames, NOW)
-    assert a.done and b.done
-    rb = b.result
-    if encrypted:
-        assert rb.leftover != b""
-        assert rb.control.feed(rb.leftover) == [b"\x04first", b"\x05second"]
+        # a has b's hello and PAKE message: it queued its PAKE message and confirm.
+        assert not a.done and not b.done
+        b.receive(a.data_to_send(), NOW)
+        assert b.done
+        # b is done; its confirm is still queued, and session frames go right behind it.
+        tail = b.data_to_send()
+        assert len(tail) == 4 + len(b"weft confirm v2") + 16
+        assert b.result.control.frames_sent == 1
+        frames = b.result.control.encode(b"\x04first") + b.result.control.encode(b"\x05second")
+        a.receive(tail + frames, NOW)
+        assert a.done and b.done
+        ra = a.result
+        assert ra.leftover != b""
+        assert ra.control.feed(ra.leftover) == [b"\x04first", b"\x05second"]
     else:
+        assert a.done and b.done
         frames = a.result.control.encode(b"\x04first")
         assert b.result.control.feed(frames) == [b"\x04first"]
 
@@ -273,17 +295,18 @@ def test_wrong_password_both_sides() -> None:
 
 
 def test_wrong_password_when_all_arrives_in_one_chunk() -> None:
-    """Even when the failing side gets hello and confirm together, it has queued its own
+    """Even when the failing side gets PAKE message and confirm together, it has queued its own
     confirm, so the peer learns the reason too (if the router flushes before closing)."""
     a, b = pair(pw(b"secret"), pw(b"other"))
     b.receive(a.data_to_send(), NOW)  # a's header
-    a.receive(b.data_to_send(), NOW)  # b's header + hello -> a sends hello + confirm
+    a.receive(b.data_to_send(), NOW)  # b's header + hello -> a sends hello + PAKE message
+    b.receive(a.data_to_send(), NOW)  # -> b sends its PAKE message + confirm
     with pytest.raises(WrongPassword):
-        b.receive(a.data_to_send(), NOW)  # hello + confirm in one chunk
-    flushed = b.data_to_send()
-    assert flushed  # b's hello + confirm
+        a.receive(b.data_to_send(), NOW)  # PAKE message + confirm in one chunk
+    flushed = a.data_to_send()
+    assert flushed  # a's confirm
     with pytest.raises(WrongPassword):
-        a.receive(flushed, NOW)
+        b.receive(flushed, NOW)
 
 
 @pytest.mark.parametrize("a_has_password", [True, False])
@@ -300,7 +323,7 @@ def test_encryption_mismatch(a_has_password: bool) -> None:
 
 def test_password_key_must_be_derived() -> None:
     with pytest.raises(LocalError):
-        Handshake(True, hello(1), b"short", NOW)
+        Handshake(True, hello(1), b"short", NOW)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- timer and eof
@@ -351,7 +374,7 @@ def test_eof_during_handshake() -> None:
 # ---------------------------------------------------------------------------- malformed input
 
 
-def header(low: int = 1, high: int = 1) -> bytes:
+def header(low: int = PROTOCOL_VERSIONS[0], high: int = PROTOCOL_VERSIONS[1]) -> bytes:
     return b"weft" + bytes((low, high))
 
 
@@ -398,9 +421,9 @@ def test_weave_peer_is_not_a_weft_peer() -> None:
 def test_partial_header_waits() -> None:
     hs = fresh()
     hs.receive(b"we", NOW)
-    hs.receive(b"ft\x01", NOW)
+    hs.receive(b"ft\x02", NOW)
     assert hs.state is HandshakeState.AWAIT_HEADER
-    hs.receive(b"\x01", NOW)
+    hs.receive(b"\x02", NOW)
     assert hs.state.name == "AWAIT_HELLO"
 
 
@@ -452,6 +475,21 @@ def test_truncated_hello_waits_then_eof() -> None:
         (lambda m: m.update(encrypted=True), "ephemeral key must be 32 bytes"),
         (lambda m: m.update(encrypted=True, ephemeral=b"x" * 31), "ephemeral key must be 32"),
         (lambda m: m.update(ephemeral=b"x" * 32), "ephemeral key present"),
+        (
+            lambda m: m.update(encrypted=True, ephemeral=b"x" * 32),
+            "mesh salt must be 16 bytes when encrypted",
+        ),
+        (
+            lambda m: m.update(encrypted=True, ephemeral=b"x" * 32, salt=b"s" * 15),
+            "mesh salt must be 16 bytes",
+        ),
+        (
+            lambda m: m.update(encrypted=True, ephemeral=b"x" * 32, salt="s" * 16),
+            "mesh salt must be 16 bytes",
+        ),
+        (lambda m: m.update(salt=b"s" * 16), "mesh salt present although not encrypted"),
+        (lambda m: m.update(salt_settled=True), "mesh salt present although not encrypted"),
+        (lambda m: m.update(salt_settled=1), "salt_settled must be a boolean"),
     ],
 )
 def test_malformed_hello_fields(mutate: Callable[[dict[str, object]], object], reason: str) -> None:
@@ -494,26 +532,28 @@ def test_unknown_hello_keys_are_ignored() -> None:
 
 def test_invalid_ephemeral_key_refused() -> None:
     hs = fresh(b"secret")
-    m = {**good_hello_map(), "encrypted": True, "ephemeral": bytes(32)}  # low-order point
+    m = {**good_hello_map(), "encrypted": True, "ephemeral": bytes(32), "salt": MESH_SALT}
+    # (an all-zero X25519 key is a low-order point)
     with pytest.raises(MalformedHello, match="invalid ephemeral key"):
         hs.receive(header() + frame(msgpack.packb(m)), NOW)
 
 
 def test_malformed_confirm() -> None:
     a, b = pair(pw(b"secret"), pw(b"secret"))
-    transfer(a, b)
-    transfer(b, a)
-    data = a.data_to_send()  # hello + confirm
-    hello_len = struct.unpack(">I", data[:4])[0]
-    hello_part = data[: 4 + hello_len]
+    transfer(a, b)  # header
+    transfer(b, a)  # header + hello
+    transfer(a, b)  # hello + PAKE message: b waits for a's confirm now
+    assert b.state is HandshakeState.AWAIT_CONFIRM
     with pytest.raises(MalformedHandshake, match="malformed confirm: 5 bytes"):
-        b.receive(hello_part + frame(b"short"), NOW)
+        b.receive(frame(b"short"), NOW)
 
 
 def test_tampered_confirm_is_wrong_password() -> None:
     a, b = pair(pw(b"secret"), pw(b"secret"))
     transfer(a, b)
     transfer(b, a)
+    transfer(a, b)
+    transfer(b, a)  # b's PAKE message + confirm: a is done and queued its confirm
     data = bytearray(a.data_to_send())
     data[-1] ^= 1
     with pytest.raises(WrongPassword):
@@ -527,10 +567,11 @@ def test_tampered_hello_breaks_the_transcript() -> None:
     transfer(a, b)
     transfer(b, a)
     data = a.data_to_send().replace(b"host1", b"hostX")
-    with pytest.raises(WrongPassword):
-        b.receive(data, NOW)
+    b.receive(data, NOW)  # nothing to check yet: b answers with its PAKE message and confirm
     with pytest.raises(WrongPassword):
         a.receive(b.data_to_send(), NOW)
+    with pytest.raises(WrongPassword):
+        b.receive(a.data_to_send(), NOW)
 
 
 def test_receive_after_done_is_local_error() -> None:
@@ -721,6 +762,7 @@ def test_fuzz_mutated_handshake_stream(
             "malformed",
             "encryption_mismatch",
             "wrong_password",
+            "salt_busy",  # a flipped salt asks for new scrypts; the budget is shared here
         }
     except RemoteProtocolError:
         assert b.done
@@ -750,9 +792,317 @@ def test_reflected_confirm_does_not_open() -> None:
     """Control keys differ per direction: our own confirm sent back to us does not open."""
     a, b = pair(pw(b"secret"), pw(b"secret"))
     transfer(a, b)
-    transfer(b, a)  # b's header + hello: a queues hello + confirm
-    out = a.data_to_send()
-    hello_len = struct.unpack(">I", out[:4])[0]
-    own_confirm = out[4 + hello_len :]
+    transfer(b, a)  # b's header + hello
+    transfer(a, b)  # a's hello + PAKE message: b queues its PAKE message + confirm
+    a.receive(b.data_to_send()[: 4 + PAKE_MESSAGE_SIZE], NOW)  # b's PAKE message only
+    assert a.state is HandshakeState.AWAIT_CONFIRM
+    own_confirm = a.data_to_send()
     with pytest.raises(WrongPassword):
         a.receive(own_confirm, NOW)
+
+
+def test_reflected_pake_message_is_refused() -> None:
+    """Our own PAKE message sent back (with the peer's real header and hello): refused by name,
+    before any key is derived from it."""
+    a, b = pair(pw(b"secret"), pw(b"secret"))
+    transfer(a, b)
+    transfer(b, a)
+    out = a.data_to_send()
+    own_pake = out[-(4 + PAKE_MESSAGE_SIZE) :]
+    with pytest.raises(MalformedHandshake, match="echoed our own"):
+        a.receive(own_pake, NOW)
+
+
+
+# ---------------------------------------------------------------------------- offline guessing
+# Issue #14 item 7: on protocol v1 one unauthenticated connection was enough to test passwords
+# offline: the router sent a confirm sealed under keys derived from X25519 (whose private half
+# the dialer knows) and the password key, right after the dialer's hello.
+
+DICTIONARY = (b"123456", b"password", b"letmein", b"secret", b"hunter2")
+
+
+def _parse_frames(data: bytes) -> list[bytes]:
+    """Length-prefixed frames (each with its 4-byte prefix); the rest must be empty."""
+    frames = []
+    while data:
+        assert len(data) >= 4, "trailing bytes"
+        end = 4 + struct.unpack(">I", data[:4])[0]
+        assert len(data) >= end, "truncated frame"
+        frames.append(data[:end])
+        data = data[end:]
+    return frames
+
+
+def _v1_guess_opens(
+    guess: bytes, salt: bytes, shared: bytes, transcript: bytes, frame_: bytes
+) -> bool:
+    """The v1 attack: derive the router's control key for ``guess`` and try to open a frame."""
+    key = hashlib.scrypt(guess, salt=salt, n=2**14, r=8, p=1, dklen=32)
+    secret = HKDF(hashes.SHA256(), 32, salt=key, info=hashlib.sha256(transcript).digest()).derive(
+        shared
+    )
+    for label in (b"weft v1 control inbound->outbound", b"weft v2 control inbound->outbound"):
+        control = HKDFExpand(hashes.SHA256(), 32, info=label).derive(secret)
+        try:
+            ChaCha20Poly1305(control).decrypt(bytes(12), frame_[4:], frame_[:4])
+            return True
+        except InvalidTag:
+            pass
+    return False
+
+
+def _dialer_hello(ephemeral: bytes) -> bytes:
+    body = msgpack.packb(
+        {
+            **good_hello_map(),
+            "encrypted": True,
+            "ephemeral": ephemeral,
+            "salt": bytes(SALT_SIZE),
+            "salt_settled": False,
+        }
+    )
+    return frame(body)
+
+
+def test_one_connection_allows_no_offline_guess() -> None:
+    """An unauthenticated dialer sends header and hello and records all the router answers
+    (v1: header, hello and a sealed confirm, 310 bytes in the issue's capture). The old attack
+    tries each dictionary word offline against it: on v1 the right one opened the confirm; now
+    the router sends nothing sealed before the dialer commits to a guess, so no word verifies."""
+    router = Handshake(False, hello(2), pw(b"secret"), NOW, urandom=seeded(5))
+    attacker = X25519PrivateKey.from_private_bytes(seeded(6)(32))
+    ephemeral = attacker.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    sent = header() + _dialer_hello(ephemeral)
+    recorded = router.data_to_send()
+    router.receive(sent, NOW)
+    recorded += router.data_to_send()
+    assert router.state is HandshakeState.AWAIT_PAKE  # waiting for our guess, sealed nothing
+    router_header, rest = recorded[:HEADER_SIZE], recorded[HEADER_SIZE:]
+    frames = _parse_frames(rest)
+    assert len(frames) == 2  # its hello and its PAKE message, nothing else
+    router_hello, router_pake = frames
+    assert len(router_pake) == 4 + PAKE_MESSAGE_SIZE
+    remote = decode_hello(router_hello[4:])
+    assert remote.ephemeral is not None and remote.salt is not None
+    shared = attacker.exchange(X25519PublicKey.from_public_bytes(remote.ephemeral))
+    transcript = sent[:HEADER_SIZE] + router_header + sent[HEADER_SIZE:] + router_hello
+    for guess in DICTIONARY:
+        for salt in (b"weft-password-v1", remote.salt):
+            for candidate in frames:
+                assert not _v1_guess_opens(guess, salt, shared, transcript, candidate)
+
+
+def test_a_pake_message_commits_the_dialer_to_one_guess() -> None:
+    """A dialer that plays SPAKE2 with one guess gets the router's confirm, and with it an answer
+    for that guess only: recomputing the keys for any other word (the right one included) from
+    what it holds does not open the confirm, and the router names the failure (wrong password)."""
+    router = Handshake(False, hello(2), pw(b"secret"), NOW, urandom=seeded(5))
+    entropy = random.Random(8).randbytes(4096)
+
+    def attacker_entropy(offset: int = 0) -> Callable[[int], bytes]:
+        stream = iter(entropy[offset:])
+        return lambda n: bytes(next(stream) for _ in range(n))
+
+    attacker = X25519PrivateKey.from_private_bytes(entropy[:32])
+    ephemeral = attacker.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    sent = header() + _dialer_hello(ephemeral)
+    recorded = router.data_to_send()
+    router.receive(sent, NOW)
+    recorded += router.data_to_send()
+    router_header = recorded[:HEADER_SIZE]
+    router_hello, router_pake = _parse_frames(recorded[HEADER_SIZE:])
+    remote = decode_hello(router_hello[4:])
+    assert remote.ephemeral is not None and remote.salt is not None
+    salt = choose_salt(bytes(SALT_SIZE), False, remote.salt, remote.salt_settled)
+
+    def keys_for(guess: bytes) -> tuple[bytes, bytes]:
+        """The attacker's SPAKE2 side for ``guess`` (same randomness every time)."""
+        side = SPAKE2_A(
+            hashlib.scrypt(guess, salt=salt, n=2**14, r=8, p=1, dklen=32),
+            idA=b"weft v2 outbound",
+            idB=b"weft v2 inbound",
+            entropy_f=attacker_entropy(32),
+        )
+        message = side.start()
+        return message, side.finish(router_pake[4:])
+
+    committed, _ = keys_for(b"letmein")
+    pake_frame = frame(committed)
+    router.receive(pake_frame, NOW)
+    assert router.state is HandshakeState.AWAIT_CONFIRM
+    confirm = router.data_to_send()
+    assert len(confirm) == 4 + len(b"weft confirm v2") + 16
+    with pytest.raises(WrongPassword):  # the one online guess, seen and named by the router
+        router.receive(frame(bytes(len(b"weft confirm v2") + 16)), NOW)
+    shared = attacker.exchange(X25519PublicKey.from_public_bytes(remote.ephemeral))
+    transcript = (
+        sent[:HEADER_SIZE] + router_header + sent[HEADER_SIZE:] + router_hello + pake_frame
+    ) + router_pake
+    opened = []
+    for guess in DICTIONARY:
+        message, pake_key = keys_for(guess)
+        for ours in {frame(message), pake_frame}:  # its own message, or the committed one
+            t = transcript.replace(pake_frame, ours)
+            keys = derive_session_keys(shared, pake_key, t, outbound=True)
+            try:
+                ChaCha20Poly1305(keys.control_recv).decrypt(bytes(12), confirm[4:], confirm[:4])
+                opened.append(guess)
+            except InvalidTag:
+                pass
+    assert opened == []
+
+
+# ---------------------------------------------------------------------------- mesh salt
+
+
+@functools.cache
+def keys(password: bytes, salt_byte: int, settled: bool) -> PasswordKeys:
+    return PasswordKeys(password, bytes([salt_byte]) * SALT_SIZE, settled)
+
+
+def test_choose_salt_rules() -> None:
+    lo, hi = b"\x01" * 16, b"\x09" * 16
+    assert choose_salt(lo, False, hi, False) == choose_salt(hi, False, lo, False) == lo
+    assert choose_salt(lo, True, hi, True) == lo
+    assert choose_salt(lo, False, hi, True) == choose_salt(hi, True, lo, False) == hi
+    assert choose_salt(lo, True, lo, False) == lo
+
+
+def test_new_router_adopts_the_mesh_salt() -> None:
+    """A fresh router (provisional salt, lower than the mesh's) meets a settled one: both use
+    the settled salt, the fresh one pays one scrypt for it and then settles on it."""
+    mesh = keys(b"secret", 9, True)
+    fresh_keys = PasswordKeys(b"secret", b"\x01" * 16, settled=False)
+    a = Handshake(True, hello(1), fresh_keys, NOW, urandom=seeded(1))
+    b = Handshake(False, hello(2), mesh, NOW, urandom=seeded(2))
+    roundtrip_until_done(a, b)
+    assert a.result.salt == b.result.salt == mesh.salt
+    assert fresh_keys.derivations == 2  # its own provisional salt, then the mesh's
+    assert mesh.derivations == 1
+    assert fresh_keys.settle(mesh.salt) is True
+    assert fresh_keys.salt == mesh.salt and fresh_keys.settled
+    assert fresh_keys.settle(mesh.salt) is False  # nothing new to persist
+    check_session(a.result, b.result)
+
+
+def test_settle_keeps_the_better_salt() -> None:
+    k = PasswordKeys(b"secret", b"\x05" * 16, settled=True)
+    assert k.settle(k.salt) is False
+    k.key_for(b"\x07" * 16, NOW)
+    assert k.settle(b"\x07" * 16) is False  # a higher settled salt never replaces ours
+    assert k.salt == b"\x05" * 16
+    k.key_for(b"\x02" * 16, NOW)
+    assert k.settle(b"\x02" * 16) is True  # two meshes met: the lower one wins
+    with pytest.raises(LocalError):
+        k.settle(b"\x03" * 16)  # never derived: no handshake used it
+
+
+def test_two_provisional_routers_agree() -> None:
+    a_keys = PasswordKeys(b"secret", b"\x04" * 16, settled=False)
+    b_keys = PasswordKeys(b"secret", b"\x03" * 16, settled=False)
+    a = Handshake(True, hello(1), a_keys, NOW, urandom=seeded(1))
+    b = Handshake(False, hello(2), b_keys, NOW, urandom=seeded(2))
+    roundtrip_until_done(a, b)
+    assert a.result.salt == b.result.salt == b"\x03" * 16
+    assert b_keys.derivations == 1 and a_keys.derivations == 2
+
+
+def test_wrong_password_across_salts_is_still_wrong_password() -> None:
+    a = Handshake(True, hello(1), keys(b"secret", 9, True), NOW, urandom=seeded(1))
+    b = Handshake(False, hello(2), keys(b"other", 3, True), NOW, urandom=seeded(2))
+    ea, eb = capture_errors(a, b)
+    assert isinstance(ea, WrongPassword) and isinstance(eb, WrongPassword)
+    assert str(ea) == str(eb) == (
+        "wrong password: the peer's confirm did not authenticate (its password differs from ours)"
+    )
+
+
+def test_tampered_salt_fails_the_confirm() -> None:
+    """An on-path attacker rewrites the salt in a's hello (so b picks another one): the sides
+    use different keys and transcripts, and both name it a wrong password."""
+    a = Handshake(True, hello(1), keys(b"secret", 9, True), NOW, urandom=seeded(1))
+    b = Handshake(False, hello(2), keys(b"secret", 9, True), NOW, urandom=seeded(2))
+    transfer(a, b)
+    transfer(b, a)
+    data = a.data_to_send()
+    tampered = data.replace(b"\x09" * 16, b"\x02" * 16)
+    assert tampered != data
+    b.receive(tampered, NOW)
+    with pytest.raises(WrongPassword):
+        a.receive(b.data_to_send(), NOW)
+    with pytest.raises(WrongPassword):
+        b.receive(a.data_to_send(), NOW)
+
+
+def test_foreign_salts_are_rate_limited() -> None:
+    """A stranger naming salt after salt (each a 16 MiB scrypt for us) is refused by name once
+    the budget is spent; the budget refills with time; known salts always work."""
+    k = PasswordKeys(b"secret", b"\xf0" * 16, settled=False)
+
+    def stranger(salt_byte: int, now: float) -> Handshake:
+        hs = Handshake(False, hello(2), k, now, urandom=seeded(salt_byte))
+        m = {
+            **good_hello_map(),
+            "encrypted": True,
+            "ephemeral": X25519PrivateKey.from_private_bytes(bytes([salt_byte]) * 32)
+            .public_key()
+            .public_bytes(Encoding.Raw, PublicFormat.Raw),
+            "salt": bytes([salt_byte]) * 16,
+            "salt_settled": True,
+        }
+        hs.receive(header() + frame(msgpack.packb(m)), now)
+        return hs
+
+    for i in range(3):
+        assert stranger(i + 1, NOW).state is HandshakeState.AWAIT_PAKE
+    with pytest.raises(SaltBusy, match="retry later") as info:
+        stranger(9, NOW + 1)
+    assert info.value.reason == "salt_busy"
+    assert k.derivations == 4
+    assert stranger(1, NOW + 2).state is HandshakeState.AWAIT_PAKE  # cached: free
+    assert stranger(9, NOW + 11).state is HandshakeState.AWAIT_PAKE  # refilled
+    with pytest.raises(SaltDerivationRefused):
+        k.key_for(b"\x0a" * 16, NOW + 12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(message=st.binary(min_size=PAKE_MESSAGE_SIZE, max_size=PAKE_MESSAGE_SIZE))
+def test_fuzz_pake_messages(message: bytes) -> None:
+    """Any 33 bytes as the peer's PAKE message: refused as malformed, or taken (then the
+    confirm decides); never another exception."""
+    hs = fresh(b"secret")
+    m = {
+        **good_hello_map(),
+        "encrypted": True,
+        "ephemeral": X25519PrivateKey.from_private_bytes(bytes(range(32)))
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw),
+        "salt": MESH_SALT,
+        "salt_settled": True,
+    }
+    hs.receive(header() + frame(msgpack.packb(m)), NOW)
+    try:
+        hs.receive(frame(message), NOW)
+    except MalformedHandshake as err:
+        assert str(err).startswith("malformed PAKE message")
+        assert hs.state is HandshakeState.FAILED
+    else:
+        assert hs.state is HandshakeState.AWAIT_CONFIRM
+
+
+@pytest.mark.parametrize("length", [0, 32, 34, 1 << 20])
+def test_pake_message_of_wrong_length(length: int) -> None:
+    hs = fresh(b"secret")
+    m = {
+        **good_hello_map(),
+        "encrypted": True,
+        "ephemeral": X25519PrivateKey.from_private_bytes(bytes(range(32)))
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw),
+        "salt": MESH_SALT,
+        "salt_settled": True,
+    }
+    hs.receive(header() + frame(msgpack.packb(m)), NOW)
+    with pytest.raises(MalformedHandshake, match=f"malformed PAKE message: {length} bytes"):
+        hs.receive(struct.pack(">I", length), NOW)

@@ -11,11 +11,14 @@ import pytest
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
 from weft.router.config import (
+    MESH_SALT_FILE,
     RouterConfig,
+    load_mesh_salt,
     load_or_create_name,
     parse_hostport,
     parse_peer,
     read_password_file,
+    save_mesh_salt,
 )
 from weft.router.router import TokenBucket
 
@@ -127,3 +130,16 @@ def test_token_bucket_allows_a_burst_then_one_per_interval() -> None:
     assert bucket.take(200.2) == 0.0
     with pytest.raises(ConfigError):
         TokenBucket(0, 0.05, 0.0)
+
+
+def test_mesh_salt_is_kept_and_corruption_refused(tmp_path: Path) -> None:
+    assert load_mesh_salt(tmp_path) == (None, False)  # first start: learnt from a peer
+    salt = bytes(range(16))
+    save_mesh_salt(tmp_path / "sub", salt)
+    assert load_mesh_salt(tmp_path / "sub") == (salt, True)
+    (tmp_path / MESH_SALT_FILE).write_text("not hex\n")
+    with pytest.raises(ConfigError, match=r"corrupt.*delete it"):
+        load_mesh_salt(tmp_path)
+    (tmp_path / MESH_SALT_FILE).write_text("00ff\n")  # too short
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_mesh_salt(tmp_path)

@@ -199,14 +199,19 @@ def test_fuzz_codec_only_remote_errors(chunks: list[bytes], encrypted: bool) -> 
 
 
 def test_password_key_is_scrypt_and_deterministic() -> None:
-    k = derive_password_key(b"secret")
-    assert len(k) == 32 and k == derive_password_key(b"secret")
-    assert k != derive_password_key(b"secret2")
+    salt = bytes(range(16))
+    k = derive_password_key(b"secret", salt)
+    assert len(k) == 32 and k == derive_password_key(b"secret", salt)
+    assert k != derive_password_key(b"secret2", salt)
+    # the mesh salt matters: the same password gives another key in another mesh
+    assert k != derive_password_key(b"secret", bytes(16))
     import hashlib
 
-    assert k == hashlib.scrypt(b"secret", salt=b"weft-password-v1", n=2**14, r=8, p=1, dklen=32)
+    assert k == hashlib.scrypt(b"secret", salt=salt, n=2**14, r=8, p=1, dklen=32)
     with pytest.raises(ConfigError):
-        derive_password_key(b"")
+        derive_password_key(b"", salt)
+    with pytest.raises(LocalError):
+        derive_password_key(b"secret", b"short")
 
 
 def test_session_keys_mirror_and_are_distinct() -> None:

@@ -2,10 +2,11 @@
 
 Three things live here, all without I/O:
 
-* :func:`derive_password_key` — the slow, once-per-router scrypt of the mesh password.
+* :func:`derive_password_key` — the slow scrypt of the mesh password under a mesh salt, and
+  :class:`PasswordKeys`, which holds this router's mesh salt and caches those keys by salt.
 * :func:`derive_session_keys` — the key schedule of one connection: HKDF-SHA256 over the X25519
-  shared secret, salted with the password key and bound to the SHA-256 of the handshake transcript,
-  then one key per label (control and data, each direction).
+  shared secret and the SPAKE2 key (which is where the password comes in), bound to the SHA-256
+  of the handshake transcript, then one key per label (control and data, each direction).
 * :class:`DataSealer` / :class:`DataOpener` — sealing of data-plane units (sleeve UDP packets or
   super-frames) with an explicit 64-bit counter carried in the packet and a sliding replay window.
 
@@ -48,6 +49,7 @@ contract in docs/ARCHITECTURE.md); control traffic is small next to data traffic
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -66,7 +68,7 @@ __all__ = [
     "DEFAULT_DATA_CIPHER",
     "DEFAULT_REPLAY_WINDOW",
     "KEY_SIZE",
-    "PASSWORD_SALT",
+    "SALT_SIZE",
     "DataCipher",
     "DataOpener",
     "DataPacketError",
@@ -75,14 +77,17 @@ __all__ = [
     "PacketTampered",
     "PacketTooOld",
     "PacketTruncated",
+    "PasswordKeys",
+    "SaltDerivationRefused",
     "SessionKeys",
+    "choose_salt",
     "derive_password_key",
     "derive_session_keys",
 ]
 
 KEY_SIZE: Final = 32
-PASSWORD_SALT: Final = b"weft-password-v1"
-# scrypt cost: n=2**14, r=8, p=1 is 16 MiB and ~50 ms; done once per router, never per connection.
+SALT_SIZE: Final = 16  # the mesh salt (see PasswordKeys)
+# scrypt cost: n=2**14, r=8, p=1 is 16 MiB and ~50 ms; done once per router and mesh salt.
 _SCRYPT_N: Final = 2**14
 _SCRYPT_R: Final = 8
 _SCRYPT_P: Final = 1
@@ -99,26 +104,125 @@ DATA_OVERHEAD: Final = _COUNTER_SIZE + _TAG_SIZE
 _MAX_COUNTER: Final = (1 << 64) - 1
 
 # HKDF labels: one key per purpose and direction. "o2i" = sent by the outbound (dialling) side.
-_LABEL_CONTROL_O2I: Final = b"weft v1 control outbound->inbound"
-_LABEL_CONTROL_I2O: Final = b"weft v1 control inbound->outbound"
-_LABEL_DATA_O2I: Final = b"weft v1 data outbound->inbound"
-_LABEL_DATA_I2O: Final = b"weft v1 data inbound->outbound"
+_LABEL_SESSION: Final = b"weft v2 session"
+_LABEL_CONTROL_O2I: Final = b"weft v2 control outbound->inbound"
+_LABEL_CONTROL_I2O: Final = b"weft v2 control inbound->outbound"
+_LABEL_DATA_O2I: Final = b"weft v2 data outbound->inbound"
+_LABEL_DATA_I2O: Final = b"weft v2 data inbound->outbound"
+# Password keys for salts other than ours are derived only this often (a token bucket): an
+# unauthenticated peer can name any salt, and each costs a 16 MiB, ~50 ms scrypt.
+_FOREIGN_BURST: Final = 3
+_FOREIGN_INTERVAL: Final = 10.0  # seconds per token
+_CACHED_KEYS: Final = 4  # foreign salts' keys kept (ours is always kept)
 
 _NONCE_PAD: Final = b"\x00\x00\x00\x00"
 _pack_counter = struct.Struct(">Q").pack
 _unpack_counter = struct.Struct(">Q").unpack_from
 
 
-def derive_password_key(password: bytes) -> bytes:
-    """The 32-byte password key: scrypt(password, salt=b"weft-password-v1", n=2**14, r=8, p=1).
+def derive_password_key(password: bytes, salt: bytes) -> bytes:
+    """The 32-byte password key: scrypt(password, salt=mesh salt, n=2**14, r=8, p=1).
 
-    Slow on purpose (tens of milliseconds, 16 MiB): call it once when the router starts and pass
-    the result to every :class:`~weft.gossip.handshake.Handshake`.
+    Slow on purpose (tens of milliseconds, 16 MiB): :class:`PasswordKeys` calls it once per
+    salt and keeps the result.
     """
     if not password:
         raise ConfigError("the password is empty; leave it unset to run without encryption")
-    kdf = Scrypt(salt=PASSWORD_SALT, length=KEY_SIZE, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    if len(salt) != SALT_SIZE:
+        raise LocalError(f"mesh salt must be {SALT_SIZE} bytes, got {len(salt)}")
+    kdf = Scrypt(salt=salt, length=KEY_SIZE, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
     return kdf.derive(password)
+
+
+def _salt_rank(salt: bytes, settled: bool) -> tuple[bool, bytes]:
+    return (not settled, salt)
+
+
+def choose_salt(ours: bytes, ours_settled: bool, theirs: bytes, theirs_settled: bool) -> bytes:
+    """The mesh salt one connection uses; both sides compute the same one from the two hellos.
+
+    A settled salt (one its router has already authenticated a peer under, kept in its data dir)
+    beats a provisional one (a fresh router's random pick); between two of the same kind the
+    lower bytes win. So a new router adopts the mesh's salt, and two meshes with the same
+    password that meet converge on one salt.
+    """
+    return min((ours, ours_settled), (theirs, theirs_settled), key=lambda s: _salt_rank(*s))[0]
+
+
+class SaltDerivationRefused(RemoteProtocolError):
+    """The peer's mesh salt would need a fresh scrypt and the budget for those is spent."""
+
+
+class PasswordKeys:
+    """The mesh password, this router's mesh salt, and the scrypt keys by salt (no I/O).
+
+    ``salt``/``settled`` come from the router's data dir (``settled``: the file existed) or, on a
+    first start, are a random provisional salt. :meth:`key_for` gives the password key for the
+    salt one connection agreed on (:func:`choose_salt`); keys for other salts than ours cost a
+    scrypt each and are rate-limited (:data:`_FOREIGN_BURST`, one more per
+    :data:`_FOREIGN_INTERVAL` s), so a stranger naming salt after salt cannot burn our CPU.
+    After a handshake succeeded the router calls :meth:`settle` with the salt it used and
+    persists it when that returns True.
+    """
+
+    def __init__(self, password: bytes, salt: bytes | None = None, settled: bool = False) -> None:
+        if salt is None:
+            salt, settled = os.urandom(SALT_SIZE), False
+        self._password = password
+        self._keys: dict[bytes, bytes] = {salt: derive_password_key(password, salt)}
+        self._salt = salt
+        self._settled = settled
+        self._tokens = float(_FOREIGN_BURST)
+        self._tokens_at: float | None = None
+        self.derivations = 1  # scrypt runs so far (for tests and metrics)
+
+    def __repr__(self) -> str:
+        return f"PasswordKeys(salt={self._salt.hex()}, settled={self._settled})"
+
+    @property
+    def salt(self) -> bytes:
+        return self._salt
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def key_for(self, salt: bytes, now: float) -> bytes:
+        """The password key under ``salt``; raises :class:`SaltDerivationRefused` when a new
+        scrypt is due but the budget is spent (the peer retries later)."""
+        if len(salt) != SALT_SIZE:
+            raise LocalError(f"mesh salt must be {SALT_SIZE} bytes, got {len(salt)}")
+        key = self._keys.get(salt)
+        if key is not None:
+            return key
+        if self._tokens_at is not None:
+            elapsed = max(0.0, now - self._tokens_at)
+            self._tokens = min(float(_FOREIGN_BURST), self._tokens + elapsed / _FOREIGN_INTERVAL)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            raise SaltDerivationRefused(
+                f"mesh salt {salt.hex()} is new to us and too many new salts were offered lately"
+                f" (at most {_FOREIGN_BURST}, then one per {_FOREIGN_INTERVAL:g} s): retry later"
+            )
+        self._tokens -= 1.0
+        key = derive_password_key(self._password, salt)
+        self.derivations += 1
+        foreign = [s for s in self._keys if s != self._salt]
+        if len(foreign) >= _CACHED_KEYS:
+            del self._keys[foreign[0]]  # oldest first (dicts keep insertion order)
+        self._keys[salt] = key
+        return key
+
+    def settle(self, salt: bytes) -> bool:
+        """A handshake authenticated under ``salt``: make it ours (settled) if it ranks at least
+        as high as ours. True when our salt or its settled state changed (persist it then)."""
+        if salt not in self._keys:
+            raise LocalError("settle() with a salt no handshake used")
+        if _salt_rank(salt, True) > _salt_rank(self._salt, self._settled):
+            return False
+        changed = salt != self._salt or not self._settled
+        self._salt, self._settled = salt, True
+        return changed
 
 
 @dataclass(frozen=True, repr=False)
@@ -135,20 +239,21 @@ class SessionKeys:
 
 
 def derive_session_keys(
-    shared_secret: bytes, password_key: bytes, transcript: bytes, outbound: bool
+    shared_secret: bytes, pake_key: bytes, transcript: bytes, outbound: bool
 ) -> SessionKeys:
     """Derive the session's keys.
 
-    secret = HKDF-SHA256(ikm=shared_secret, salt=password_key, info=SHA-256(transcript)), then
-    HKDF-Expand(secret, info=label) per label. Both sides compute the same four keys and pick
-    send/receive by their role, so a side's send key is the other's receive key.
+    secret = HKDF-SHA256(ikm=shared_secret || pake_key, salt=b"weft v2 session",
+    info=SHA-256(transcript)), then HKDF-Expand(secret, info=label) per label. ``pake_key`` is the
+    SPAKE2 key, the only input that depends on the password. Both sides compute the same four
+    keys and pick send/receive by their role, so a side's send key is the other's receive key.
     """
-    if len(password_key) != KEY_SIZE:
-        raise LocalError(f"password key must be {KEY_SIZE} bytes, got {len(password_key)}")
+    if len(pake_key) != KEY_SIZE:
+        raise LocalError(f"PAKE key must be {KEY_SIZE} bytes, got {len(pake_key)}")
     digest = hashlib.sha256(transcript).digest()
     secret = HKDF(
-        algorithm=hashes.SHA256(), length=KEY_SIZE, salt=password_key, info=digest
-    ).derive(shared_secret)
+        algorithm=hashes.SHA256(), length=KEY_SIZE, salt=_LABEL_SESSION, info=digest
+    ).derive(shared_secret + pake_key)
 
     def expand(label: bytes) -> bytes:
         return HKDFExpand(algorithm=hashes.SHA256(), length=KEY_SIZE, info=label).derive(secret)

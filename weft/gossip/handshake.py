@@ -11,30 +11,45 @@ Wire exchange, the same on both sides (nothing waits for the other side's role):
 
     header  = b"weft" || min version (1 byte) || max version (1 byte)    sent at once
     hello   = uint32 BE length || msgpack map                           after the peer's header
-    confirm = uint32 BE length || ChaCha20-Poly1305(b"weft confirm v1") after the peer's hello
+    pake    = uint32 BE length || SPAKE2 message (33 bytes)             after the peer's hello
+              (encrypted only)
+    confirm = uint32 BE length || ChaCha20-Poly1305(b"weft confirm v2") after the peer's pake
               (encrypted only; the first frame of the control codec, counter 0)
 
 States (everything that moves the machine is in this table; ``receive`` loops over it)::
 
     AWAIT_HEADER  --peer header, versions overlap-->       AWAIT_HELLO   (queue our hello)
     AWAIT_HELLO   --peer hello, both plaintext-->          DONE
-    AWAIT_HELLO   --peer hello, both encrypted-->          AWAIT_CONFIRM (queue our confirm)
+    AWAIT_HELLO   --peer hello, both encrypted-->          AWAIT_PAKE    (queue our pake)
+    AWAIT_PAKE    --peer pake valid-->                     AWAIT_CONFIRM (queue our confirm)
     AWAIT_CONFIRM --peer confirm opens-->                  DONE
     any but DONE  --bad input / timer / eof-->             FAILED (the error is kept in ``error``)
 
-The header and our hello are sent without waiting for the peer beyond its header, so a peer that
-sends header, hello and confirm in one write is fine: everything after the last handshake byte is
+Our header, hello and pake are sent without waiting for the peer beyond its previous message, so a
+peer that sends everything in one write is fine: everything after the last handshake byte is
 returned untouched as :attr:`HandshakeResult.leftover` for the session codec.
 
 On failure, still write out :meth:`data_to_send` (best effort) before closing: it may hold our
-hello or confirm, which is what lets the *peer* name the reason (encryption mismatch, wrong
+hello, pake or confirm, which is what lets the *peer* name the reason (encryption mismatch, wrong
 password) instead of seeing a bare close.
 
-Keys: password key = :func:`~weft.gossip.crypto.derive_password_key` (once per router).
-Session secret = HKDF-SHA256(X25519(ephemerals), salt=password key, info=SHA-256(transcript));
+Password (protocol v2; v1 sent a confirm sealed under password-derived keys to anyone who sent
+a hello, so one recorded connection allowed an offline dictionary attack): the password enters
+only through a balanced PAKE, SPAKE2 over Ed25519 (the ``spake2`` package), outbound side "A",
+inbound side "B". Nothing a side sends before the peer's pake depends on the password, and the
+confirm it sends after the peer's pake opens only for someone who ran SPAKE2 with the right
+password in *that* message: one connection is at most one online guess.
+
+The SPAKE2 password is the scrypt key of the mesh password under the *mesh salt*
+(:class:`~weft.gossip.crypto.PasswordKeys`). Each encrypted hello carries its router's salt and
+whether it is settled; both sides pick the same one with
+:func:`~weft.gossip.crypto.choose_salt`, and the hellos are in the transcript, so a tampered salt
+fails the confirm. :attr:`HandshakeResult.salt` is the salt used; the router settles on it.
+
+Keys: session secret = HKDF-SHA256(X25519(ephemerals) || SPAKE2 key, info=SHA-256(transcript));
 the transcript is outbound header || inbound header || outbound hello frame || inbound hello
-frame, exactly as sent. Per-direction control and data keys by label
-(:func:`~weft.gossip.crypto.derive_session_keys`).
+frame || outbound pake frame || inbound pake frame, exactly as sent. Per-direction control and
+data keys by label (:func:`~weft.gossip.crypto.derive_session_keys`).
 """
 
 from __future__ import annotations
@@ -50,9 +65,17 @@ from typing import Any, Final
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from spake2 import SPAKE2_A, SPAKE2_B
 
 from weft.errors import LocalError, RemoteProtocolError
-from weft.gossip.crypto import KEY_SIZE, derive_session_keys
+from weft.gossip.crypto import (
+    KEY_SIZE,
+    SALT_SIZE,
+    PasswordKeys,
+    SaltDerivationRefused,
+    choose_salt,
+    derive_session_keys,
+)
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
 from weft.gossip.session import LENGTH_SIZE, TAG_SIZE, FrameCodec, MessageAuthenticationFailed
 
@@ -62,6 +85,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_HELLO",
+    "PAKE_MESSAGE_SIZE",
     "PROTOCOL_VERSIONS",
     "EncryptionMismatch",
     "FeatureValue",
@@ -75,6 +99,7 @@ __all__ = [
     "MalformedHandshake",
     "MalformedHello",
     "NotAWeftPeer",
+    "SaltBusy",
     "VersionMismatch",
     "WrongPassword",
     "decode_hello",
@@ -83,11 +108,15 @@ __all__ = [
 
 MAGIC: Final = b"weft"
 HEADER_SIZE: Final = len(MAGIC) + 2
-PROTOCOL_VERSIONS: Final = (1, 1)  # the range this build speaks
+# The range this build speaks. v2: SPAKE2 and the mesh salt (v1 peers are refused by version).
+PROTOCOL_VERSIONS: Final = (2, 2)
 HANDSHAKE_TIMEOUT: Final = 10.0  # seconds, as Weave
-MAX_HELLO: Final = 4096  # bytes of msgpack; a real hello is ~150 bytes plus features
-CONFIRM_MESSAGE: Final = b"weft confirm v1"
+MAX_HELLO: Final = 4096  # bytes of msgpack; a real hello is ~200 bytes plus features
+CONFIRM_MESSAGE: Final = b"weft confirm v2"
 _CONFIRM_FRAME_SIZE: Final = LENGTH_SIZE + len(CONFIRM_MESSAGE) + TAG_SIZE
+PAKE_MESSAGE_SIZE: Final = 33  # spake2: side byte + Ed25519 element
+_PAKE_ID_A: Final = b"weft v2 outbound"
+_PAKE_ID_B: Final = b"weft v2 inbound"
 
 # Bounds on the hello's fields (checked for our own hello too, so we never send what we'd refuse).
 MAX_NICKNAME: Final = 255  # characters
@@ -145,6 +174,12 @@ class WrongPassword(HandshakeError):
     reason = "wrong_password"
 
 
+class SaltBusy(HandshakeError):
+    """The peer's mesh salt needs a new scrypt and too many were asked for lately."""
+
+    reason = "salt_busy"
+
+
 class HandshakeTimeout(HandshakeError):
     """The handshake did not finish within its timeout (10 s)."""
 
@@ -198,7 +233,8 @@ def _uint_problem(name: str, value: object, limit: int) -> str | None:
 
 @dataclass(frozen=True)
 class Hello:
-    """What a side says about itself. ``encrypted``/``ephemeral`` are filled in by the handshake.
+    """What a side says about itself. ``encrypted``, ``ephemeral``, ``salt`` and
+    ``salt_settled`` are filled in by the handshake.
 
     ``features`` holds overlay capabilities (sleeve UDP port, GSO support, data cipher, ...):
     at most 32 entries, string keys, values None/bool/int/float/str/bytes (strings and bytes up to
@@ -213,6 +249,8 @@ class Hello:
     features: Mapping[str, FeatureValue] = field(default_factory=dict, hash=False)
     encrypted: bool = False
     ephemeral: bytes | None = None  # X25519 public key (32 bytes) when encrypted
+    salt: bytes | None = None  # the sender's mesh salt (16 bytes) when encrypted
+    salt_settled: bool = False  # its router has authenticated a peer under that salt
 
     def __post_init__(self) -> None:
         problem = _hello_problem(self)
@@ -272,11 +310,17 @@ def _hello_problem(hello: Hello) -> str | None:
             return problem
     if not isinstance(hello.encrypted, bool):
         return "encrypted must be a boolean"
+    if not isinstance(hello.salt_settled, bool):
+        return "salt_settled must be a boolean"
     if hello.encrypted:
         if not isinstance(hello.ephemeral, bytes) or len(hello.ephemeral) != KEY_SIZE:
             return f"ephemeral key must be {KEY_SIZE} bytes when encrypted"
+        if not isinstance(hello.salt, bytes) or len(hello.salt) != SALT_SIZE:
+            return f"mesh salt must be {SALT_SIZE} bytes when encrypted"
     elif hello.ephemeral is not None:
         return "ephemeral key present although not encrypted"
+    elif hello.salt is not None or hello.salt_settled:
+        return "mesh salt present although not encrypted"
     return None
 
 
@@ -292,6 +336,8 @@ def encode_hello(hello: Hello) -> bytes:
             "features": dict(hello.features),
             "encrypted": hello.encrypted,
             "ephemeral": hello.ephemeral,
+            "salt": hello.salt,
+            "salt_settled": hello.salt_settled,
         },
         use_bin_type=True,
     )
@@ -335,6 +381,8 @@ def decode_hello(body: bytes) -> Hello:
             features=features,
             encrypted=raw["encrypted"],
             ephemeral=raw.get("ephemeral"),
+            salt=raw.get("salt"),
+            salt_settled=raw.get("salt_settled", False),
         )
     except LocalError as err:
         reason = str(err).removeprefix("invalid hello: ")
@@ -347,6 +395,7 @@ def decode_hello(body: bytes) -> Hello:
 class HandshakeState(enum.Enum):
     AWAIT_HEADER = "waiting for the peer's header"
     AWAIT_HELLO = "waiting for the peer's hello"
+    AWAIT_PAKE = "waiting for the peer's PAKE message"
     AWAIT_CONFIRM = "waiting for the peer's confirm"
     DONE = "done"
     FAILED = "failed"
@@ -359,7 +408,9 @@ class HandshakeResult:
     ``control`` is the session codec (its counters already past the confirm frames): feed it
     ``leftover`` first, then every later received byte. ``data_send_key``/``data_recv_key`` are the
     sleeve's keys (None in plaintext mode), for :class:`~weft.gossip.crypto.DataSealer` and
-    :class:`~weft.gossip.crypto.DataOpener`.
+    :class:`~weft.gossip.crypto.DataOpener`. ``salt``: the mesh salt this connection
+    authenticated under (None in plaintext mode); pass it to
+    :meth:`~weft.gossip.crypto.PasswordKeys.settle`.
     """
 
     version: int
@@ -369,6 +420,7 @@ class HandshakeResult:
     data_send_key: bytes | None
     data_recv_key: bytes | None
     leftover: bytes
+    salt: bytes | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -385,10 +437,10 @@ class HandshakeResult:
 class Handshake:
     """One side of the handshake of one control connection.
 
-    ``outbound``: we dialled. ``hello``: ours (``encrypted``/``ephemeral`` are overwritten).
-    ``password_key``: from :func:`~weft.gossip.crypto.derive_password_key`, or None for plaintext.
-    ``versions``: (min, max) protocol versions we speak, 1..255. ``urandom`` supplies the ephemeral
-    key's 32 bytes (injected for reproducible tests).
+    ``outbound``: we dialled. ``hello``: ours (``encrypted``, ``ephemeral`` and the salt fields
+    are overwritten). ``password``: the router's :class:`~weft.gossip.crypto.PasswordKeys`, or
+    None for plaintext. ``versions``: (min, max) protocol versions we speak, 1..255. ``urandom``
+    supplies the ephemeral key's 32 bytes and the SPAKE2 scalar (injected for reproducible tests).
 
     Our header is queued at construction: call :meth:`data_to_send` right away.
     """
@@ -397,7 +449,7 @@ class Handshake:
         self,
         outbound: bool,
         hello: Hello,
-        password_key: bytes | None,
+        password: PasswordKeys | None,
         now: float,
         versions: tuple[int, int] = PROTOCOL_VERSIONS,
         timeout: float = HANDSHAKE_TIMEOUT,
@@ -406,20 +458,31 @@ class Handshake:
         low, high = versions
         if not 1 <= low <= high <= 255:
             raise LocalError(f"invalid version range {low}..{high}: need 1 <= min <= max <= 255")
-        if password_key is not None and len(password_key) != KEY_SIZE:
-            raise LocalError(f"password key must be {KEY_SIZE} bytes (use derive_password_key)")
+        if password is not None and not isinstance(password, PasswordKeys):
+            raise LocalError("password must be a PasswordKeys (the mesh password and salt)")
         self.outbound = outbound
         self.versions = (low, high)
         self.deadline = now + timeout
         self.timeout = timeout
-        self._password_key = password_key
+        self._now = now
+        self._password = password
+        self._urandom = urandom
         self._private: X25519PrivateKey | None = None
-        if password_key is not None:
+        self._shared: bytes | None = None  # X25519 result, once the peer's hello is in
+        self._spake: Any = None  # SPAKE2_A / SPAKE2_B (the package is untyped)
+        self._salt: bytes | None = None  # the salt this connection uses
+        if password is not None:
             self._private = X25519PrivateKey.from_private_bytes(urandom(KEY_SIZE))
             public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            hello = replace(hello, encrypted=True, ephemeral=public)
+            hello = replace(
+                hello,
+                encrypted=True,
+                ephemeral=public,
+                salt=password.salt,
+                salt_settled=password.settled,
+            )
         else:
-            hello = replace(hello, encrypted=False, ephemeral=None)
+            hello = replace(hello, encrypted=False, ephemeral=None, salt=None, salt_settled=False)
         self.local_hello = hello
         self.state = HandshakeState.AWAIT_HEADER
         self.error: HandshakeError | None = None
@@ -432,6 +495,8 @@ class Handshake:
         self._peer_header = b""
         self._hello_frame = b""
         self._peer_hello_frame = b""
+        self._pake_frame = b""
+        self._peer_pake_frame = b""
         self._codec: FrameCodec | None = None  # encrypted: made when the keys are known
         self._data_keys: tuple[bytes, bytes] | None = None
         self._out += self._header
@@ -486,7 +551,9 @@ class Handshake:
         After :attr:`done`, bytes beyond the handshake are in ``result.leftover``; feeding more
         here is a LocalError (feed the session codec instead).
         """
-        del now  # the deadline is enforced through handle_timer only, like every other timer
+        # The deadline is enforced through handle_timer only, like every other timer; ``now``
+        # paces the derivation of password keys for foreign salts.
+        self._now = now
         self._check_usable()
         if self.state is HandshakeState.DONE:
             raise LocalError("handshake already done: feed the session codec instead")
@@ -507,6 +574,7 @@ class Handshake:
         self.error = err
         self._buf.clear()
         self._private = None
+        self._spake = None
         raise err
 
     def _advance(self) -> None:
@@ -517,6 +585,9 @@ class Handshake:
                     return
             elif state is HandshakeState.AWAIT_HELLO:
                 if not self._on_hello():
+                    return
+            elif state is HandshakeState.AWAIT_PAKE:
+                if not self._on_pake():
                     return
             elif state is HandshakeState.AWAIT_CONFIRM:
                 if not self._on_confirm():
@@ -576,24 +647,78 @@ class Handshake:
         if not ours:
             self._finish(FrameCodec(), None, None)
             return False
-        assert self._private is not None and self._password_key is not None
-        assert remote.ephemeral is not None
+        assert self._private is not None and self._password is not None
+        assert remote.ephemeral is not None and remote.salt is not None
         if remote.ephemeral == self.local_hello.ephemeral:
             # A reflector (or a bug) echoing our own bytes: say so rather than "wrong password".
             raise MalformedHello("malformed hello: the peer echoed our own ephemeral key")
         try:
-            shared = self._private.exchange(X25519PublicKey.from_public_bytes(remote.ephemeral))
+            self._shared = self._private.exchange(
+                X25519PublicKey.from_public_bytes(remote.ephemeral)
+            )
         except ValueError:  # a low-order point gives an all-zero secret: refused by OpenSSL
             raise MalformedHello("malformed hello: invalid ephemeral key") from None
+        mine = self.local_hello
+        assert mine.salt is not None
+        salt = choose_salt(mine.salt, mine.salt_settled, remote.salt, remote.salt_settled)
+        try:
+            key = self._password.key_for(salt, self._now)
+        except SaltDerivationRefused as err:
+            raise SaltBusy(str(err)) from None
+        self._salt = salt
+        side = SPAKE2_A if self.outbound else SPAKE2_B
+        self._spake = side(key, idA=_PAKE_ID_A, idB=_PAKE_ID_B, entropy_f=self._urandom)
+        message: bytes = self._spake.start()
+        self._pake_frame = len(message).to_bytes(LENGTH_SIZE, "big") + message
+        self._out += self._pake_frame
+        self.state = HandshakeState.AWAIT_PAKE
+        return True
+
+    def _on_pake(self) -> bool:
+        buf = self._buf
+        if len(buf) < LENGTH_SIZE:
+            return False
+        length = int.from_bytes(buf[:LENGTH_SIZE], "big")
+        if length != PAKE_MESSAGE_SIZE:
+            raise MalformedHandshake(
+                f"malformed PAKE message: {length} bytes (expected {PAKE_MESSAGE_SIZE})"
+            )
+        end = LENGTH_SIZE + PAKE_MESSAGE_SIZE
+        if len(buf) < end:
+            return False
+        frame = bytes(buf[:end])
+        del buf[:end]
+        if frame == self._pake_frame:
+            raise MalformedHandshake("malformed PAKE message: the peer echoed our own")
+        try:
+            pake_key: bytes = self._spake.finish(frame[LENGTH_SIZE:])
+        except Exception as err:  # spake2 raises ValueError, its own errors, even AssertionError
+            raise MalformedHandshake(
+                f"malformed PAKE message: {type(err).__name__}: {err}"[:200]
+            ) from None
+        self._spake = None
+        self._peer_pake_frame = frame
         if self.outbound:
             transcript = (
-                self._header + self._peer_header + self._hello_frame + self._peer_hello_frame
+                self._header
+                + self._peer_header
+                + self._hello_frame
+                + self._peer_hello_frame
+                + self._pake_frame
+                + self._peer_pake_frame
             )
         else:
             transcript = (
-                self._peer_header + self._header + self._peer_hello_frame + self._hello_frame
+                self._peer_header
+                + self._header
+                + self._peer_hello_frame
+                + self._hello_frame
+                + self._peer_pake_frame
+                + self._pake_frame
             )
-        keys = derive_session_keys(shared, self._password_key, transcript, self.outbound)
+        assert self._shared is not None
+        keys = derive_session_keys(self._shared, pake_key, transcript, self.outbound)
+        self._shared = None
         self._data_keys = (keys.data_send, keys.data_recv)
         # The confirm is the codec's first frame each way (counter 0), so the session continues
         # the same nonce sequence and a confirm can never be replayed as a session frame.
@@ -642,6 +767,7 @@ class Handshake:
             data_send_key=data_send,
             data_recv_key=data_recv,
             leftover=bytes(self._buf),
+            salt=self._salt,
         )
         self._buf.clear()
         self._private = None

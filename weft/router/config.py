@@ -2,7 +2,8 @@
 
 Defaults follow Weave Net where it had one (ports, connection limit, heartbeat timings), so an
 operator who knew Weave finds familiar numbers. Everything here is pure except the few helpers
-that read the password file or the persisted peer name, which say so in their names.
+that read the password file, the persisted peer name or the mesh salt, which say so in their
+names.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ __all__ = [
     "PASSWORD_ENV",
     "RouterConfig",
     "format_hostport",
+    "load_mesh_salt",
     "load_or_create_name",
     "parse_hostport",
     "parse_peer",
     "read_password_file",
+    "save_mesh_salt",
 ]
 
 DEFAULT_PORT: Final = 6783
@@ -42,6 +45,8 @@ DEFAULT_DATA_DIR: Final = "/var/lib/weft"
 PASSWORD_ENV: Final = "WEFT_PASSWORD"
 DATAPATHS: Final = ("auto", "ovs", "vxlan", "sleeve", "none")
 NAME_FILE: Final = "peer-name"
+MESH_SALT_FILE: Final = "mesh-salt"  # the mesh salt, hex, once a handshake authenticated under it
+_SALT_SIZE: Final = 16
 _MAX_NICKNAME: Final = 255  # as the handshake's hello allows
 _MAX_UNIX_PATH: Final = 107  # sun_path is 108 bytes including the terminating NUL
 
@@ -279,3 +284,40 @@ def load_or_create_name(data_dir: Path, wanted: PeerName | None, rng: random.Ran
         except OSError as err:
             raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
     return name
+
+
+def load_mesh_salt(data_dir: Path) -> tuple[bytes | None, bool]:
+    """The persisted mesh salt and True, or (None, False) on a first start (or after the file
+    was removed: the router then learns its mesh's salt from the first peer it authenticates).
+
+    Raises ConfigError when the file cannot be read or holds garbage.
+    """
+    path = data_dir / MESH_SALT_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None, False
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        salt = b""
+    if len(salt) != _SALT_SIZE:
+        raise ConfigError(
+            f"{path} is corrupt (expected {_SALT_SIZE * 2} hex digits); delete it and the router"
+            " learns the mesh salt again from its peers"
+        )
+    return salt, True
+
+
+def save_mesh_salt(data_dir: Path, salt: bytes) -> None:
+    """Persist the mesh salt (atomically). Raises ConfigError when it cannot be written."""
+    path = data_dir / MESH_SALT_FILE
+    tmp = path.with_suffix(".tmp")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{salt.hex()}\n")
+        tmp.replace(path)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None

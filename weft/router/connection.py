@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from weft.errors import LocalError, RemoteProtocolError
+from weft.gossip.crypto import PasswordKeys
 from weft.gossip.handshake import (
     Handshake,
     HandshakeError,
@@ -90,8 +91,8 @@ class ConnectionRefused(Exception):
 class ConnectionHost(Protocol):
     """What a connection needs from its router. All calls happen on the event loop."""
 
-    def hello_for(self, conn: Connection) -> tuple[Hello, bytes | None]:
-        """Our hello for this connection and the password key (None: plaintext)."""
+    def hello_for(self, conn: Connection) -> tuple[Hello, PasswordKeys | None]:
+        """Our hello for this connection and the mesh password's keys (None: plaintext)."""
         ...
 
     def handshake_completed(self, conn: Connection) -> None:
@@ -316,10 +317,8 @@ class Connection:
 
     async def _handshake(self) -> None:
         loop = asyncio.get_running_loop()
-        hello, password_key = self.host.hello_for(self)
-        hs = Handshake(
-            self.outbound, hello, password_key, loop.time(), timeout=self.handshake_timeout
-        )
+        hello, password = self.host.hello_for(self)
+        hs = Handshake(self.outbound, hello, password, loop.time(), timeout=self.handshake_timeout)
         self.writer.write(hs.data_to_send())
         try:
             while not hs.done:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from weft import __version__
 from weft.errors import ConfigError, WeftError
 from weft.gossip.channel import GossipData, GossipHandler, GossipSender
-from weft.gossip.crypto import derive_password_key
+from weft.gossip.crypto import PasswordKeys
 from weft.gossip.handshake import PROTOCOL_VERSIONS, Hello
 from weft.gossip.mesh import (
     ConnectionRejected,
@@ -62,8 +62,10 @@ from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
 from weft.router.config import (
     RouterConfig,
     format_hostport,
+    load_mesh_salt,
     load_or_create_name,
     parse_hostport,
+    save_mesh_salt,
 )
 from weft.router.connection import TAG_OVERLAY, Connection, ConnectionRefused
 from weft.router.overlay import NullOverlay, Overlay, OverlayConnectionParams
@@ -165,7 +167,10 @@ class Router:
             uid=random_uid(self._rng),
             short_id=self._rng.getrandbits(SHORT_ID_BITS),
         )
-        self.password_key = derive_password_key(config.password) if config.password else None
+        self.password_keys: PasswordKeys | None = None
+        if config.password:
+            salt, settled = load_mesh_salt(config.data_dir)
+            self.password_keys = PasswordKeys(config.password, salt, settled)
         self.overlay: Overlay = overlay if overlay is not None else NullOverlay()
         # Port 0 (tests): bind now, so the mesh and the overlay know the real port from the start.
         self._listen_sock: socket.socket | None = None
@@ -356,7 +361,7 @@ class Router:
             format_hostport(host, self.http_port),
             f" and {cfg.api_socket}" if cfg.api_socket else "",
             f", status on {cfg.status_addr}" if cfg.status_addr else "",
-            "on" if self.password_key else "off",
+            "on" if self.password_keys else "off",
         )
         self.pump()
 
@@ -689,17 +694,25 @@ class Router:
 
     # ConnectionHost ---------------------------------------------------------------------------
 
-    def hello_for(self, conn: Connection) -> tuple[Hello, bytes | None]:
+    def hello_for(self, conn: Connection) -> tuple[Hello, PasswordKeys | None]:
         features: dict[str, Any] = dict(self.overlay.features())
         features[FEATURE_PORT] = self.port
         features[FEATURE_HB_TIMEOUT] = self.config.heartbeat_timeout
         # the mesh may have reassigned our short id after a clash (ShortIdChanged)
         identity = dataclasses.replace(self.identity, short_id=self.mesh.short_id)
-        return Hello.from_identity(identity, conn.conn_id, features), self.password_key
+        return Hello.from_identity(identity, conn.conn_id, features), self.password_keys
 
     def handshake_completed(self, conn: Connection) -> None:
         result = conn.result
         assert result is not None
+        keys = self.password_keys
+        # The peer proved the password under this salt: it is our mesh's (docs/ARCHITECTURE.md).
+        if result.salt is not None and keys is not None and keys.settle(result.salt):
+            log.info("mesh salt %s settled (from %s)", result.salt.hex(), conn.describe())
+            try:
+                save_mesh_salt(self.config.data_dir, result.salt)
+            except ConfigError as err:
+                log.warning("%s; the next start learns the salt again from a peer", err)
         remote = result.remote
         peer_timeout = remote.features.get(FEATURE_HB_TIMEOUT)
         # Heartbeat often enough for the peer's read timeout too, if it is shorter than ours.
@@ -923,7 +936,7 @@ class Router:
                 "software": __version__,
                 "pid": os.getpid(),
                 "protocol": f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}",
-                "encryption": self.password_key is not None,
+                "encryption": self.password_keys is not None,
                 "discovery": self.config.discovery,
                 "port": self.port,
                 "conn_limit": self.config.conn_limit,
