@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 
+from weft.atomicfile import write_atomic
 from weft.jsonlimit import dumps, loads
 
 # Imported for the type checker only: at run time every import costs start-up time.
@@ -556,13 +557,8 @@ def spool_name(network: str, container_id: str, ifname: str) -> str:
 def _write_spool(spool_dir: str, request: Mapping[str, Any]) -> None:
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     name = spool_name(request["network"], request["containerId"], request["ifname"])
-    # pid and object id: the router may write for several shim requests at once
-    tmp = os.path.join(spool_dir, f".{name}.{os.getpid()}.{id(request):x}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dumps(request))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(spool_dir, name))
+    # a unique temporary name per writer: the router may write for several shim requests at once
+    write_atomic(os.path.join(spool_dir, name), dumps(request), mode=0o600)
 
 
 def _uses_weft_ipam(conf: Mapping[str, Any]) -> bool:

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from weft import jsonlimit
+from weft.atomicfile import write_atomic
 from weft.cni import kernel
 from weft.cni.plugin import (
     CURRENT,
@@ -135,10 +136,7 @@ class MemoryIpam:
 
     def _save(self) -> None:
         if self.state_path:
-            tmp = self.state_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.by_ident, f)
-            os.replace(tmp, self.state_path)
+            write_atomic(self.state_path, json.dumps(self.by_ident))
 
     async def allocate(self, ident: str, subnet: str | None) -> str:
         if not self.available:
@@ -344,11 +342,7 @@ class CniService:
 
     def _spool(self, body: Mapping[str, Any], att: _Attachment) -> None:
         os.makedirs(self.config.spool_dir, mode=0o700, exist_ok=True)
-        path = self._spool_path(att)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(body), f)
-        os.replace(tmp, path)
+        write_atomic(self._spool_path(att), json.dumps(dict(body)), mode=0o600)
 
     def pending(self) -> list[str]:
         """Spool files waiting to be replayed."""

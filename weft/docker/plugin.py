@@ -48,13 +48,13 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from weft.atomicfile import write_atomic
 from weft.cni.server import CniIpam, IpamRefused, IpamUnavailable
 from weft.errors import ConfigError, LocalError, WeftError
 
@@ -208,12 +208,7 @@ class NetworkStore:
             nets.append(raw)
         data = json.dumps({"version": self.VERSION, "networks": nets}, indent=1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data)
 
 
 # ---------------------------------------------------------------------- request parsing

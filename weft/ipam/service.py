@@ -118,7 +118,11 @@ class IpamService:
         self.config = config
         self.clock = clock
         if store is None:
-            store = SqliteStore.in_dir(data_dir) if data_dir is not None else MemoryStore()
+            store = (
+                SqliteStore.in_dir(data_dir, peer=str(name))
+                if data_dir is not None
+                else MemoryStore()
+            )
         state = store.load()
         allocator = Allocator(name, config, clock(), state=state)
         self.node = IpamNode(allocator, store, clock)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from weft.atomicfile import write_atomic
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName, random_peer_name
 
@@ -277,10 +278,8 @@ def load_or_create_name(data_dir: Path, wanted: PeerName | None, rng: random.Ran
     if name is None:
         name = random_peer_name(rng)
     if name != stored:
-        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(f"{name}\n")
-            tmp.replace(path)
+            write_atomic(path, f"{name}\n")
         except OSError as err:
             raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
     return name
@@ -314,10 +313,8 @@ def load_mesh_salt(data_dir: Path) -> tuple[bytes | None, bool]:
 def save_mesh_salt(data_dir: Path, salt: bytes) -> None:
     """Persist the mesh salt (atomically). Raises ConfigError when it cannot be written."""
     path = data_dir / MESH_SALT_FILE
-    tmp = path.with_suffix(".tmp")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(f"{salt.hex()}\n")
-        tmp.replace(path)
+        write_atomic(path, f"{salt.hex()}\n")
     except OSError as err:
         raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None

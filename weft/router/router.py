@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from weft import __version__
+from weft.atomicfile import write_atomic
 from weft.errors import ConfigError, WeftError
 from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.crypto import PasswordKeys
@@ -473,9 +474,7 @@ class Router:
     def _save_targets(self) -> None:
         path: Path = self.config.data_dir / TARGETS_FILE
         try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.mesh.direct_targets()))
-            tmp.replace(path)
+            write_atomic(path, json.dumps(self.mesh.direct_targets()))
         except OSError as err:
             log.warning("cannot persist targets in %s: %s", path, err)
 
