@@ -345,11 +345,14 @@ def test_router_options_build_the_config(tmp_path: Path, monkeypatch: pytest.Mon
     argv += ["--heartbeat-interval", "1", "--heartbeat-timeout", "3", "--api-socket", ""]
     argv += ["--status-addr", "0.0.0.0:6782", "--name", "02:00:00:00:00:09", "10.0.0.1"]
     argv += ["--ipalloc-range", "10.40.0.0/16", "--ipalloc-init", "seed=02:00:00:00:00:09"]
+    argv += ["--unauth-limit", "16", "--unauth-per-source", "2"]
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
     assert config.password == b"from-env"
     assert config.http_addr == "127.0.0.1:7777"
     assert config.discovery is False and config.conn_limit == 5
+    adm = config.admission_config()
+    assert (adm.limit, adm.per_source, adm.outbound_reserve) == (16, 2, 4)
     assert (config.heartbeat_interval, config.heartbeat_timeout) == (1.0, 3.0)
     assert config.api_socket is None and config.status_addr == "0.0.0.0:6782"
     assert str(config.name) == "02:00:00:00:00:09"

@@ -30,6 +30,8 @@ def test_defaults_follow_weave() -> None:
     assert c.api_socket == Path("/run/weft/weft.sock")
     assert c.data_dir == Path("/var/lib/weft")
     assert c.conn_limit == 200
+    adm = c.admission_config()  # the stranger budget (issue #14 item 6)
+    assert (adm.limit, adm.per_source, adm.outbound_reserve) == (32, 4, 8)
     assert c.discovery is True
     assert c.password is None
     assert (c.heartbeat_interval, c.heartbeat_timeout) == (30.0, 60.0)
@@ -59,6 +61,9 @@ def test_peers_are_normalised_with_the_default_port() -> None:
         ({"http_addr": "localhost"}, "expected host:port"),
         ({"http_addr": "127.0.0.1:http"}, "port must be a number"),
         ({"conn_limit": 0}, "--conn-limit 0 invalid"),
+        ({"unauth_limit": 1}, "--unauth-limit 1 invalid"),
+        ({"unauth_per_source": 0}, "--unauth-per-source 0 invalid"),
+        ({"unauth_limit": 8, "unauth_outbound_reserve": 8}, "outbound reserve 8: must be 1..7"),
         ({"datapath": "dpdk"}, "expected one of auto, ovs, vxlan, sleeve, none"),
         ({"heartbeat_interval": 0}, "--heartbeat-interval 0 must be positive"),
         ({"heartbeat_interval": 10, "heartbeat_timeout": 10}, "must be longer than"),

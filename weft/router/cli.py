@@ -149,6 +149,19 @@ def _add_router_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-discovery", action="store_true", help="connect only to the given peers")
     p.add_argument("--conn-limit", type=int, default=200, help="most connections (default 200)")
     p.add_argument(
+        "--unauth-limit",
+        type=int,
+        default=32,
+        help="most connections still authenticating, a quarter kept for our dials (default 32)",
+    )
+    p.add_argument(
+        "--unauth-per-source",
+        type=int,
+        default=4,
+        help="most inbound connections authenticating from one IPv4 address or IPv6 /64"
+        " (default 4)",
+    )
+    p.add_argument(
         "--datapath",
         default="auto",
         choices=("auto", "ovs", "vxlan", "sleeve", "none"),
@@ -236,6 +249,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         password=password,
         discovery=not args.no_discovery,
         conn_limit=args.conn_limit,
+        unauth_limit=args.unauth_limit,
+        unauth_per_source=args.unauth_per_source,
         peers=tuple(args.peers),
         datapath=args.datapath,
         ipam=not args.no_ipam,

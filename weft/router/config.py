@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from weft.atomicfile import write_atomic
 from weft.errors import ConfigError
+from weft.gossip.admission import AdmissionConfig
 from weft.gossip.peer import PeerName, random_peer_name
 
 if TYPE_CHECKING:
@@ -76,6 +77,11 @@ class RouterConfig:
       or the environment variable ``WEFT_PASSWORD``.
     * ``discovery`` — True: also connect to peers learned from others' topology records.
     * ``conn_limit`` — 200 (Weave's): most control connections, handshaking ones included.
+    * ``unauth_limit`` — 32: most connections still in their handshake (not yet authenticated),
+      inbound and outbound together (weft/gossip/admission.py).
+    * ``unauth_per_source`` — 4: most of those inbound from one IPv4 address or IPv6 /64.
+    * ``unauth_outbound_reserve`` — None (a quarter of ``unauth_limit``, 8): slots of
+      ``unauth_limit`` only our own dials may use, so strangers cannot keep us from our peers.
     * ``peers`` — initial direct targets, ``host`` or ``host:port`` (port defaults to ``port``).
     * ``datapath`` — ``auto`` (per connection the best healthy of kernel VXLAN and the sleeve),
       ``vxlan`` (no fallback), ``sleeve`` or ``none`` (control plane only).
@@ -106,6 +112,9 @@ class RouterConfig:
     password: bytes | None = field(default=None, repr=False)
     discovery: bool = True
     conn_limit: int = 200
+    unauth_limit: int = 32
+    unauth_per_source: int = 4
+    unauth_outbound_reserve: int | None = None
     peers: tuple[str, ...] = ()
     datapath: str = "auto"
     ipam: bool = True
@@ -149,6 +158,7 @@ class RouterConfig:
             raise ConfigError("the password is empty; leave it unset to run without encryption")
         if self.conn_limit < 1:
             raise ConfigError(f"--conn-limit {self.conn_limit} invalid: must be at least 1")
+        self.admission_config()
         if self.datapath not in DATAPATHS:
             raise ConfigError(
                 f"--datapath {self.datapath!r} invalid: expected one of {', '.join(DATAPATHS)}"
@@ -184,6 +194,21 @@ class RouterConfig:
             raise ConfigError(f"listen address {self.listen_host!r} is not an IP address") from None
         peers = tuple(parse_peer(p, self.port or DEFAULT_PORT) for p in self.peers)
         return replace(self, nickname=nickname, peers=peers)
+
+    def admission_config(self) -> AdmissionConfig:
+        """The unauthenticated-connection budget; raises ConfigError naming the option."""
+        reserve = self.unauth_outbound_reserve
+        if reserve is None:
+            reserve = max(1, self.unauth_limit // 4)
+        if self.unauth_limit < 2:
+            raise ConfigError(f"--unauth-limit {self.unauth_limit} invalid: must be at least 2")
+        if self.unauth_per_source < 1:
+            raise ConfigError(
+                f"--unauth-per-source {self.unauth_per_source} invalid: must be at least 1"
+            )
+        return AdmissionConfig(
+            limit=self.unauth_limit, per_source=self.unauth_per_source, outbound_reserve=reserve
+        ).validated()
 
     @property
     def http_host_port(self) -> tuple[str, int]:

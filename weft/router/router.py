@@ -18,7 +18,9 @@ Connection policy decided here (Weave's):
   xor remote conn id, the same number on both ends) wins; a peer with a new uid (restarted)
   replaces its old connection at once.
 * a connection limit (handshaking ones included) and an accept token bucket (20 tokens, one more
-  every 50 ms) bound what strangers can make us do.
+  every 50 ms) bound what strangers can make us do; connections that have not authenticated yet
+  have their own small budget (:mod:`weft.gossip.admission`: 32 in all, 4 per source, 8 kept
+  for our own dials), decided before we spend anything on them, refusals logged aggregated.
 
 Failures stay visible: a refused or failed connection leaves a row (state ``failed``, or
 ``retrying`` while the connection maker still dials that address) with the reason, until a
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 from weft import __version__
 from weft.atomicfile import write_atomic
 from weft.errors import ConfigError, WeftError
+from weft.gossip.admission import Admission, Admitted
 from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.crypto import PasswordKeys
 from weft.gossip.handshake import PROTOCOL_VERSIONS, Hello
@@ -217,6 +220,10 @@ class Router:
         self._stopping = False
         self._stop_task: asyncio.Task[None] | None = None
         self._bucket = TokenBucket(config.accept_burst, config.accept_interval, self.now())
+        # connections not yet authenticated: their budget, and how to close one to evict it
+        self.admission = Admission(config.admission_config())
+        self._unauth_closers: dict[int, Callable[[str], None]] = {}
+        self._admission_timer: asyncio.TimerHandle | None = None
 
     # -- composition ------------------------------------------------------------------------------
 
@@ -380,7 +387,7 @@ class Router:
             return
         self._stopping = True
         log.info("router %s stopping", self.identity.name)
-        for handle in (self._timer, self._unblock):
+        for handle in (self._timer, self._unblock, self._admission_timer):
             if handle is not None:
                 handle.cancel()
         if self._server is not None:
@@ -596,13 +603,14 @@ class Router:
         outbound: bool,
         address: str,
         target: str | None,
+        local_id: int,
     ) -> Connection:
         cfg = self.config
         conn = Connection(
             self,
             reader,
             writer,
-            local_id=self._new_local_id(),
+            local_id=local_id,
             outbound=outbound,
             address=address,
             target=target,
@@ -621,36 +629,127 @@ class Router:
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         address = format_hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
+        ip = str(peer[0]) if isinstance(peer, tuple) else "?"
         if self._stopping:
             writer.close()
             return
+        now = self.now()
         if self._connection_count() >= self.config.conn_limit:
             reason = f"connection limit reached ({self.config.conn_limit})"
             self.counters["refused_conn_limit"] += 1
-            log.warning("refused <- %s: %s", address, reason)
+            self._log_refusal(self.admission.note_refused(ip, "conn_limit", now), address, reason)
             self._record_failure(False, address, reason, None, None, False)
             writer.close()
             return
-        delay = self._bucket.take(self.now())
-        if delay > 0:
-            # Weave's listener waits for a token before accepting; we accepted already, so the
-            # wait happens here, counted against the connection limit meanwhile.
-            self.counters["accept_delayed"] += 1
-            self._accept_waiting += 1
-            try:
-                await asyncio.sleep(delay)
-            finally:
-                self._accept_waiting -= 1
-            if self._stopping:
+        # Before anything is spent on it (a token, a task, a handshake): the stranger's budget.
+        local_id = self._new_local_id()
+        verdict = self.admission.admit_inbound(local_id, ip, now)
+        if not isinstance(verdict, Admitted):
+            self.counters[f"refused_{verdict.label}"] += 1
+            self._log_refusal(verdict.log, address, verdict.reason)
+            self._record_failure(False, address, verdict.reason, None, None, False)
+            writer.close()
+            return
+        if verdict.evict is not None:
+            self._evict(verdict.evict, verdict.evict_reason)
+        try:
+            ended = await self._accept_token(local_id)
+            if ended is not None:
                 writer.close()
+                if not self._stopping:
+                    self._log_stranger_closed(f"<- {address}", ip, ended)
                 return
-        self.counters["accepted"] += 1
-        conn = self._make_connection(reader, writer, outbound=False, address=address, target=None)
+            self.counters["accepted"] += 1
+            conn = self._make_connection(
+                reader, writer, outbound=False, address=address, target=None, local_id=local_id
+            )
+        except BaseException:
+            self._release_unauth(local_id)
+            raise
+        self._unauth_closers[local_id] = lambda why: conn.close(why, record=True, label="evicted")
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await conn.run()
+
+    async def _accept_token(self, local_id: int) -> str | None:
+        """Wait for an accept token; the reason when evicted or stopping meanwhile (then the
+        connection is released), None to go on."""
+        delay = self._bucket.take(self.now())
+        if delay <= 0:
+            return None
+        # Weave's listener waits for a token before accepting; we accepted already, so the
+        # wait happens here, counted against the connection limit and the stranger budget.
+        self.counters["accept_delayed"] += 1
+        self._accept_waiting += 1
+        evicted = asyncio.Event()
+        why_evicted = ""
+
+        def evict(why: str) -> None:
+            nonlocal why_evicted
+            why_evicted = why
+            evicted.set()
+
+        self._unauth_closers[local_id] = evict
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(evicted.wait(), delay)
+        finally:
+            self._accept_waiting -= 1
+            self._unauth_closers.pop(local_id, None)
+        if evicted.is_set() or self._stopping:
+            self._release_unauth(local_id)
+            return why_evicted or "router stopping"
+        return None
+
+    def _evict(self, local_id: int, reason: str) -> None:
+        """Close an unauthenticated inbound connection the admission core gave up for another."""
+        self.counters["unauth_evicted"] += 1
+        closer = self._unauth_closers.pop(local_id, None)
+        if closer is not None:
+            closer(reason)
+
+    def _release_unauth(self, local_id: int) -> None:
+        self.admission.release(local_id)
+        self._unauth_closers.pop(local_id, None)
+
+    def _log_refusal(self, individually: bool, address: str, reason: str) -> None:
+        """One line for the first refusals of an interval, the rest in its summary line."""
+        if individually:
+            log.warning(
+                "refused <- %s: %s (more refusals are summed up every %gs)",
+                address,
+                reason,
+                self.admission.config.log_interval,
+            )
+        else:
+            log.debug("refused <- %s: %s", address, reason)
+        self._arm_admission_timer()
+
+    def _log_stranger_closed(self, who: str, ip: str, reason: str) -> None:
+        """An inbound connection ended before authenticating: the interval's first few are
+        logged, the rest summed up (a flood must not write a line per connection)."""
+        individually = self.admission.note_failed(ip, self.now())
+        log.log(
+            logging.INFO if individually else logging.DEBUG, "connection %s closed: %s", who, reason
+        )
+        self._arm_admission_timer()
+
+    def _arm_admission_timer(self) -> None:
+        if self._admission_timer is not None or self._stopping:
+            return
+        at = self.admission.get_timer()
+        if at is not None:
+            loop = asyncio.get_running_loop()
+            self._admission_timer = loop.call_at(max(at, loop.time()), self._on_admission_timer)
+
+    def _on_admission_timer(self) -> None:
+        self._admission_timer = None
+        summary = self.admission.handle_timer(self.now())
+        if summary is not None:
+            log.warning("%s", summary.message())
+        self._arm_admission_timer()
 
     async def _dial(self, address: str) -> None:
         if address in self._dialing:
@@ -680,7 +779,17 @@ class Router:
         if self._stopping:
             writer.close()
             return
-        conn = self._make_connection(reader, writer, outbound=True, address=address, target=address)
+        local_id = self._new_local_id()
+        verdict = self.admission.admit_outbound(local_id, self.now())
+        if not isinstance(verdict, Admitted):
+            # only our own dials can fill the reserve: the connection maker retries later
+            self.counters[f"refused_{verdict.label}"] += 1
+            writer.close()
+            self._dial_failed(address, verdict.reason)
+            return
+        conn = self._make_connection(
+            reader, writer, outbound=True, address=address, target=address, local_id=local_id
+        )
         await conn.run()
 
     def _dial_failed(self, address: str, reason: str) -> None:
@@ -704,6 +813,8 @@ class Router:
     def handshake_completed(self, conn: Connection) -> None:
         result = conn.result
         assert result is not None
+        # authenticated (the password proven, or a plaintext mesh's hello): off the budget
+        self._release_unauth(conn.local_id)
         keys = self.password_keys
         # The peer proved the password under this salt: it is our mesh's (docs/ARCHITECTURE.md).
         if result.salt is not None and keys is not None and keys.settle(result.salt):
@@ -820,6 +931,7 @@ class Router:
 
     def connection_closed(self, conn: Connection, reason: str, record: bool) -> None:
         self._conns.pop(conn.local_id, None)
+        self._release_unauth(conn.local_id)
         label = conn.close_label or "unknown"
         self.counters[f"closed_{label}"] += 1
         for callback in list(self._closed_callbacks):
@@ -844,6 +956,8 @@ class Router:
             )
         if reason == "cannot connect to ourself" and not conn.outbound:
             log.debug("connection %s closed: %s", conn.describe(), reason)
+        elif not conn.outbound and conn.result is None and not self._stopping:
+            self._log_stranger_closed(conn.describe(), conn.remote_ip, reason)
         else:
             log.info("connection %s closed: %s", conn.describe(), reason)
         self.pump()
@@ -939,6 +1053,7 @@ class Router:
                 "discovery": self.config.discovery,
                 "port": self.port,
                 "conn_limit": self.config.conn_limit,
+                "unauthenticated": self.admission.status(),
                 "peers": mesh_status.get("peers", []),
                 "connections": self._connection_rows(now, retrying),
                 "targets": targets,

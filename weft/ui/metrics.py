@@ -233,7 +233,8 @@ _TERMINATIONS = _Family(
 )
 _CONN_EVENTS = _Family(
     "weft_connection_events",
-    "Other connection events of the router (accepted, dial_failed, refused_conn_limit, ...).",
+    "Other connection events of the router (accepted, dial_failed, refused_conn_limit,"
+    " refused_unauth_limit, refused_unauth_per_source, unauth_evicted, ...).",
     ("event",),
 )
 _GOSSIP_MESSAGES = _Family(
