@@ -129,7 +129,7 @@ def api(sock: str, method: str, route: str, body: Any = None) -> Any:
 
 def setup_cni(bin_dir: Path, conf_dir: Path, api_socket: str, *extra: str) -> str:
     """``weft setup-cni`` as a user runs it; returns what it said on stderr ('' normally)."""
-    argv = [sys.executable, "-m", "weft.router.cli", "setup-cni", "--bin-dir", str(bin_dir)]
+    argv = [sys.executable, "-m", "weft.cli.main", "setup-cni", "--bin-dir", str(bin_dir)]
     proc = subprocess.run(
         [*argv, "--conf-dir", str(conf_dir), "--api-socket", api_socket, *extra],
         capture_output=True,
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 full_host,
                 sys.executable,
                 "-m",
-                "weft.router.cli",
+                "weft.cli.main",
                 "launch",
                 "--name",
                 name,
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if full_host is not None:
             subprocess.run(
-                ["ip", "netns", "exec", full_host, sys.executable, "-m", "weft.router.cli", "stop"],
+                ["ip", "netns", "exec", full_host, sys.executable, "-m", "weft.cli.main", "stop"],
                 capture_output=True,
             )
         if router is not None and router.poll() is None:

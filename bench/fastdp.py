@@ -61,7 +61,7 @@ def start_weft(u: Underlay) -> tuple[list[subprocess.Popen[bytes]], str, str]:
     procs = []
     for i, host in enumerate(u.hosts[:2]):
         peers = [h.ip for h in u.hosts[:2] if h is not host]
-        args = ["-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir)]
+        args = ["-m", "weft.cli.main", "router", "--data-dir", str(host.data_dir)]
         args += ["--api-socket", "", "--datapath", "auto", "--nickname", f"h{i + 1}", *peers]
         env = {"WEFT_PASSWORD": "", "PYTHONPATH": str(REPO)}
         procs.append(host.spawn(sys.executable, *args, log=host.data_dir / "router.log", env=env))

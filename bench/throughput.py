@@ -222,7 +222,7 @@ def _start_routers(u: Underlay, mode: str) -> list[tuple[Host, subprocess.Popen[
         proc = host.spawn(
             sys.executable,
             "-m",
-            "weft.router.cli",
+            "weft.cli.main",
             "router",
             "--data-dir",
             str(host.data_dir),
@@ -264,7 +264,7 @@ def _attach(u: Underlay) -> tuple[str, str]:
             host.exec(
                 sys.executable,
                 "-m",
-                "weft.router.bridge",
+                "weft.host.bridge",
                 "attach",
                 ns,
                 "--ip",

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WEFT_SETUP_E2E=0 ./scripts/setup.sh
-exec python3 -m weft.router.cli demo "$@"
+exec python3 -m weft.cli.main demo "$@"

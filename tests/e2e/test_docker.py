@@ -152,7 +152,7 @@ class _UnixHTTP(http.client.HTTPConnection):
 
 
 def weft(host: Host, *args: str) -> str:
-    proc = host.exec(sys.executable, "-m", "weft.router.cli", *args, timeout=90)
+    proc = host.exec(sys.executable, "-m", "weft.cli.main", *args, timeout=90)
     return proc.stdout
 
 

@@ -254,7 +254,7 @@ def test_podman_containers_get_weft_addresses_and_release_them(
 
 
 def weft_cli(host: Host, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return host.exec(sys.executable, "-m", "weft.router.cli", *args, check=check, timeout=120)
+    return host.exec(sys.executable, "-m", "weft.cli.main", *args, check=check, timeout=120)
 
 
 def http_get(path: str, route: str) -> Any:

@@ -21,12 +21,12 @@ pytestmark = vm_marks()
 
 
 def switch_builds_ovs_with_a_password() -> bool:
-    """Whether ``weft.router.switch`` builds the OVS part for an encrypted router on a kernel
+    """Whether ``weft.switch.pump`` builds the OVS part for an encrypted router on a kernel
     with openvswitch and ESP (then the VM also runs the encrypted scenario). Nothing touches
     the kernel: parts start with their first connection."""
     from weft.fastdp.capabilities import Capabilities, Feature
     from weft.fastdp.heartbeat import HeartbeatConfig
-    from weft.router.switch import FastPartContext, _build_fast_parts
+    from weft.switch.pump import FastPartContext, _build_fast_parts
 
     async def build() -> bool:
         yes = Feature(True, "")

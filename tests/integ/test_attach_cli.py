@@ -23,7 +23,7 @@ pytestmark = [
 
 
 def weft(host: Host, *args: str) -> str:
-    proc = host.exec(sys.executable, "-m", "weft.router.cli", *args, check=False, timeout=90)
+    proc = host.exec(sys.executable, "-m", "weft.cli.main", *args, check=False, timeout=90)
     assert proc.returncode == 0, f"weft {' '.join(args)}: {proc.stdout}{proc.stderr}"
     return proc.stdout
 
@@ -60,7 +60,7 @@ def test_attach_and_detach_by_name_or_path(host: Host, attach_as: str, detach_as
     assert allocations(host) == {f"netns:{name}": cidr}
     assert name in weft(host, "ps")
     # the same namespace by its other form: already attached, nothing new allocated
-    again = host.exec(sys.executable, "-m", "weft.router.cli", "attach", form[detach_as],
+    again = host.exec(sys.executable, "-m", "weft.cli.main", "attach", form[detach_as],
                       check=False)
     assert again.returncode != 0 and "already attached" in again.stderr, again.stderr
     weft(host, "detach", form[detach_as])

@@ -28,8 +28,8 @@ import pytest
 
 from tests.integ.hosts import Host, Underlay, have_netns, run, wait_for
 from weft.cni import install
-from weft.cni.kernel import host_ifname
 from weft.cni.plugin import SUPPORTED_VERSIONS
+from weft.host.attach import host_ifname
 
 pytestmark = [
     pytest.mark.netns,
@@ -125,7 +125,7 @@ class WeftRouter:
     name: str = "02:00:00:00:0c:01"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.host.exec(sys.executable, "-m", "weft.router.cli", *args, check=check)
+        return self.host.exec(sys.executable, "-m", "weft.cli.main", *args, check=check)
 
     def start(self) -> None:
         self.cli(

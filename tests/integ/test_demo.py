@@ -23,7 +23,7 @@ pytestmark = [
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "weft.router.cli", "demo", *args],
+        [sys.executable, "-m", "weft.cli.main", "demo", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -62,7 +62,7 @@ def api(host: Host, method: str, path: str) -> tuple[int, Any]:
 
 
 def weft(host: Host, *args: str, check: bool = True) -> str:
-    proc = host.exec(sys.executable, "-m", "weft.router.cli", *args, check=check, timeout=90)
+    proc = host.exec(sys.executable, "-m", "weft.cli.main", *args, check=check, timeout=90)
     return proc.stdout + proc.stderr
 
 

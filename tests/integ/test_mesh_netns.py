@@ -34,7 +34,7 @@ TIMEOUT = 60.0
 
 
 def weft(host: Host, *args: str, check: bool = True) -> str:
-    proc = host.exec(sys.executable, "-m", "weft.router.cli", *args, check=check, timeout=90)
+    proc = host.exec(sys.executable, "-m", "weft.cli.main", *args, check=check, timeout=90)
     return proc.stdout + proc.stderr
 
 
@@ -184,7 +184,7 @@ def test_wrong_password_is_refused_and_named_on_both_sides(mesh: Mesh) -> None:
 
     # `weft stop` ends the intruder's router; after that its CLI gets a one-line error
     weft(intruder, "stop")
-    proc = intruder.exec(sys.executable, "-m", "weft.router.cli", "status", check=False)
+    proc = intruder.exec(sys.executable, "-m", "weft.cli.main", "status", check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("weft status: cannot reach the weft router at 127.0.0.1:6784")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

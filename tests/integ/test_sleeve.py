@@ -106,7 +106,7 @@ def mesh() -> Iterator[Mesh]:
         for i, host in enumerate(u.hosts, 1):
             peers = [h.ip for h in u.hosts if h is not host]
             host.spawn(
-                sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
+                sys.executable, "-m", "weft.cli.main", "router", "--data-dir", str(host.data_dir),
                 "--api-socket", "", "--datapath", "sleeve", "--nickname", f"h{i}", *peers,
                 log=host.data_dir / "router.log", env={"WEFT_PASSWORD": PASSWORD},
             )  # fmt: skip

@@ -48,7 +48,7 @@ def mixed(request: pytest.FixtureRequest) -> Iterator[tuple[Underlay, list[str],
                 "WEFT_PASSWORD": "",
             }
             host.spawn(
-                sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
+                sys.executable, "-m", "weft.cli.main", "router", "--data-dir", str(host.data_dir),
                 "--api-socket", "", "--datapath", "sleeve", "--nickname", f"h{i + 1}", peer,
                 log=host.data_dir / "router.log", env=env,
             )  # fmt: skip

@@ -73,7 +73,7 @@ def all_on(host: Host, nicks: set[str], datapath: str) -> bool:
 
 def start_router(host: Host, i: int, peers: list[str], env: dict[str, str]) -> None:
     host.spawn(
-        sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
+        sys.executable, "-m", "weft.cli.main", "router", "--data-dir", str(host.data_dir),
         "--api-socket", "", "--datapath", "auto", "--nickname", f"h{i}",
         "--heartbeat-interval", "1", "--heartbeat-timeout", "20", *peers,
         log=host.data_dir / "router.log", env={**env, "PYTHONPATH": str(REPO)},
@@ -142,7 +142,7 @@ def mesh() -> Iterator[Mesh]:
 def test_connections_on_vxlan_in_weft_status(mesh: Mesh) -> None:
     h1 = mesh.hosts[0]
     out = h1.exec(
-        sys.executable, "-m", "weft.router.cli", "status", "connections",
+        sys.executable, "-m", "weft.cli.main", "status", "connections",
     ).stdout  # fmt: skip
     rows = [line for line in out.splitlines() if "h2" in line or "h3" in line]
     assert len(rows) == 2 and all("vxlan" in row for row in rows), out
@@ -334,7 +334,7 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
         assert "6784" in info or "peer's heartbeats" in info, info
         wait_for(lambda: datapaths(h3).get("h2") == "sleeve", timeout=30, what="h3->h2 sleeve")
         assert datapaths(h1).get("h3") == "vxlan"  # untouched by the rule
-        out = h1.exec(sys.executable, "-m", "weft.router.cli", "status", "connections").stdout
+        out = h1.exec(sys.executable, "-m", "weft.cli.main", "status", "connections").stdout
         assert "using sleeve" in out, out
         wait_for(lambda: pings(c1, ip2), timeout=20, what="ping over sleeve")
         fallbacks = api(h1, "/status")["overlay"]["switch"]["fallbacks"]
@@ -434,9 +434,9 @@ def test_encrypted_without_esp_stays_on_sleeve_and_says_so(encrypted_pair: Mesh)
 
 def test_the_strict_esp_guard_drops_plain_udp_6784_from_anyone() -> None:
     """What a router with a password and ESP puts in place before its vxlan device exists
-    (weft.router.esp_links.StrictInboundGuard): plain UDP 6784 is dropped whatever its source,
+    (weft.fastdp.esp_links.StrictInboundGuard): plain UDP 6784 is dropped whatever its source,
     other ports pass; stop removes the table."""
-    from weft.router.esp_links import StrictInboundGuard
+    from weft.fastdp.esp_links import StrictInboundGuard
 
     with underlay(2, net=83) as u:
         h1, h2 = u.hosts

@@ -9,10 +9,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
+from weft.host.bridge import Attachment
+from weft.host.bridge_api import netns_ident, setup_routes
 from weft.ipam.allocator import AllocationSucceeded, Allocator, IpamConfig
 from weft.router.api import _errors  # the API's own error boundary
-from weft.router.bridge import Attachment
-from weft.router.bridge_api import netns_ident, setup_routes
 
 
 def test_a_name_and_its_run_netns_path_are_one_ident() -> None:

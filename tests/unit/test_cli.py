@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from weft.router import cli
-from weft.router.status import (
+from weft.cli import main as cli
+from weft.cli.status import (
     render_connections,
     render_peers,
     render_summary,
@@ -158,7 +158,7 @@ def test_unreachable_router_from_a_real_process() -> None:
         [
             sys.executable,
             "-m",
-            "weft.router.cli",
+            "weft.cli.main",
             "status",
             "--http-addr",
             f"127.0.0.1:{free_port()}",
@@ -297,7 +297,7 @@ def test_renderings_are_aligned_and_name_reasons() -> None:
 
 def test_client_import_stays_cheap() -> None:
     code = (
-        "import sys, weft.router.cli, weft.router.status; "
+        "import sys, weft.cli.main, weft.cli.status; "
         "print(sorted(m for m in ('aiohttp', 'cryptography', 'pyroute2', 'msgpack') "
         "if m in sys.modules))"
     )
@@ -323,7 +323,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_gets_its_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    from weft.router import demo
+    from weft.cli import demo
 
     seen: list[list[str]] = []
 
@@ -387,7 +387,7 @@ def _launch_args(tmp_path: Path, port: int, http_port: int) -> list[str]:
 
 def _weft(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "weft.router.cli", *args],
+        [sys.executable, "-m", "weft.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=90,

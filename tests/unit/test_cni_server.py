@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from weft.cni import kernel, server
+from weft.cni import server
 from weft.cni.plugin import CniError
 from weft.cni.server import (
     CniConfig,
@@ -25,12 +25,13 @@ from weft.cni.server import (
     attachment_id,
     setup_routes,
 )
+from weft.host import attach as kernel
 
 
 class FakeKernel:
     def __init__(self) -> None:
         self.attached: dict[str, kernel.AttachSpec] = {}
-        self.fail_with: CniError | None = None
+        self.fail_with: kernel.AttachError | None = None
         self.problems: list[str] = []
         self.bridge = True
 
@@ -155,7 +156,9 @@ async def test_bad_config_is_error_7_and_takes_nothing(
 async def test_kernel_failure_releases_a_fresh_allocation(
     fake: FakeKernel, service: CniService, ipam: MemoryIpam
 ) -> None:
-    fake.fail_with = CniError(101, "interface eth0 already exists in the container")
+    fake.fail_with = kernel.AttachError(
+        kernel.AttachFailure.INTERFACE_EXISTS, "interface eth0 already exists in the container"
+    )
     with pytest.raises(CniError) as err:
         await service.add(request())
     assert err.value.code == 101
@@ -166,7 +169,9 @@ async def test_kernel_failure_keeps_an_existing_allocation(
     fake: FakeKernel, service: CniService, ipam: MemoryIpam
 ) -> None:
     await service.add(request())
-    fake.fail_with = CniError(101, "interface eth0 already exists in the container")
+    fake.fail_with = kernel.AttachError(
+        kernel.AttachFailure.INTERFACE_EXISTS, "interface eth0 already exists in the container"
+    )
     with pytest.raises(CniError):
         await service.add(request())  # a second ADD must not break the first attachment
     assert ipam.by_ident == {attachment_id("weftnet", "c1", "eth0"): "10.32.0.2/12"}
@@ -338,7 +343,7 @@ async def test_http_add_and_errors(client: Any, fake: FakeKernel) -> None:
     assert response.status == 200
     assert (await response.json())["result"]["ips"][0]["address"] == "10.32.0.2/12"
 
-    fake.fail_with = CniError(101, "exists")
+    fake.fail_with = kernel.AttachError(kernel.AttachFailure.INTERFACE_EXISTS, "exists")
     response = await client.post("/cni/add", json=request("x"))
     assert response.status == 409 and (await response.json())["code"] == 101
 
@@ -465,3 +470,21 @@ async def test_a_refused_pending_release_is_set_aside(
     monkeypatch.setattr(ipam, "release", refuse)
     assert await service.drain_spool() == 0
     assert [p.name for p in spool.iterdir()] == ["weftnet:c1:eth0.json.bad"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (kernel.AttachFailure.NETNS_GONE, 3),
+        (kernel.AttachFailure.BRIDGE_MISSING, 11),
+        (kernel.AttachFailure.INTERFACE_EXISTS, 101),
+        (kernel.AttachFailure.KERNEL, 100),
+    ],
+)
+async def test_each_kernel_failure_gets_its_cni_code(
+    fake: FakeKernel, service: CniService, failure: kernel.AttachFailure, code: int
+) -> None:
+    fake.fail_with = kernel.AttachError(failure, "it failed", "where")
+    with pytest.raises(CniError) as err:
+        await service.add(request())
+    assert (err.value.code, err.value.msg, err.value.details) == (code, "it failed", "where")

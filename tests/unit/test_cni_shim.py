@@ -26,9 +26,17 @@ import pytest
 from aiohttp import web
 
 from tests.unit.test_cni_server import FakeKernel
-from weft.cni import install, kernel
-from weft.cni.server import CniConfig, CniService, MemoryIpam, serve_unix, setup_routes
+from weft.cni import install
+from weft.cni.server import (
+    CniConfig,
+    CniService,
+    MemoryIpam,
+    local_routes,
+    serve_unix,
+    setup_routes,
+)
 from weft.cni.shim_server import ShimServer, setup_shim_server, shim_socket_for
+from weft.host import attach as kernel
 
 ROOT = str(Path(install.__file__).resolve().parent.parent.parent)
 
@@ -55,7 +63,7 @@ class InProcessRouter:
         self.service = CniService(self.ipam, CniConfig(spool_dir=self.spool, drain_interval=0.05))
         app = web.Application()
         setup_routes(app, self.service)
-        get_shim = setup_shim_server(app, self.service, self.api)
+        get_shim = setup_shim_server(app, local_routes(self.service), self.api)
         runner = await serve_unix(app, self.api)
         self.shim = get_shim()
         self._ready.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from weft.router.demo import build_parser, demo_password
+from weft.cli.demo import build_parser, demo_password
 
 
 def _password(*argv: str) -> tuple[str | None, str]:

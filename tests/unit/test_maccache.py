@@ -6,7 +6,7 @@ import pytest
 
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
-from weft.router.maccache import MacCache, MacCacheConfig, format_mac
+from weft.sleeve.maccache import MacCache, MacCacheConfig, format_mac
 
 P1, P2 = PeerName(0x020000000001), PeerName(0x020000000002)
 

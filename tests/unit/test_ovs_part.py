@@ -1,4 +1,4 @@
-"""The OVS fast part (weft.router.ovs_part) against an in-memory datapath, with a stepped clock.
+"""The OVS fast part (weft.fastdp.ovs_part) against an in-memory datapath, with a stepped clock.
 
 Two parts back to back: A's probes go through a simulated tunnel into B's fake datapath and come
 back out of ``handle_upcalls``; the links' control messages go straight to the other part. The
@@ -17,14 +17,11 @@ from typing import Any
 import pytest
 
 from weft.fastdp.esp import ESP_OVERHEAD, EspPair
+from weft.fastdp.esp_links import EspLinks
 from weft.fastdp.heartbeat import HeartbeatConfig, Probe, decode_probe
 from weft.fastdp.ovs import FlowKey, OutputAction
 from weft.fastdp.ovs_flows import OvsFlowPlanner, OvsPeer, OvsPorts
-from weft.fastdp.vxlan import NETWORK_VNI
-from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLinks
-from weft.router.overlay import OverlayConnectionParams
-from weft.router.ovs_part import (
+from weft.fastdp.ovs_part import (
     FEATURE_ESP,
     FEATURE_OVS,
     FEATURE_OVS_PORT,
@@ -34,6 +31,9 @@ from weft.router.ovs_part import (
     OvsPartConfig,
     make_part,
 )
+from weft.fastdp.vxlan import NETWORK_VNI
+from weft.gossip.peer import PeerName
+from weft.overlay import OverlayConnectionParams
 
 A = PeerName.parse("02:00:00:00:00:0a")
 B = PeerName.parse("02:00:00:00:00:0b")
@@ -476,7 +476,7 @@ async def test_make_part_for_the_switch() -> None:
     encrypted.close()
 
 
-# -- ESP (weft.router.esp_links with a fake kernel) ---------------------------------------------
+# -- ESP (weft.fastdp.esp_links with a fake kernel) ---------------------------------------------
 
 
 @dataclass
@@ -634,7 +634,7 @@ def test_announced_macs_return_with_a_peer_that_carries_again() -> None:
 
 async def test_the_switch_builds_the_ovs_part_first_also_with_a_password() -> None:
     from weft.fastdp.capabilities import Capabilities, Feature
-    from weft.router.switch import FastPartContext, _build_fast_parts
+    from weft.switch.pump import FastPartContext, _build_fast_parts
 
     yes, no = Feature(True, ""), Feature(False, "No such file (ENOENT)")
     for encrypted in (False, True):

@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from weft.errors import ConfigError
+from weft.overlay import NullOverlay
 from weft.router import daemon
 from weft.router.config import RouterConfig
-from weft.router.overlay import NullOverlay
 from weft.router.router import Router
 
 
@@ -164,7 +164,7 @@ async def test_no_ipam_means_no_ip_routes(tmp_path: Path) -> None:
 
 def test_the_daemon_builds_the_overlay_switch() -> None:
     module, func = daemon.OVERLAY_FACTORIES["sleeve"]
-    assert (module, func) == ("weft.router.switch", "make_overlay")
+    assert (module, func) == ("weft.switch.pump", "make_overlay")
     import importlib
 
     assert callable(getattr(importlib.import_module(module), func))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from weft.cli.main import build_parser, config_from_args
 from weft.errors import ConfigError
-from weft.router.cli import build_parser, config_from_args
 
 
 def _config(tmp_path: Path, *argv: str) -> object:

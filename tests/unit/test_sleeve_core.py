@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from weft.gossip.peer import PeerName
-from weft.router.sleeve_core import (
+from weft.sleeve.core import (
     HEADER_SIZE,
     VNET_HDR_SIZE,
     LinkEstablished,
@@ -552,7 +552,7 @@ def test_coalesced_buffer_with_a_forged_fragment_is_not_assembled_blindly() -> N
 
 
 def test_cut_covers_the_concatenation_exactly() -> None:
-    from weft.router.sleeve_core import _cut
+    from weft.sleeve.core import _cut
 
     parts: list[bytes | memoryview] = [b"ab", os.urandom(5000), b"cdef", os.urandom(777)]
     whole = b"".join(parts)

@@ -1,4 +1,4 @@
-"""TCP coalescing before the TAP write (``weft.router.sleeve_gro``): what merges and what not."""
+"""TCP coalescing before the TAP write (``weft.sleeve.gro``): what merges and what not."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from weft.router.sleeve_core import complete_checksum
-from weft.router.sleeve_gro import VNET_ZERO, Frame, coalesce
+from weft.sleeve.core import complete_checksum
+from weft.sleeve.gro import VNET_ZERO, Frame, coalesce
 
 SRC_MAC, DST_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 SRC_IP, DST_IP = bytes([10, 32, 0, 1]), bytes([10, 32, 0, 2])

@@ -8,7 +8,7 @@ import pytest
 
 from tests.unit.test_sleeve_core import ADDR, A, B, C, established_net, eth, mac
 from weft.gossip.peer import PeerName
-from weft.router.sleeve_core import (
+from weft.sleeve.core import (
     HEADER_SIZE,
     KIND_DATA,
     KIND_HEARTBEAT,

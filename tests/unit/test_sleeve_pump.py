@@ -13,12 +13,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
+from weft.host.bridge import Attachment
+from weft.host.bridge_api import setup_routes
+from weft.overlay import OverlayConnection, OverlayConnectionParams
 from weft.router.api import _errors  # the API's own error boundary
-from weft.router.bridge import Attachment
-from weft.router.bridge_api import setup_routes
-from weft.router.overlay import OverlayConnection, OverlayConnectionParams
-from weft.router.sleeve import SleeveOverlay
-from weft.router.sleeve_core import SleeveConfig
+from weft.sleeve.core import SleeveConfig
+from weft.sleeve.pump import SleeveOverlay
 
 A, B = PeerName(0x020000000001), PeerName(0x020000000002)
 
@@ -171,7 +171,7 @@ async def test_bridge_api_asks_the_allocator_when_no_address_is_given() -> None:
 def test_make_overlay_refuses_unknown_knob_values(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
-    from weft.router.sleeve import make_overlay
+    from weft.sleeve.pump import make_overlay
 
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
@@ -199,7 +199,7 @@ async def test_refused_gso_send_falls_back_to_single_datagrams(
 ) -> None:
     import errno as errno_mod
 
-    from weft.router.sleeve_core import Transmit
+    from weft.sleeve.core import Transmit
 
     ov = SleeveOverlay(SleeveConfig(port=0, tap_vnet_hdr=False), host="127.0.0.1",
                        tap_name=None, bridge=None, gso=True)  # fmt: skip
@@ -237,7 +237,7 @@ async def test_refused_merged_tap_write_falls_back_to_segments(
     import errno as errno_mod
 
     from tests.unit.test_sleeve_gro import stream
-    from weft.router.sleeve_gro import VNET_ZERO
+    from weft.sleeve.gro import VNET_ZERO
 
     ov = SleeveOverlay(SleeveConfig(port=0, tap_vnet_hdr=False), host="127.0.0.1",
                        tap_name=None, bridge=None)  # fmt: skip

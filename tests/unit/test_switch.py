@@ -1,4 +1,4 @@
-"""The overlay switch's wiring (weft.router.switch) with a fake sleeve and a fake vxlan part:
+"""The overlay switch's wiring (weft.switch.pump) with a fake sleeve and a fake vxlan part:
 envelope routing, both ends agreeing, fallback callbacks, notes, the sleeve's route filter."""
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ import pytest
 
 from weft.errors import ConfigError, RemoteProtocolError
 from weft.fastdp.link import FastPathLink
+from weft.fastdp.part import FastPart
 from weft.fastdp.vxlan import VxlanConfig
+from weft.fastdp.vxlan_part import VxlanLinkHandle, VxlanPart
 from weft.gossip.peer import PeerName
-from weft.router.fast_part import FastPart
-from weft.router.fastpath_overlay import VxlanLinkHandle, VxlanPart
-from weft.router.overlay import (
+from weft.overlay import (
     Overlay,
     OverlayConnectionParams,
     OverlayConnectionStatus,
     RoutesView,
 )
-from weft.router.switch import SwitchConnection, SwitchOverlay
-from weft.router.switch_core import (
+from weft.switch.core import (
     PART_OVS,
     PART_SLEEVE,
     PART_SWITCH,
@@ -32,6 +31,7 @@ from weft.router.switch_core import (
     encode_path_state,
     wrap,
 )
+from weft.switch.pump import SwitchConnection, SwitchOverlay
 
 A = PeerName.parse("02:00:00:00:00:0a")
 B = PeerName.parse("02:00:00:00:00:0b")

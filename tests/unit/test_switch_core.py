@@ -1,4 +1,4 @@
-"""The overlay switch's per-connection choice (weft.router.switch_core), clock stepped by hand."""
+"""The overlay switch's per-connection choice (weft.switch.core), clock stepped by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from weft.errors import LocalError, RemoteProtocolError
-from weft.router.switch_core import (
+from weft.switch.core import (
     MAX_MACS,
     PART_OVS,
     PART_SLEEVE,

@@ -1,4 +1,4 @@
-"""ESP for the vxlan fast path (weft.router.esp_links through weft.router.fastpath_overlay) with
+"""ESP for the vxlan fast path (weft.fastdp.esp_links through weft.fastdp.vxlan_part) with
 an in-memory kernel: fake xfrm, nftables guard and vxlan datapath that write one ordered log,
 jobs run inline (the worker thread's order), the heartbeat clock stepped by hand.
 
@@ -21,13 +21,13 @@ import pytest
 
 from weft.fastdp.errors import DatapathError
 from weft.fastdp.esp import EspPair
+from weft.fastdp.esp_links import EspLinks
 from weft.fastdp.heartbeat import HeartbeatConfig, decode_probe
 from weft.fastdp.link import encode_spi
 from weft.fastdp.vxlan import VxlanConfig
+from weft.fastdp.vxlan_part import VxlanLinkHandle, VxlanPart
 from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLinks
-from weft.router.fastpath_overlay import VxlanLinkHandle, VxlanPart
-from weft.router.overlay import OverlayConnectionParams
+from weft.overlay import OverlayConnectionParams
 
 A = PeerName.parse("02:00:00:00:00:0a")
 B = PeerName.parse("02:00:00:00:00:0b")
@@ -409,14 +409,14 @@ def _caps(ovs: bool = False, esp: bool = True) -> Any:
 
 
 def _ctx(mode: str, encrypted: bool, caps: Any) -> Any:
-    from weft.router.switch import FastPartContext
+    from weft.switch.pump import FastPartContext
 
     return FastPartContext(None, mode, caps, "weft", "weft-tap", 1376, HeartbeatConfig(), encrypted)
 
 
 async def test_with_a_password_and_kernel_esp_the_vxlan_part_runs_esp() -> None:
-    from weft.router.esp_links import StrictInboundGuard
-    from weft.router.switch import _build_fast_parts
+    from weft.fastdp.esp_links import StrictInboundGuard
+    from weft.switch.pump import _build_fast_parts
 
     parts, note = _build_fast_parts(_ctx("auto", True, _caps()))
     assert note == "" and [p.name for p in parts] == ["vxlan"]
@@ -431,7 +431,7 @@ async def test_with_a_password_and_kernel_esp_the_vxlan_part_runs_esp() -> None:
 
 
 async def test_with_a_password_and_no_kernel_esp_there_is_no_fast_part() -> None:
-    from weft.router.switch import _build_fast_parts
+    from weft.switch.pump import _build_fast_parts
 
     parts, note = _build_fast_parts(_ctx("auto", True, _caps(esp=False)))
     assert (parts, note) == ([], "encrypted: kernel has no ESP")

@@ -1,5 +1,5 @@
-"""The fast parts' bridge helpers against a fake netlink (weft.router.fast_common; the vxlan
-part re-exports some from weft.router.fastpath_overlay)."""
+"""The fast parts' bridge helpers against a fake netlink (weft.fastdp.part_base; the vxlan
+part re-exports some from weft.fastdp.vxlan_part)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from weft.fastdp.errors import DatapathError
 from weft.fastdp.heartbeat import HeartbeatState
-from weft.router.fast_common import point_bridge_macs
-from weft.router.fastpath_overlay import flush_learned, health_text, local_bridge_macs
+from weft.fastdp.part_base import point_bridge_macs
+from weft.fastdp.vxlan_part import flush_learned, health_text, local_bridge_macs
 
 BRIDGE, TAP, VXLAN, VETH = 1, 2, 3, 4
 REACHABLE, NOARP, PERMANENT = 0x02, 0x40, 0x80

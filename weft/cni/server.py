@@ -2,7 +2,7 @@
 
 The plugin process (weft/cni/plugin.py) validates and converts versions; this side does the work
 with the router's long-lived state: the address allocator (``CniIpam``, weft's IPAM by default) and
-the kernel (weft/cni/kernel.py, run in worker threads so the event loop never blocks on netlink).
+the kernel (weft/host/attach.py, run in worker threads so the event loop never blocks on netlink).
 
 Contract with the plugin (JSON bodies, internal results are CNI 1.1.0 shaped):
 
@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from weft import jsonlimit
 from weft.atomicfile import write_atomic
-from weft.cni import kernel
 from weft.cni.plugin import (
     CURRENT,
     DEFAULT_SPOOL_DIR,
@@ -54,6 +54,7 @@ from weft.cni.plugin import (
     ERR_INTERNAL,
     ERR_INVALID_CONFIG,
     ERR_IPAM,
+    ERR_KERNEL,
     ERR_NOT_AVAILABLE,
     ERR_TRY_AGAIN_LATER,
     ERR_UNKNOWN_CONTAINER,
@@ -62,6 +63,8 @@ from weft.cni.plugin import (
     spool_name,
     valid_name,
 )
+from weft.cni.shim_server import Route, setup_shim_server
+from weft.host import attach as kernel
 
 __all__ = [
     "CniConfig",
@@ -71,6 +74,8 @@ __all__ = [
     "IpamUnavailable",
     "MemoryIpam",
     "attachment_id",
+    "cni_error",
+    "local_routes",
     "setup_cni",
     "setup_routes",
 ]
@@ -499,7 +504,7 @@ class CniService:
             gateways=gateways,
         )
         try:
-            attached = await asyncio.to_thread(kernel.attach, spec)
+            attached = await _in_kernel(kernel.attach, spec)
         except BaseException:
             if fresh:
                 await self._release_quietly(att.ident)
@@ -550,7 +555,7 @@ class CniService:
 
     async def _delete(self, att: _Attachment, weft_ipam: bool) -> None:
         """Remove the veth pair, then release the address (IpamUnavailable: caller decides)."""
-        await asyncio.to_thread(kernel.detach, att.host_ifname)
+        await _in_kernel(kernel.detach, att.host_ifname)
         if weft_ipam:
             await self.ipam.release(att.ident)
 
@@ -594,7 +599,7 @@ class CniService:
                 for cidr in addresses:
                     if str(ipaddress.ip_interface(cidr).ip) not in held:
                         problems.append(f"address {cidr} is not allocated to {att.ident}")
-            problems += await asyncio.to_thread(
+            problems += await _in_kernel(
                 kernel.check,
                 att.netns_path,
                 att.ifname,
@@ -608,7 +613,7 @@ class CniService:
 
     async def status(self, body: Mapping[str, Any]) -> None:
         del body
-        if await asyncio.to_thread(kernel.bridge_info, self.config.bridge) is None:
+        if await _in_kernel(kernel.bridge_info, self.config.bridge) is None:
             raise CniError(ERR_NOT_AVAILABLE, f"bridge {self.config.bridge} does not exist")
         if not self.ipam.ready():
             raise CniError(ERR_NOT_AVAILABLE, "address allocator not ready")
@@ -646,6 +651,29 @@ class CniService:
 
 
 # ---------------------------------------------------------------------- HTTP
+
+
+_T = TypeVar("_T")
+
+_CNI_CODES = {
+    kernel.AttachFailure.NETNS_GONE: ERR_UNKNOWN_CONTAINER,
+    kernel.AttachFailure.BRIDGE_MISSING: ERR_TRY_AGAIN_LATER,
+    kernel.AttachFailure.INTERFACE_EXISTS: ERR_INTERFACE_EXISTS,
+    kernel.AttachFailure.KERNEL: ERR_KERNEL,
+}
+
+
+def cni_error(err: kernel.AttachError) -> CniError:
+    """The CNI error for a failed kernel step: the one place kernel failures get their codes."""
+    return CniError(_CNI_CODES[err.failure], err.msg, err.details)
+
+
+async def _in_kernel(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking kernel step in a worker thread, its AttachError as a CniError."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except kernel.AttachError as err:
+        raise cni_error(err) from None
 
 
 _HTTP_STATUS = {1: 400, 2: 400, 3: 404, 4: 400, 5: 500, 6: 400, 7: 400, 11: 503, 50: 503, 51: 503}
@@ -705,6 +733,13 @@ async def dispatch(service: CniService, op: Handler, raw: bytes) -> tuple[int, b
     return 200, json.dumps(answer or {}).encode()
 
 
+def local_routes(service: CniService) -> dict[str, Route]:
+    """The ``/cni`` routes in-process, for the shim's socket: byte-identical to the HTTP ones."""
+    return {
+        path: functools.partial(dispatch, service, op) for path, op in operations(service).items()
+    }
+
+
 def _handler(service: CniService, op: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
         if request.headers.get("Origin"):
@@ -749,12 +784,10 @@ def setup_cni(
     """Compose CNI into a router before it starts: the /cni routes, a ``cni`` status key, and
     the compiled shim's socket beside the router's API socket (``router.config.api_socket``;
     weft/cni/shim_server.py)."""
-    from weft.cni.shim_server import setup_shim_server
-
     service = CniService(ipam, config, mtu)
     setup_routes(router.app, service)
     api_socket = getattr(getattr(router, "config", None), "api_socket", None)
-    setup_shim_server(router.app, service, str(api_socket) if api_socket else None)
+    setup_shim_server(router.app, local_routes(service), str(api_socket) if api_socket else None)
     router.add_status_provider("cni", service.status_json)
     return service
 
@@ -799,9 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         service = CniService(ipam, config, mtu=lambda: args.mtu)
         app = web.Application()
         setup_routes(app, service)
-        from weft.cni.shim_server import setup_shim_server
-
-        setup_shim_server(app, service, args.socket, args.shim_socket)
+        setup_shim_server(app, local_routes(service), args.socket, args.shim_socket)
         runner = await serve_unix(app, args.socket)
         try:
             await asyncio.Event().wait()

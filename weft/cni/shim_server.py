@@ -39,13 +39,12 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from weft import jsonlimit
 from weft.cni import plugin
 from weft.cni.plugin import ERR_TRY_AGAIN_LATER, Caller, RouterClient, RouterNoAnswer
-from weft.cni.server import CniService, Handler, dispatch, operations
 
 __all__ = [
     "DEFAULT_SHIM_SOCKET",
@@ -167,6 +166,11 @@ def parse_request(conn: socket.socket) -> Request:
     return Request(env, stdin, stderr_fd, netns_fd, errno_)
 
 
+Route = Callable[[bytes], Coroutine[Any, Any, tuple[int, bytes]]]
+"""One ``/cni`` route of the service in-process: the request body as sent in, (HTTP status, JSON
+answer) out (``weft.cni.server.local_routes``; injected so this module needs no service import)."""
+
+
 class LocalClient(RouterClient):
     """``RouterClient`` without the socket: runs the route's ``dispatch`` on the router's loop
     with the same JSON bytes the HTTP request would carry, and decodes its answer the same way."""
@@ -175,20 +179,18 @@ class LocalClient(RouterClient):
         self,
         path: str,
         loop: asyncio.AbstractEventLoop,
-        ops: Mapping[str, Handler],
-        service: CniService,
+        routes: Mapping[str, Route],
     ) -> None:
         super().__init__(path)
         self.loop = loop
-        self.ops = ops
-        self.service = service
+        self.routes = routes
 
     def post(self, route: str, body: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        op = self.ops.get(route)
-        if op is None:
+        answer = self.routes.get(route)
+        if answer is None:
             return plugin.decode_answer(404, b"")
         payload = jsonlimit.dumps(body).encode()
-        future = asyncio.run_coroutine_threadsafe(dispatch(self.service, op, payload), self.loop)
+        future = asyncio.run_coroutine_threadsafe(answer(payload), self.loop)
         try:
             status, data = future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -202,19 +204,19 @@ class LocalClient(RouterClient):
 class ShimServer:
     """Serves the shim's socket for one CNI service.
 
-    path: the socket (0600); api_socket: the router's API socket, which the plugin logic reaches
+    routes: the service's ``/cni`` routes in-process; path: the socket (0600); api_socket: the
+    router's API socket, which the plugin logic reaches
     in-process when a network configuration's ``socket`` names it (any other socket: over HTTP,
     as the Python plugin would); workers: concurrent invocations (more wait their turn).
     """
 
     def __init__(
-        self, service: CniService, path: str, api_socket: str | None, workers: int = 32
+        self, routes: Mapping[str, Route], path: str, api_socket: str | None, workers: int = 32
     ) -> None:
-        self.service = service
+        self.routes = routes
         self.path = path
         self.api_socket = api_socket
         self.workers = workers
-        self._ops = operations(service)
         self._sock: socket.socket | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -270,7 +272,7 @@ class ShimServer:
     def _client_for(self, sock: str) -> RouterClient:
         assert self._loop is not None
         if self.api_socket is not None and _same_path(sock, self.api_socket):
-            return LocalClient(sock, self._loop, self._ops, self.service)
+            return LocalClient(sock, self._loop, self.routes)
         return RouterClient(sock)
 
     def _needs_callers_files(self, request: Request) -> bool:
@@ -344,7 +346,7 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def setup_shim_server(
-    app: Any, service: CniService, api_socket: str | None, path: str | None = None
+    app: Any, routes: Mapping[str, Route], api_socket: str | None, path: str | None = None
 ) -> Callable[[], ShimServer | None]:
     """Serve the shim socket while ``app`` (an aiohttp Application) runs: started on startup,
     closed on cleanup. ``path`` defaults to ``shim_socket_for(api_socket)``; nothing is served
@@ -355,7 +357,7 @@ def setup_shim_server(
     async def on_startup(_app: Any) -> None:
         if where is None:
             return
-        server = ShimServer(service, where, api_socket)
+        server = ShimServer(routes, where, api_socket)
         try:
             await server.start()
         except OSError as err:  # the HTTP API still works; the shim falls back to Python

@@ -2,8 +2,8 @@
 
 Docker (unlike a CNI runtime) moves the container end into the sandbox itself, so the pair is
 made in the host namespace only. Bridge lookups and deletion are the CNI plugin's
-(weft/cni/kernel.py); host addresses on the bridge are the data plane's ``Bridge.expose`` /
-``hide`` (weft/router/bridge.py). Synchronous; call from a worker thread.
+(weft/host/attach.py); host addresses on the bridge are the data plane's ``Bridge.expose`` /
+``hide`` (weft/host/bridge.py). Synchronous; call from a worker thread.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import errno
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from weft.cni import kernel as cni_kernel
 from weft.errors import LocalError
-from weft.router.bridge import Bridge
+from weft.host import attach as cni_kernel
+from weft.host.bridge import Bridge
 
 __all__ = ["HostKernel"]
 

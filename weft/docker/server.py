@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -26,12 +26,18 @@ from weft.cni.server import CniIpam
 from weft.docker.plugin import DockerPlugin, DockerPluginConfig, EndpointKernel
 from weft.errors import ConfigError, WeftError
 
-if TYPE_CHECKING:
-    from weft.router.router import Router
-
 __all__ = ["CONTENT_TYPE", "DockerPluginServer", "make_app", "setup_docker_plugin"]
 
 log = logging.getLogger("weft.docker")
+
+
+class Router(Protocol):
+    """What the plugin uses of weft.router.router.Router (a Protocol: the daemon composes this
+    package, so this package does not import the daemon)."""
+
+    app: web.Application
+
+    def add_status_provider(self, key: str, fn: Callable[[], Any]) -> None: ...
 
 CONTENT_TYPE: Final = "application/vnd.docker.plugins.v1.2+json"
 MAX_BODY: Final = 1 << 20

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from weft.errors import ConfigError, RemoteProtocolError
 from weft.gossip.peer import PeerName
-from weft.router.config import DEFAULT_PORT, format_hostport
+from weft.hostport import DEFAULT_PORT, format_hostport
 
 __all__ = [
     "ApiHealth",

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from aiohttp import web
     from kubernetes_asyncio.client import ApiClient
 
-    from weft.router.router import Router
+    from weft.gossip.mesh import MeshCore
+    from weft.gossip.peer import PeerIdentity
 
 __all__ = ["IpamAdmin", "K8sDiscovery", "K8sMesh", "RouterMesh", "fetch_nodes",
            "initial_ipalloc_init", "setup_k8s"]
@@ -90,6 +91,23 @@ class IpamAdmin(Protocol):
     def status(self) -> Mapping[str, Any]: ...
 
     def rmpeer(self, peer: PeerName) -> int | Awaitable[int]: ...
+
+
+class Router(Protocol):
+    """What discovery uses of weft.router.router.Router (a Protocol: the daemon composes this
+    package, so this package does not import the daemon)."""
+
+    app: web.Application
+
+    @property
+    def identity(self) -> PeerIdentity: ...
+
+    @property
+    def mesh(self) -> MeshCore: ...
+
+    def connect(self, peers: Sequence[str], replace: bool = False) -> list[str]: ...
+
+    def add_status_provider(self, key: str, fn: Callable[[], Any]) -> None: ...
 
 
 class RouterMesh:

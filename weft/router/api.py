@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -25,9 +25,6 @@ from aiohttp.typedefs import Middleware
 from weft import jsonlimit
 from weft.errors import ConfigError, WeftError
 from weft.gossip.peer import PeerName
-
-if TYPE_CHECKING:
-    from weft.router.router import Router
 
 __all__ = ["MAX_BODY", "jsonable", "make_app", "make_status_app", "read_json"]
 
@@ -37,6 +34,19 @@ MAX_BODY = 1 << 20  # bytes; every request body we take is small
 MAX_PEERS = 1000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Router(Protocol):
+    """What the API drives of weft.router.router.Router (a Protocol: the router builds its apps
+    from this module, so this module does not import it)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def connect(self, peers: Iterable[str], replace: bool = False) -> list[str]: ...
+
+    def forget(self, peers: Iterable[str]) -> list[str]: ...
+
+    def request_stop(self) -> None: ...
 
 
 def jsonable(value: Any) -> Any:

@@ -20,6 +20,7 @@ from weft.atomicfile import write_atomic
 from weft.errors import ConfigError
 from weft.gossip.admission import AdmissionConfig
 from weft.gossip.peer import PeerName, random_peer_name
+from weft.hostport import DEFAULT_PORT, format_hostport
 
 if TYPE_CHECKING:
     from weft.docker.plugin import DockerPluginConfig
@@ -40,7 +41,6 @@ __all__ = [
     "save_mesh_salt",
 ]
 
-DEFAULT_PORT: Final = 6783
 DEFAULT_HTTP_ADDR: Final = "127.0.0.1:6784"
 DEFAULT_API_SOCKET: Final = "/run/weft/weft.sock"
 DEFAULT_DATA_DIR: Final = "/var/lib/weft"
@@ -250,10 +250,6 @@ def parse_hostport(
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what} {text!r}: port must be a number 0..65535")
     return host, int(port_text)
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_peer(text: str, default_port: int = DEFAULT_PORT) -> str:

@@ -36,7 +36,7 @@ from weft.gossip.handshake import (
     Hello,
 )
 from weft.gossip.session import FrameCodec, FrameTooLarge, MessageAuthenticationFailed
-from weft.router.overlay import OverlayConnection
+from weft.overlay import OverlayConnection
 
 __all__ = [
     "TAG_BROADCAST",

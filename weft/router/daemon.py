@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from weft.errors import ConfigError, WeftError
+from weft.overlay import NullOverlay, Overlay
 from weft.router.components import bridge_ipam_hooks, compose_ipam_and_cni
 from weft.router.config import RouterConfig
-from weft.router.overlay import NullOverlay, Overlay
 from weft.router.router import Router
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 
 # The data plane's factory: ``make_overlay(config: RouterConfig) -> Overlay``: the overlay switch
 # (sleeve always, kernel VXLAN where it works; it reads ``config.datapath`` itself).
-OVERLAY_FACTORIES = {"sleeve": ("weft.router.switch", "make_overlay")}
+OVERLAY_FACTORIES = {"sleeve": ("weft.switch.pump", "make_overlay")}
 
 
 def build_overlay(config: RouterConfig) -> Overlay:

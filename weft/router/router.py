@@ -63,6 +63,7 @@ from weft.gossip.mesh import (
     ShortIdChanged,
 )
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
+from weft.overlay import NullOverlay, Overlay, OverlayConnectionParams
 from weft.router.config import (
     RouterConfig,
     format_hostport,
@@ -72,7 +73,6 @@ from weft.router.config import (
     save_mesh_salt,
 )
 from weft.router.connection import TAG_OVERLAY, Connection, ConnectionRefused
-from weft.router.overlay import NullOverlay, Overlay, OverlayConnectionParams
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -149,7 +149,7 @@ class FailureRow:
 class Router:
     """One weft router. Construct, add routes/providers to :attr:`app`, then ``await start()``.
 
-    ``overlay``: the data plane (:class:`~weft.router.overlay.NullOverlay` when None). ``rng``:
+    ``overlay``: the data plane (:class:`~weft.overlay.NullOverlay` when None). ``rng``:
     randomness for names, uids and the mesh (seed it in tests).
     """
 

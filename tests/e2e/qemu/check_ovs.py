@@ -349,8 +349,8 @@ def esp_checks(
 
 def stale_cleanup_without_the_part() -> None:
     """What a router that starts no OVS part (password, --datapath vxlan) does at start: a
-    datapath and veth left by an earlier router are removed (weft.router.ovs_part)."""
-    from weft.router.ovs_part import remove_stale_ovs
+    datapath and veth left by an earlier router are removed (weft.fastdp.ovs_part)."""
+    from weft.fastdp.ovs_part import remove_stale_ovs
 
     sh(
         """

@@ -187,7 +187,7 @@ def scenario(u: Underlay) -> None:
     mark("on_ovs")
     results["row_on_ovs"] = connection(h1, "h2")
     results["status_connections"] = h1.exec(
-        sys.executable, "-m", "weft.router.cli", "status", "connections", timeout=60
+        sys.executable, "-m", "weft.cli.main", "status", "connections", timeout=60
     ).stdout
     overlay = api(h1, "/status").get("overlay", {})
     results["overlay_datapath"] = overlay.get("datapath")

@@ -80,7 +80,7 @@ def start_router(
     ``peer_ip``; ``heartbeat`` is the control connection's (interval, timeout) in seconds."""
     interval, timeout = heartbeat
     host.spawn(
-        sys.executable, "-m", "weft.router.cli", "router", "--data-dir", str(host.data_dir),
+        sys.executable, "-m", "weft.cli.main", "router", "--data-dir", str(host.data_dir),
         "--api-socket", "", "--datapath", datapath, "--nickname", f"h{i}",
         "--heartbeat-interval", interval, "--heartbeat-timeout", timeout, peer_ip,
         log=host.data_dir / "router.log", env=env,

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from weft import jsonlimit
 from weft.errors import ConfigError
-from weft.router.bridge import Bridge
+from weft.host.bridge import Bridge
 
 __all__ = ["netns_ident", "setup_routes"]
 

@@ -1,4 +1,4 @@
-"""IPsec ESP for a fast part's links (weft.router.fastpath_overlay.VxlanPart; the OVS part can
+"""IPsec ESP for a fast part's links (weft.fastdp.vxlan_part.VxlanPart; the OVS part can
 use it the same way).
 
 With a password every fast path runs over ESP (weft.fastdp.esp): per connection each side lets
@@ -52,11 +52,25 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from weft.errors import LocalError
-from weft.fastdp.esp import GUARD_TABLE, VXLAN_PORT, EspPair, InboundGuard, esp_key
+from weft.fastdp.esp import (
+    GUARD_TABLE,
+    VXLAN_PORT,
+    EspPair,
+    InboundGuard,
+    XfrmClient,
+    esp_key,
+)
 from weft.fastdp.link import EspReady, FastPathLink, LinkEvent, SpiRequested
 from weft.gossip.peer import PeerName
 
-__all__ = ["EspLink", "EspLinks", "GuardLike", "StrictInboundGuard", "XfrmLike"]
+__all__ = [
+    "EspLink",
+    "EspLinks",
+    "GuardLike",
+    "StrictInboundGuard",
+    "XfrmLike",
+    "make_esp",
+]
 
 log = logging.getLogger("weft.fastdp")
 
@@ -434,3 +448,10 @@ class EspLinks:
             fn(*args)
         except Exception as err:
             log.error("%s failed: %s", what, err)
+
+
+def make_esp(name: str) -> EspLinks:
+    """An ESP driver for one fast part's links on the kernel's xfrm and the nftables inbound guard
+    (strict: with a password no plain UDP 6784 from anyone); the part binds it to its worker
+    thread. The switch makes one per encrypted fast part (vxlan, ovs)."""
+    return EspLinks(XfrmClient, StrictInboundGuard(), name)

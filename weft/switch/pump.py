@@ -1,16 +1,16 @@
 """The overlay switch: the sleeve and the kernel fast datapaths behind one ``Overlay``.
 
 ``make_overlay(config)`` (for ``weft.router.daemon.OVERLAY_FACTORIES``) builds the sleeve
-(weft.router.sleeve, always: it is every connection's fallback and owns the bridge and the TAP),
+(weft.sleeve.pump, always: it is every connection's fallback and owns the bridge and the TAP),
 probes the kernel once (weft.fastdp.capabilities) and builds the fast parts
-(:func:`_build_fast_parts`; each a :class:`weft.router.fast_part.FastPart`, best first: the OVS
-datapath ``weft.router.ovs_part`` where openvswitch is available, else the Linux VXLAN datapath
-weft.router.fastpath_overlay.VxlanPart). ``--datapath``: ``auto`` = the best healthy datapath
+(:func:`_build_fast_parts`; each a :class:`weft.fastdp.part.FastPart`, best first: the OVS
+datapath ``weft.fastdp.ovs_part`` where openvswitch is available, else the Linux VXLAN datapath
+weft.fastdp.vxlan_part.VxlanPart). ``--datapath``: ``auto`` = the best healthy datapath
 per connection (ovs, vxlan, sleeve); ``ovs`` / ``vxlan`` = that one only, no fallback (a
 ConfigError when it cannot run here); ``sleeve`` = sleeve only.
 
 Per connection (:class:`SwitchConnection`): every datapath both ends support starts at once; the
-decision is :class:`weft.router.switch_core.PathSwitch` (pure, tested with a stepped clock).
+decision is :class:`weft.switch.core.PathSwitch` (pure, tested with a stepped clock).
 Overlay-control messages travel in the envelope documented in switch_core.py (part 0 sleeve,
 1 vxlan, 2 switch, 3 ovs) when both ends advertise ``overlay_switch``; with a plain-sleeve peer
 they are bare sleeve messages.
@@ -27,7 +27,7 @@ MTU M". The status ``mtu`` of a connection is the chosen path's.
 
 Encryption. With a password every connection is encrypted, and a fast path must be too: where
 the kernel has ESP (``caps.esp``), the vxlan part runs every link over IPsec ESP in transport
-mode (weft.router.esp_links with weft.fastdp.esp: kernel-chosen SPIs exchanged over the control
+mode (weft.fastdp.esp_links with weft.fastdp.esp: kernel-chosen SPIs exchanged over the control
 connection, keys from the connection's data keys, an nftables guard dropping plain VXLAN from
 encrypted peers); a peer gets FDB entries only after its SAs and policies are in, and heartbeats
 start only then, so nothing leaves unencrypted and a path is healthy only through ESP. The
@@ -64,18 +64,19 @@ from aiohttp import web
 
 from weft.errors import ConfigError
 from weft.fastdp.capabilities import Capabilities
+from weft.fastdp.esp_links import make_esp
 from weft.fastdp.heartbeat import HeartbeatConfig
+from weft.fastdp.part import FastLinkHandle, FastPart
 from weft.fastdp.vxlan import VxlanConfig
 from weft.gossip.peer import PeerName
-from weft.router.fast_part import FastLinkHandle, FastPart
-from weft.router.overlay import (
+from weft.overlay import (
     Overlay,
     OverlayConnection,
     OverlayConnectionParams,
     OverlayConnectionStatus,
     RoutesView,
 )
-from weft.router.switch_core import (
+from weft.switch.core import (
     PART_SLEEVE,
     PART_SWITCH,
     SLEEVE,
@@ -604,13 +605,13 @@ class FastPartContext:
 def _build_ovs_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
     """The OVS part, where the kernel has openvswitch and the part is in this build.
 
-    Contract for ``weft.router.ovs_part``: ``make_part(ctx: FastPartContext) -> FastPart``
+    Contract for ``weft.fastdp.ovs_part``: ``make_part(ctx: FastPartContext) -> FastPart``
     (name ``"ovs"``, part_id ``switch_core.PART_OVS``); raising says why it cannot run here.
     """
     if not ctx.caps.openvswitch.available:
         return None, f"ovs: {ctx.caps.openvswitch.detail}"
     try:
-        from weft.router import ovs_part  # type: ignore[attr-defined,unused-ignore]
+        from weft.fastdp import ovs_part  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return None, "ovs: the OVS part is not in this build"
     make = getattr(ovs_part, "make_part", None)
@@ -627,7 +628,7 @@ def _build_ovs_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
 def _build_vxlan_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
     if not ctx.caps.vxlan.available:
         return None, f"vxlan: {ctx.caps.vxlan.detail}"
-    from weft.router.fastpath_overlay import VxlanPart
+    from weft.fastdp.vxlan_part import VxlanPart
 
     try:
         part = VxlanPart(
@@ -641,16 +642,6 @@ def _build_vxlan_part(ctx: FastPartContext) -> tuple[FastPart | None, str]:
         log.exception("vxlan datapath unavailable")
         return None, f"vxlan: {type(err).__name__}: {err}"
     return part, ""
-
-
-def make_esp(name: str) -> Any:
-    """An ESP driver for one fast part's links (weft.router.esp_links.EspLinks) on the kernel's
-    xfrm and the nftables inbound guard (strict: with a password no plain UDP 6784 from anyone);
-    the part binds it to its worker thread."""
-    from weft.fastdp.esp import XfrmClient
-    from weft.router.esp_links import EspLinks, StrictInboundGuard
-
-    return EspLinks(XfrmClient, StrictInboundGuard(), name)
 
 
 def _build_fast_parts(ctx: FastPartContext) -> tuple[list[FastPart], str]:
@@ -690,12 +681,12 @@ def make_overlay(config: Any) -> SwitchOverlay:
 
     ``config.datapath``: ``auto``, ``ovs``, ``vxlan``, ``sleeve`` (a forced fast datapath that
     cannot run here is a ConfigError saying why). The sleeve is built by
-    ``weft.router.sleeve.make_overlay`` (its errors propagate: the daemon decides whether they
+    ``weft.sleeve.pump.make_overlay`` (its errors propagate: the daemon decides whether they
     are fatal); the kernel is probed once, here; the fast parts come from
     :func:`_build_fast_parts`.
     """
     from weft.fastdp.capabilities import probe_capabilities
-    from weft.router import sleeve as sleeve_module
+    from weft.sleeve import pump as sleeve_module
 
     mode = str(getattr(config, "datapath", "auto") or "auto")
     if mode not in MODES:
@@ -724,7 +715,7 @@ def make_overlay(config: Any) -> SwitchOverlay:
                     # The same for an OVS datapath left by an earlier router (its veth is in our
                     # bridge; it also holds UDP 6784) where no OVS part will start to remove it.
                     from weft.fastdp.ovs_datapath import OvsConfig
-                    from weft.router.ovs_part import remove_stale_ovs
+                    from weft.fastdp.ovs_part import remove_stale_ovs
 
                     pool.submit(remove_stale_ovs, OvsConfig(bridge=bridge)).result(timeout=60)
             ctx = FastPartContext(

@@ -1,11 +1,11 @@
-"""The sleeve overlay: the asyncio pump around :class:`~weft.router.sleeve_core.SleeveCore`.
+"""The sleeve overlay: the asyncio pump around :class:`~weft.sleeve.core.SleeveCore`.
 
 One UDP socket (port 6783 by default) and the router's TAP on the ``weft`` bridge, both read with
 ``loop.add_reader`` in drain loops (until ``EAGAIN``, with a budget so neither starves the
 control connections), and one timer. Everything that decides anything lives in the core; this
 module moves bytes and counts syscalls:
 
-* TAP reads return super-frames (IFF_VNET_HDR + TSO offloads, see :mod:`weft.router.tap`), so one
+* TAP reads return super-frames (IFF_VNET_HDR + TSO offloads, see :mod:`weft.sleeve.tap`), so one
   read moves up to ~64 KB;
 * a fragmented super-frame leaves in one ``sendmsg`` with UDP GSO (``UDP_SEGMENT`` cmsg) and
   arrives, coalesced by UDP GRO, in one ``recvmsg`` whose cmsg gives the segment size;
@@ -16,10 +16,10 @@ module moves bytes and counts syscalls:
 The per-frame path (``WEFT_SLEEVE_MODE=per-frame``, or automatically towards a peer that does not
 advertise super-frames) carries one frame per datagram, no fragments. Where the local kernel
 allows, three local offloads batch syscalls without changing the wire: equal-size datagrams for
-one peer leave in one UDP GSO ``sendmsg`` (:func:`~weft.router.sleeve_core.gso_batches`), which
+one peer leave in one UDP GSO ``sendmsg`` (:func:`~weft.sleeve.core.gso_batches`), which
 the kernel cuts back into the same separate datagrams; UDP GRO-coalesced arrivals are split again
 by the core; and the TAP, opened with a virtio_net_hdr but no offloads (reads stay plain frames),
-takes in-order TCP segments merged into one GSO write (:mod:`weft.router.sleeve_gro`). A peer
+takes in-order TCP segments merged into one GSO write (:mod:`weft.sleeve.gro`). A peer
 sees the same datagrams with or without them. ``WEFT_SLEEVE_LOCAL_OFFLOADS=off`` turns all three
 off (the strict path of a kernel without them: one frame per syscall). Each peer advertises
 ``sleeve_version``, ``sleeve_port``, ``sleeve_superframes`` and ``sleeve_cipher`` in its hello
@@ -28,7 +28,7 @@ kernel segments and checksums before the sleeve sees a frame.
 
 Integration: ``make_overlay(config)`` (what ``weft.router.daemon`` calls) returns a
 :class:`SleeveOverlay`; ``overlay.setup_routes(app)`` adds the bridge API
-(:mod:`weft.router.bridge_api`); ``overlay.close()`` releases the socket and TAP.
+(:mod:`weft.host.bridge_api`); ``overlay.close()`` releases the socket and TAP.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ from aiohttp import web
 
 from weft.errors import ConfigError, LocalError, WeftError
 from weft.gossip.peer import PeerName
-from weft.router.overlay import (
+from weft.overlay import (
     OverlayConnection,
     OverlayConnectionParams,
     OverlayConnectionStatus,
     RoutesView,
 )
-from weft.router.sleeve_core import (
+from weft.sleeve.core import (
     VNET_HDR_SIZE,
     LinkEstablished,
     LinkStatusChanged,
@@ -70,8 +70,8 @@ from weft.router.sleeve_core import (
     remote_sleeve,
     strip_vnet,
 )
-from weft.router.sleeve_gro import VNET_ZERO, coalesce
-from weft.router.sleeve_gro import Frame as TapWriteFrame
+from weft.sleeve.gro import VNET_ZERO, coalesce
+from weft.sleeve.gro import Frame as TapWriteFrame
 
 __all__ = ["SleeveConnection", "SleeveOverlay", "make_overlay"]
 
@@ -206,7 +206,7 @@ class SleeveOverlay:
         buffer_bytes: int = 16 << 20,
         threads: bool = False,
     ) -> None:
-        from weft.router.bridge import DEFAULT_MTU, Bridge
+        from weft.host.bridge import DEFAULT_MTU, Bridge
 
         cfg = config or SleeveConfig()
         self.loop = asyncio.get_running_loop()
@@ -226,7 +226,7 @@ class SleeveOverlay:
         self.gso = True if gso is None else gso
         self.gro = True if gro is None else gro
         # Per-frame path: the TAP still gets a virtio_net_hdr (offloads off, so reads stay plain
-        # frames) and TCP segments are merged before the write (weft.router.sleeve_gro); False:
+        # frames) and TCP segments are merged before the write (weft.sleeve.gro); False:
         # one frame per write, a TAP without the header.
         self.tap_gro = (not superframes) if tap_gro is None else (tap_gro and not superframes)
         self._tap_merge = self.tap_gro  # False once the kernel refused a merged write
@@ -238,11 +238,11 @@ class SleeveOverlay:
         self.tap = None
         try:
             if tap_name is not None:
-                from weft.router.tap import Tap
+                from weft.sleeve.tap import Tap
 
                 self.tap = Tap(tap_name, vnet_hdr=superframes or self.tap_gro, offload=superframes)
                 if bridge is not None:
-                    from weft.router.bridge import ensure_bridge
+                    from weft.host.bridge import ensure_bridge
 
                     # pyroute2's synchronous API refuses to run on a thread with a running
                     # loop; a one-off worker thread does it (once, at start).
@@ -386,8 +386,8 @@ class SleeveOverlay:
 
     def setup_routes(self, app: web.Application, allocate: Any = None, release: Any = None) -> None:
         """Add the bridge API (/expose, /attach, /detach, /ps) to the router's app; ``allocate``
-        and ``release`` as in :func:`weft.router.bridge_api.setup_routes` (IPAM hooks)."""
-        from weft.router.bridge_api import setup_routes
+        and ``release`` as in :func:`weft.host.bridge_api.setup_routes` (IPAM hooks)."""
+        from weft.host.bridge_api import setup_routes
 
         setup_routes(app, self.bridge, allocate, release)
 

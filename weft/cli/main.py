@@ -294,7 +294,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             f"cannot write the log in {config.data_dir}: {err.strerror or err}"
         ) from None
     start_offset = log.tell()
-    child_argv = [sys.executable, "-m", "weft.router.cli", "router", *args.forwarded]
+    child_argv = [sys.executable, "-m", "weft.cli.main", "router", *args.forwarded]
     with log:
         proc = subprocess.Popen(
             child_argv,
@@ -346,7 +346,7 @@ def _client(args: argparse.Namespace) -> WeftClient:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from weft.router import status as render
+    from weft.cli import status as render
 
     doc = _client(args).get("/status")
     if not isinstance(doc, dict):
@@ -446,7 +446,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from weft.router.status import render_table
+    from weft.cli.status import render_table
 
     reply = _client(args).get("/ps")
     rows = [
@@ -466,7 +466,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 # Commands implemented by other parts with their own argument parser: (module, function).
 PASSTHROUGH = {
-    "demo": ("weft.router.demo", "main"),
+    "demo": ("weft.cli.demo", "main"),
     "setup-cni": ("weft.cni.install", "main"),
 }
 

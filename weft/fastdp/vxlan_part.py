@@ -1,4 +1,4 @@
-"""The Linux VXLAN fast datapath as a part of the overlay switch (weft.router.switch).
+"""The Linux VXLAN fast datapath as a part of the overlay switch (weft.switch.pump).
 
 One :class:`VxlanPart` per router: the ``vxlan-weft`` device on the ``weft`` bridge
 (weft.fastdp.vxlan.VxlanDatapath), the heartbeat packet socket, and one
@@ -43,12 +43,10 @@ from typing import Any
 
 from weft.errors import WeftError
 from weft.fastdp.esp import ESP_OVERHEAD
+from weft.fastdp.esp_links import EspLinks
 from weft.fastdp.heartbeat import HeartbeatConfig, decode_probe, encode_probe
 from weft.fastdp.link import FastPathLink
-from weft.fastdp.vxlan import HeartbeatSocket, VxlanConfig, VxlanDatapath
-from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLinks
-from weft.router.fast_common import (
+from weft.fastdp.part_base import (
     FastPartBase,
     LinkHandle,
     flush_learned,
@@ -57,9 +55,11 @@ from weft.router.fast_common import (
     point_bridge_macs,
     source_address,
 )
-from weft.router.switch_core import PART_VXLAN
+from weft.fastdp.vxlan import HeartbeatSocket, VxlanConfig, VxlanDatapath
+from weft.gossip.peer import PeerName
+from weft.overlay import PART_VXLAN
 
-# flush_learned, health_text and local_bridge_macs live in weft.router.fast_common (both parts
+# flush_learned, health_text and local_bridge_macs live in weft.fastdp.part_base (both parts
 # use them); they stay importable from here.
 __all__ = ["VxlanLinkHandle", "VxlanPart", "flush_learned", "health_text", "local_bridge_macs"]
 
@@ -78,7 +78,7 @@ class VxlanLinkHandle(LinkHandle):
 
 class VxlanPart(FastPartBase[VxlanLinkHandle]):
     """The vxlan datapath of one router (create inside the running loop); a
-    :class:`weft.router.fast_part.FastPart`."""
+    :class:`weft.fastdp.part.FastPart`."""
 
     name = "vxlan"
     part_id = PART_VXLAN
@@ -310,7 +310,7 @@ class VxlanPart(FastPartBase[VxlanLinkHandle]):
             if sock is not None:
                 sock.send(encode_probe(link.local, link.remote, seq, size))
 
-    # -- ESP (see weft.router.esp_links) --------------------------------------------------------
+    # -- ESP (see weft.fastdp.esp_links) --------------------------------------------------------
 
     def _publish(self, handle: VxlanLinkHandle) -> None:
         """Worker, right after the peer's SAs and policies are installed: its FDB entries."""

@@ -16,14 +16,11 @@ failure to switch back is fatal for the process rather than leaving a thread in 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import ipaddress
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -31,7 +28,8 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from weft.errors import ConfigError, LocalError
+from weft.errors import ConfigError, LocalError, WeftError
+from weft.host import attach
 
 __all__ = [
     "DEFAULT_BRIDGE",
@@ -47,39 +45,6 @@ DEFAULT_MTU: Final = 1376  # Weave's default container MTU; fits one datagram on
 # TCP super-frames no larger than this fit one UDP GSO send (44 x 1472-byte datagrams, sealed),
 # so the sleeve moves each with one sendmsg and the receiver gets it whole from GRO.
 SUPERFRAME_MAX: Final = 61440
-_CLONE_NEWNET: Final = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-_ns_lock = threading.Lock()
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def _ipr_in(path: str) -> Iterator[IPRoute]:
-    """A netlink socket inside the namespace at ``path`` (opened from this thread, briefly)."""
-    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with _ns_lock:
-            _setns(target)
-            try:
-                ipr = IPRoute()
-            finally:
-                try:
-                    _setns(own)
-                except OSError:  # a thread stuck in a container namespace: stop everything
-                    os._exit(70)
-    finally:
-        os.close(target)
-        os.close(own)
-    try:
-        yield ipr
-    finally:
-        ipr.close()
 
 
 def resolve_netns(netns: str) -> str:
@@ -90,12 +55,6 @@ def resolve_netns(netns: str) -> str:
     if not os.path.exists(path):
         raise ConfigError(f"network namespace {netns!r} not found ({path} does not exist)")
     return path
-
-
-def _limit_gso(ipr: IPRoute, index: int) -> None:
-    """Cap the TSO/GSO size of a device (best effort: an old kernel may refuse)."""
-    with suppress(NetlinkError):
-        ipr.link("set", index=index, gso_max_size=SUPERFRAME_MAX)
 
 
 def _link_index(ipr: IPRoute, name: str) -> int | None:
@@ -119,7 +78,7 @@ def ensure_bridge(
             if index is None:
                 raise LocalError(f"bridge {name} vanished right after it was created")
         ipr.link("set", index=index, mtu=mtu, state="up")
-        _limit_gso(ipr, index)  # the host's own traffic from an exposed address
+        attach.limit_gso(ipr, index, SUPERFRAME_MAX)  # the host's own traffic, exposed address
         if tap is not None:
             tap_index = _link_index(ipr, tap)
             if tap_index is None:
@@ -165,6 +124,19 @@ def _addresses(ipr: IPRoute, index: int) -> list[str]:
         if addr and msg["family"] == 2:
             out.append(f"{addr}/{msg['prefixlen']}")
     return out
+
+
+def _bridge_error(err: attach.AttachError, netns: str, ifname: str, bridge: str) -> WeftError:
+    """The caller's error (``weft attach``, the bridge API: ConfigError is a 400) for a failed
+    kernel step."""
+    if err.failure is attach.AttachFailure.INTERFACE_EXISTS:
+        return ConfigError(f"{netns} already has an interface named {ifname}")
+    if err.failure is attach.AttachFailure.NETNS_GONE:
+        return ConfigError(f"network namespace {netns!r} not found")
+    if err.failure is attach.AttachFailure.BRIDGE_MISSING:
+        return LocalError(f"bridge {bridge} does not exist (is the router's data plane up?)")
+    detail = f": {err.details}" if err.details else ""
+    return LocalError(f"cannot attach {netns}: {err.msg}{detail}")
 
 
 class Bridge:
@@ -229,50 +201,24 @@ class Bridge:
         host = _host_ifname(path)
         if host in self._attached:
             raise ConfigError(f"{netns} is already attached (as {host}); detach it first")
-        peer_tmp = "vwp" + host[3:]
-        with IPRoute() as ipr:
-            bridge = self._bridge_index(ipr)
-            if _link_index(ipr, host) is not None:  # left over from an earlier router
-                ipr.link("del", ifname=host)
-            ipr.link("add", ifname=host, kind="veth", peer=peer_tmp)
-            try:
-                peer_index = _link_index(ipr, peer_tmp)
-                host_index = _link_index(ipr, host)
-                if peer_index is None or host_index is None:
-                    raise LocalError("veth pair vanished right after it was created")
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    ipr.link("set", index=peer_index, net_ns_fd=fd)
-                finally:
-                    os.close(fd)
-                with _ipr_in(path) as nsr:
-                    inner = _link_index(nsr, peer_tmp)
-                    if inner is None:
-                        raise LocalError("the veth did not arrive in the namespace")
-                    if _link_index(nsr, ifname) is not None:
-                        raise ConfigError(f"{netns} already has an interface named {ifname}")
-                    nsr.link("set", index=inner, ifname=ifname, mtu=use_mtu)
-                    _limit_gso(nsr, inner)
-                    for iface in ifaces:
-                        nsr.addr(
-                            "add",
-                            index=inner,
-                            address=str(iface.ip),
-                            prefixlen=iface.network.prefixlen,
-                        )
-                    nsr.link("set", index=inner, state="up")
-                    lo = _link_index(nsr, "lo")
-                    if lo is not None:
-                        nsr.link("set", index=lo, state="up")
-                    mac = str(nsr.get_links(inner)[0].get_attr("IFLA_ADDRESS"))
-                    addresses = _addresses(nsr, inner)
-                ipr.link("set", index=host_index, mtu=use_mtu)
-                _limit_gso(ipr, host_index)
-                ipr.link("set", index=host_index, master=bridge, state="up")
-            except BaseException:
-                with suppress(NetlinkError):
-                    ipr.link("del", ifname=host)
-                raise
+        spec = attach.AttachSpec(
+            netns=path,
+            ifname=ifname,
+            host_ifname=host,
+            bridge=self.name,
+            mtu=use_mtu,
+            hairpin=False,
+            addresses=tuple(str(iface) for iface in ifaces),
+            default_route=False,  # `weft attach` adds an address on the bridge's subnet only
+            gso_max_size=SUPERFRAME_MAX,
+            loopback_up=True,
+        )
+        try:
+            attached = attach.attach(spec)
+        except attach.AttachError as err:
+            raise _bridge_error(err, netns, ifname, self.name) from None
+        mac = attached.container_mac
+        addresses = list(spec.addresses)
         att = Attachment(netns, path, ifname, host, mac, addresses)
         self._attached[host] = att
         return att
@@ -309,7 +255,7 @@ class Bridge:
                     del self._attached[host]
                     continue
                 try:
-                    with _ipr_in(att.path) as nsr:
+                    with attach.in_netns(att.path) as nsr:
                         inner = _link_index(nsr, att.ifname)
                         if inner is not None:
                             att.addresses = _addresses(nsr, inner)
@@ -335,12 +281,12 @@ def netns_exists(netns: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m weft.router.bridge attach|detach|expose NETNS-or-CIDR [--ip CIDR]...``: the
+    """``python -m weft.host.bridge attach|detach|expose NETNS-or-CIDR [--ip CIDR]...``: the
     same kernel work as the HTTP API, for debugging and tests (run inside the host namespace)."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m weft.router.bridge")
+    parser = argparse.ArgumentParser(prog="python -m weft.host.bridge")
     parser.add_argument("--bridge", default=DEFAULT_BRIDGE)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("attach")

@@ -1,10 +1,10 @@
-"""The Open vSwitch datapath as a fast part of the overlay switch (weft.router.switch).
+"""The Open vSwitch datapath as a fast part of the overlay switch (weft.switch.pump).
 
 One :class:`OvsPart` per router, on kernels with the ``openvswitch`` module: the datapath
 ``weft-dp`` with a vxlan vport on UDP 6784 and a veth pair into the Linux bridge ``weft``
 (weft.fastdp.ovs_datapath.OvsDatapath, Weave's "bridged fastdp"), and one
 :class:`~weft.fastdp.link.FastPathLink` per connection whose peer runs OVS too. It follows the
-contract in weft.router.fast_part, like the Linux VXLAN part (weft.router.fastpath_overlay).
+contract in weft.fastdp.part, like the Linux VXLAN part (weft.fastdp.vxlan_part).
 
 What the part does with the kernel:
 
@@ -30,7 +30,7 @@ What the part does with the kernel:
 * The bridge: on a carrying change the bridge forgets what it learned on the veth and the TAP, and
   the MACs a carried peer announced get static bridge entries pointing at the veth (as the vxlan
   part does for its device).
-* ESP (with a password; weft.router.esp_links): every link is encrypted; per link the inbound
+* ESP (with a password; weft.fastdp.esp_links): every link is encrypted; per link the inbound
   guard, a kernel SPI exchanged over control, SAs and policies, and only then does the datapath
   hear of the peer (``set_peers``; withdrawn before the SAs go), so no flow or probe can tunnel
   to it in the clear; heartbeats start after the install. Overlay MTU underlay - 90.
@@ -59,14 +59,12 @@ from typing import Any, Protocol
 
 from weft.errors import WeftError
 from weft.fastdp.esp import ESP_OVERHEAD
+from weft.fastdp.esp_links import EspLinks
 from weft.fastdp.heartbeat import HeartbeatConfig, Probe, encode_probe
 from weft.fastdp.link import FastPathLink
 from weft.fastdp.ovs_datapath import OvsConfig
 from weft.fastdp.ovs_flows import OvsPeer
-from weft.fastdp.vxlan import NETWORK_VNI
-from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLinks
-from weft.router.fast_common import (
+from weft.fastdp.part_base import (
     FEATURE_ESP,
     FastPartBase,
     LinkHandle,
@@ -75,10 +73,12 @@ from weft.router.fast_common import (
     point_bridge_macs,
     source_address,
 )
-from weft.router.overlay import OverlayConnectionParams
+from weft.fastdp.vxlan import NETWORK_VNI
+from weft.gossip.peer import PeerName
+from weft.overlay import OverlayConnectionParams
 
 __all__ = [
-    "FEATURE_ESP",  # weft.router.fast_common's, for the tests and the switch
+    "FEATURE_ESP",  # weft.fastdp.part_base's, for the tests and the switch
     "FEATURE_OVS",
     "FEATURE_OVS_PORT",
     "FEATURE_OVS_VNI",
@@ -171,7 +171,7 @@ class Worker(Protocol):
         ...
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Queue ``fn()`` and return its future (the ESP driver's jobs, weft.router.esp_links)."""
+        """Queue ``fn()`` and return its future (the ESP driver's jobs, weft.fastdp.esp_links)."""
         ...
 
     def close(self) -> None: ...
@@ -364,7 +364,7 @@ class OvsPart(FastPartBase[OvsLinkHandle]):
             call_at=call_at,
         )
         self.config = config or OvsPartConfig()
-        # With ESP every link is encrypted (weft.router.esp_links): the overlay MTU leaves room
+        # With ESP every link is encrypted (weft.fastdp.esp_links): the overlay MTU leaves room
         # for ESP, and the datapath knows a peer (so can tunnel to it) only while its SAs and
         # policies exist.
         overhead = ESP_OVERHEAD if esp is not None else self.config.datapath.extra_overhead
@@ -677,7 +677,7 @@ class OvsPart(FastPartBase[OvsLinkHandle]):
             frame = encode_probe(link.local, link.remote, seq, size)
             self._run(self._host_call("send_probe"), link.remote, frame, then=self._probe_sent)
 
-    # -- ESP (see weft.router.esp_links) --------------------------------------------------------
+    # -- ESP (see weft.fastdp.esp_links) --------------------------------------------------------
 
     def _publish(self, handle: OvsLinkHandle) -> None:
         """*Worker*, right after the peer's SAs and policies are installed: the datapath may
@@ -741,12 +741,12 @@ class PartContext(Protocol):
 
 
 def make_part(ctx: PartContext, config: OvsPartConfig | None = None) -> OvsPart:
-    """The OVS part for ``weft.router.switch._build_fast_parts`` (called only where the
+    """The OVS part for ``weft.switch.pump._build_fast_parts`` (called only where the
     capability probe, done once, found openvswitch). With a password (``ctx.encrypted``; the
     switch builds parts then only where the kernel has ESP) every link runs over ESP."""
     esp: EspLinks | None = None
     if ctx.encrypted:
-        from weft.router.switch import make_esp  # the switch's driver: xfrm + strict guard
+        from weft.fastdp.esp_links import make_esp  # xfrm + strict guard
 
         esp = make_esp("ovs")
     return OvsPart(bridge=ctx.bridge, tap=ctx.tap, heartbeat=ctx.heartbeat, config=config, esp=esp)

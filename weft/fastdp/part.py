@@ -1,8 +1,8 @@
-"""What the overlay switch needs from a fast datapath (weft.router.switch).
+"""What the overlay switch needs from a fast datapath (weft.switch.pump).
 
 A *fast part* is one kernel datapath of one router: the Linux VXLAN device
-(:class:`weft.router.fastpath_overlay.VxlanPart`), the Open vSwitch datapath
-(``weft.router.ovs_part``). The switch holds a list of them, best first (``ovs``, ``vxlan``), and
+(:class:`weft.fastdp.vxlan_part.VxlanPart`), the Open vSwitch datapath
+(``weft.fastdp.ovs_part``). The switch holds a list of them, best first (``ovs``, ``vxlan``), and
 per connection starts a *link* on every part both ends can use; each link proves its own path
 with heartbeats and reports ``on_health(healthy, reason)``; the switch tells the part which link
 carries (``set_carrying``), and only then may the part send that peer's container frames into
@@ -14,7 +14,7 @@ Contract, for every part:
   messages travel in (switch_core: 1 vxlan, 3 ovs).
 * ``problem``: non-empty when the part cannot run here (why, e.g. ``"vxlan: ..."``); ``mtu``:
   the overlay MTU its links prove (None before start); ``encrypted``: the part runs its links
-  over ESP (a router with a password builds parts only with ESP; see weft.router.esp_links);
+  over ESP (a router with a password builds parts only with ESP; see weft.fastdp.esp_links);
   ``local_macs``: the MACs on our bridge (what the switch announces to peers) and
   ``on_local_macs``: set by the switch, called when they change.
 * ``features()``: hello features it advertises (only while it has no problem);
@@ -36,7 +36,7 @@ Contract, for every part:
 A handle exposes ``remote`` (PeerName), ``link`` (its ``weft.fastdp.link.FastPathLink``: the
 switch reads ``link.state`` and ``link.reason``) and ``stopped``.
 
-Both parts build on ``weft.router.fast_common.FastPartBase``, which implements the per-connection
+Both parts build on ``weft.fastdp.part_base.FastPartBase``, which implements the per-connection
 half of this contract (``start_link`` ... ``stop_link``, heartbeats, ESP events) once; each part
 adds its kernel side.
 """
@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 from weft.fastdp.link import FastPathLink
 from weft.gossip.peer import PeerName
-from weft.router.overlay import OverlayConnectionParams
+from weft.overlay import OverlayConnectionParams
 
 __all__ = ["FastLinkHandle", "FastPart"]
 

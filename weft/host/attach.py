@@ -7,14 +7,16 @@ namespace, opens a netlink socket there — a socket stays bound to the namespac
 in — and switches straight back (~1.5 ms). Only that thread ever changes namespace, and a failure to
 switch back is fatal for the process rather than silently leaving a worker in a container.
 
-Why not ``weft/router/bridge.py``'s attach: CNI needs a caller-chosen interface name, a host-side
+Why not ``weft/host/bridge.py``'s attach: CNI needs a caller-chosen interface name, a host-side
 name derived from the attachment, hairpin mode, routes from configuration or IPAM, and an exact
 undo of a half-done ADD; those belong to the CNI contract, so they live here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import enum
 import errno
 import hashlib
 import ipaddress
@@ -29,15 +31,11 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from weft.cni.plugin import (
-    ERR_INTERFACE_EXISTS,
-    ERR_KERNEL,
-    ERR_TRY_AGAIN_LATER,
-    ERR_UNKNOWN_CONTAINER,
-    CniError,
-)
+from weft.errors import WeftError
 
 __all__ = [
+    "AttachError",
+    "AttachFailure",
     "AttachSpec",
     "Attached",
     "BridgeInfo",
@@ -47,7 +45,30 @@ __all__ = [
     "detach",
     "host_ifname",
     "in_netns",
+    "limit_gso",
 ]
+
+
+class AttachFailure(enum.Enum):
+    """Why a kernel step failed; each caller's boundary maps it to its own form (the CNI server
+    to the spec's error codes, weft.cni.server.cni_error)."""
+
+    NETNS_GONE = "netns-gone"  # the container's network namespace does not exist
+    BRIDGE_MISSING = "bridge-missing"  # the weft bridge is not there (yet): retry later
+    INTERFACE_EXISTS = "interface-exists"  # the container already has an interface of that name
+    KERNEL = "kernel"  # any other netlink or namespace failure
+
+
+class AttachError(WeftError):
+    """A kernel step of attach/detach/check failed: ``failure`` says which kind, ``msg`` and
+    ``details`` say what and where."""
+
+    def __init__(self, failure: AttachFailure, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.failure = failure
+        self.msg = msg
+        self.details = details
+
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -70,19 +91,21 @@ def _netlink_socket_in(netns_path: str) -> socket.socket:
     try:
         target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise CniError(
-            ERR_UNKNOWN_CONTAINER, "network namespace does not exist", netns_path
+        raise AttachError(
+            AttachFailure.NETNS_GONE, "network namespace does not exist", netns_path
         ) from None
     except OSError as err:
-        raise CniError(
-            ERR_KERNEL, "cannot open network namespace", f"{netns_path}: {err}"
+        raise AttachError(
+            AttachFailure.KERNEL, "cannot open network namespace", f"{netns_path}: {err}"
         ) from None
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
             _setns(target)
         except OSError as err:
-            raise CniError(ERR_KERNEL, "cannot enter netns", f"{netns_path}: {err}") from err
+            raise AttachError(
+                AttachFailure.KERNEL, "cannot enter netns", f"{netns_path}: {err}"
+            ) from err
         try:
             return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)
         finally:
@@ -186,6 +209,8 @@ class AttachSpec:
     routes: tuple[Mapping[str, Any], ...] = ()
     gateways: Mapping[str, str] = field(default_factory=dict)
     default_route: bool = True
+    gso_max_size: int | None = None  # cap both ends' GSO/TSO size (best effort); None: leave
+    loopback_up: bool = False  # also bring the container's ``lo`` up (``weft attach``)
 
 
 @dataclass(frozen=True)
@@ -240,23 +265,25 @@ def _random_mac() -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def _exists_error(spec: AttachSpec) -> CniError:
-    return CniError(
-        ERR_INTERFACE_EXISTS, f"interface {spec.ifname} already exists in the container", spec.netns
+def _exists_error(spec: AttachSpec) -> AttachError:
+    return AttachError(
+        AttachFailure.INTERFACE_EXISTS,
+        f"interface {spec.ifname} already exists in the container",
+        spec.netns,
     )
 
 
 def attach(spec: AttachSpec) -> Attached:
     """Create the veth pair and configure both ends; on any failure remove what was made.
 
-    Raises CniError: 3 when the namespace is gone, 11 when the bridge does not exist (yet), 101
-    when ``ifname`` already exists there, 100 for other kernel failures. About eight netlink
+    Raises AttachError: NETNS_GONE, BRIDGE_MISSING (not yet set up), INTERFACE_EXISTS when
+    ``ifname`` already exists there, KERNEL for other kernel failures. About eight netlink
     round trips: the veth is created on the bridge, up, with its MTU and both MACs in one request.
     """
     info = bridge_info(spec.bridge)
     if info is None:
-        raise CniError(
-            ERR_TRY_AGAIN_LATER,
+        raise AttachError(
+            AttachFailure.BRIDGE_MISSING,
             f"bridge {spec.bridge} does not exist yet",
             "the weft router has not set up its data plane",
         )
@@ -279,8 +306,8 @@ def attach(spec: AttachSpec) -> Attached:
     try:
         netns_fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise CniError(
-            ERR_UNKNOWN_CONTAINER, "network namespace does not exist", spec.netns
+        raise AttachError(
+            AttachFailure.NETNS_GONE, "network namespace does not exist", spec.netns
         ) from None
     try:
         for attempt in (1, 2):
@@ -303,7 +330,9 @@ def attach(spec: AttachSpec) -> Attached:
                 break
             except NetlinkError as err:
                 if err.code != errno.EEXIST:
-                    raise CniError(ERR_KERNEL, "cannot create veth pair", str(err)) from None
+                    raise AttachError(
+                        AttachFailure.KERNEL, "cannot create veth pair", str(err)
+                    ) from None
                 # Either the container already has ``ifname`` (a second ADD, or someone else's
                 # interface: refuse, touching nothing), or a host end with our name survived a
                 # crash (the name hashes network, container id and ifname, so it can only be this
@@ -333,6 +362,12 @@ def attach(spec: AttachSpec) -> Attached:
     )
 
 
+def limit_gso(ipr: IPRoute, index: int, size: int) -> None:
+    """Cap a device's TSO/GSO size (best effort: an old kernel may refuse)."""
+    with contextlib.suppress(NetlinkError):
+        ipr.link("set", index=index, gso_max_size=size)
+
+
 def _configure(
     spec: AttachSpec,
     ipr: IPRoute,
@@ -341,13 +376,19 @@ def _configure(
 ) -> None:
     step = "set hairpin mode"
     try:
+        if spec.gso_max_size is not None:
+            host = _get_link(ipr, spec.host_ifname)
+            if host is not None:
+                limit_gso(ipr, int(host["index"]), spec.gso_max_size)
         if spec.hairpin:
             ipr.brport("set", ifname=spec.host_ifname, mode=1)
         step = "configure container end"
         with in_netns(spec.netns) as nsr:
             link = _get_link(nsr, spec.ifname)
             if link is None:
-                raise CniError(ERR_KERNEL, f"{spec.ifname} vanished from the container")
+                raise AttachError(
+                    AttachFailure.KERNEL, f"{spec.ifname} vanished from the container"
+                )
             idx = int(link["index"])
             for cidr in spec.addresses:
                 iface = ipaddress.ip_interface(cidr)
@@ -361,7 +402,13 @@ def _configure(
                     prefixlen=iface.network.prefixlen,
                     **extra,
                 )
+            if spec.gso_max_size is not None:
+                limit_gso(nsr, idx, spec.gso_max_size)
             nsr.link("set", index=idx, state="up")
+            if spec.loopback_up:
+                lo = _get_link(nsr, "lo")
+                if lo is not None:
+                    nsr.link("set", index=int(lo["index"]), state="up")
             step = "add routes"
             for route in routes:
                 net = ipaddress.ip_network(str(route["dst"]), strict=False)
@@ -375,7 +422,7 @@ def _configure(
                 )
                 nsr.route("add", **_route_args(route, idx, default_gw))
     except NetlinkError as err:
-        raise CniError(ERR_KERNEL, f"cannot {step}", str(err)) from None
+        raise AttachError(AttachFailure.KERNEL, f"cannot {step}", str(err)) from None
 
 
 def detach(host_name: str) -> bool:
@@ -437,6 +484,6 @@ def check(
                     continue
                 via = f" via {gw}" if gw else ""
                 problems.append(f"route to {net}{via} is missing on {ifname}")
-    except CniError as err:
+    except AttachError as err:
         problems.append(f"{err.msg}: {err.details}")
     return problems

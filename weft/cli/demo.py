@@ -273,7 +273,7 @@ def _start_forwarder(plan: DemoPlan, port: int) -> None:
     log = open(plan.run_dir / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child
     args = ["--forward-ui", plan.host_ns(1), "--ui-port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weft.router.demo", *args],
+        [sys.executable, "-m", "weft.cli.demo", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -2,7 +2,7 @@
 
 No I/O: :class:`SleeveCore` takes frames read from the TAP, UDP datagrams and overlay-control
 messages together with ``now``, and produces UDP transmissions, frames to write to the TAP,
-overlay-control messages and events. :mod:`weft.router.sleeve` is the asyncio pump around it.
+overlay-control messages and events. :mod:`weft.sleeve.pump` is the asyncio pump around it.
 
 Wire format
 ===========
@@ -96,8 +96,8 @@ from weft.gossip.crypto import (
     DataSealer,
 )
 from weft.gossip.peer import PeerName
-from weft.router.maccache import MacCache, MacCacheConfig
-from weft.router.overlay import RoutesView
+from weft.overlay import RoutesView
+from weft.sleeve.maccache import MacCache, MacCacheConfig
 
 __all__ = [
     "BROADCAST",

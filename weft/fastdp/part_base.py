@@ -1,8 +1,8 @@
-"""What the fast parts (weft.router.fast_part) share: the bridge helpers and the loop side of
+"""What the fast parts (weft.fastdp.part) share: the bridge helpers and the loop side of
 their links.
 
-Both kernel datapaths, the Linux VXLAN device (weft.router.fastpath_overlay.VxlanPart) and Open
-vSwitch (weft.router.ovs_part.OvsPart), sit behind one port of the Linux bridge ``weft`` and
+Both kernel datapaths, the Linux VXLAN device (weft.fastdp.vxlan_part.VxlanPart) and Open
+vSwitch (weft.fastdp.ovs_part.OvsPart), sit behind one port of the Linux bridge ``weft`` and
 drive one :class:`~weft.fastdp.link.FastPathLink` per connection the same way; they differ in
 how they reach the kernel. So:
 
@@ -29,13 +29,13 @@ from typing import Any, Generic, TypeVar
 
 from weft.errors import WeftError
 from weft.fastdp.errors import DatapathError
+from weft.fastdp.esp_links import EspLink, EspLinks
 from weft.fastdp.fdb import normalize_mac
 from weft.fastdp.heartbeat import HealthChanged, HeartbeatConfig, HeartbeatState
 from weft.fastdp.link import FastPathLink
 from weft.fastdp.vxlan import VXLAN_PORT
 from weft.gossip.peer import PeerName
-from weft.router.esp_links import EspLink, EspLinks
-from weft.router.overlay import OverlayConnectionParams
+from weft.overlay import OverlayConnectionParams
 
 __all__ = [
     "FEATURE_ESP",
@@ -209,7 +209,7 @@ class FastPartBase(Generic[H]):
         self.tap = tap
         self.heartbeat = heartbeat or HeartbeatConfig()
         self.on_local_macs = on_local_macs
-        # With ESP every link is encrypted (see weft.router.esp_links).
+        # With ESP every link is encrypted (see weft.fastdp.esp_links).
         self.esp = esp
         self.encrypted = esp is not None
         self._clock = clock or self.loop.time

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from weft.errors import ConfigError, LocalError, RemoteProtocolError
+from weft.overlay import PART_OVS, PART_SLEEVE, PART_SWITCH, PART_VXLAN
 
 __all__ = [
     "MAX_MACS",
@@ -64,10 +65,6 @@ SLEEVE = "sleeve"
 # may have started a datapath we lack); an unknown part is a protocol error.
 # A peer without ``overlay_switch`` gets sleeve messages bare (what a plain sleeve expects).
 
-PART_SLEEVE = 0
-PART_VXLAN = 1
-PART_SWITCH = 2
-PART_OVS = 3
 _PARTS = (PART_SLEEVE, PART_VXLAN, PART_SWITCH, PART_OVS)
 _KIND_STATE = 1
 _KIND_MACS = 2

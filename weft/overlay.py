@@ -16,6 +16,10 @@ from typing import Any, Protocol
 from weft.gossip.peer import PeerName
 
 __all__ = [
+    "PART_OVS",
+    "PART_SLEEVE",
+    "PART_SWITCH",
+    "PART_VXLAN",
     "NullOverlay",
     "Overlay",
     "OverlayConnection",
@@ -23,6 +27,14 @@ __all__ = [
     "OverlayConnectionStatus",
     "RoutesView",
 ]
+
+# Which sub-overlay an overlay-control message is for: the first byte of the switch's envelope
+# (weft/switch/core.py describes the envelope). Here, below the switch and the datapaths, so a
+# datapath names its own part without importing the switch that hosts it.
+PART_SLEEVE = 0
+PART_VXLAN = 1
+PART_SWITCH = 2
+PART_OVS = 3
 
 
 @dataclass(frozen=True)
