@@ -45,7 +45,8 @@ ALLOWED: dict[str, set[str]] = {
 # sans-I/O modules: no sockets, event loop, threads, netlink, subprocesses or clocks
 PURE = [
     "weft.sleeve.core", "weft.sleeve.gro", "weft.sleeve.maccache", "weft.switch.core",
-    "weft.gossip.channel", "weft.gossip.connection_maker", "weft.gossip.crypto",
+    "weft.gossip.admission", "weft.gossip.channel", "weft.gossip.connection_maker",
+    "weft.gossip.crypto",
     "weft.gossip.handshake", "weft.gossip.mesh", "weft.gossip.peer", "weft.gossip.routes",
     "weft.gossip.session", "weft.gossip.topology", "weft.gossip.wire",
     "weft.ipam.ring", "weft.ipam.paxos", "weft.ipam.allocator", "weft.ipam.node",
