@@ -23,11 +23,22 @@ from weft.gossip.mesh import (
     MeshEvent,
     PeerRestarted,
     PeersRemoved,
+    RecordsRefused,
     RoutesChanged,
     TopologyChanged,
 )
 from weft.gossip.peer import PeerIdentity, PeerName
-from weft.gossip.wire import TAG_BROADCAST, TAG_GOSSIP, TAG_UNICAST, encode_gossip
+from weft.gossip.topology import MAX_PEERS, make_record
+from weft.gossip.wire import (
+    MAX_BODY,
+    TAG_BROADCAST,
+    TAG_GOSSIP,
+    TAG_UNICAST,
+    decode_envelope,
+    decode_topology,
+    encode_gossip,
+    encode_update,
+)
 
 
 class SetData:
@@ -400,3 +411,69 @@ def test_structured_garbage_only_raises_remote_protocol_error(
     for p in payloads:
         with contextlib.suppress(RemoteProtocolError):
             a.receive(ia, tag, p, 1.0)
+
+
+# --- bounds (issue #14 item 5) -------------------------------------------------------------------
+
+
+def _flood(count: int) -> list[bytes]:
+    return [make_record(PeerName(0x030000000000 + i), "", 1, 1, 0, []).blob for i in range(count)]
+
+
+def test_a_member_cannot_grow_the_topology_past_its_limit() -> None:
+    """The attack: 6.6 MiB of records from one member left 100 k records on the victim."""
+    h = Harness(MeshConfig(discovery=False, max_peers=100))
+    a, b = h.core(1), h.core(2)
+    _, ib = h.link(a, b)
+    h.run(1.0)
+    flood = _flood(500)
+    for i in range(0, len(flood), 100):  # "a" is the member: it can send b anything
+        b.receive(
+            ib,
+            TAG_GOSSIP,
+            encode_gossip("topology", a.name, encode_update(flood[i : i + 100])),
+            h.now,
+        )
+    assert len(b.topology) == 100
+    assert b.stats.records_refused == 402  # 98 flood records fit beside a and b
+    refusals = [e for e in _drain(b) if isinstance(e, RecordsRefused)]
+    assert refusals and refusals[0].source == a.name
+    assert "the limit (max_peers)" in refusals[0].reason
+    assert ib in b.connected_peers().values()  # refusing is not a protocol error
+
+
+def test_full_sync_at_the_limit_is_chunked_and_converges() -> None:
+    """At MAX_PEERS records a joiner still downloads the topology: in bounded messages each
+    below the decoder's limit (past ~200 k records one sync message exceeded it before)."""
+    h = Harness(MeshConfig(discovery=False, gc_grace=3600.0))  # the fake peers are unreachable
+    a, b = h.core(1), h.core(2)
+    _, ib = h.link(a, b)
+    h.run(1.0)
+    flood = _flood(MAX_PEERS + 50)
+    for i in range(0, len(flood), 5000):
+        b.receive(
+            ib,
+            TAG_GOSSIP,
+            encode_gossip("topology", a.name, encode_update(flood[i : i + 5000])),
+            h.now,
+        )
+    assert len(b.topology) == MAX_PEERS
+    c = h.core(3)
+    h.sent.clear()
+    h.link(c, b)
+    h.run(3.0)
+    assert len(c.topology) == MAX_PEERS
+    biggest = max(len(p) for (_, _, _, p) in h.sent)
+    assert biggest < MAX_BODY
+    assert biggest < 2 * 1024 * 1024  # updates are chunked at about 1 MiB
+    for _, _, tag, payload in h.sent:  # every message decodes under the wire's bounds
+        env = decode_envelope(tag, payload)
+        if env.channel == "topology":
+            decode_topology(env.body)
+
+
+def _drain(core: MeshCore) -> list[MeshEvent]:
+    out = []
+    while (ev := core.next_event()) is not None:
+        out.append(ev)
+    return out

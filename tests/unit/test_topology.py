@@ -10,9 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weft.errors import RemoteProtocolError
+from weft.errors import ConfigError, RemoteProtocolError
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.topology import (
+    _MAX_RECORD_BYTES,
+    MAX_ADDRESS_LEN,
+    MAX_CONNECTIONS,
+    MAX_PEERS,
     ConnectionSummary,
     PeerRecord,
     Topology,
@@ -241,3 +245,67 @@ def test_decode_record_wrong_shapes_rejected(obj: object) -> None:
 def test_decode_record_rejects_bad_fields(obj: object) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_record(msgpack.packb(obj, use_bin_type=True))
+
+
+# --- bounds (issue #14 item 5) -------------------------------------------------------------------
+
+
+def many(count: int, start: int = 100, nconns: int = 0, addr_len: int = 12) -> list[PeerRecord]:
+    """``count`` records of fresh names, each listing ``nconns`` connections."""
+    out = []
+    for i in range(count):
+        name = PeerName(0x030000000000 + start + i)
+        conns = [
+            ConnectionSummary(PeerName(0x040000000000 + j), "h" * addr_len, True, True)
+            for j in range(nconns)
+        ]
+        out.append(make_record(name, "", 1, 1, 0, conns))
+    return out
+
+
+def test_topology_refuses_peer_records_beyond_max_peers() -> None:
+    """The attack: one member announced 100 k records and the victim held them all."""
+    t = Topology(PeerIdentity(NAMES[0], "n0", 50, 0), random.Random(1), max_peers=20)
+    r = t.merge(many(100))
+    assert len(t) == 20 and len(r.new) == 19
+    assert len(r.refused) == 81
+    assert "20 peer records, the limit (max_peers)" in r.refused[0][1]
+    # refused records are not asked for again at that version...
+    refused_name = r.refused[0][0]
+    assert refused_name not in t.wanted_from({refused_name: (1, 1)})
+    assert t.wanted_from({refused_name: (1, 2)}) == [refused_name]  # ...a newer one may fit
+    # at the limit, held records still advance: anti-entropy keeps working for them
+    held = next(n for n in t.records if n != NAMES[0])
+    newer = make_record(held, "", 1, 2, 0, [])
+    assert t.merge([newer]).new == [newer]
+    # room freed by garbage collection admits a refused peer again
+    t.remove([held])
+    assert t.wanted_from({refused_name: (1, 1)}) == [refused_name]
+    assert t.merge(many(1, start=100 + 99)).added
+
+
+def test_topology_refuses_records_beyond_its_byte_budget() -> None:
+    budget = 2 * _MAX_RECORD_BYTES
+    t = Topology(PeerIdentity(NAMES[0], "n0", 50, 0), random.Random(1), max_bytes=budget)
+    big = many(10, nconns=MAX_CONNECTIONS, addr_len=MAX_ADDRESS_LEN)
+    assert len(big[0].blob) > budget // 3
+    r = t.merge(big)
+    assert t.size_bytes <= budget and len(r.new) == 2 and len(r.refused) == 8
+    assert f"budget of {budget} bytes" in r.refused[0][1]
+    assert t.size_bytes == sum(len(x.blob) for x in t.records.values())
+
+
+def test_own_record_never_lists_more_than_max_connections() -> None:
+    t = topo()
+    conns = [conn(PeerName(0x040000000000 + j)) for j in range(MAX_CONNECTIONS + 5)]
+    t.set_local_connections(conns)
+    assert len(t.ourself.connections) == MAX_CONNECTIONS
+    assert decode_record(bytes(bytearray(t.ourself.blob))).connections == t.ourself.connections
+
+
+def test_topology_limits_are_checked() -> None:
+    ident = PeerIdentity(NAMES[0], "n0", 50, 0)
+    with pytest.raises(ConfigError, match="max_peers"):
+        Topology(ident, random.Random(1), max_peers=MAX_PEERS + 1)
+    with pytest.raises(ConfigError, match="below one record"):
+        Topology(ident, random.Random(1), max_bytes=1000)

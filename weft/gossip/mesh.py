@@ -55,7 +55,14 @@ from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.connection_maker import BackoffConfig, ConnectionMaker, host_of
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.routes import Routes
-from weft.gossip.topology import ConnectionSummary, PeerRecord, Topology, decode_record
+from weft.gossip.topology import (
+    DEFAULT_MAX_TOPOLOGY_BYTES,
+    MAX_PEERS,
+    ConnectionSummary,
+    PeerRecord,
+    Topology,
+    decode_record,
+)
 from weft.gossip.wire import (
     CHANNEL_TOPOLOGY,
     TAG_BROADCAST,
@@ -88,6 +95,7 @@ __all__ = [
     "MeshStats",
     "PeerRestarted",
     "PeersRemoved",
+    "RecordsRefused",
     "RoutesChanged",
     "ShortIdChanged",
     "TopologyChanged",
@@ -120,11 +128,18 @@ class MeshConfig:
     gc_grace: float = 2.0  # a peer must stay unreachable this long before it is dropped
     tombstone_ttl: float = 60.0  # a collected record coming back unchanged is not relayed
     surrogate_ttl: float = 60.0  # how long relayed unknown-channel gossip is remembered
+    # Bounds of the topology (issue #14 item 5): peer records held (ours included; at most
+    # topology.MAX_PEERS, which also bounds every topology message) and their encoded bytes.
+    # Records beyond are refused with a RecordsRefused event (the router logs it).
+    max_peers: int = MAX_PEERS
+    max_topology_bytes: int = DEFAULT_MAX_TOPOLOGY_BYTES
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"mesh port {self.port} is not in 1..65535")
+        if not 1 <= self.max_peers <= MAX_PEERS:
+            raise ConfigError(f"mesh max_peers {self.max_peers} is not in 1..{MAX_PEERS}")
         if self.fanout is not None and self.fanout < 1:
             raise ConfigError("mesh fanout must be at least 1")
         for name in ("gossip_interval", "anti_entropy_interval", "channel_gossip_interval"):
@@ -188,6 +203,16 @@ class PeerRestarted:
 
 
 @dataclass(frozen=True)
+class RecordsRefused:
+    """Records from ``source`` (a neighbour) were not merged: ``count`` of them, ``reason``
+    the first one's reason (bounds, ownership). Not an error of the connection."""
+
+    source: PeerName
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ShortIdChanged:
     """Our short id clashed with a lower-named peer's and was reassigned."""
 
@@ -201,6 +226,7 @@ MeshEvent = (
     | RoutesChanged
     | PeersRemoved
     | PeerRestarted
+    | RecordsRefused
     | ShortIdChanged
 )
 
@@ -226,6 +252,7 @@ class MeshStats:
     records_sent: int = 0
     records_received: int = 0
     records_new: int = 0
+    records_refused: int = 0
     unicast_dropped: int = 0
     surrogate_relayed: int = 0
     gc_removed: int = 0
@@ -341,7 +368,12 @@ class MeshCore:
         self.name = identity.name
         self.config = config or MeshConfig()
         self._rng = rng or random.Random()
-        self._topology = Topology(identity, self._rng)
+        self._topology = Topology(
+            identity,
+            self._rng,
+            max_peers=self.config.max_peers,
+            max_bytes=self.config.max_topology_bytes,
+        )
         self._conns: dict[int, _Conn] = {}
         self._by_name: dict[PeerName, int] = {}
         self._events: deque[MeshEvent] = deque()
@@ -542,6 +574,11 @@ class MeshCore:
                 self._flush_topology(conn, now)
         if self._surrogate_seen and len(self._surrogate_seen) > 1024:
             self._surrogate_seen = {h: t for h, t in self._surrogate_seen.items() if t > now}
+            if len(self._surrogate_seen) > _MAX_SURROGATE_SEEN:
+                # a flood of distinct unknown-channel gossip: keep the newest half (relaying a
+                # forgotten one again costs bytes, never correctness)
+                keep = list(self._surrogate_seen.items())[-_MAX_SURROGATE_SEEN // 2 :]
+                self._surrogate_seen = dict(keep)
         self._poll_dials(now)
 
     def get_timer(self) -> float | None:
@@ -883,6 +920,8 @@ class MeshCore:
                 self._send_topology(conn, encode_request(wanted))
             if len(self._requested) > 4 * len(self._topology) + 64:
                 self._requested = {n: a for n, a in self._requested.items() if a[1] > now}
+                if len(self._requested) > 2 * MAX_PEERS:
+                    self._requested = {}  # a flood of announced names: forget, never grow
         else:
             assert isinstance(msg, RecordRequest)
             recs = [x for n in msg.names if (x := self._topology.get(n)) is not None]
@@ -891,6 +930,11 @@ class MeshCore:
 
     def _merge(self, records: list[PeerRecord], source: _Conn, now: float) -> None:
         result = self._topology.merge(records)
+        if result.refused:
+            self.stats.records_refused += len(result.refused)
+            self._events.append(
+                RecordsRefused(source.remote.name, len(result.refused), result.refused[0][1])
+            )
         if not result.changed:
             return
         self.stats.records_new += len(result.new)
@@ -1147,6 +1191,7 @@ def _bracket(host: str) -> str:
 
 
 _MAX_CHANNEL_STATS = 16
+_MAX_SURROGATE_SEEN = 65_536  # remembered unknown-channel gossip hashes (dedup), at most
 
 
 def _peek_channel(payload: bytes) -> str:

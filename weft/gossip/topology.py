@@ -30,13 +30,15 @@ from typing import Any
 
 import msgpack
 
-from weft.errors import RemoteProtocolError
+from weft.errors import ConfigError, RemoteProtocolError
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
 
 __all__ = [
+    "DEFAULT_MAX_TOPOLOGY_BYTES",
     "MAX_ADDRESS_LEN",
     "MAX_CONNECTIONS",
     "MAX_NICKNAME_LEN",
+    "MAX_PEERS",
     "ConnectionSummary",
     "MergeResult",
     "PeerRecord",
@@ -49,8 +51,15 @@ __all__ = [
 
 MAX_NICKNAME_LEN = 255
 MAX_ADDRESS_LEN = 300
-MAX_CONNECTIONS = 10_000  # per record; Weave's connection limit is 200 by default
-_MAX_RECORD_BYTES = MAX_CONNECTIONS * (MAX_ADDRESS_LEN + 32) + 1024
+# Bounds (issue #14 item 5): a record lists at most MAX_CONNECTIONS connections (the router's
+# --conn-limit may not exceed it; Weave's default is 200), a router holds at most MAX_PEERS
+# records (MeshConfig.max_peers, at most this) and at most max_bytes of them; records beyond
+# are refused with a reason. These also bound every topology message (see wire.py).
+MAX_CONNECTIONS = 1024
+MAX_PEERS = 10_000
+DEFAULT_MAX_TOPOLOGY_BYTES = 64 * 1024 * 1024
+# a connection entry encodes to at most 14 bytes besides its address
+_MAX_RECORD_BYTES = MAX_CONNECTIONS * (MAX_ADDRESS_LEN + 16) + 1024
 _UINT64 = 1 << 64
 _SHORT_IDS = 1 << SHORT_ID_BITS
 
@@ -251,6 +260,7 @@ class MergeResult:
     added: list[PeerName] = field(default_factory=list)  # names we had no record for
     restarted: list[tuple[PeerName, int, int]] = field(default_factory=list)  # (name, old, new uid)
     replaced: list[tuple[PeerRecord | None, PeerRecord]] = field(default_factory=list)
+    refused: list[tuple[PeerName, str]] = field(default_factory=list)  # (name, why), not merged
     connections_removed: bool = False  # a record lost a connection (GC may be due)
     self_bumped: bool = False
     short_id_changed: bool = False
@@ -263,10 +273,32 @@ class MergeResult:
 class Topology:
     """The set of records one peer knows, with its own record kept authoritative.
 
+    Bounded: at most ``max_peers`` records (ours included) and ``max_bytes`` of encoded records;
+    a record that would need a new slot or more bytes beyond either bound is refused (listed in
+    :attr:`MergeResult.refused`, and not asked for again at that version: :meth:`wanted_from`).
+    Replacing a held record by a newer one of no larger size is always possible, so the peers
+    already held keep converging at the limit.
+
     Not thread-safe; owned by one :class:`~weft.gossip.mesh.MeshCore`.
     """
 
-    def __init__(self, identity: PeerIdentity, rng: random.Random) -> None:
+    def __init__(
+        self,
+        identity: PeerIdentity,
+        rng: random.Random,
+        *,
+        max_peers: int = MAX_PEERS,
+        max_bytes: int = DEFAULT_MAX_TOPOLOGY_BYTES,
+    ) -> None:
+        if not 1 <= max_peers <= MAX_PEERS:
+            raise ConfigError(f"max_peers {max_peers} is not in 1..{MAX_PEERS}")
+        if max_bytes < _MAX_RECORD_BYTES:
+            raise ConfigError(f"max topology bytes {max_bytes} is below one record's limit")
+        self.max_peers = max_peers
+        self.max_bytes = max_bytes
+        self._bytes = 0  # sum of the held records' blob sizes
+        # refused records: name -> (version, uid) not to fetch again (cleared when room frees up)
+        self._refused: dict[PeerName, tuple[int, int]] = {}
         self._rng = rng
         self.name = identity.name
         self._nickname = identity.nickname
@@ -296,13 +328,14 @@ class Topology:
         rec = make_record(
             self.name, self._nickname, self._uid, self._version, self._short_id, self._conns
         )
-        self._records[self.name] = rec
+        self._put(rec)
         self._hash = None
         return rec
 
     def set_local_connections(self, connections: Iterable[ConnectionSummary]) -> bool:
         """Replace our connection list; bumps our version when it changed. True if changed."""
-        conns = tuple(sorted(connections, key=lambda c: (c.name, c.address)))
+        # more than a record may list (the router's --conn-limit prevents it): keep the first
+        conns = tuple(sorted(connections, key=lambda c: (c.name, c.address)))[:MAX_CONNECTIONS]
         if conns == self._conns:
             return False
         self._conns = conns
@@ -343,6 +376,33 @@ class Topology:
     def __contains__(self, name: object) -> bool:
         return name in self._records
 
+    @property
+    def size_bytes(self) -> int:
+        """Encoded size of every record held (bounded by ``max_bytes``, ours aside)."""
+        return self._bytes
+
+    def _put(self, rec: PeerRecord) -> None:
+        old = self._records.get(rec.name)
+        if old is not None:
+            self._bytes -= len(old.blob)
+        self._records[rec.name] = rec
+        self._bytes += len(rec.blob)
+
+    def _room_for(self, rec: PeerRecord, old: PeerRecord | None) -> str | None:
+        """Why ``rec`` cannot be held (None: it can)."""
+        if old is None and len(self._records) >= self.max_peers:
+            return f"the topology holds {len(self._records)} peer records, the limit (max_peers)"
+        grow = len(rec.blob) - (len(old.blob) if old is not None else 0)
+        if grow > 0 and self._bytes + grow > self.max_bytes:
+            return f"the topology would exceed its budget of {self.max_bytes} bytes"
+        return None
+
+    def _refuse(self, rec: PeerRecord, why: str, result: MergeResult) -> None:
+        if len(self._refused) >= 2 * MAX_PEERS:
+            self._refused.clear()  # only an optimisation: forget rather than grow
+        self._refused[rec.name] = max(self._refused.get(rec.name, (0, 0)), (rec.version, rec.uid))
+        result.refused.append((rec.name, why))
+
     # --- merging ----------------------------------------------------------------------------
 
     def merge(self, incoming: Iterable[PeerRecord]) -> MergeResult:
@@ -360,7 +420,12 @@ class Topology:
             old = self._records.get(rec.name)
             if not record_wins(rec, old):
                 continue
+            why = self._room_for(rec, old)
+            if why is not None:
+                self._refuse(rec, why, result)
+                continue
             self._records[rec.name] = rec
+            self._bytes += len(rec.blob) - (len(old.blob) if old is not None else 0)
             result.new.append(rec)
             result.replaced.append((old, rec))
             if old is None:
@@ -386,9 +451,15 @@ class Topology:
 
     def remove(self, names: Iterable[PeerName]) -> list[PeerName]:
         """Drop records (garbage collection); never our own. Returns the names removed."""
-        gone = [n for n in names if n != self.name and self._records.pop(n, None) is not None]
+        gone = []
+        for n in names:
+            rec = self._records.pop(n, None) if n != self.name else None
+            if rec is not None:
+                self._bytes -= len(rec.blob)
+                gone.append(n)
         if gone:
             self._hash = None
+            self._refused.clear()  # room freed: refused records may fit now
         return gone
 
     def reachable(self) -> set[PeerName]:
@@ -435,8 +506,11 @@ class Topology:
     def wanted_from(self, vector: Mapping[PeerName, tuple[int, int]]) -> list[PeerName]:
         """Names for which the vector's owner holds something newer than we do."""
         out = []
+        refused = self._refused
         for n, (uid, version) in vector.items():
             mine = self._records.get(n)
             if mine is None or (version, uid) > (mine.version, mine.uid):
-                out.append(n)
+                no = refused.get(n)
+                if no is None or (version, uid) > no:
+                    out.append(n)
         return out

@@ -29,6 +29,7 @@ import msgpack
 
 from weft.errors import RemoteProtocolError
 from weft.gossip.peer import PeerName
+from weft.gossip.topology import MAX_PEERS
 
 __all__ = [
     "CHANNEL_TOPOLOGY",
@@ -68,8 +69,10 @@ CHANNEL_TOPOLOGY = "topology"
 
 MAX_CHANNEL_LEN = 64
 MAX_BODY = 10 * 1024 * 1024  # the session's frame cap
-MAX_RECORDS = 200_000  # per message
-MAX_VECTOR = 200_000  # entries per digest vector
+# A router holds at most MAX_PEERS records (topology.py), so no message needs more entries; a
+# full-state sync is chunked into updates of about 1 MiB (mesh.py), far below MAX_BODY.
+MAX_RECORDS = MAX_PEERS  # per message
+MAX_VECTOR = MAX_PEERS  # entries per digest vector, announcement or request
 
 TOPO_UPDATE = 1
 TOPO_DIGEST_HASH = 2

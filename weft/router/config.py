@@ -20,6 +20,7 @@ from weft.atomicfile import write_atomic
 from weft.errors import ConfigError
 from weft.gossip.admission import AdmissionConfig
 from weft.gossip.peer import PeerName, random_peer_name
+from weft.gossip.topology import MAX_CONNECTIONS
 from weft.hostport import DEFAULT_PORT, format_hostport
 
 if TYPE_CHECKING:
@@ -156,8 +157,11 @@ class RouterConfig:
             )
         if self.password is not None and not self.password:
             raise ConfigError("the password is empty; leave it unset to run without encryption")
-        if self.conn_limit < 1:
-            raise ConfigError(f"--conn-limit {self.conn_limit} invalid: must be at least 1")
+        if not 1 <= self.conn_limit <= MAX_CONNECTIONS:
+            raise ConfigError(
+                f"--conn-limit {self.conn_limit} invalid: must be in 1..{MAX_CONNECTIONS}"
+                " (a topology record lists at most that many connections)"
+            )
         self.admission_config()
         if self.datapath not in DATAPATHS:
             raise ConfigError(

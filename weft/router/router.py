@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -59,6 +60,7 @@ from weft.gossip.mesh import (
     MeshEvent,
     PeerRestarted,
     PeersRemoved,
+    RecordsRefused,
     RoutesChanged,
     ShortIdChanged,
 )
@@ -194,6 +196,8 @@ class Router:
         # read-only twin of the API for --status-addr (status, report; UI and metrics plug in)
         self.status_app: web.Application = api.make_status_app(self)
         self.counters: Counter[str] = Counter()
+        self._refused_log_at = -math.inf
+        self._refused_unlogged = 0
         self._conns: dict[int, Connection] = {}
         self._by_peer: dict[PeerName, Connection] = {}
         self._dialing: set[str] = set()
@@ -557,8 +561,29 @@ class Router:
             log.info("peer %s restarted (uid %x -> %x)", event.name, event.old_uid, event.new_uid)
         elif isinstance(event, ShortIdChanged):
             log.info("our short id clashed and is now %d", event.short_id)
+        elif isinstance(event, RecordsRefused):
+            self._log_refused(event)
         else:
             log.debug("mesh event %r", event)
+
+    def _log_refused(self, event: RecordsRefused) -> None:
+        """One WARNING per 10 s at most for refused topology records (a flood must not flood
+        the log); the lines in between are counted into the next one."""
+        self.counters["records_refused"] += event.count
+        now = self.now()
+        if now < self._refused_log_at:
+            self._refused_unlogged += event.count
+            return
+        self._refused_log_at = now + 10.0
+        more = self._refused_unlogged
+        self._refused_unlogged = 0
+        log.warning(
+            "refused %d topology record(s) from %s: %s%s",
+            event.count,
+            event.source,
+            event.reason,
+            f" ({more} more refused since the last report)" if more else "",
+        )
 
     def _arm_timer(self) -> None:
         if self._stopping:

@@ -335,6 +335,7 @@ _MESH_STATS = {
     "records_sent": (_TOPOLOGY_RECORDS, ("sent",)),
     "records_received": (_TOPOLOGY_RECORDS, ("received",)),
     "records_new": (_TOPOLOGY_RECORDS, ("new",)),
+    "records_refused": (_TOPOLOGY_RECORDS, ("refused",)),
 }
 
 
