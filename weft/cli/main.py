@@ -138,6 +138,20 @@ def _add_router_options(p: argparse.ArgumentParser) -> None:
         help="unix socket serving the same API; '' disables it (default %(default)s)",
     )
     p.add_argument(
+        "--api-group",
+        metavar="GROUP",
+        help="members of GROUP may change the router over the API (default: the router's own"
+        " group); the unix socket is given to it",
+    )
+    p.add_argument(
+        "--api-allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name the API answers to besides loopback, localhost and the --http-addr host"
+        " (repeatable; other Host headers get 421)",
+    )
+    p.add_argument(
         "--status-addr",
         default="",
         help="serve read-only status, UI and /metrics here too, e.g. 0.0.0.0:6782 (default: off)",
@@ -245,6 +259,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         port=args.port,
         http_addr=args.http_addr,
         api_socket=Path(args.api_socket) if args.api_socket else None,
+        api_group=args.api_group or None,
+        api_allow_hosts=tuple(args.api_allow_host),
         status_addr=args.status_addr or None,
         password=password,
         discovery=not args.no_discovery,

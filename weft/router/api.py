@@ -8,7 +8,9 @@ CNI, data plane).
 Every error is JSON ``{"error": "<one line a user can act on>"}`` with a 4xx status for a bad
 request and 5xx for a failure of ours; the CLI shows that line. Mutating requests from another
 site are refused (``weft.ui.server.refuse_cross_site`` when the UI part is installed, else the
-same Origin rule in :func:`_refuse_cross_site_fallback`).
+same Origin rule in :func:`_refuse_cross_site_fallback`). Before that, weft.router.access refuses
+changes from callers who could not make them themselves (403) and requests naming another
+``Host`` (421, DNS rebinding).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aiohttp.typedefs import Middleware
 from weft import jsonlimit
 from weft.errors import ConfigError, WeftError
 from weft.gossip.peer import PeerName
+from weft.router.access import AccessPolicy
 
 __all__ = ["MAX_BODY", "jsonable", "make_app", "make_status_app", "read_json"]
 
@@ -135,9 +138,15 @@ def _peers(body: Mapping[str, Any]) -> list[str]:
     return peers
 
 
-def make_app(router: Router) -> web.Application:
-    """The API application for ``router`` (other parts add routes before the router starts)."""
-    app = web.Application(middlewares=[_cross_site_middleware(), _errors], client_max_size=MAX_BODY)
+def make_app(router: Router, access: AccessPolicy | None = None) -> web.Application:
+    """The API application for ``router`` (other parts add routes before the router starts).
+
+    ``access`` (default: root, our uid and our group; loopback names) guards every route, the
+    ones other parts add included: see weft/router/access.py."""
+    guard = (access or AccessPolicy()).middleware()
+    app = web.Application(
+        middlewares=[guard, _cross_site_middleware(), _errors], client_max_size=MAX_BODY
+    )
 
     async def status(request: web.Request) -> web.StreamResponse:
         return web.json_response(router.status())

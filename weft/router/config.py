@@ -72,6 +72,10 @@ class RouterConfig:
     * ``listen_host`` — ``0.0.0.0``: the address the control listener binds.
     * ``http_addr`` — ``127.0.0.1:6784``: the HTTP API (``host:port``; port 0 picks a free one).
     * ``api_socket`` — ``/run/weft/weft.sock``: the same API on a unix socket (None: off).
+    * ``api_group`` — None (the router's own group): members of this group (name or gid) may
+      change the router over the API, and the unix socket is given to it (weft/router/access.py).
+    * ``api_allow_hosts`` — (): names besides loopback, ``localhost`` and the ``http_addr`` host
+      that the API answers to in ``Host`` (anything else gets 421: DNS rebinding).
     * ``status_addr`` — None (off): a read-only status, UI and Prometheus ``/metrics`` endpoint,
       e.g. ``0.0.0.0:6782`` (Weave's status port) for scraping from other hosts.
     * ``password`` — the mesh password (bytes) or None for plaintext; from ``--password-file``
@@ -109,6 +113,8 @@ class RouterConfig:
     listen_host: str = "0.0.0.0"
     http_addr: str = DEFAULT_HTTP_ADDR
     api_socket: Path | None = Path(DEFAULT_API_SOCKET)
+    api_group: str | None = None
+    api_allow_hosts: tuple[str, ...] = ()
     status_addr: str | None = None
     password: bytes | None = field(default=None, repr=False)
     discovery: bool = True
@@ -155,6 +161,13 @@ class RouterConfig:
                 f"--api-socket {self.api_socket} is too long for a unix socket"
                 f" (at most {_MAX_UNIX_PATH} bytes)"
             )
+        if self.api_group is not None:
+            from weft.router.access import resolve_group
+
+            resolve_group(self.api_group)
+        for name in self.api_allow_hosts:
+            if not name.strip() or any(c.isspace() or c in "/:@[]" for c in name.strip()):
+                raise ConfigError(f"--api-allow-host {name!r}: expected a host name")
         if self.password is not None and not self.password:
             raise ConfigError("the password is empty; leave it unset to run without encryption")
         if not 1 <= self.conn_limit <= MAX_CONNECTIONS:

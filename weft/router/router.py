@@ -66,6 +66,7 @@ from weft.gossip.mesh import (
 )
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
 from weft.overlay import NullOverlay, Overlay, OverlayConnectionParams
+from weft.router.access import AccessPolicy, resolve_group
 from weft.router.config import (
     RouterConfig,
     format_hostport,
@@ -192,7 +193,7 @@ class Router:
         )
         self.http_port: int | None = None
         self.status_port: int | None = None
-        self.app: web.Application = api.make_app(self)
+        self.app: web.Application = api.make_app(self, self._access_policy())
         # read-only twin of the API for --status-addr (status, report; UI and metrics plug in)
         self.status_app: web.Application = api.make_status_app(self)
         self.counters: Counter[str] = Counter()
@@ -289,6 +290,18 @@ class Router:
             except Exception:
                 log.exception("status callback %r failed", cb)
 
+    def _access_policy(self) -> AccessPolicy:
+        """Who may change us over the API, and the names it answers to (weft/router/access)."""
+        cfg = self.config
+        group = resolve_group(cfg.api_group) if cfg.api_group is not None else os.getegid()
+        return AccessPolicy(
+            owner_uid=os.geteuid(),
+            group=group,
+            bound_host=cfg.http_host_port[0],
+            allow_hosts=tuple(name.strip() for name in cfg.api_allow_hosts),
+            socket_path=str(cfg.api_socket) if cfg.api_socket is not None else None,
+        )
+
     @staticmethod
     def now() -> float:
         return time.monotonic()
@@ -338,7 +351,10 @@ class Router:
                     if cfg.api_socket.is_socket():
                         cfg.api_socket.unlink()
                 await web.UnixSite(self._runner, str(cfg.api_socket)).start()
-                # the API can stop the router and attach containers: owner and group only
+                # the API can stop the router and attach containers: owner and group only (the
+                # caller is checked again per request, weft/router/access.py)
+                if cfg.api_group is not None:
+                    os.chown(cfg.api_socket, -1, resolve_group(cfg.api_group))
                 cfg.api_socket.chmod(0o660)
             except OSError as err:
                 await self._abort_start()
