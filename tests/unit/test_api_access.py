@@ -232,3 +232,27 @@ async def test_extra_api_names_are_accepted_when_configured(world_dir: Path) -> 
                 assert resp.status == 421
     finally:
         await router.stop()
+
+
+async def test_weft_stop_as_nobody_is_refused_with_the_reason(router: Router) -> None:
+    """The CLI as an unprivileged user: reads work, a change gets one clear line and exit 1."""
+    repo = Path(__file__).resolve().parents[2]
+    addr = f"127.0.0.1:{router.http_port}"
+
+    async def weft(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+            sys.executable, "-m", "weft.cli.main", *args, "--http-addr", addr,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(repo)},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return int(proc.returncode or 0), out.decode(), err.decode()
+
+    code, out, _ = await weft("status")
+    assert code == 0 and str(router.identity.name) in out
+    code, _, err = await weft("stop")
+    assert code == 1
+    assert err.startswith("weft stop: permission denied: only root")
+    assert "uid 65534 over TCP" in err and "Traceback" not in err
+    assert not router._stopping

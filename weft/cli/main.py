@@ -5,7 +5,9 @@ Client commands (`status`, `connect`, `report`, ...) talk to a running router ov
 so they start fast: nothing heavy (aiohttp, cryptography, pyroute2) is imported unless the command
 runs a router. `weft router` runs one in the foreground; `weft launch` starts `weft router` in the
 background, waits until its API answers and exits 0, or exits non-zero with the reason the router
-logged.
+logged. Commands that change the router work for root, the router's uid and members of its API
+group (``--api-group``); the router refuses anyone else with a line the CLI shows
+(weft/router/access.py). Reads work for every user.
 
 Errors are one line on stderr and a non-zero exit: 2 for bad arguments, 1 for everything else
 (router unreachable, refused request, invalid configuration). Never a traceback.

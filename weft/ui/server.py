@@ -23,7 +23,11 @@ malformed or oversized, gets an error reply and changes nothing.
 
 Cross-site protection: :func:`refuse_cross_site` is an aiohttp middleware for the router's API that
 refuses mutating requests coming from another site; ``/ws`` applies the same origin check itself,
-so a web page elsewhere cannot read the mesh's status through the user's browser.
+so a web page elsewhere cannot read the mesh's status through the user's browser. The page itself
+is read-only by design (``GET /ui``, ``/ws``, ``/metrics``; it sends no POST), so it needs no
+credential; on the router's API, weft.router.access additionally refuses changes from callers
+other than root or the API group and requests whose ``Host`` is not a name of the API (DNS
+rebinding), ``/ws`` included.
 """
 
 from __future__ import annotations
