@@ -256,3 +256,33 @@ async def test_weft_stop_as_nobody_is_refused_with_the_reason(router: Router) ->
     assert err.startswith("weft stop: permission denied: only root")
     assert "uid 65534 over TCP" in err and "Traceback" not in err
     assert not router._stopping
+
+
+async def test_a_rebound_name_is_refused_on_the_status_port_too(world_dir: Path) -> None:
+    """``--status-addr`` serves the same status, ``/metrics`` and live ``/ws`` (for scraping
+    from other hosts, often bound to 0.0.0.0, so reachable at 127.0.0.1 from any local page):
+    a page rebinding its name to this host must be refused there as on the API."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        sport = probe.getsockname()[1]
+    router = await start_router(world_dir, status_addr=f"0.0.0.0:{sport}")
+    try:
+        base = f"http://127.0.0.1:{sport}"
+        evil = {"Host": f"evil.example:{sport}"}
+        async with aiohttp.ClientSession() as session:
+            for path in ("/status", "/report", "/metrics", "/ui/", "/ws"):
+                async with session.get(f"{base}{path}", headers=evil) as resp:
+                    assert resp.status == 421, path
+                    assert "evil.example" in (await resp.json())["error"]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(f"{base}/ws", headers=evil)
+            assert refused.value.status == 421
+            # scrapers by IP (any literal: bound to a wildcard) and local names still work
+            for host in (f"127.0.0.1:{sport}", f"192.0.2.10:{sport}", "localhost"):
+                async with session.get(f"{base}/metrics", headers={"Host": host}) as resp:
+                    assert resp.status == 200, host
+            async with session.ws_connect(f"{base}/ws") as ws:
+                msg = await asyncio.wait_for(ws.receive_json(), 30)
+                assert msg["type"] == "status"
+    finally:
+        await router.stop()

@@ -176,10 +176,15 @@ def make_app(router: Router, access: AccessPolicy | None = None) -> web.Applicat
     return app
 
 
-def make_status_app(router: Router) -> web.Application:
+def make_status_app(router: Router, access: AccessPolicy | None = None) -> web.Application:
     """The read-only app served on ``--status-addr``: ``GET /status`` and ``/report`` only
-    (the daemon adds the UI and ``/metrics``). Nothing here changes the router's state."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    (the daemon adds the UI, ``/ws`` and ``/metrics``). Nothing here changes the router's state.
+
+    ``access`` (its ``bound_host`` the ``--status-addr`` host) applies the same Host allow-list
+    as on the API: the status port shows the same status and live view, so a page rebinding
+    its name to this host must not read it either (DNS rebinding, #14 item 9)."""
+    guard = (access or AccessPolicy()).middleware()
+    app = web.Application(middlewares=[guard, _errors], client_max_size=MAX_BODY)
 
     async def status(request: web.Request) -> web.StreamResponse:
         return web.json_response(router.status())

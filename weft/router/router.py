@@ -193,9 +193,18 @@ class Router:
         )
         self.http_port: int | None = None
         self.status_port: int | None = None
-        self.app: web.Application = api.make_app(self, self._access_policy())
-        # read-only twin of the API for --status-addr (status, report; UI and metrics plug in)
-        self.status_app: web.Application = api.make_status_app(self)
+        access = self._access_policy()
+        self.app: web.Application = api.make_app(self, access)
+        # read-only twin of the API for --status-addr (status, report; UI and metrics plug in);
+        # the same Host allow-list, its own listen address among the accepted names
+        status_host = (
+            parse_hostport(config.status_addr, what="--status-addr")[0]
+            if config.status_addr
+            else access.bound_host
+        )
+        self.status_app: web.Application = api.make_status_app(
+            self, dataclasses.replace(access, bound_host=status_host)
+        )
         self.counters: Counter[str] = Counter()
         self._refused_log_at = -math.inf
         self._refused_unlogged = 0
