@@ -353,7 +353,7 @@ def test_underlay_never_carries_plaintext_and_replays_are_dropped(
     singles = [
         p[: 27 + int.from_bytes(p[15:19], "big")]
         for s, d, p in packets
-        if s == h1.ip and d == h2.ip and p[0] == 0x11 and p[25:27] == b"\x00\x01"
+        if s == h1.ip and d == h2.ip and p[0] == 0x21 and p[25:27] == b"\x00\x01"
     ]
     assert singles
     sample = singles[-1]

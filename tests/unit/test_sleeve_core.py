@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from random import Random
 
 import pytest
 
 from weft.gossip.peer import PeerName
 from weft.sleeve.core import (
     HEADER_SIZE,
+    VERSION,
     VNET_HDR_SIZE,
     LinkEstablished,
     SleeveConfig,
@@ -75,9 +77,11 @@ class Net:
         self.now = 1000.0
         names = sorted({p for link in links for p in link})
         self.cores = {
-            p: SleeveCore(p, (configs or {}).get(p, config or SleeveConfig())) for p in names
+            p: SleeveCore(p, (configs or {}).get(p, config or SleeveConfig()), rng=Random(p))
+            for p in names
         }
         self.by_addr = {ADDR[p]: p for p in names}
+        self.source = {p: ADDR[p] for p in names}  # where a core's datagrams come from (NAT)
         self.path_limit: dict[tuple[PeerName, PeerName], int] = {}
         self.blocked: set[tuple[PeerName, PeerName]] = set()
         self.tap: dict[PeerName, list[bytes]] = {p: [] for p in names}
@@ -138,10 +142,10 @@ class Net:
             kept = [self.tamper(d) for d in kept]
         core = self.cores[dst]
         if self.gro and kept == dgrams and t.segment:
-            core.datagrams_received(t.buffer, ADDR[src], self.now, t.segment)
+            core.datagrams_received(t.buffer, self.source[src], self.now, t.segment)
         else:
             for d in kept:
-                core.datagrams_received(d, ADDR[src], self.now)
+                core.datagrams_received(d, self.source[src], self.now)
 
     def run(self, seconds: float, dt: float = 0.1) -> None:
         end = self.now + seconds
@@ -286,18 +290,23 @@ def test_fragments_out_of_order_duplicated_and_lost() -> None:
     assert core_b.take_tap_frames() == []
 
 
-def test_overlapping_fragment_abandons_the_message() -> None:
+def test_overlapping_fragment_is_dropped_alone() -> None:
     net = established_net([(A, B)], encrypted=False, gro=False)
     core_b = net.cores[B]
     a_bytes = A.to_bytes(6, "big")
     hdr = struct.Struct(">B6sQIIHH")
-    core_b.datagrams_received(hdr.pack(0x11, a_bytes, 77, 3000, 0, 0, 3) + bytes(1000), ADDR[A], 0)
+    core_b.datagrams_received(hdr.pack(0x21, a_bytes, 77, 3000, 0, 0, 3) + bytes(1000), ADDR[A], 0)
     # index 1 claims offset 900: overlaps fragment 0.
     core_b.datagrams_received(
-        hdr.pack(0x11, a_bytes, 77, 3000, 900, 1, 3) + bytes(1000), ADDR[A], 0
+        hdr.pack(0x21, a_bytes, 77, 3000, 900, 1, 3) + bytes(1000), ADDR[A], 0
     )
     assert core_b.drops["malformed"] == 1
+    # sleeve v2: the cut follows from (length, count), so a fragment that does not fit it is
+    # dropped on its own and cannot take the message down with it (#14 item 2)
+    assert core_b.status(net.now)["reassembly_bytes"] == 3000
+    net.step(3.0)
     assert core_b.status(net.now)["reassembly_bytes"] == 0
+    assert core_b.drops["reassembly_timeout"] == 1
 
 
 def test_bad_packets_are_dropped_and_counted_by_reason() -> None:
@@ -306,13 +315,13 @@ def test_bad_packets_are_dropped_and_counted_by_reason() -> None:
     core_b = net.cores[B]
     hdr = struct.Struct(">B6sQIIHH")
     a_bytes = A.to_bytes(6, "big")
-    core_b.datagrams_received(b"\x11abc", ADDR[A], net.now)
+    core_b.datagrams_received(b"\x21abc", ADDR[A], net.now)
     core_b.datagrams_received(hdr.pack(0x77, a_bytes, 0, 10, 0, 0, 1) + bytes(10), ADDR[A], 0)
     core_b.datagrams_received(
-        hdr.pack(0x11, b"\x09" * 6, 0, 10, 0, 0, 1) + bytes(10), ADDR[A], net.now
+        hdr.pack(0x21, b"\x09" * 6, 0, 10, 0, 0, 1) + bytes(10), ADDR[A], net.now
     )
     core_b.datagrams_received(
-        hdr.pack(0x11, a_bytes, 1 << 40, 1 << 20, 0, 0, 40) + bytes(10), ADDR[A], net.now
+        hdr.pack(0x21, a_bytes, 1 << 40, 1 << 20, 0, 0, 40) + bytes(10), ADDR[A], net.now
     )
     # Capture a real packet, then replay it and flip a bit in a copy.
     before = len(net.wire)
@@ -355,7 +364,7 @@ def test_junk_flood_is_bounded() -> None:
     a_bytes = A.to_bytes(6, "big")
     for i in range(1000):
         core_b.datagrams_received(
-            hdr.pack(0x11, a_bytes, i, 60000, 0, 0, 50) + bytes(1200), ADDR[A], net.now
+            hdr.pack(0x21, a_bytes, i, 60000, 0, 0, 50) + bytes(1200), ADDR[A], net.now
         )
     assert core_b.status(net.now)["reassembly_bytes"] <= 8 * 60000
     assert core_b.drops["reassembly_evicted"] == 1000 - 8
@@ -512,20 +521,19 @@ def test_coalesced_buffers_with_gaps_and_several_messages(encrypted: bool) -> No
     net.learn(B, mac(2))
     core_a, core_b = net.cores[A], net.cores[B]
     frames = [vnet(eth(mac(2), mac(1), os.urandom(n))) for n in (20000, 64000, 9000)]
-    dgrams = []
-    for f in frames:
-        core_a.frame_from_tap(f, net.now)
-        dgrams += _datagrams(core_a)
-    seg = len(dgrams[0])
-    full = [d for d in dgrams if len(d) == seg]
-    short = [d for d in dgrams if len(d) != seg]
-    missing = full[20]  # inside the 64000-byte frame
-    coalesced = b"".join(d for d in full if d is not missing)
-    # the kernel coalesces equal-size segments; short last fragments arrive on their own
-    for i in range(0, len(coalesced), 30 * seg):
-        core_b.datagrams_received(coalesced[i : i + 30 * seg], ADDR[A], net.now, seg)
-    for d in short:
-        core_b.datagrams_received(d, ADDR[A], net.now)
+    # (v2: a message's fragments have one size, ceil(length / count); messages differ)
+    per_message = [_capture(core_a, f, net.now) for f in frames]
+    missing = per_message[1][20]  # inside the 64000-byte frame
+    for dgrams in per_message:
+        seg = len(dgrams[0])
+        full = [d for d in dgrams if len(d) == seg and d is not missing]
+        coalesced = b"".join(full)
+        # the kernel coalesces equal-size segments; a short last fragment arrives on its own
+        for i in range(0, len(coalesced), 30 * seg):
+            core_b.datagrams_received(coalesced[i : i + 30 * seg], ADDR[A], net.now, seg)
+        for d in dgrams:
+            if len(d) != seg:
+                core_b.datagrams_received(d, ADDR[A], net.now)
     got = [flat(f) for f in core_b.take_tap_frames()]
     assert got == [frames[0], frames[2]]
     core_b.datagrams_received(missing, ADDR[A], net.now)
@@ -563,3 +571,145 @@ def test_cut_covers_the_concatenation_exactly() -> None:
         assert all(len(j) == chunk for j in joined[:-1]) and 0 < len(joined[-1]) <= chunk
     head_and_body: list[bytes | memoryview] = [b"h" * 17, os.urandom(3000)]
     assert [len(b"".join(c)) for c in _cut(head_and_body, 1000)] == [1000, 1000, 1000, 17]
+
+
+def _capture(core: SleeveCore, frame: bytes, now: float) -> list[bytes]:
+    """The datagrams ``core`` sends for one TAP frame (taken off its output, not delivered)."""
+    core.frame_from_tap(frame, now)
+    return _datagrams(core)
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_forged_fragment_headers_cannot_make_messages_undeliverable(gro: bool) -> None:
+    """#14 item 2: without the key, one forged datagram per message (sender name and message id
+    copied from the wire, which shows them) used to make every fragmented message undeliverable:
+    a 35-byte fragment claiming another length/count abandoned the real reassembly, and one with
+    the real header but garbage bytes took a fragment's slot. Now each fragment authenticates
+    before reassembly sees it."""
+    net = established_net([(A, B)], encrypted=True)
+    net.learn(B, mac(2))
+    core_a, core_b = net.cores[A], net.cores[B]
+    frames = [vnet(eth(mac(2), mac(1), os.urandom(20000))) for _ in range(20)]
+    hdr = struct.Struct(">B6sQIIHH")
+    for i, frame in enumerate(frames):
+        real = _capture(core_a, frame, net.now)
+        assert len(real) > 10
+        vk, sender, msg_id, _total, _off, _idx, _count = hdr.unpack_from(real[0])
+        if i % 2:  # a different cut of the same message id: 27 + 8 = 35 bytes
+            forged = [hdr.pack(vk, sender, msg_id, 2000, 0, 0, 2) + os.urandom(8)]
+        else:  # the real headers, garbage in place of the first and last fragments
+            forged = [
+                real[0][:HEADER_SIZE] + os.urandom(len(real[0]) - HEADER_SIZE),
+                real[-1][:HEADER_SIZE] + os.urandom(len(real[-1]) - HEADER_SIZE),
+            ]
+        assert len(forged[0]) == 35 or len(forged) == 2
+        for d in forged:  # the attacker's datagrams arrive first, from the peer's address
+            core_b.datagrams_received(d, ADDR[A], net.now)
+        if gro:
+            seg = len(real[0])
+            full = b"".join(d for d in real if len(d) == seg)
+            core_b.datagrams_received(full, ADDR[A], net.now, seg)
+            for d in real:
+                if len(d) != seg:
+                    core_b.datagrams_received(d, ADDR[A], net.now)
+        else:
+            for d in real:
+                core_b.datagrams_received(d, ADDR[A], net.now)
+    assert [flat(f) for f in core_b.take_tap_frames()] == frames
+    # every forged datagram, and nothing else (the 35-byte one does not fit the cut its own
+    # header gives: ceil(2000 / 2) bytes at index 0)
+    assert dict(core_b.drops) == {"fragment_tag": 20, "malformed": 10}
+    assert core_b.status(net.now)["reassembly_bytes"] == 0
+
+
+def test_forged_fragments_cannot_evict_authenticated_reassemblies() -> None:
+    """A flood of forged first fragments under fresh message ids opens no reassembly, so it
+    cannot push out a message that is still arriving (the per-peer bound evicts the oldest)."""
+    cfg = SleeveConfig(reassembly_per_peer=4)
+    net = established_net([(A, B)], encrypted=True, config=cfg, gro=False)
+    net.learn(B, mac(2))
+    core_a, core_b = net.cores[A], net.cores[B]
+    frame = vnet(eth(mac(2), mac(1), os.urandom(20000)))
+    real = _capture(core_a, frame, net.now)
+    hdr = struct.Struct(">B6sQIIHH")
+    vk, sender, msg_id, total, _off, _idx, count = hdr.unpack_from(real[0])
+    for d in real[:-1]:
+        core_b.datagrams_received(d, ADDR[A], net.now)
+    for k in range(1, 200):  # ids after the real message's, the sizes it has
+        forged = hdr.pack(vk, sender, msg_id + 1000 * k, total, 0, 0, count)
+        core_b.datagrams_received(forged + os.urandom(len(real[0]) - HEADER_SIZE), ADDR[A], 0)
+    core_b.datagrams_received(real[-1], ADDR[A], net.now)
+    assert [flat(f) for f in core_b.take_tap_frames()] == [frame]
+    assert core_b.drops["reassembly_evicted"] == 0 and core_b.drops["fragment_tag"] == 199
+
+
+ATTACKER = ("10.6.6.6", 6783)
+
+
+def _plain_data(sender: PeerName, dst: PeerName, msg_id: int, frame: bytes) -> bytes:
+    """A plaintext one-record data datagram as ``sender`` would send it (anyone can forge it)."""
+    rec = struct.pack(">6s6sBI", sender.to_bytes(6, "big"), dst.to_bytes(6, "big"), 0, len(frame))
+    body = rec + frame
+    head = struct.pack(">B6sQIIHH", VERSION << 4 | 1, sender.to_bytes(6, "big"), msg_id,
+                       len(body), 0, 0, 1)  # fmt: skip
+    return head + body
+
+
+def test_spoofed_datagrams_cannot_repoint_a_plain_link() -> None:
+    """#14 item 3: on the plaintext sleeve one datagram claiming to be A, from the attacker's
+    address, used to re-point B's link to A there: B's next frames for A went to the attacker.
+    Now only a heartbeat carrying the token B gave A over the control connection moves it."""
+    net = established_net([(A, B)], encrypted=False, config=SleeveConfig(tap_vnet_hdr=False))
+    net.learn(A, mac(1))
+    core_b = net.cores[B]
+    spoofed = _plain_data(A, B, 12345, eth(mac(2), mac(1), b"spoofed"))
+    core_b.datagrams_received(spoofed, ATTACKER, net.now)
+    # a forged heartbeat too (its sequence and token guessed), full size
+    hb = struct.pack(">B6sQIIHH", VERSION << 4 | 2, A.to_bytes(6, "big"), 7, 1445, 0, 0, 1)
+    core_b.datagrams_received(hb + bytes(1445), ATTACKER, net.now)
+    assert core_b.link_status(A)["addr"] == "10.0.0.1:6783"  # type: ignore[index]
+    assert core_b.take_tap_frames() == []  # the spoofed frame was not delivered
+    # B asks A (over the control connection) for a heartbeat, once (rate-limited)
+    assert [(p, m[0]) for p, m in core_b.take_control()] == [(A, 0x02)]
+    core_b.frame_from_tap(eth(mac(1), mac(2), b"for A"), net.now)
+    core_b.flush()
+    sent = core_b.take_transmits()
+    assert sent and all(t.addr == ADDR[A] for t in sent)
+    assert core_b.drops["wrong_source"] == 1 and core_b.drops["heartbeat_token"] == 1
+
+
+def test_a_forged_heartbeat_from_the_peer_address_is_not_acknowledged() -> None:
+    """Without the token a heartbeat is neither acknowledged (a forged ack of a large size
+    would confirm a path MTU the path does not carry) nor allowed to move the link."""
+    net = established_net([(A, B)], encrypted=False)
+    core_b = net.cores[B]
+    net.settle()
+    hb = struct.pack(">B6sQIIHH", VERSION << 4 | 2, A.to_bytes(6, "big"), 7, 1445, 0, 0, 1)
+    core_b.datagrams_received(hb + bytes(1445), ADDR[A], net.now)
+    acks = [m for _, m in core_b.take_control() if m[0] == 0x01]
+    assert acks == [] and core_b.drops["heartbeat_token"] == 1
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_nat_rebinding_still_moves_the_link(encrypted: bool) -> None:
+    """The peer's real address changes (a NAT rebinds its port): the link follows, plaintext on
+    the peer's token-carrying heartbeat (asked for at once), encrypted on any authenticated
+    datagram, and traffic flows both ways at the new address."""
+    net = established_net([(A, B)], encrypted=encrypted)
+    net.learn(A, mac(1))
+    net.learn(B, mac(2))
+    rebound = ("192.0.2.7", 40001)
+    net.source[A] = rebound
+    net.by_addr[rebound] = A
+    first = vnet(eth(mac(2), mac(1), b"first after rebinding"))
+    net.send(A, first)  # (no clock step: the move happens within the exchange)
+    assert net.cores[B].link_status(A)["addr"] == "192.0.2.7:40001"  # type: ignore[index]
+    second = vnet(eth(mac(2), mac(1), b"second"))
+    net.send(A, second)
+    assert net.tap[B][-1] == second
+    if encrypted:
+        assert net.tap[B] == [first, second]
+    back = vnet(eth(mac(1), mac(2), b"reply"))
+    net.send(B, back)
+    assert net.tap[A] == [back]
+    assert net.cores[B].link_status(A)["state"] == "established"  # type: ignore[index]

@@ -12,6 +12,7 @@ from weft.sleeve.core import (
     HEADER_SIZE,
     KIND_DATA,
     KIND_HEARTBEAT,
+    VERSION,
     SleeveConfig,
     Transmit,
     gso_batches,
@@ -21,7 +22,7 @@ PER_FRAME = SleeveConfig(tap_vnet_hdr=False)
 
 
 def single(size: int, peer: PeerName = B, fill: int = 0, kind: int = KIND_DATA) -> Transmit:
-    head = bytes([0x10 | kind]) + bytes([fill]) * (min(size, HEADER_SIZE) - 1)
+    head = bytes([VERSION << 4 | kind]) + bytes([fill]) * (min(size, HEADER_SIZE) - 1)
     return Transmit(peer, ADDR[peer], (head, bytes([fill + 1]) * (size - len(head))), 0)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,7 @@ from weft.host.bridge import Attachment
 from weft.host.bridge_api import setup_routes
 from weft.overlay import OverlayConnection, OverlayConnectionParams
 from weft.router.api import _errors  # the API's own error boundary
-from weft.sleeve.core import SleeveConfig
+from weft.sleeve.core import VERSION, SleeveConfig
 from weft.sleeve.pump import SleeveOverlay
 
 A, B = PeerName(0x020000000001), PeerName(0x020000000002)
@@ -89,6 +91,11 @@ async def test_peer_without_sleeve_is_reported_not_established() -> None:
         conn = ov.prepare_connection(_params(A, B, {}, None, lambda m: None, asyncio.Event()))
         st = conn.status()
         assert st.state == "failed" and "no compatible sleeve" in st.info
+        # a sleeve v1 peer (fragment headers unauthenticated) is refused naming the versions
+        v1 = {"sleeve_version": 1, "sleeve_port": 6783, "sleeve_superframes": True}
+        conn = ov.prepare_connection(_params(A, B, v1, None, lambda m: None, asyncio.Event()))
+        st = conn.status()
+        assert st.state == "failed" and "ours 2, theirs 1" in st.info
     finally:
         ov.close()
 
@@ -266,3 +273,119 @@ async def test_refused_merged_tap_write_falls_back_to_segments(
     finally:
         ov.tap = None
         ov.close()
+
+
+class _Nat:
+    """A port-rebinding NAT on loopback: what A sends to ``inside`` leaves from the current
+    outside socket towards B; what B sends to an outside socket goes back to A."""
+
+    def __init__(self, a_port: int, b_port: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.a = ("127.0.0.1", a_port)
+        self.b = ("127.0.0.1", b_port)
+        self.inside = self._socket(self._from_a)
+        self.outside: list[socket.socket] = []
+        self.rebind()
+
+    def _socket(self, handler: Callable[[socket.socket], None]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(("127.0.0.1", 0))
+        self.loop.add_reader(sock.fileno(), handler, sock)
+        return sock
+
+    def rebind(self) -> int:
+        """A's mapping moves to a new outside port (the old one keeps forwarding back)."""
+        self.outside.append(self._socket(self._from_b))
+        return int(self.outside[-1].getsockname()[1])
+
+    def _from_a(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            self.outside[-1].sendto(data, self.b)
+
+    def _from_b(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            self.inside.sendto(data, self.a)
+
+    def close(self) -> None:
+        for sock in (self.inside, *self.outside):
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_plain_link_ignores_spoofed_datagrams_and_follows_a_nat_rebinding() -> None:
+    """#14 item 3 on real sockets: B's link to A stays put under spoofed datagrams from another
+    port, and follows A when A's NAT mapping moves (A's heartbeat carries B's token)."""
+    cfg = SleeveConfig(port=0, tap_vnet_hdr=False, heartbeat_interval=0.5)
+    ov_a = SleeveOverlay(cfg, host="127.0.0.1", tap_name=None, bridge=None)
+    ov_b = SleeveOverlay(cfg, host="127.0.0.1", tap_name=None, bridge=None)
+    nat = _Nat(ov_a.config.port, ov_b.config.port)
+    spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    try:
+        conns: dict[str, OverlayConnection] = {}
+        est_a, est_b = asyncio.Event(), asyncio.Event()
+        behind_nat = {**ov_b.features(), "sleeve_port": nat.inside.getsockname()[1]}
+        # B cannot reach A directly: what it first takes for A's address is a dead port.
+        unreachable = {**ov_a.features(), "sleeve_port": dead.getsockname()[1]}
+        conns["b"] = ov_b.prepare_connection(
+            _params(B, A, unreachable, None, lambda m: conns["a"].control_received(m), est_b)
+        )
+        conns["a"] = ov_a.prepare_connection(
+            _params(A, B, behind_nat, None, lambda m: conns["b"].control_received(m), est_a)
+        )
+        await asyncio.wait_for(asyncio.gather(est_a.wait(), est_b.wait()), timeout=20)
+
+        def b_sees_a_at() -> str:
+            link = ov_b.link_status(A)
+            assert link is not None
+            return str(link["addr"])
+
+        first = f"127.0.0.1:{nat.outside[0].getsockname()[1]}"
+        await _until(lambda: b_sees_a_at() == first, "B to follow A behind the NAT")
+        # Spoofed: A's name from another port, a data record and a full heartbeat.
+        a_bytes = A.to_bytes(6, "big")
+        frame = bytes(6) + bytes(6) + b"\x08\x00" + b"spoofed"
+        rec = struct.pack(">6s6sBI", a_bytes, B.to_bytes(6, "big"), 0, len(frame)) + frame
+        data = struct.pack(">B6sQIIHH", VERSION << 4 | 1, a_bytes, 1, len(rec), 0, 0, 1) + rec
+        hb = struct.pack(">B6sQIIHH", VERSION << 4 | 2, a_bytes, 2, 1000, 0, 0, 1) + bytes(1000)
+        assert ov_b.core is not None
+        for payload in (data, hb):
+            spoofer.sendto(payload, ("127.0.0.1", ov_b.config.port))
+        await _until(
+            lambda: (
+                ov_b.core is not None
+                and ov_b.core.drops["wrong_source"] >= 1
+                and ov_b.core.drops["heartbeat_token"] >= 1
+            ),
+            "the spoofed datagrams to be refused",
+        )
+        assert b_sees_a_at() == first
+        # The NAT rebinds A to a new port: B follows on A's next heartbeat.
+        second = f"127.0.0.1:{nat.rebind()}"
+        await _until(lambda: b_sees_a_at() == second, "B to follow the rebinding")
+        acked = ov_a.link_status(B)
+        assert acked is not None and acked["state"] == "established"
+    finally:
+        spoofer.close()
+        dead.close()
+        nat.close()
+        ov_a.close()
+        ov_b.close()

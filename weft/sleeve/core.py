@@ -9,7 +9,7 @@ Wire format
 
 Every UDP datagram (port 6783) starts with a 27-byte plaintext header, all integers big endian::
 
-    0   1  version (high 4 bits, = 1) | kind (low 4 bits): 1 data, 2 heartbeat
+    0   1  version (high 4 bits, = 2) | kind (low 4 bits): 1 data, 2 heartbeat
     1   6  sender: peer name of the hop that sent this datagram (selects the keys)
     7   8  message id: the data-key counter when encrypted, a per-link sequence otherwise
     15  4  message length (the whole sealed message, all fragments together)
@@ -17,16 +17,28 @@ Every UDP datagram (port 6783) starts with a 27-byte plaintext header, all integ
     23  2  fragment index
     25  2  fragment count
 
-followed by the fragment's bytes. A message is cut into ``count`` fragments of equal size except
-the last, in index order, so ``offset == index * chunk``; receivers check that, which makes
-overlapping fragments impossible rather than merely unlikely. A message that fits one datagram is
-``index 0, count 1`` and never touches the reassembly buffers.
+followed, on an encrypted link in a message of two or more fragments, by the fragment's 8-byte
+*fragment tag* (below), then the fragment's bytes. A message that fits one datagram is
+``index 0, count 1`` and never touches the reassembly buffers. A longer one is cut into
+``count`` fragments of ``chunk = ceil(length / count)`` bytes except the last, in index order,
+so ``offset == index * chunk``: the cut follows from (length, count) alone and receivers check
+every fragment's offset and size against it, which makes overlapping fragments impossible and
+lets a fragment that does not fit be dropped on its own (the message's reassembly is untouched).
 
 A message is, when encrypted, ``counter(8) || AEAD(plaintext) || tag(16)`` sealed by
 :class:`weft.gossip.crypto.DataSealer` with the data key of the connection's direction and the
 first 7 header bytes (version/kind and sender) as associated data; its counter equals the header's
 message id, which lets a receiver refuse replayed fragments before buffering them. Unencrypted,
 the message is the plaintext itself.
+
+Fragment tags (sleeve version 2, issue #14 item 2): the AEAD authenticates a message only once it
+is whole, so the header fields that steer reassembly are authenticated per fragment with one
+keyed hash per message, :func:`_fragment_tags`: SHAKE128(tag key || header bytes 0..18 || count)
+gives ``8 * count`` bytes, fragment ``i`` carries bytes ``8i .. 8i+8``; the tag key of each
+direction is derived from its data key. A fragment whose tag is wrong is dropped before it can
+open, take, evict or spoil a reassembly, so without the key nothing reaches reassembly state;
+the AEAD still decides on the content. Version 1 had no fragment tags: a peer advertising it is
+refused, the connection's info names both versions.
 
 The plaintext of a *data* message is one or more records::
 
@@ -46,11 +58,24 @@ in one UDP GSO send, which the kernel cuts back into the same datagrams. A relay
 forwards each record along the routes and fragments again for its own next hop, whose path MTU
 may differ.
 
-The plaintext of a *heartbeat* message is ``sequence(4) || padding``; heartbeats double as
-path-MTU probes, so the whole datagram has exactly the probed size. The receiver acknowledges each
-authenticated heartbeat over the control connection (overlay control message
-``0x01 || sequence(4) || datagram size(4)``) and learns the sender's UDP address from it (NAT
-friendly: data packets authenticate the address too).
+The plaintext of a *heartbeat* message is ``sequence(4) || token(8) || padding``; heartbeats
+double as path-MTU probes, so the whole datagram has exactly the probed size. Each side picks a
+random 8-byte *link token* per link and sends it over the control connection (overlay control
+message ``0x02 || token(8)``: "echo this; send me a heartbeat now"); heartbeats carry the
+receiver's token, and a heartbeat without the right one is neither acknowledged nor allowed to
+move the link (counted ``heartbeat_token``). The receiver acknowledges each good heartbeat over
+the control connection (``0x01 || sequence(4) || datagram size(4)``).
+
+Where a link sends (issue #14 items 3 and 8): to the address the peer's datagrams come from, but
+the address moves only on evidence an off-path sender cannot forge. Encrypted: any authenticated
+message (its AEAD opened; a replay is refused by the window). Plaintext: only a heartbeat that
+carries our token (which only the control connection's peer learned); plaintext data from any
+other address is dropped (``wrong_source``) and answered with our token over the control
+connection (at most once per ``heartbeat_pending``), so after a NAT rebinding the peer's next
+heartbeat comes at once from its new address and moves the link. Until the peer's token has
+arrived a link sends no heartbeats; ours is re-sent each tick until a heartbeat carrying it
+arrives (a control message may race the peer's start). Plaintext message ids start at a random
+value, so an off-path sender cannot guess them either.
 
 Connection state machine (per remote peer, :class:`_Link`)
 ==========================================================
@@ -80,10 +105,13 @@ Drops are counted by reason in :attr:`SleeveCore.drops`; peer input can only eve
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from random import Random
 from typing import Any, Final, NamedTuple
 
 from weft.errors import ConfigError, LocalError
@@ -105,6 +133,7 @@ __all__ = [
     "KIND_DATA",
     "KIND_HEARTBEAT",
     "RECORD_HEADER_SIZE",
+    "VERSION",
     "VNET_HDR_SIZE",
     "LinkEstablished",
     "LinkStatusChanged",
@@ -121,7 +150,7 @@ __all__ = [
     "strip_vnet",
 ]
 
-VERSION: Final = 1
+VERSION: Final = 2  # 1: one AEAD per message, fragment headers unauthenticated (refused now)
 KIND_DATA: Final = 1
 KIND_HEARTBEAT: Final = 2
 _VK_DATA: Final = (VERSION << 4) | KIND_DATA
@@ -144,8 +173,14 @@ _IP_UDP_OVERHEAD: Final = 28  # IPv4 20 + UDP 8
 _MAX_UDP: Final = 65507  # the largest IPv4 UDP payload
 # The largest message: one super-frame record (virtio header + 14 + VLAN 4 + 64 KiB IP) sealed.
 MAX_MESSAGE: Final = RECORD_HEADER_SIZE + VNET_HDR_SIZE + 18 + 65535 + DATA_OVERHEAD
+# Encrypted links: each fragment of a multi-fragment message carries this after its header.
+FRAGMENT_TAG_SIZE: Final = 8
+_FRAGMENT_TAG_KEY: Final = b"weft sleeve v2 fragment tags"
 _KINDS: Final = frozenset((_VK_DATA, _VK_HEARTBEAT))
 _CTRL_HB_ACK: Final = 0x01
+_CTRL_TOKEN: Final = 0x02
+_TOKEN_SIZE: Final = 8
+_HB_BODY: Final = 4 + _TOKEN_SIZE  # sequence, the receiver's token
 _ACK = struct.Struct(">BII")
 _SEQ = struct.Struct(">I")
 _STP_PREFIX: Final = b"\x01\x80\xc2\x00\x00"  # 01:80:c2:00:00:0X, IEEE link-local (STP, LLDP...)
@@ -225,30 +260,22 @@ TapFrame = bytes | bytearray | memoryview | tuple[bytes | memoryview, ...]
 
 
 class _Reassembly:
-    """An incomplete message: its fragments as views, joined once when the last one arrives."""
+    """An incomplete message: its fragments as views, joined once when the last one arrives;
+    ``tags``: the fragment tags its fragments must carry (encrypted links)."""
 
-    __slots__ = (
-        "chunk",
-        "count",
-        "deadline",
-        "got",
-        "kind",
-        "last_offset",
-        "mask",
-        "parts",
-        "total",
-    )
+    __slots__ = ("count", "deadline", "got", "kind", "mask", "parts", "tags", "total")
 
-    def __init__(self, kind: int, total: int, count: int, deadline: float) -> None:
+    def __init__(
+        self, kind: int, total: int, count: int, deadline: float, tags: bytes | None
+    ) -> None:
         self.kind = kind
         self.total = total
         self.count = count
         self.parts: list[bytes | memoryview] = [b""] * count
         self.mask = 0
         self.got = 0
-        self.chunk = -1
-        self.last_offset = -1
         self.deadline = deadline
+        self.tags = tags
 
 
 class _Link:
@@ -265,6 +292,7 @@ class _Link:
         upper: int,
         config: SleeveConfig,
         now: float,
+        rng: Random,
     ) -> None:
         self.name = name
         self.name_bytes = name.to_bytes(6, "big")
@@ -272,7 +300,14 @@ class _Link:
         self.sealer = sealer
         self.opener = opener
         self.superframes = superframes
-        self.seq = 0  # message ids when not encrypted
+        # Message ids when not encrypted: a random start, so an off-path sender cannot guess them.
+        self.seq = rng.getrandbits(64)
+        # Ours: the peer echoes it in its heartbeats (learned over the control connection, which
+        # an off-path sender cannot read), the only evidence that moves a plaintext link's address.
+        self.token = rng.getrandbits(8 * _TOKEN_SIZE).to_bytes(_TOKEN_SIZE, "big")
+        self.peer_token: bytes | None = None  # the peer's, for the heartbeats we send
+        self.next_token = now  # when we may send our token again (rate limit)
+        self.heard = False  # a heartbeat with our token came: the peer has it
         self.state = "pending"
         self.info = "waiting for the first UDP heartbeat acknowledgement"
         self.ever_established = False
@@ -295,6 +330,8 @@ class _Link:
         # Associated data of what we send: our header's version/kind byte and our name.
         self.aad_data = bytes([_VK_DATA]) + local_bytes
         self.aad_heartbeat = bytes([_VK_HEARTBEAT]) + local_bytes
+        self.send_tag_key: bytes | None = None  # fragment-tag keys (see _fragment_tags)
+        self.recv_tag_key: bytes | None = None
         self.addr_changes = 0
 
 
@@ -306,8 +343,13 @@ class SleeveCore:
     :meth:`flush`, which the pump calls after draining its input.
     """
 
-    def __init__(self, local: PeerName, config: SleeveConfig | None = None) -> None:
+    def __init__(
+        self, local: PeerName, config: SleeveConfig | None = None, rng: Random | None = None
+    ) -> None:
+        """``rng``: message-id starts and link tokens (default: the OS's CSPRNG; tests pass a
+        seeded one for reproducible wires)."""
         self.config = config or SleeveConfig()
+        self._rng: Random = rng if rng is not None else secrets.SystemRandom()
         self.local = local
         self.local_bytes = local.to_bytes(6, "big")
         self.macs = MacCache(self.config.mac_cache)
@@ -367,10 +409,23 @@ class SleeveCore:
         opener = DataOpener(recv_key, use) if recv_key is not None else None
         upper = max(self.config.pmtu_min, min(_MAX_UDP, underlay_mtu - _IP_UDP_OVERHEAD))
         link = _Link(
-            peer, self.local_bytes, addr, sealer, opener, superframes, upper, self.config, now
+            peer,
+            self.local_bytes,
+            addr,
+            sealer,
+            opener,
+            superframes,
+            upper,
+            self.config,
+            now,
+            self._rng,
         )
+        if send_key is not None and recv_key is not None:
+            link.send_tag_key = _tag_key(send_key)
+            link.recv_tag_key = _tag_key(recv_key)
         self._links[peer] = link
         self._by_bytes[link.name_bytes] = link
+        self._send_token(link, now)
 
     def remove_link(self, peer: PeerName) -> None:
         link = self._links.pop(peer, None)
@@ -421,7 +476,9 @@ class SleeveCore:
             "super-frames" if link.superframes and self.config.tap_vnet_hdr else "per-frame"
         )
         if link.state != "established":
-            parts.append(link.info)
+            parts.append(
+                link.info if link.peer_token is not None else "waiting for the peer's sleeve token"
+            )
         return ", ".join(parts)
 
     # ----------------------------------------------------------------- outputs
@@ -605,32 +662,42 @@ class SleeveCore:
         self, link: _Link, vk: int, parts: Iterable[bytes | memoryview], single: bool = False
     ) -> None:
         pieces: list[bytes | memoryview]
-        if link.sealer is not None:
-            msg_id = link.sealer.next_counter
-            blob = link.sealer.seal(
+        sealer = link.sealer
+        if sealer is not None:
+            msg_id = sealer.next_counter
+            blob = sealer.seal(
                 b"".join(parts), link.aad_data if vk == _VK_DATA else link.aad_heartbeat
             )
             pieces = [blob]
             total = len(blob)
+            ftag = FRAGMENT_TAG_SIZE
         else:
             msg_id = link.seq
             link.seq = (link.seq + 1) & 0xFFFFFFFFFFFFFFFF
             pieces = list(parts)
             total = sum(map(len, pieces))
+            ftag = 0
         pmtu = link.pmtu
-        chunk = pmtu - HEADER_SIZE
         self.messages_out += 1
-        if total <= chunk or single:
+        if total <= pmtu - HEADER_SIZE or single:
             self.bytes_out += HEADER_SIZE + total
             header = _HEADER.pack(vk, self.local_bytes, msg_id, total, 0, 0, 1)
             self._transmits.append(Transmit(link.name, link.addr, (header, *pieces), 0))
             return
-        count = -(-total // chunk)
-        self.bytes_out += HEADER_SIZE * count + total
+        # The cut follows from (length, count) alone: chunk = ceil(length / count), so the
+        # fragment tags, which bind length and count, authenticate every offset and size too.
+        count = -(-total // (pmtu - HEADER_SIZE - ftag))
+        chunk = -(-total // count)
+        segment = HEADER_SIZE + ftag + chunk
+        self.bytes_out += (HEADER_SIZE + ftag) * count + total
         frags = _fragments(pieces, chunk)
         tails = self._tails(chunk, count)
         prefix = _PREFIX.pack(vk, self.local_bytes, msg_id, total)
-        per_send = max(1, min(self.config.max_gso_segments, self.config.max_gso_bytes // pmtu))
+        per_send = max(1, min(self.config.max_gso_segments, self.config.max_gso_bytes // segment))
+        if ftag:  # each fragment's tail and tag in one piece
+            assert link.send_tag_key is not None
+            tags = _fragment_tags(link.send_tag_key, prefix, count)
+            tails = [t + tags[i * ftag : i * ftag + ftag] for i, t in enumerate(tails)]
         for index in range(0, count, per_send):
             stop = min(count, index + per_send)
             n = stop - index
@@ -638,8 +705,9 @@ class SleeveCore:
             out: list[bytes | memoryview] = [prefix] * (3 * n)
             out[1::3] = tails[index:stop]
             out[2::3] = frags[index:stop]
-            segment = pmtu if n > 1 else 0
-            self._transmits.append(Transmit(link.name, link.addr, tuple(out), segment))
+            self._transmits.append(
+                Transmit(link.name, link.addr, tuple(out), segment if n > 1 else 0)
+            )
 
     def _tail_columns(self, chunk: int, index: int, run: int, count: int) -> list[bytes]:
         """Byte j of the tails of fragments ``index .. index + run``, for each j (cached)."""
@@ -700,32 +768,37 @@ class SleeveCore:
         """GRO fast path: consecutive fragments of one message sitting in order from ``start``.
 
         A coalesced buffer usually holds a long run of one super-frame's fragments back to back
-        (the whole message, or the part that one GSO send carried). The run's headers are
-        checked against the expected ones in one pass; a complete message is joined directly,
-        a partial run is copied into the reassembly buffer in one step. Returns where the run
-        ended, or 0 when anything is unusual (then the general path takes the datagram).
+        (the whole message, or the part that one GSO send carried). The run's headers (and, when
+        encrypted, fragment tags) are checked against the expected ones in one pass; a complete
+        message is joined directly, a partial run goes into the reassembly buffer in one step.
+        Returns where the run ended, or 0 when anything is unusual (then the general path takes
+        each datagram, which is always safe: nothing here changed any state yet).
         """
         header: tuple[int, bytes, int, int, int, int, int] = _HEADER.unpack_from(view, start)
         vk, sender, msg_id, total, offset, index, count = header
-        chunk = segment - HEADER_SIZE
+        link = self._by_bytes.get(sender)
+        if link is None:
+            return 0
+        opener = link.opener
+        ftag = FRAGMENT_TAG_SIZE if opener is not None else 0
+        chunk = segment - HEADER_SIZE - ftag
         if count < 2 or vk not in _KINDS or total > MAX_MESSAGE or offset != index * chunk:
             return 0
-        if count > self._max_count(total):
+        if count > self._max_count(total) or chunk != -(-total // count):
             return 0
+        if opener is None and link.addr != addr:
+            return 0  # the general path refuses each
         last = total - (count - 1) * chunk  # the last fragment's size
-        if not 0 < last <= chunk:
-            return 0
         # How many of this message's fragments can follow in this buffer.
         run = min(count - index, (n - start + segment - 1) // segment)
         if run < 2:
             return 0
         end = (
-            start + (run - 1) * segment + (HEADER_SIZE + last if index + run == count else segment)
+            start
+            + (run - 1) * segment
+            + (HEADER_SIZE + ftag + last if index + run == count else segment)
         )
         if end > n or (end < n and index + run == count and last != chunk):
-            return 0
-        link = self._by_bytes.get(sender)
-        if link is None:
             return 0
         # Check every header of the run column by column: byte j of all of them is one strided
         # slice (C speed), instead of unpacking each header in Python.
@@ -740,32 +813,41 @@ class SleeveCore:
                 != column
             ):
                 return 0
-        if link.opener is not None:
+        reasm = link.reasm.get(msg_id)
+        if reasm is not None and (reasm.total != total or reasm.count != count or reasm.kind != vk):
+            return 0
+        tags: bytes | None = None
+        if opener is not None:
             try:
-                link.opener.check(msg_id)
+                opener.check(msg_id)
             except DataPacketError as err:
                 self.drops[err.reason] += run
                 return end
+            assert link.recv_tag_key is not None
+            tags = reasm.tags if reasm is not None else None
+            if tags is None:
+                tags = _fragment_tags(link.recv_tag_key, first[:_CONSTANT_HEADER], count)
+            got = b"".join(
+                [raw[p + HEADER_SIZE : p + HEADER_SIZE + ftag] for p in range(start, end, segment)]
+            )
+            if got != tags[index * ftag : (index + run) * ftag]:
+                return 0  # a forged fragment among them: one by one, it alone is dropped
+        skip = HEADER_SIZE + ftag
         parts: list[bytes | memoryview] = [
-            view[p + HEADER_SIZE : p + segment] for p in range(start, end - segment, segment)
+            view[p + skip : p + segment] for p in range(start, end - segment, segment)
         ]
-        parts.append(view[start + (run - 1) * segment + HEADER_SIZE : end])
+        parts.append(view[start + (run - 1) * segment + skip : end])
         if run == count:
             self.stats["reassembled"] += 1
             self._assembled(link, vk, msg_id, parts, total, addr, segment, now)
             return end
-        reasm = self._reassembly_for(link, msg_id, vk, total, count, run, now)
         if reasm is None:
-            return end
+            reasm = self._reassembly_for(link, msg_id, vk, total, count, run, now, tags)
+            if reasm is None:
+                return end
         bits = ((1 << run) - 1) << index
-        if reasm.mask & bits or (reasm.chunk >= 0 and reasm.chunk != chunk):
-            return 0  # duplicates or a different cut: let the general path sort it out
-        if reasm.last_offset >= 0 and reasm.last_offset != (count - 1) * chunk:
-            self._abandon(link, msg_id, "malformed")
-            return end
-        reasm.chunk = chunk
-        if index + run == count:
-            reasm.last_offset = (count - 1) * chunk
+        if reasm.mask & bits:
+            return 0  # duplicates: let the general path sort them out
         reasm.parts[index : index + run] = parts
         reasm.mask |= bits
         reasm.got += run
@@ -790,61 +872,76 @@ class SleeveCore:
         if link is None:
             self.drops["unknown_peer"] += 1
             return
-        size = end - start - HEADER_SIZE
+        opener = link.opener
+        ftag = FRAGMENT_TAG_SIZE if opener is not None and count > 1 else 0
+        size = end - start - HEADER_SIZE - ftag
         if total > MAX_MESSAGE:
             self.drops["oversize"] += 1
             return
-        if (
-            index >= count
-            or offset + size > total
-            or (count == 1 and size != total)
-            or (count > 1 and count > self._max_count(total))
-        ):
+        if count == 1:
+            bad = index != 0 or offset != 0 or size != total
+        else:
+            # the cut follows from (length, count): every offset and size is known in advance
+            chunk = -(-total // count)
+            want = chunk if index < count - 1 else total - (count - 1) * chunk
+            bad = (
+                index >= count
+                or count > self._max_count(total)
+                or want <= 0
+                or size != want
+                or offset != index * chunk
+            )
+        if bad:
             self.drops["malformed"] += 1
             return
-        opener = link.opener
         if opener is not None:
             try:
                 opener.check(msg_id)
             except DataPacketError as err:
                 self.drops[err.reason] += 1
                 return
-        payload = buf[start + HEADER_SIZE : end]
+        elif link.addr != addr and vk != _VK_HEARTBEAT:
+            # Plaintext from elsewhere proves nothing; only a heartbeat carrying our token
+            # moves the link. Ask the peer for one (our token again, rate-limited).
+            self._wrong_source(link, now)
+            return
+        payload = buf[start + HEADER_SIZE + ftag : end]
         if count == 1:
             if opener is None and vk == _VK_DATA:  # _message's plain data case, inline
                 self.messages_in += 1
-                if link.addr != addr:
-                    link.addr = addr
-                    link.addr_changes += 1
-                    self._events.append(LinkStatusChanged(link.name))
                 self._records(link, payload, now)
                 return
             self._message(link, vk, msg_id, payload, addr, end - start, now)
             return
-        reasm = self._reassembly_for(link, msg_id, vk, total, count, 1, now)
-        if reasm is None:
+        if opener is None and link.addr != addr:  # (a plaintext heartbeat is one datagram)
+            self._wrong_source(link, now)
             return
+        reasm = link.reasm.get(msg_id)
+        if reasm is not None and (reasm.total != total or reasm.count != count or reasm.kind != vk):
+            # Another cut under the same id: not the message being reassembled (encrypted: its
+            # tag cannot be right). Only this datagram goes; the reassembly is left alone.
+            self.drops["malformed"] += 1
+            return
+        tags: bytes | None = None
+        if opener is not None:
+            assert link.recv_tag_key is not None
+            tags = reasm.tags if reasm is not None else None
+            if tags is None:
+                prefix = bytes(buf[start : start + _CONSTANT_HEADER])
+                tags = _fragment_tags(link.recv_tag_key, prefix, count)
+            at = start + HEADER_SIZE
+            if buf[at : at + ftag] != tags[index * ftag : (index + 1) * ftag]:
+                # Forged (or damaged): dropped before it can open, take or spoil any slot.
+                self.drops["fragment_tag"] += 1
+                return
+        if reasm is None:
+            reasm = self._reassembly_for(link, msg_id, vk, total, count, 1, now, tags)
+            if reasm is None:
+                return
         bit = 1 << index
         if reasm.mask & bit:
             self.drops["duplicate"] += 1
             return
-        if index < count - 1:
-            if reasm.chunk < 0:
-                reasm.chunk = size
-                if reasm.last_offset >= 0 and reasm.last_offset != (count - 1) * size:
-                    self._abandon(link, msg_id, "malformed")
-                    return
-            elif size != reasm.chunk:
-                self._abandon(link, msg_id, "malformed")
-                return
-            if offset != index * size or size == 0:
-                self._abandon(link, msg_id, "malformed")
-                return
-        else:
-            if offset + size != total or (reasm.chunk >= 0 and offset != index * reasm.chunk):
-                self._abandon(link, msg_id, "malformed")
-                return
-            reasm.last_offset = offset
         reasm.parts[index] = payload
         reasm.mask |= bit
         reasm.got += 1
@@ -857,37 +954,35 @@ class SleeveCore:
     def _max_count(self, total: int) -> int:
         """No sender cuts smaller than ``pmtu_min`` datagrams, which bounds the fragment count
         (and so what one incomplete message can hold)."""
-        return total // (self.config.pmtu_min - HEADER_SIZE) + 1
+        return total // (self.config.pmtu_min - HEADER_SIZE - FRAGMENT_TAG_SIZE) + 1
 
     def _reassembly_for(
-        self, link: _Link, msg_id: int, vk: int, total: int, count: int, fragments: int, now: float
+        self,
+        link: _Link,
+        msg_id: int,
+        vk: int,
+        total: int,
+        count: int,
+        fragments: int,
+        now: float,
+        tags: bytes | None,
     ) -> _Reassembly | None:
-        """The reassembly of ``msg_id``, opened when new within the memory bounds; None when the
-        ``fragments`` just received must be dropped (counted here)."""
-        reasm = link.reasm.get(msg_id)
-        if reasm is None:
-            if self._reasm_bytes + total > self.config.reassembly_bytes:
-                self.drops["reassembly_full"] += fragments
-                return None
-            if len(link.reasm) >= self.config.reassembly_per_peer:
-                oldest = next(iter(link.reasm))
-                self._reasm_bytes -= link.reasm.pop(oldest).total
-                self.drops["reassembly_evicted"] += 1
-            reasm = _Reassembly(vk, total, count, now + self.config.reassembly_timeout)
-            link.reasm[msg_id] = reasm
-            self._reasm_bytes += total
-            if self._next_sweep is None:
-                self._next_sweep = reasm.deadline
-        elif reasm.total != total or reasm.count != count or reasm.kind != vk:
-            self._abandon(link, msg_id, "malformed")
+        """A new reassembly of ``msg_id`` within the memory bounds (encrypted: opened only for a
+        fragment whose tag was right); None when the ``fragments`` just received must be dropped
+        (counted here)."""
+        if self._reasm_bytes + total > self.config.reassembly_bytes:
+            self.drops["reassembly_full"] += fragments
             return None
+        if len(link.reasm) >= self.config.reassembly_per_peer:
+            oldest = next(iter(link.reasm))
+            self._reasm_bytes -= link.reasm.pop(oldest).total
+            self.drops["reassembly_evicted"] += 1
+        reasm = _Reassembly(vk, total, count, now + self.config.reassembly_timeout, tags)
+        link.reasm[msg_id] = reasm
+        self._reasm_bytes += total
+        if self._next_sweep is None:
+            self._next_sweep = reasm.deadline
         return reasm
-
-    def _abandon(self, link: _Link, msg_id: int, reason: str) -> None:
-        reasm = link.reasm.pop(msg_id, None)
-        if reasm is not None:
-            self._reasm_bytes -= reasm.total
-        self.drops[reason] += 1
 
     def _assembled(
         self,
@@ -919,10 +1014,6 @@ class SleeveCore:
                 and src_b != BROADCAST
             ):
                 self.messages_in += 1
-                if link.addr != addr:
-                    link.addr = addr
-                    link.addr_changes += 1
-                    self._events.append(LinkStatusChanged(link.name))
                 mac_at = RECORD_HEADER_SIZE + eth + 6
                 src_mac = int.from_bytes(first[mac_at : mac_at + 6], "big")
                 if not src_mac >> 40 & 1:
@@ -963,21 +1054,45 @@ class SleeveCore:
             if int.from_bytes(blob[:8], "big") != msg_id:
                 self.drops["malformed"] += 1
                 return
+            if link.addr != addr:  # authenticated: the peer's address moved (NAT rebinding)
+                self._moved(link, addr)
         else:
             plain = blob
         self.messages_in += 1
-        if link.addr != addr:
-            link.addr = addr
-            link.addr_changes += 1
-            self._events.append(LinkStatusChanged(link.name))
         if vk == _VK_HEARTBEAT:
-            if len(plain) < 4:
+            if len(plain) < _HB_BODY:
                 self.drops["malformed"] += 1
                 return
+            if not secrets.compare_digest(bytes(plain[4:_HB_BODY]), link.token):
+                # Not from the peer we gave our token to: neither acknowledged (a forged ack
+                # could confirm a path MTU) nor allowed to move the link.
+                self.drops["heartbeat_token"] += 1
+                self._send_token(link, now)
+                return
+            link.heard = True
+            if link.addr != addr:  # the token proves it: the peer's address moved
+                self._moved(link, addr)
             (seq,) = _SEQ.unpack_from(plain, 0)
             self._control.append((link.name, _ACK.pack(_CTRL_HB_ACK, seq, dgram_size)))
             return
         self._records(link, plain, now)
+
+    def _moved(self, link: _Link, addr: tuple[str, int]) -> None:
+        link.addr = addr
+        link.addr_changes += 1
+        self._events.append(LinkStatusChanged(link.name))
+
+    def _wrong_source(self, link: _Link, now: float) -> None:
+        self.drops["wrong_source"] += 1
+        self._send_token(link, now)
+
+    def _send_token(self, link: _Link, now: float) -> None:
+        """Tell the peer our token over the control connection (at most once per
+        ``heartbeat_pending``); it answers with a heartbeat carrying it, from wherever it is."""
+        if now < link.next_token:
+            return
+        link.next_token = now + self.config.heartbeat_pending
+        self._control.append((link.name, bytes((_CTRL_TOKEN,)) + link.token))
 
     def _records(self, link: _Link, plain: bytes | bytearray | memoryview, now: float) -> None:
         view = memoryview(plain)
@@ -1051,9 +1166,14 @@ class SleeveCore:
     # ----------------------------------------------------------------- control side
 
     def control_received(self, peer: PeerName, payload: bytes, now: float) -> None:
-        """An overlay-control message from ``peer``'s sleeve (today: heartbeat acks)."""
+        """An overlay-control message from ``peer``'s sleeve: a heartbeat acknowledgement, or the
+        peer's token (its heartbeats from us must carry it; send one now)."""
         link = self._links.get(peer)
         if link is None:
+            return
+        if len(payload) == 1 + _TOKEN_SIZE and payload[0] == _CTRL_TOKEN:
+            link.peer_token = bytes(payload[1:])
+            self._heartbeat(link, link.pmtu, now)
             return
         if len(payload) != _ACK.size or payload[0] != _CTRL_HB_ACK:
             self.drops["control_malformed"] += 1
@@ -1128,6 +1248,8 @@ class SleeveCore:
     def _tick(self, link: _Link, now: float) -> None:
         cfg = self.config
         changed = False
+        if not link.heard:  # the peer may not have our token (a control message lost in a race)
+            self._send_token(link, now)
         for seq, (size, sent) in list(link.probes.items()):
             if now - sent < cfg.probe_timeout:
                 continue
@@ -1189,12 +1311,18 @@ class SleeveCore:
             )
 
     def _heartbeat(self, link: _Link, size: int, now: float) -> None:
+        token = link.peer_token
+        if token is None:
+            return  # the peer's token has not come over the control connection yet
         seq = link.probe_seq
         link.probe_seq = (seq + 1) & 0xFFFFFFFF
         body = size - HEADER_SIZE - link.overhead
         link.probes[seq] = (size, now)
         self._send_message(
-            link, _VK_HEARTBEAT, (_SEQ.pack(seq), bytes(max(0, body - 4))), single=True
+            link,
+            _VK_HEARTBEAT,
+            (_SEQ.pack(seq), token, bytes(max(0, body - _HB_BODY))),
+            single=True,
         )
 
     # ----------------------------------------------------------------- status
@@ -1219,6 +1347,23 @@ class SleeveCore:
 
 
 # --------------------------------------------------------------------- frame helpers
+
+
+def _tag_key(data_key: bytes) -> bytes:
+    """The fragment-tag key of one direction, derived from its data key."""
+    return hashlib.blake2b(_FRAGMENT_TAG_KEY, key=data_key, digest_size=32).digest()
+
+
+def _fragment_tags(key: bytes, prefix: bytes | memoryview, count: int) -> bytes:
+    """The ``count`` fragment tags of one message, back to back: a keyed SHAKE128 (KMAC-style
+    prefix key) of the header bytes every fragment shares (version/kind, sender, message id,
+    length) and the count; fragment ``i`` carries bytes ``8i .. 8i+8``. One call per message;
+    together with the cut following from (length, count) they authenticate every header field
+    that steers reassembly, before anything is buffered (the message's AEAD still
+    authenticates the content)."""
+    return hashlib.shake_128(key + bytes(prefix) + count.to_bytes(2, "big")).digest(
+        FRAGMENT_TAG_SIZE * count
+    )
 
 
 _NAME_BYTES: dict[int, bytes] = {}

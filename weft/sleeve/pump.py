@@ -58,6 +58,9 @@ from weft.overlay import (
     RoutesView,
 )
 from weft.sleeve.core import (
+    VERSION as SLEEVE_VERSION,
+)
+from weft.sleeve.core import (
     VNET_HDR_SIZE,
     LinkEstablished,
     LinkStatusChanged,
@@ -329,7 +332,10 @@ class SleeveOverlay:
         remote = remote_sleeve(params.remote_features)
         problem = ""
         if remote is None:
+            theirs = params.remote_features.get("sleeve_version")
             problem = "the peer has no compatible sleeve"
+            if theirs is not None and theirs != SLEEVE_VERSION:
+                problem += f" (sleeve wire version: ours {SLEEVE_VERSION}, theirs {theirs!r})"
         elif params.data_send_key is not None and remote["cipher"] != self.config.cipher:
             problem = f"data cipher mismatch: ours {self.config.cipher}, theirs {remote['cipher']}"
         conn = SleeveConnection(self, params, problem)
