@@ -83,6 +83,11 @@ class RoutesView(Protocol):
 
     def broadcast_next_hops(self, src: PeerName) -> list[PeerName]: ...
 
+    def may_relay(self, src: PeerName, via: PeerName) -> bool:
+        """Whether traffic that entered the overlay at ``src`` may reach us from neighbour
+        ``via`` (``via`` is ``src``, or one hop closer to it than we are on these routes)."""
+        ...
+
 
 class Overlay(Protocol):
     def features(self) -> dict[str, Any]:

@@ -477,3 +477,31 @@ def _drain(core: MeshCore) -> list[MeshEvent]:
     while (ev := core.next_event()) is not None:
         out.append(ev)
     return out
+
+
+def test_a_neighbour_cannot_speak_as_another_peer() -> None:
+    """#14 item 8: unicast and broadcast messages carry a claimed source that used to be taken
+    as given, so a neighbour could act as another peer (e.g. on IPAM). Now a claimed source
+    must be the neighbour itself or a peer it can be relaying for; legitimate relaying (the
+    line a - b - c, and a triangle where b relays nothing) still works."""
+    from weft.gossip.wire import encode_broadcast, encode_unicast
+
+    h = Harness()
+    a, b, c = h.core(1), h.core(2), h.core(3)
+    ha, hc = SetHandler(), SetHandler()
+    a.register_channel("set", ha)
+    c.register_channel("set", hc)
+    (ab, ba) = h.link(a, b)
+    h.link(a, c)
+    h.run(3.0)
+    # b, a's neighbour, claims messages from c (a hears c directly: b is no relay for c).
+    a.receive(ab, TAG_UNICAST, encode_unicast("set", c.name, a.name, b"as c"), h.now)
+    a.receive(ab, TAG_BROADCAST, encode_broadcast("set", c.name, msgpack.packb([7])), h.now)
+    assert ha.unicasts == [] and ha.broadcasts == [] and 7 not in ha.state
+    assert a.stats.source_refused == 2
+    # ... and b's own messages, and c's through its own connection, are taken.
+    a.receive(ab, TAG_UNICAST, encode_unicast("set", b.name, a.name, b"as b"), h.now)
+    ca = next(i for (core_id, i), (peer, _) in h.links.items() if core_id == id(a) and peer is c)
+    a.receive(ca, TAG_UNICAST, encode_unicast("set", c.name, a.name, b"as c"), h.now)
+    assert ha.unicasts == [(b.name, b"as b"), (c.name, b"as c")]
+    del ba

@@ -102,3 +102,20 @@ def test_unreachable_partition_has_no_routes() -> None:
     r = Routes(N[0], recs, data=False)
     assert r.reachable() == {N[1]}
     assert r.broadcast_next_hops(N[2]) == []
+
+
+def test_may_relay_only_along_shortest_paths_from_the_source() -> None:
+    # 0 - 1 - 2 - 3 and 0 - 4 - 3 (3 -> 4 -> 0 is the shortest from 3), 5 a leaf on 0
+    recs = graph([(0, 1), (1, 2), (2, 3), (0, 4), (4, 3), (0, 5)])
+    r = Routes(N[0], recs, data=True)
+    assert r.may_relay(N[1], N[1]) and r.may_relay(N[5], N[5])  # a neighbour speaks for itself
+    assert r.may_relay(N[2], N[1])  # 2 -> 1 -> 0
+    assert r.may_relay(N[3], N[4])  # 3 -> 4 -> 0, the shortest
+    assert not r.may_relay(N[3], N[1])  # 3 -> 2 -> 1 -> 0 is longer: 1 is no relay for 3
+    assert not r.may_relay(N[2], N[5])  # 5 is a leaf: it relays for nobody
+    assert not r.may_relay(N[1], N[5]) and not r.may_relay(N[0], N[1])  # nor for us
+    assert not r.may_relay(N[9], N[1])  # an unknown source
+    assert not r.may_relay(N[2], N[3])  # 3 is not our neighbour
+    # ties: 0 - 1 - 3 and 0 - 2 - 3 are both shortest, either neighbour may relay for 3
+    tie = Routes(N[0], graph([(0, 1), (1, 3), (0, 2), (2, 3)]), data=True)
+    assert tie.may_relay(N[3], N[1]) and tie.may_relay(N[3], N[2])

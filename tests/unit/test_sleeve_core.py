@@ -61,6 +61,9 @@ class Routes:
     def broadcast_next_hops(self, src: PeerName) -> list[PeerName]:
         return list(self.broadcast.get(src, []))
 
+    def may_relay(self, src: PeerName, via: PeerName) -> bool:
+        return via == src or self.unicast.get(src) == via  # (symmetric paths in these tests)
+
 
 class Net:
     """Cores joined by a lossless in-memory UDP network and control connections."""
@@ -713,3 +716,32 @@ def test_nat_rebinding_still_moves_the_link(encrypted: bool) -> None:
     net.send(B, back)
     assert net.tap[A] == [back]
     assert net.cores[B].link_status(A)["state"] == "established"  # type: ignore[index]
+
+
+def test_a_neighbour_cannot_claim_another_peers_frames() -> None:
+    """#14 item 8: a record names the peer where its frame entered the overlay; an
+    authenticated neighbour used to be able to name any peer and so poison the MAC table with
+    another peer's MACs. Now the claimed source must be the neighbour itself or a peer the
+    routes put it on a shortest path from."""
+    net = established_net([(A, B), (A, C)], encrypted=True)
+    star = {
+        A: Routes({B: B, C: C}, {A: [B, C], B: [C], C: [B]}),
+        B: Routes({A: A, C: A}, {B: [A], A: [], C: []}),
+        C: Routes({A: A, B: A}, {C: [A], A: [], B: []}),
+    }
+    for p, r in star.items():
+        net.cores[p].routes_changed(r)
+    core_a, core_b = net.cores[A], net.cores[B]
+    # B, authenticated, sends a broadcast record claiming it entered at C, from C's MAC 9.
+    forged = vnet(eth(b"\xff" * 6, mac(9), b"I am C's container"))
+    link = core_b._links[A]
+    core_b._queue(link, C.to_bytes(6, "big"), b"\x00" * 6, 1, forged)
+    net.settle()
+    assert core_a.macs.lookup(int.from_bytes(mac(9), "big"), net.now) is None
+    assert net.tap[A] == [] and net.tap[C] == []
+    assert core_a.drops["wrong_source_peer"] == 1
+    # Its own frames, and C's frames relayed by A to B, still go through.
+    net.learn(C, mac(3))
+    assert core_b.macs.lookup(int.from_bytes(mac(3), "big"), net.now) == C
+    net.learn(B, mac(2))
+    assert core_a.macs.lookup(int.from_bytes(mac(2), "big"), net.now) == B

@@ -344,6 +344,9 @@ class Routes:
     def unicast_table(self) -> dict[PeerName, PeerName]:
         return {B: B, C: B} if self.via_b else {B: B, C: C}
 
+    def may_relay(self, src: PeerName, via: PeerName) -> bool:
+        return self.unicast_table().get(src) == via
+
 
 async def test_the_sleeve_leaves_out_carried_peers_from_our_broadcasts_unless_they_relay() -> None:
     for via_b, expected in ((False, [C]), (True, [B])):

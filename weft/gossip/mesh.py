@@ -254,6 +254,8 @@ class MeshStats:
     records_new: int = 0
     records_refused: int = 0
     unicast_dropped: int = 0
+    # unicast/broadcast whose claimed source cannot come over the connection it arrived on
+    source_refused: int = 0
     surrogate_relayed: int = 0
     gc_removed: int = 0
     # per channel: [messages in, bytes in, messages out, bytes out] (topology, ipam, ...)
@@ -332,6 +334,9 @@ class _RoutesProxy:
 
     def broadcast_next_hops(self, src: PeerName) -> list[PeerName]:
         return self._core._routes(self._data).broadcast_next_hops(src)
+
+    def may_relay(self, src: PeerName, via: PeerName) -> bool:
+        return self._core._routes(self._data).may_relay(src, via)
 
     def unicast_table(self) -> dict[PeerName, PeerName]:
         return self._core._routes(self._data).unicast_table()
@@ -541,6 +546,10 @@ class MeshCore:
                 self._on_topology(conn, env.body, now)
             else:
                 self._on_app_gossip(conn, env.channel, env.body, now)
+        elif not self._routes(False).may_relay(env.src, conn.remote.name):
+            # A neighbour speaking as a peer it cannot be relaying for (e.g. to act on IPAM
+            # as that peer): dropped, not fatal (the topologies may briefly disagree).
+            self.stats.source_refused += 1
         elif tag == TAG_UNICAST:
             assert env.dst is not None
             self._on_unicast(env.channel, env.src, env.dst, env.body, payload)

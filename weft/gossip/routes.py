@@ -38,6 +38,7 @@ class Routes:
         self._adj: dict[PeerName, list[PeerName]] | None = None
         self._unicast: dict[PeerName, PeerName] | None = None
         self._broadcast: dict[PeerName, list[PeerName]] = {}
+        self._distances: dict[PeerName, dict[PeerName, int]] = {}
 
     def _adjacency(self) -> dict[PeerName, list[PeerName]]:
         if self._adj is None:
@@ -106,6 +107,36 @@ class Routes:
                 hops = [n for n in adj.get(self.ourself, ()) if n not in reached] if found else []
             self._broadcast[src] = hops
         return list(hops)
+
+    def may_relay(self, src: PeerName, via: PeerName) -> bool:
+        """Whether traffic from ``src`` may come to us from our neighbour ``via``: ``via`` is
+        ``src``, or ``via`` is one hop closer to ``src`` than we are, i.e. some shortest path
+        from ``src`` to us ends ``via -> us``. Unicast relays forward along shortest paths and a
+        broadcast from ``src`` comes down its BFS tree, so with consistent topologies every
+        legitimate claim passes; a neighbour naming a source it cannot be relaying for fails."""
+        if via == src:
+            return True
+        if via not in self._adjacency().get(self.ourself, ()):
+            return False
+        dist = self._distances.get(src)
+        if dist is None:
+            dist = self._distances[src] = self._bfs_distances(src)
+        d_via, d_us = dist.get(via), dist.get(self.ourself)
+        return d_via is not None and d_us is not None and d_via + 1 == d_us
+
+    def _bfs_distances(self, start: PeerName) -> dict[PeerName, int]:
+        adj = self._adjacency()
+        dist = {start: 0}
+        layer = [start]
+        while layer:
+            nxt: list[PeerName] = []
+            for cur in layer:
+                for nb in adj.get(cur, ()):
+                    if nb not in dist:
+                        dist[nb] = dist[cur] + 1
+                        nxt.append(nb)
+            layer = nxt
+        return dist
 
     # --- extras -----------------------------------------------------------------------------
 

@@ -48,7 +48,11 @@ The plaintext of a *data* message is one or more records::
     13  4  frame length
     17  .. frame (virtio_net_hdr + Ethernet frame, or the Ethernet frame alone)
 
-so a TCP super-frame (up to ~64 KB, read from a TAP opened with IFF_VNET_HDR and TSO offloads)
+A record's source must be the peer of the link it came over, or a peer the data routes put
+that peer on a shortest path from (:meth:`RoutesView.may_relay`); other records are dropped
+(``wrong_source_peer``, issue #14 item 8), so a neighbour cannot speak for any peer it likes.
+
+So a TCP super-frame (up to ~64 KB, read from a TAP opened with IFF_VNET_HDR and TSO offloads)
 travels as one record in one message, fragmented to the path MTU and re-joined on the far side,
 where the virtio_net_hdr goes back to the kernel unchanged. Small frames for the same next hop are
 batched into one message up to one datagram; a frame larger than half a datagram leaves at once
@@ -1012,6 +1016,7 @@ class SleeveCore:
                 and RECORD_HEADER_SIZE + length == total
                 and src_b != self.local_bytes
                 and src_b != BROADCAST
+                and (src_b == link.name_bytes or self._relay_ok(src_b, link, count=False))
             ):
                 self.messages_in += 1
                 mac_at = RECORD_HEADER_SIZE + eth + 6
@@ -1124,6 +1129,8 @@ class SleeveCore:
                 self.drops["malformed"] += 1
                 continue
             src = names.get(src_b) or self._peer(src_b)
+            if src_b != link.name_bytes and not self._relay_ok(src_b, link):
+                continue
             src_mac = int.from_bytes(frame[eth + 6 : eth + 12], "big")
             if not src_mac >> 40 & 1:
                 self.macs.learn(src_mac, src, now)
@@ -1146,6 +1153,17 @@ class SleeveCore:
                     continue
                 self.stats["relayed"] += 1
                 self._queue(next_link, src_b, dst_b, flags, frame)
+
+    def _relay_ok(self, src_b: bytes, link: _Link, count: bool = True) -> bool:
+        """A record from ``src_b`` relayed by ``link``'s peer: only if the routes put that peer
+        on a shortest path from ``src_b`` to us (#14 item 8: a neighbour cannot speak for any
+        peer it likes, e.g. to poison the MAC table with another peer's containers)."""
+        routes = self._routes
+        if routes is not None and routes.may_relay(self._peer(src_b), link.name):
+            return True
+        if count:
+            self.drops["wrong_source_peer"] += 1
+        return False
 
     def _deliver(self, frame: memoryview, flags: int) -> None:
         self.tap_frames_out += 1

@@ -131,6 +131,9 @@ class _SleeveRoutes:
     def unicast_next_hop(self, dst: PeerName) -> PeerName | None:
         return self.inner.unicast_next_hop(dst)
 
+    def may_relay(self, src: PeerName, via: PeerName) -> bool:
+        return self.inner.may_relay(src, via)
+
     def broadcast_next_hops(self, src: PeerName) -> list[PeerName]:
         hops = self.inner.broadcast_next_hops(src)
         skip = self.skip
