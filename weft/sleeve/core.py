@@ -882,8 +882,8 @@ class SleeveCore:
         if total > MAX_MESSAGE:
             self.drops["oversize"] += 1
             return
-        if count == 1:
-            bad = index != 0 or offset != 0 or size != total
+        if count <= 1 or index >= count:
+            bad = count == 0 or index != 0 or offset != 0 or size != total
         else:
             # the cut follows from (length, count): every offset and size is known in advance
             chunk = -(-total // count)
