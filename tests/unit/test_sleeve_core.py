@@ -786,6 +786,7 @@ def test_fuzzed_datagrams_and_control_messages_only_ever_drop(
         head = struct.pack(">B6sQIIHH", vk, a_bytes, msg_id, total, offset, index, count)
         core.datagrams_received(head + body, ATTACKER if from_attacker else ADDR[A], 1.0)
         core.datagrams_received(head + body + head + body, ADDR[A], 1.0, len(head + body))
+        core.datagrams_received(body * 3, ADDR[A], 1.0, max(1, len(body)))  # GRO'd runts
     for message in controls:
         core.control_received(A, message, 1.0)
     core.handle_timer(10.0)

@@ -751,7 +751,10 @@ class SleeveCore:
         start = 0
         while start < n:
             # A run needs a multi-fragment message (count >= 2); per-frame datagrams skip it.
-            if n - start > segment and (buf[start + 25] or buf[start + 26] > 1):
+            if (
+                n - start > segment >= HEADER_SIZE  # (GRO of runts: no header to look at)
+                and (buf[start + 25] or buf[start + 26] > 1)
+            ):
                 done = self._run(buf, view, start, n, segment, addr, now)
                 if done:
                     start = done
