@@ -11,8 +11,10 @@ import msgpack
 from weft.errors import RemoteProtocolError
 from weft.gossip.channel import GossipData
 from weft.gossip.memnet import MemNet, SimPeer
-from weft.gossip.mesh import MeshConfig
+from weft.gossip.mesh import MeshConfig, RecordsRefused
 from weft.gossip.peer import PeerName
+from weft.gossip.topology import make_record
+from weft.gossip.wire import CHANNEL_TOPOLOGY, TAG_GOSSIP, encode_gossip, encode_update
 
 
 def run_checked(net: MemNet, seconds: float, step: float = 0.5) -> None:
@@ -196,3 +198,30 @@ def test_converges_without_neighbour_bookkeeping() -> None:
     net = MemNet(seed=7, config=MeshConfig(discovery=False, track_known_degree=0), loss=0.1)
     sparse(net, 30, 3, rng)
     converge(net, 60.0)
+
+
+def test_member_forging_another_peers_record_cannot_cut_it_off() -> None:
+    """Attack (issue #14 item 4) on a 20-peer mesh: a member (a password holder) sends every
+    neighbour a record under a victim's name, version 2^63-1 and no connections, signed by its
+    own key. Before, the victim bumped past 2^63, every decoder refused its record and its
+    neighbours disconnected. Now every peer refuses the forgery; the mesh keeps converging and
+    the victim's record everywhere is its own."""
+    net = MemNet(seed=14, config=MeshConfig(discovery=False), keep_events=True)
+    peers = sparse(net, 20, 2, random.Random(14))
+    converge(net, 30.0)
+    attacker, victim = peers[5], peers[10]
+    forged = make_record(
+        victim.name, victim.nickname, 7, (1 << 63) - 1, 1, [], net.identity_key(attacker.name)
+    )
+    message = encode_gossip(CHANNEL_TOPOLOGY, attacker.name, encode_update([forged.blob]))
+    for conn_id in list(attacker.conns):
+        net.inject(attacker, conn_id, TAG_GOSSIP, message)
+    run_checked(net, 10.0)
+    converge(net, 30.0)
+    assert not net.errors
+    assert victim.core.topology.version < 1 << 32
+    want = victim.core.topology.public_key
+    for p in peers:
+        rec = p.core.topology.get(victim.name)
+        assert rec is not None and rec.public_key == want and rec.version < 1 << 32
+    assert any(isinstance(e, RecordsRefused) for p in peers for e in p.events)

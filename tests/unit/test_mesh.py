@@ -10,6 +10,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from weft.gossip.mesh import (
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.topology import MAX_PEERS, make_record
 from weft.gossip.wire import (
+    CHANNEL_TOPOLOGY,
     MAX_BODY,
     TAG_BROADCAST,
     TAG_GOSSIP,
@@ -93,6 +95,11 @@ class SetHandler:
         return SetData(self.state)
 
 
+def key_of(i: int) -> Ed25519PrivateKey:
+    """Peer i's identity key: the same across its restarts, as a router's persisted one."""
+    return Ed25519PrivateKey.from_private_bytes(i.to_bytes(32, "big"))
+
+
 class Harness:
     """Zero-latency wiring of cores with a hand-stepped clock."""
 
@@ -108,7 +115,7 @@ class Harness:
 
     def core(self, i: int, uid: int | None = None) -> MeshCore:
         ident = PeerIdentity(PeerName(0x020000000000 + i), f"p{i}", uid or 1000 + i, i)
-        c = MeshCore(ident, self.config, random.Random(i), self.now)
+        c = MeshCore(ident, self.config, random.Random(i), self.now, key=key_of(i))
         self.cores.append(c)
         self.events[id(c)] = []
         return c
@@ -417,7 +424,10 @@ def test_structured_garbage_only_raises_remote_protocol_error(
 
 
 def _flood(count: int) -> list[bytes]:
-    return [make_record(PeerName(0x030000000000 + i), "", 1, 1, 0, []).blob for i in range(count)]
+    key = key_of(99)  # the member signs the flood with its own key: each name is new
+    return [
+        make_record(PeerName(0x030000000000 + i), "", 1, 1, 0, [], key).blob for i in range(count)
+    ]
 
 
 def test_a_member_cannot_grow_the_topology_past_its_limit() -> None:
@@ -505,3 +515,53 @@ def test_a_neighbour_cannot_speak_as_another_peer() -> None:
     a.receive(ca, TAG_UNICAST, encode_unicast("set", c.name, a.name, b"as c"), h.now)
     assert ha.unicasts == [(b.name, b"as b"), (c.name, b"as c")]
     del ba
+
+
+# --- signed records (issue #14 item 4) -----------------------------------------------------------
+
+
+def _update(src: MeshCore, blobs: list[bytes]) -> bytes:
+    return encode_gossip(CHANNEL_TOPOLOGY, src.name, encode_update(blobs))
+
+
+def test_neighbour_forging_a_peers_record_is_refused_and_the_victim_keeps_speaking() -> None:
+    """Attack (issue #14 item 4): a password holder b sends a with a record under c's name of
+    version 2^63-1. Before, a relayed it, c bumped past 2^63 and every decoder refused c's
+    record. Now the record is refused (c's name is bound to c's key), the connection stays, a
+    RecordsRefused event names the source, and c's record everywhere is c's own."""
+    h = Harness()
+    a, b, c = h.core(1), h.core(2), h.core(3)
+    ia, _ = h.link(a, b)
+    h.link(a, c)
+    h.run(2.0)
+    forged = make_record(c.name, "p3", 5, (1 << 63) - 1, 3, [], key_of(2))
+    a.receive(ia, TAG_GOSSIP, _update(b, [forged.blob]), h.now)
+    h.run(3.0)
+    refused = [e for e in h.events[id(a)] if isinstance(e, RecordsRefused)]
+    assert refused and refused[0].source == b.name and refused[0].name == c.name
+    assert a.stats.records_refused == 1
+    assert c.topology.version < 1 << 32
+    for core in (a, b, c):
+        got = core.topology.get(c.name)
+        assert got is not None and got.public_key == c.topology.public_key
+    assert set(a.connected_peers()) == {b.name, c.name}
+
+
+def test_records_that_do_not_beat_the_held_version_are_not_decoded() -> None:
+    """Issue #18's CPU concern: an old version is dropped from its header. The body here is
+    garbage and the signature absent: decoding it would close the connection."""
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    ia, _ = h.link(a, b)
+    h.run(2.0)
+    held = a.topology.get(b.name)
+    assert held is not None
+    skipped = a.stats.records_skipped
+    older = bytearray(held.blob[:119] + b"\xc1garbage")  # broken signature and body...
+    older[15:23] = (held.version - 1).to_bytes(8, "big")  # ...of an older version
+    a.receive(ia, TAG_GOSSIP, _update(b, [held.blob, bytes(older)]), h.now)
+    assert a.stats.records_skipped == skipped + 2  # both dropped undecoded, no error
+    newer = bytearray(held.blob)
+    newer[15:23] = (held.version + 1).to_bytes(8, "big")  # newer: decoded, the forgery caught
+    with pytest.raises(RemoteProtocolError, match="not signed"):
+        a.receive(ia, TAG_GOSSIP, _update(b, [bytes(newer)]), h.now)

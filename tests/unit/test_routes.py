@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import deque
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from weft.gossip.peer import PeerName
 from weft.gossip.routes import Routes
 from weft.gossip.topology import ConnectionSummary, PeerRecord, make_record
@@ -29,7 +31,10 @@ def graph(
             conns.setdefault(x, []).append(
                 ConnectionSummary(N[y], f"h{y}:6783", x < y, (x, y) not in not_established)
             )
-    return {N[i]: make_record(N[i], f"n{i}", 1, 1, i, conns.get(i, [])) for i in nodes}
+    return {N[i]: make_record(N[i], f"n{i}", 1, 1, i, conns.get(i, []), _KEY) for i in nodes}
+
+
+_KEY = Ed25519PrivateKey.generate()  # routes only read records; whose key signs is irrelevant
 
 
 def test_line_unicast_next_hops() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import random
+import struct
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +19,8 @@ from weft.gossip.topology import (
     MAX_ADDRESS_LEN,
     MAX_CONNECTIONS,
     MAX_PEERS,
+    MAX_VERSION,
+    MAX_VERSION_STEP,
     ConnectionSummary,
     PeerRecord,
     Topology,
@@ -26,6 +30,7 @@ from weft.gossip.topology import (
 )
 
 NAMES = [PeerName(0x020000000000 + i) for i in range(6)]
+KEYS = [Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(6)]
 
 
 def conn(name: PeerName, est: bool = True, out: bool = True) -> ConnectionSummary:
@@ -42,6 +47,7 @@ def rec(
         version,
         i if short_id is None else short_id,
         [conn(NAMES[j]) for j in conns],
+        KEYS[i],
     )
 
 
@@ -91,7 +97,10 @@ def test_replicas_converge_whatever_the_order(all_recs: list[PeerRecord], r: ran
     """Three Topology replicas fed the same records in different orders and with duplicates
     end with identical views of the other peers."""
     idents = [PeerIdentity(PeerName(0x0A0000000000 + k), f"r{k}", 99, 100 + k) for k in range(3)]
-    replicas = [Topology(ident, random.Random(k)) for k, ident in enumerate(idents)]
+    replicas = [
+        Topology(ident, random.Random(k), Ed25519PrivateKey.generate())
+        for k, ident in enumerate(idents)
+    ]
     for t in replicas:
         order = list(all_recs) + r.sample(all_recs, len(all_recs) // 2)
         r.shuffle(order)
@@ -108,7 +117,7 @@ def test_replicas_converge_whatever_the_order(all_recs: list[PeerRecord], r: ran
 
 
 def topo(i: int = 0, uid: int = 50) -> Topology:
-    return Topology(PeerIdentity(NAMES[i], f"n{i}", uid, i), random.Random(1))
+    return Topology(PeerIdentity(NAMES[i], f"n{i}", uid, i), random.Random(1), KEYS[i])
 
 
 def test_local_connection_change_bumps_version() -> None:
@@ -136,14 +145,14 @@ def test_stale_record_about_ourselves_bumps_our_version() -> None:
     t = topo(uid=50)
     t.set_local_connections([conn(NAMES[1])])  # version 2
     # an old incarnation of us (other uid) announced version 9
-    stale = make_record(NAMES[0], "old", 49, 9, 0, [])
+    stale = make_record(NAMES[0], "old", 49, 9, 0, [], KEYS[0])  # our key: an old start of ours
     r = t.merge([stale])
     assert r.self_bumped
     assert t.version == 10 and t.ourself.uid == 50
     assert t.ourself in r.new  # our corrected record is to be relayed
     # our own current record coming back changes nothing
     assert not t.merge([t.ourself]).changed
-    assert not t.merge([make_record(NAMES[0], "n0", 50, 3, 0, [])]).changed
+    assert not t.merge([make_record(NAMES[0], "n0", 50, 3, 0, [], KEYS[0])]).changed
 
 
 def test_restarted_peer_replaces_old_record_everywhere() -> None:
@@ -170,7 +179,7 @@ def test_gc_reachability_follows_announced_connections() -> None:
 
 
 def test_short_id_collision_lower_name_keeps_it() -> None:
-    t = Topology(PeerIdentity(NAMES[3], "n3", 5, 77), random.Random(2))
+    t = Topology(PeerIdentity(NAMES[3], "n3", 5, 77), random.Random(2), KEYS[3])
     r = t.merge([rec(4, short_id=77)])  # higher name: we keep ours
     assert not r.short_id_changed and t.short_id == 77
     r = t.merge([rec(1, short_id=77)])  # lower name: we move
@@ -218,10 +227,19 @@ json_like = st.recursive(
 )
 
 
+def signed(body: object, name: int = 1, uid: int = 1, version: int = 1, fmt: int = 2) -> bytes:
+    """A v2 blob validly signed over any body (so the body decoder is reached)."""
+    header = struct.pack(">BHIQQ", fmt, name >> 32, name & 0xFFFFFFFF, uid, version)
+    key = KEYS[5]
+    header += key.public_key().public_bytes_raw()
+    raw: bytes = msgpack.packb(body, use_bin_type=True)
+    return header + key.sign(b"weft-record-v2\0" + header + raw) + raw
+
+
 @given(json_like)
 def test_decode_record_wrong_shapes_rejected(obj: object) -> None:
     try:
-        blob = msgpack.packb(obj, use_bin_type=True)
+        blob = signed(obj)
     except (OverflowError, ValueError):
         return
     with contextlib.suppress(RemoteProtocolError):
@@ -229,22 +247,123 @@ def test_decode_record_wrong_shapes_rejected(obj: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "obj",
+    ("header", "body"),
     [
-        [1, "n", 1, 1, 4096, []],  # short id too large
-        [1, "n", 0, 1, 1, []],  # uid 0
-        [1, "n", 1, 0, 1, []],  # version 0
-        [1 << 48, "n", 1, 1, 1, []],  # name too large
-        [1, "n", 1, 1, 1, [[1, "a", True, True]]],  # connection to itself
-        [1, "n", 1, 1, 1, [[2, "a", True, True], [2, "b", True, True]]],  # duplicate
-        [1, "n", 1, 1, 1, [[2, "a", 1, True]]],  # int where bool
-        [1, "n", True, 1, 1, []],  # bool where int
-        [1, "x" * 300, 1, 1, 1, []],  # nickname too long
+        ({}, ["n", 4096, []]),  # short id too large
+        ({"uid": 0}, ["n", 1, []]),  # uid 0
+        ({"version": 0}, ["n", 1, []]),  # version 0
+        ({"version": 1 << 63}, ["n", 1, []]),  # version beyond what any decoder takes
+        ({"uid": 0, "version": 0}, ["n", 1, []]),  # both
+        ({}, ["n", 1, [[1, "a", True, True]]]),  # connection to itself
+        ({}, ["n", 1, [[2, "a", True, True], [2, "b", True, True]]]),  # duplicate
+        ({}, ["n", 1, [[2, "a", 1, True]]]),  # int where bool
+        ({}, ["n", True, []]),  # bool where int
+        ({}, ["x" * 300, 1, []]),  # nickname too long
+        ({"fmt": 3}, ["n", 1, []]),  # unknown encoding version
     ],
 )
-def test_decode_record_rejects_bad_fields(obj: object) -> None:
+def test_decode_record_rejects_bad_fields(header: dict[str, int], body: object) -> None:
     with pytest.raises(RemoteProtocolError):
-        decode_record(msgpack.packb(obj, use_bin_type=True))
+        decode_record(signed(body, **header))
+
+
+def test_decode_record_accepts_the_signed_helper_blob() -> None:
+    """The helper above builds valid blobs: the rejections are about the fields, not it."""
+    r = decode_record(signed(["n", 1, [[2, "a", True, False]]], name=1, uid=3, version=4))
+    assert (r.name, r.uid, r.version, r.nickname) == (PeerName(1), 3, 4, "n")
+    assert r.public_key == KEYS[5].public_key().public_bytes_raw()
+
+
+# --- ownership: signed records, first-key binding, version bounds (issue #14 item 4) -------------
+
+
+def test_old_unsigned_record_encoding_is_refused_by_name() -> None:
+    v1 = msgpack.packb([1, "n", 1, 1, 1, []], use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match="encoding version 1"):
+        decode_record(v1)
+
+
+def test_relay_cannot_alter_a_signed_record() -> None:
+    """A relay (any password holder) that changes a byte of a record it forwards - header or
+    body - is caught by the signature."""
+    r = rec(2, version=4, uid=9, conns=(1, 3))
+    for at in (3, 20, len(r.blob) - 5):  # name, version, a connection address
+        forged = bytearray(r.blob)
+        forged[at] ^= 1
+        with pytest.raises(RemoteProtocolError, match="not signed"):
+            decode_record(bytes(forged))
+
+
+def test_peer_cannot_forge_another_peers_record() -> None:
+    """Attack: a password holder (key KEYS[5]) announces a record under peer 1's name with a
+    higher version and no connections, to cut peer 1 off. Peer 1's name is bound to its key:
+    the forgery is refused, the real record stays, and peer 1's own next version - even the
+    one the forgery pre-empted - still wins."""
+    t = topo()
+    real = rec(1, version=3, conns=(0,))
+    assert t.merge([real]).changed
+    forged = decode_record(make_record(NAMES[1], "n1", 7, 4, 1, [], KEYS[5]).blob)
+    r = t.merge([forged])
+    assert not r.changed and r.refused and r.refused[0][0] == NAMES[1]
+    assert "another key" in r.refused[0][1]
+    assert t.get(NAMES[1]) is real
+    assert t.merge([rec(1, version=4, uid=7, conns=(0,))]).changed  # the owner moves on
+
+
+def test_forged_record_for_our_name_does_not_bump_us_out_of_range() -> None:
+    """Attack (issue #14 item 4): one forged record of version 2^63-1 for the victim's name
+    made the victim bump to 2^63, which every decoder refuses - its neighbours disconnected.
+    Now a record for our name signed by another key is refused and our version stays."""
+    t = topo(0)
+    forged = decode_record(make_record(NAMES[0], "n0", 7, (1 << 63) - 1, 0, [], KEYS[5]).blob)
+    r = t.merge([forged])
+    assert not r.self_bumped and r.refused and "our own name" in r.refused[0][1]
+    assert t.version == 1
+    assert decode_record(t.ourself.blob).version == 1  # we can still speak
+
+
+def test_version_bump_beyond_reach_is_refused_even_from_the_owner() -> None:
+    """A version far beyond the held one (a buggy owner, a stolen key) is refused, so no record
+    can make a peer's version unusable; the owner's normal steps are unaffected."""
+    t = topo()
+    assert t.merge([rec(1, version=10)]).changed
+    too_far = rec(1, version=10 + MAX_VERSION_STEP + 1)
+    r = t.merge([too_far])
+    assert not r.changed and "jumps" in r.refused[0][1]
+    r = t.merge([rec(4, version=MAX_VERSION + 1)])  # a name we do not hold yet
+    assert not r.changed and "limit" in r.refused[0][1]
+    assert t.merge([rec(1, version=10 + MAX_VERSION_STEP)]).changed  # within the bound
+
+
+def test_our_own_older_incarnation_still_bumps_us() -> None:
+    """The restart rule survives signing: a record for our name signed by our (persisted) key
+    with another uid is an older start of ours, and we bump above it."""
+    t = topo(0, uid=50)
+    old = make_record(NAMES[0], "n0", 49, 40, 0, [], KEYS[0])
+    r = t.merge([old])
+    assert r.self_bumped and t.version == 41
+
+
+def test_first_key_binding_outlives_garbage_collection() -> None:
+    """A peer collected as unreachable keeps its name's binding: a password holder cannot
+    take the name over once the real peer is away."""
+    t = topo()
+    t.merge([rec(1, version=2)])
+    assert t.remove([NAMES[1]]) == [NAMES[1]]
+    forged = decode_record(make_record(NAMES[1], "n1", 7, 9, 1, [], KEYS[5]).blob)
+    assert t.merge([forged]).refused
+    assert t.binding(NAMES[1]) == KEYS[1].public_key().public_bytes_raw()
+    assert t.merge([rec(1, version=3)]).changed  # the real one comes back
+
+
+def test_header_check_skips_records_that_do_not_beat_the_held_one() -> None:
+    t = topo()
+    held = rec(1, version=5)
+    t.merge([held])
+    assert not t.beats_held(NAMES[1], 7, 5, held.blob)  # the same record
+    assert not t.beats_held(NAMES[1], 7, 4, b"")  # older: never decoded
+    assert t.beats_held(NAMES[1], 7, 6, b"")
+    assert not t.beats_held(NAMES[0], 50, 1, b"")  # our own current record
 
 
 # --- bounds (issue #14 item 5) -------------------------------------------------------------------
@@ -259,13 +378,13 @@ def many(count: int, start: int = 100, nconns: int = 0, addr_len: int = 12) -> l
             ConnectionSummary(PeerName(0x040000000000 + j), "h" * addr_len, True, True)
             for j in range(nconns)
         ]
-        out.append(make_record(name, "", 1, 1, 0, conns))
+        out.append(make_record(name, "", 1, 1, 0, conns, KEYS[5]))
     return out
 
 
 def test_topology_refuses_peer_records_beyond_max_peers() -> None:
     """The attack: one member announced 100 k records and the victim held them all."""
-    t = Topology(PeerIdentity(NAMES[0], "n0", 50, 0), random.Random(1), max_peers=20)
+    t = Topology(PeerIdentity(NAMES[0], "n0", 50, 0), random.Random(1), KEYS[0], max_peers=20)
     r = t.merge(many(100))
     assert len(t) == 20 and len(r.new) == 19
     assert len(r.refused) == 81
@@ -276,7 +395,7 @@ def test_topology_refuses_peer_records_beyond_max_peers() -> None:
     assert t.wanted_from({refused_name: (1, 2)}) == [refused_name]  # ...a newer one may fit
     # at the limit, held records still advance: anti-entropy keeps working for them
     held = next(n for n in t.records if n != NAMES[0])
-    newer = make_record(held, "", 1, 2, 0, [])
+    newer = make_record(held, "", 1, 2, 0, [], KEYS[5])
     assert t.merge([newer]).new == [newer]
     # room freed by garbage collection admits a refused peer again
     t.remove([held])
@@ -286,7 +405,7 @@ def test_topology_refuses_peer_records_beyond_max_peers() -> None:
 
 def test_topology_refuses_records_beyond_its_byte_budget() -> None:
     budget = 2 * _MAX_RECORD_BYTES
-    t = Topology(PeerIdentity(NAMES[0], "n0", 50, 0), random.Random(1), max_bytes=budget)
+    t = Topology(PeerIdentity(NAMES[0], "n0", 50, 0), random.Random(1), KEYS[0], max_bytes=budget)
     big = many(10, nconns=MAX_CONNECTIONS, addr_len=MAX_ADDRESS_LEN)
     assert len(big[0].blob) > budget // 3
     r = t.merge(big)
@@ -306,6 +425,6 @@ def test_own_record_never_lists_more_than_max_connections() -> None:
 def test_topology_limits_are_checked() -> None:
     ident = PeerIdentity(NAMES[0], "n0", 50, 0)
     with pytest.raises(ConfigError, match="max_peers"):
-        Topology(ident, random.Random(1), max_peers=MAX_PEERS + 1)
+        Topology(ident, random.Random(1), KEYS[0], max_peers=MAX_PEERS + 1)
     with pytest.raises(ConfigError, match="below one record"):
-        Topology(ident, random.Random(1), max_bytes=1000)
+        Topology(ident, random.Random(1), KEYS[0], max_bytes=1000)

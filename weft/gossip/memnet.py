@@ -28,11 +28,14 @@ counts the gossip hops ("rounds") it took.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from weft.errors import RemoteProtocolError
 from weft.gossip.mesh import (
@@ -91,6 +94,7 @@ class MemNet:
         keep_events: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
+        self._seed = seed
         self.config = config or MeshConfig()
         self.latency = latency
         self.loss = loss
@@ -143,7 +147,13 @@ class MemNet:
     def _new_core(self, name: PeerName, nickname: str, config: MeshConfig | None) -> MeshCore:
         ident = PeerIdentity(name, nickname, random_uid(self.rng), self.rng.randrange(4096))
         rng = random.Random(self.rng.getrandbits(64))
-        return MeshCore(ident, config or self.config, rng, self.now)
+        return MeshCore(ident, config or self.config, rng, self.now, key=self.identity_key(name))
+
+    def identity_key(self, name: PeerName) -> Ed25519PrivateKey:
+        """The identity key of the peer called ``name`` (the same across its restarts, as a
+        router's persisted key); derived from the seed and the name, so runs are repeatable."""
+        seed = hashlib.blake2b(f"memnet-key:{self._seed}:{int(name)}".encode(), digest_size=32)
+        return Ed25519PrivateKey.from_private_bytes(seed.digest())
 
     def restart(self, peer: SimPeer, config: MeshConfig | None = None) -> SimPeer:
         """Stop ``peer`` and start it again (same name/address/targets, new uid)."""
@@ -262,6 +272,12 @@ class MemNet:
                 self._close(peer, conn_id, "heartbeat timeout", local=True)
         else:  # pragma: no cover - internal
             raise AssertionError(kind)
+
+    def inject(self, peer: SimPeer, conn_id: int, tag: int, payload: bytes) -> None:
+        """Deliver a raw message as if ``peer`` had sent it on its connection ``conn_id``
+        (attack tests: a member that sends what its core never would)."""
+        remote, remote_id = peer.conns[conn_id]
+        self._push(self.now, "deliver", (remote, remote_id, tag, payload, peer.depth + 1))
 
     def flush(self, peer: SimPeer) -> None:
         """Collect what ``peer``'s core wants to send (call after using a channel's sender

@@ -35,7 +35,13 @@ Events (frozen dataclasses, past tense, from :meth:`next_event`):
 ``DialRequested`` (the core has asked for a dial: the router must answer with
 ``connection_added`` or ``dial_failed``), ``ConnectionRejected`` (close that connection with the
 reason; the core already forgot it), ``TopologyChanged``, ``RoutesChanged``, ``PeersRemoved``,
-``PeerRestarted``, ``ShortIdChanged``.
+``PeerRestarted``, ``ShortIdChanged``, ``RecordsRefused`` (records not merged: another key
+than the one bound to the name, a version beyond the bounds; the router logs it).
+
+Topology records are signed by their owner's identity key (``key``; topology.py). A received
+record whose header does not beat the held version is dropped before its body is decoded or its
+signature verified; a badly signed one closes the connection (a correct relay verifies before
+relaying), one refused by the name's key binding or the version bounds does not.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from weft.errors import ConfigError, LocalError
 from weft.gossip.channel import GossipData, GossipHandler, GossipSender
 from weft.gossip.connection_maker import BackoffConfig, ConnectionMaker, host_of
@@ -62,6 +70,7 @@ from weft.gossip.topology import (
     PeerRecord,
     Topology,
     decode_record,
+    peek_record,
 )
 from weft.gossip.wire import (
     CHANNEL_TOPOLOGY,
@@ -205,11 +214,13 @@ class PeerRestarted:
 @dataclass(frozen=True)
 class RecordsRefused:
     """Records from ``source`` (a neighbour) were not merged: ``count`` of them, ``reason``
-    the first one's reason (bounds, ownership). Not an error of the connection."""
+    the first one's reason (bounds, key binding, version bounds). Not an error of the
+    connection."""
 
     source: PeerName
     count: int
     reason: str
+    name: PeerName  # the first refused record's peer
 
 
 @dataclass(frozen=True)
@@ -253,6 +264,7 @@ class MeshStats:
     records_received: int = 0
     records_new: int = 0
     records_refused: int = 0
+    records_skipped: int = 0  # dropped from their header: no newer than the held version
     unicast_dropped: int = 0
     # unicast/broadcast whose claimed source cannot come over the connection it arrived on
     source_refused: int = 0
@@ -368,7 +380,10 @@ class MeshCore:
         config: MeshConfig | None = None,
         rng: random.Random | None = None,
         now: float = 0.0,
+        key: Ed25519PrivateKey | None = None,
     ) -> None:
+        """``key``: our identity key, which signs our record (the router persists one; None
+        makes a fresh one, for tests and simulations that need no stable identity)."""
         self.identity = identity
         self.name = identity.name
         self.config = config or MeshConfig()
@@ -376,6 +391,7 @@ class MeshCore:
         self._topology = Topology(
             identity,
             self._rng,
+            key or Ed25519PrivateKey.generate(),
             max_peers=self.config.max_peers,
             max_bytes=self.config.max_topology_bytes,
         )
@@ -885,10 +901,16 @@ class MeshCore:
     def _on_topology(self, conn: _Conn, body: bytes, now: float) -> None:
         msg = decode_topology(body)
         if isinstance(msg, TopologyUpdate):
-            records = [decode_record(b) for b in msg.blobs]
-            self.stats.records_received += len(records)
-            for r in records:
-                conn.note_known(r.name, r.version, r.uid)
+            self.stats.records_received += len(msg.blobs)
+            records = []
+            beats = self._topology.beats_held
+            for b in msg.blobs:
+                name, uid, version = peek_record(b)
+                conn.note_known(name, version, uid)
+                if beats(name, uid, version, b):
+                    records.append(decode_record(b))  # verifies the signature (cached)
+                else:
+                    self.stats.records_skipped += 1
             self._merge(records, conn, now)
         elif isinstance(msg, DigestHash):
             # While changes are flowing, gossip is doing the work and vectors would only ship
@@ -941,8 +963,9 @@ class MeshCore:
         result = self._topology.merge(records)
         if result.refused:
             self.stats.records_refused += len(result.refused)
+            name, why = result.refused[0]
             self._events.append(
-                RecordsRefused(source.remote.name, len(result.refused), result.refused[0][1])
+                RecordsRefused(source.remote.name, len(result.refused), why, name)
             )
         if not result.changed:
             return

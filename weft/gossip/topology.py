@@ -13,9 +13,26 @@ A record about *ourselves* that is not exactly ours (an older incarnation's, or 
 makes us bump our version above it, so our real record wins everywhere - this is how a restarted
 peer (new uid, version starting at 1) replaces its old record.
 
-Records are encoded once into a compact msgpack *blob* and carried as such; decoded records are
-interned by blob (a record is immutable), which keeps a simulation of many peers in one process
-small and makes relaying a record free of re-encoding.
+Records are encoded once into a *blob* and carried as such; decoded records are interned by blob
+(a record is immutable), which keeps a simulation of many peers in one process small, makes
+relaying a record free of re-encoding and caches signature verification.
+
+Ownership (issue #14 item 4): every peer has an Ed25519 identity key; its record carries the
+public key and is signed by it, so relays cannot alter it. A :class:`Topology` binds a peer name
+to the first key it sees for it and refuses records for that name signed by another key (ours
+included: a record for our name under another key is refused, never a reason to bump). Versions
+are bounded: at most :data:`MAX_VERSION`, and at most :data:`MAX_VERSION_STEP` above the version
+held, so no record can push a correct peer's own version out of range.
+
+Blob, record encoding version 2 (version 1 was a bare msgpack array; it is refused by name)::
+
+    0      1       3        7       15          23          55          119
+    | 0x02 | name (48 bits)  | uid u64 | version u64 | public key | signature | msgpack body
+    body: [nickname, short_id, [[name, address, outbound, established], ...]]
+
+The signature (Ed25519) covers ``"weft-record-v2\0"``, the header before it and the body. The
+fixed header lets a receiver drop a record that does not beat the one it holds before decoding
+its body or verifying its signature (:func:`peek_record`).
 """
 
 from __future__ import annotations
@@ -29,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from weft.errors import ConfigError, RemoteProtocolError
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
@@ -39,6 +58,9 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_NICKNAME_LEN",
     "MAX_PEERS",
+    "MAX_VERSION",
+    "MAX_VERSION_STEP",
+    "RECORD_FORMAT",
     "ConnectionSummary",
     "MergeResult",
     "PeerRecord",
@@ -46,6 +68,7 @@ __all__ = [
     "decode_record",
     "make_record",
     "merge_records",
+    "peek_record",
     "record_wins",
 ]
 
@@ -62,6 +85,19 @@ DEFAULT_MAX_TOPOLOGY_BYTES = 64 * 1024 * 1024
 _MAX_RECORD_BYTES = MAX_CONNECTIONS * (MAX_ADDRESS_LEN + 16) + 1024
 _UINT64 = 1 << 64
 _SHORT_IDS = 1 << SHORT_ID_BITS
+
+RECORD_FORMAT = 2  # the first byte of a blob; 1 was a bare msgpack array (0x96)
+# A version beyond MAX_VERSION, or more than MAX_VERSION_STEP above the one held, is refused: an
+# honest peer counts up by one per change (or to one above its own older record), so neither is
+# ever reached, and a peer's own version stays far from the 2^63 every decoder rejects.
+MAX_VERSION = 1 << 62
+MAX_VERSION_STEP = 1 << 32
+_HEADER = struct.Struct(">BHIQQ")  # format, name (high 16, low 32 bits), uid, version
+_KEY_AT = _HEADER.size  # 23
+_SIG_AT = _KEY_AT + 32  # 55
+_BODY_AT = _SIG_AT + 64  # 119
+_SIG_CONTEXT = b"weft-record-v2\0"
+_MAX_BINDINGS = 20_000  # remembered name -> key bindings (twice the peers a mesh may hold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +120,7 @@ class PeerRecord:
     version: int
     short_id: int
     connections: tuple[ConnectionSummary, ...]
+    public_key: bytes = field(repr=False)  # the owner's raw Ed25519 key, which signed ``blob``
     blob: bytes = field(repr=False, compare=False)
     conn_names: frozenset[PeerName] = field(repr=False, compare=False)
 
@@ -99,6 +136,7 @@ class PeerRecord:
             "uid": self.uid,
             "version": self.version,
             "short_id": self.short_id,
+            "public_key": self.public_key.hex(),
             "connections": [
                 {
                     "name": str(c.name),
@@ -122,30 +160,31 @@ def make_record(
     version: int,
     short_id: int,
     connections: Iterable[ConnectionSummary],
+    key: Ed25519PrivateKey,
 ) -> PeerRecord:
-    """Build (and encode) a record; connections are sorted by remote name for a canonical blob."""
+    """Build, encode and sign (with the owner's ``key``) a record; connections are sorted by
+    remote name for a canonical blob."""
     conns = tuple(sorted(connections, key=lambda c: (c.name, c.address)))
-    blob = msgpack.packb(
-        [
-            int(name),
-            nickname,
-            uid,
-            version,
-            short_id,
-            [[int(c.name), c.address, c.outbound, c.established] for c in conns],
-        ],
+    public = key.public_key().public_bytes_raw()
+    header = _HEADER.pack(RECORD_FORMAT, name >> 32, name & 0xFFFFFFFF, uid, version) + public
+    body = msgpack.packb(
+        [nickname, short_id, [[int(c.name), c.address, c.outbound, c.established] for c in conns]],
         use_bin_type=True,
     )
-    return PeerRecord(
+    blob = header + key.sign(_SIG_CONTEXT + header + body) + body
+    rec = PeerRecord(
         name=name,
         nickname=nickname,
         uid=uid,
         version=version,
         short_id=short_id,
         connections=conns,
+        public_key=public,
         blob=blob,
         conn_names=frozenset(c.name for c in conns),
     )
+    _INTERN[blob] = rec  # made here: no need to verify it when it comes back
+    return rec
 
 
 def _bad(what: str) -> RemoteProtocolError:
@@ -170,8 +209,32 @@ def _bool(value: object, what: str) -> bool:
     return value
 
 
+def peek_record(blob: bytes) -> tuple[PeerName, int, int]:
+    """``(name, uid, version)`` from a blob's fixed header, without decoding or verifying the
+    rest (for deciding cheaply whether the record is worth :func:`decode_record`)."""
+    if type(blob) is not bytes or len(blob) < _BODY_AT:
+        if type(blob) is bytes and blob[:1] == b"\x96":
+            raise _old_format()
+        raise _bad("record is shorter than its header")
+    fmt, hi, lo, uid, version = _HEADER.unpack_from(blob)
+    if fmt != RECORD_FORMAT:
+        raise _old_format() if fmt == 0x96 else _bad(f"unknown record encoding version {fmt}")
+    if not 0 < uid < _UINT64 or not 0 < version < 1 << 63:
+        raise _bad("uid and version must be non-zero (version below 2^63)")
+    return PeerName(hi << 32 | lo), uid, version
+
+
+def _old_format() -> RemoteProtocolError:
+    return RemoteProtocolError(
+        "peer record in encoding version 1 (unsigned) refused: this peer speaks record encoding"
+        f" version {RECORD_FORMAT} (signed records); upgrade the sending peer"
+    )
+
+
 def decode_record(blob: bytes) -> PeerRecord:
-    """Decode one record blob; anything malformed raises :class:`RemoteProtocolError` only."""
+    """Decode one record blob and verify its signature (against the key it carries; who may
+    use that key for that name is :class:`Topology`'s business). Anything malformed or badly
+    signed raises :class:`RemoteProtocolError` only. Verified records are cached by blob."""
     if type(blob) is not bytes:
         raise _bad("record is not a byte string")
     cached = _INTERN.get(blob)
@@ -179,9 +242,18 @@ def decode_record(blob: bytes) -> PeerRecord:
         return cached
     if len(blob) > _MAX_RECORD_BYTES:
         raise _bad(f"record of {len(blob)} bytes is too large")
+    name, uid, version = peek_record(blob)
+    # verified before the body is read: nothing unauthenticated is interpreted
+    public = blob[_KEY_AT:_SIG_AT]
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(
+            blob[_SIG_AT:_BODY_AT], _SIG_CONTEXT + blob[:_SIG_AT] + blob[_BODY_AT:]
+        )
+    except (InvalidSignature, ValueError):
+        raise _bad(f"the record of {name} is not signed by the key it carries") from None
     try:
         obj = msgpack.unpackb(
-            blob,
+            memoryview(blob)[_BODY_AT:],
             raw=False,
             use_list=True,
             strict_map_key=True,
@@ -193,14 +265,11 @@ def decode_record(blob: bytes) -> PeerRecord:
         )
     except Exception as err:  # msgpack raises several unrelated types on bad input
         raise _bad(f"undecodable ({type(err).__name__})") from None
-    if type(obj) is not list or len(obj) != 6:
-        raise _bad("expected a 6-element array")
-    name = PeerName(_int(obj[0], "name", 0, 1 << 48))
-    nickname = _str(obj[1], "nickname", MAX_NICKNAME_LEN)
-    uid = _int(obj[2], "uid", 1, _UINT64)
-    version = _int(obj[3], "version", 1, 1 << 63)
-    short_id = _int(obj[4], "short id", 0, _SHORT_IDS)
-    raw_conns = obj[5]
+    if type(obj) is not list or len(obj) != 3:
+        raise _bad("expected a 3-element body")
+    nickname = _str(obj[0], "nickname", MAX_NICKNAME_LEN)
+    short_id = _int(obj[1], "short id", 0, _SHORT_IDS)
+    raw_conns = obj[2]
     if type(raw_conns) is not list:
         raise _bad("connections must be an array")
     conns: list[ConnectionSummary] = []
@@ -229,6 +298,7 @@ def decode_record(blob: bytes) -> PeerRecord:
         version=version,
         short_id=short_id,
         connections=tuple(conns),
+        public_key=public,
         blob=blob,
         conn_names=frozenset(seen),
     )
@@ -279,6 +349,11 @@ class Topology:
     Replacing a held record by a newer one of no larger size is always possible, so the peers
     already held keep converging at the limit.
 
+    Ownership: a name is bound to the first public key seen for it (ours to ``key``), and the
+    binding outlives the record (garbage collection does not forget it; only a full table of
+    bindings drops some of names no record is held for): a record signed by another key, or
+    with a version beyond the bounds, is refused (:attr:`MergeResult.refused`).
+
     Not thread-safe; owned by one :class:`~weft.gossip.mesh.MeshCore`.
     """
 
@@ -286,6 +361,7 @@ class Topology:
         self,
         identity: PeerIdentity,
         rng: random.Random,
+        key: Ed25519PrivateKey,
         *,
         max_peers: int = MAX_PEERS,
         max_bytes: int = DEFAULT_MAX_TOPOLOGY_BYTES,
@@ -299,6 +375,10 @@ class Topology:
         self._bytes = 0  # sum of the held records' blob sizes
         # refused records: name -> (version, uid) not to fetch again (cleared when room frees up)
         self._refused: dict[PeerName, tuple[int, int]] = {}
+        self._key = key
+        self.public_key = key.public_key().public_bytes_raw()
+        # name -> the public key bound to it (first sight); bounded by _MAX_BINDINGS
+        self._bindings: dict[PeerName, bytes] = {identity.name: self.public_key}
         self._rng = rng
         self.name = identity.name
         self._nickname = identity.nickname
@@ -326,7 +406,13 @@ class Topology:
 
     def _rebuild_self(self) -> PeerRecord:
         rec = make_record(
-            self.name, self._nickname, self._uid, self._version, self._short_id, self._conns
+            self.name,
+            self._nickname,
+            self._uid,
+            self._version,
+            self._short_id,
+            self._conns,
+            self._key,
         )
         self._put(rec)
         self._hash = None
@@ -405,17 +491,77 @@ class Topology:
 
     # --- merging ----------------------------------------------------------------------------
 
+    def beats_held(self, name: PeerName, uid: int, version: int, blob: bytes) -> bool:
+        """Could a record with this header (and ``blob``) change anything? (False: drop it
+        undecoded.)
+
+        Cheap on purpose (issue #18: decoding dominates formation): a header that does not beat
+        the held record, or that was refused at this version already, is not worth decoding or
+        verifying (an equal header is, if the blob differs: the merge's tie-break, which only a
+        misbehaving owner needs). Our own name: only a record that could be an older
+        incarnation's is."""
+        mine = self._records.get(name)
+        if mine is not None:
+            if name == self.name:
+                return uid != self._uid or version > self._version
+            if (version, uid) < (mine.version, mine.uid):
+                return False
+            if (version, uid) == (mine.version, mine.uid) and blob == mine.blob:
+                return False
+        # Refusals are not remembered against headers: a header is not authenticated, and a
+        # forged one must not keep the owner's real record of that version out.
+        return True
+
+    def check(self, rec: PeerRecord) -> str | None:
+        """Why ``rec`` (signature verified) may not be merged, or None: the name's key binding
+        and the version bounds."""
+        bound = self._bindings.get(rec.name)
+        if bound is not None and bound != rec.public_key:
+            if rec.name == self.name:
+                return "a record for our own name signed by another key (our name in use?)"
+            return "signed by another key than the one bound to that name"
+        if rec.version > MAX_VERSION:
+            return f"version {rec.version} is beyond the limit of 2^62"
+        held = self._records.get(rec.name)
+        base = self._version if rec.name == self.name else held.version if held else 0
+        if rec.version - base > MAX_VERSION_STEP:
+            return f"version {rec.version} jumps more than 2^32 above the held {base}"
+        return None
+
+    def _bind(self, rec: PeerRecord) -> bool:
+        if rec.name in self._bindings:
+            return True
+        if len(self._bindings) >= _MAX_BINDINGS:
+            # forget bindings of names we hold no record for (peers gone), oldest first
+            for n in [n for n in self._bindings if n not in self._records][: _MAX_BINDINGS // 4]:
+                del self._bindings[n]
+            if len(self._bindings) >= _MAX_BINDINGS:
+                return False
+        self._bindings[rec.name] = rec.public_key
+        return True
+
+    def binding(self, name: PeerName) -> bytes | None:
+        """The public key bound to ``name`` (None: none yet)."""
+        return self._bindings.get(name)
+
     def merge(self, incoming: Iterable[PeerRecord]) -> MergeResult:
-        """Merge records heard from a peer; returns what changed (``new`` = what to relay)."""
+        """Merge records heard from a peer (signatures verified by :func:`decode_record`);
+        returns what changed (``new`` = what to relay, ``refused`` = what was not merged)."""
         result = MergeResult()
         bump_to = 0
         for rec in incoming:
+            if not self.beats_held(rec.name, rec.uid, rec.version, rec.blob):
+                continue
+            why = self.check(rec)
+            if why is not None:
+                # not remembered in _refused: who signed is not in the header, and a forged
+                # record must not keep the owner's real one of that version from being asked for
+                result.refused.append((rec.name, why))
+                continue
             if rec.name == self.name:
                 mine = self._records[self.name]
-                if rec.uid == self._uid and rec.version <= self._version:
-                    continue  # our own, current or older
                 if rec.key != mine.key:
-                    bump_to = max(bump_to, rec.version)
+                    bump_to = max(bump_to, rec.version)  # our own older incarnation's record
                 continue
             old = self._records.get(rec.name)
             if not record_wins(rec, old):
@@ -423,6 +569,9 @@ class Topology:
             why = self._room_for(rec, old)
             if why is not None:
                 self._refuse(rec, why, result)
+                continue
+            if not self._bind(rec):
+                result.refused.append((rec.name, "too many peer names bound to keys"))
                 continue
             self._records[rec.name] = rec
             self._bytes += len(rec.blob) - (len(old.blob) if old is not None else 0)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from weft.atomicfile import write_atomic
 from weft.errors import ConfigError
 from weft.gossip.admission import AdmissionConfig
@@ -31,10 +33,12 @@ __all__ = [
     "DATAPATHS",
     "DEFAULT_HTTP_ADDR",
     "DEFAULT_PORT",
+    "IDENTITY_KEY_FILE",
     "PASSWORD_ENV",
     "RouterConfig",
     "format_hostport",
     "load_mesh_salt",
+    "load_or_create_identity_key",
     "load_or_create_name",
     "parse_hostport",
     "parse_peer",
@@ -48,6 +52,7 @@ DEFAULT_DATA_DIR: Final = "/var/lib/weft"
 PASSWORD_ENV: Final = "WEFT_PASSWORD"
 DATAPATHS: Final = ("auto", "ovs", "vxlan", "sleeve", "none")
 NAME_FILE: Final = "peer-name"
+IDENTITY_KEY_FILE: Final = "identity.key"  # Ed25519, raw 32 bytes, 0600: signs our record
 MESH_SALT_FILE: Final = "mesh-salt"  # the mesh salt, hex, once a handshake authenticated under it
 _SALT_SIZE: Final = 16
 _MAX_NICKNAME: Final = 255  # as the handshake's hello allows
@@ -321,6 +326,35 @@ def load_or_create_name(data_dir: Path, wanted: PeerName | None, rng: random.Ran
         except OSError as err:
             raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
     return name
+
+
+def load_or_create_identity_key(data_dir: Path) -> Ed25519PrivateKey:
+    """Our persisted identity key (signs our topology record; peers bind our name to it on
+    first sight); the first start makes one, written 0600. Losing it means coming back under a
+    new peer name (docs/security-notes/sec-ident.md). Raises ConfigError on an unusable file."""
+    path = data_dir / IDENTITY_KEY_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    if raw is not None:
+        if len(raw) != 32:
+            raise ConfigError(
+                f"{path} is corrupt (expected a 32-byte Ed25519 key); restore it, or remove it"
+                " and the peer-name file to rejoin under a new name"
+            )
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)  # a private key readable by others: tighten, keep using it
+        return Ed25519PrivateKey.from_private_bytes(raw)
+    key = Ed25519PrivateKey.generate()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, key.private_bytes_raw(), mode=0o600)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+    return key
 
 
 def load_mesh_salt(data_dir: Path) -> tuple[bytes | None, bool]:

@@ -71,6 +71,7 @@ from weft.router.config import (
     RouterConfig,
     format_hostport,
     load_mesh_salt,
+    load_or_create_identity_key,
     load_or_create_name,
     parse_hostport,
     save_mesh_salt,
@@ -168,6 +169,7 @@ class Router:
         self.config = config = config.validated()
         self._rng = rng or random.Random()
         name = load_or_create_name(config.data_dir, config.name, self._rng)
+        self.identity_key = load_or_create_identity_key(config.data_dir)
         self.identity = PeerIdentity(
             name=name,
             nickname=config.nickname,
@@ -190,6 +192,7 @@ class Router:
             MeshConfig(port=self.port, discovery=config.discovery),
             self._rng,
             now=self.now(),
+            key=self.identity_key,
         )
         self.http_port: int | None = None
         self.status_port: int | None = None
@@ -593,19 +596,19 @@ class Router:
 
     def _log_refused(self, event: RecordsRefused) -> None:
         """One WARNING per 10 s at most for refused topology records (a flood must not flood
-        the log); the lines in between are counted into the next one."""
+        the log); the ones in between are counted into the next line."""
         self.counters["records_refused"] += event.count
         now = self.now()
         if now < self._refused_log_at:
             self._refused_unlogged += event.count
             return
         self._refused_log_at = now + 10.0
-        more = self._refused_unlogged
-        self._refused_unlogged = 0
+        more, self._refused_unlogged = self._refused_unlogged, 0
         log.warning(
-            "refused %d topology record(s) from %s: %s%s",
+            "refused %d topology record(s) from %s (first: %s): %s%s",
             event.count,
             event.source,
+            event.name,
             event.reason,
             f" ({more} more refused since the last report)" if more else "",
         )

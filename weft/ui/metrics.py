@@ -280,7 +280,8 @@ _MESH_BYTES = _Family(
 )
 _TOPOLOGY_RECORDS = _Family(
     "weft_topology_records",
-    "Topology records sent, received, and received that were new.",
+    "Topology records sent, received, received that were new, refused (beyond the bounds, another"
+    " key than the one bound to the name, version out of range), and skipped (not newer).",
     ("event",),
 )
 _COUNTER_FAMILIES = (
@@ -336,6 +337,7 @@ _MESH_STATS = {
     "records_received": (_TOPOLOGY_RECORDS, ("received",)),
     "records_new": (_TOPOLOGY_RECORDS, ("new",)),
     "records_refused": (_TOPOLOGY_RECORDS, ("refused",)),
+    "records_skipped": (_TOPOLOGY_RECORDS, ("skipped",)),
 }
 
 
