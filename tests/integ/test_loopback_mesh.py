@@ -372,6 +372,37 @@ async def test_connect_to_self_and_name_collision(tmp_path: Path, started: list[
     assert established_peers(a) == set()
 
 
+async def test_an_impostor_under_a_peers_name_cannot_displace_it(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    """A password holder starts a router under b's peer name but with its own identity key and
+    dials a. Before protocol v3 a took it for b restarted (a new uid) and dropped b's
+    connection for it. Now the handshake proves the impostor's key, a's binding of b's name to
+    b's key refuses it, both ends log why, and b stays connected."""
+    from dataclasses import replace
+
+    a = make_router(tmp_path, 0, password=b"shared")
+    started.append(a)
+    await a.start()
+    b = make_router(tmp_path, 1, addr(a), password=b"shared")
+    started.append(b)
+    await b.start()
+    await wait_until(lambda: established_peers(a) == {str(b.identity.name)}, "a and b connect")
+    impostor = Router(
+        replace(make_router(tmp_path, 2, addr(a), password=b"shared").config, name=b.identity.name)
+    )
+    started.append(impostor)
+    await impostor.start()
+
+    def refused(router: Router) -> bool:
+        return any("identity key mismatch" in c["info"] for c in rows(router))
+
+    await wait_until(lambda: refused(a), "a names the identity key mismatch")
+    assert established_peers(a) == {str(b.identity.name)}
+    assert established_peers(b) == {str(a.identity.name)}
+    assert [c for c in b.connections() if c.state == "established"]
+
+
 async def test_connection_limit_refuses_and_keeps_serving(
     tmp_path: Path, started: list[Router]
 ) -> None:
@@ -409,7 +440,7 @@ async def test_version_mismatch_named_on_both_sides(tmp_path: Path, started: lis
     ident = PeerIdentity(PeerName(0x020000000077), "future", 77, 77)
     hs = Handshake(True, Hello.from_identity(ident, 1), None, loop.time(), versions=(7, 9))
     writer.write(hs.data_to_send())
-    with pytest.raises(VersionMismatch, match=r"ours 7\.\.9, theirs 2\.\.2"):
+    with pytest.raises(VersionMismatch, match=r"ours 7\.\.9, theirs 3\.\.3"):
         while True:
             data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
             if not data:
@@ -418,7 +449,7 @@ async def test_version_mismatch_named_on_both_sides(tmp_path: Path, started: lis
     writer.close()
     await wait_until(
         lambda: any(
-            "protocol version mismatch (ours 2..2, theirs 7..9)" in c["info"]
+            "protocol version mismatch (ours 3..3, theirs 7..9)" in c["info"]
             for c in rows(a, "failed")
         ),
         "the router to name the version mismatch",

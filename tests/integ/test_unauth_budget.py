@@ -26,11 +26,12 @@ from tests.integ.test_loopback_mesh import (
     started,
 )
 from weft.gossip.admission import Admission
+from weft.gossip.handshake import PROTOCOL_VERSIONS
 from weft.router.router import Router
 
 __all__ = ["started"]  # the fixture, shared with test_loopback_mesh
 
-HEADER = b"weft\x02\x02"  # magic + protocol versions 2..2: then silence
+HEADER = b"weft" + bytes(PROTOCOL_VERSIONS)  # magic + the versions we speak: then silence
 
 
 class Stranger:

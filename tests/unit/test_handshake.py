@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import random
@@ -13,6 +14,7 @@ import msgpack
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
@@ -43,6 +45,7 @@ from weft.gossip.handshake import (
     HandshakeState,
     HandshakeTimeout,
     Hello,
+    IdentityNotProven,
     MalformedHandshake,
     MalformedHello,
     NotAWeftPeer,
@@ -57,6 +60,8 @@ from weft.gossip.session import MessageAuthenticationFailed
 
 NOW = 1000.0
 MESH_SALT = bytes(range(16))
+PEER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+PEER_KEY_PUBLIC = PEER_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 @functools.cache
@@ -143,9 +148,9 @@ def test_plaintext_handshake() -> None:
     a, b = pair()
     assert a.get_timer() == NOW + HANDSHAKE_TIMEOUT
     rounds = roundtrip_until_done(a, b)
-    assert rounds == 2  # header, then hello
+    assert rounds == 2  # a->b header, b->a header+hello, a->b hello+proof, b->a proof
     ra, rb = a.result, b.result
-    assert ra.version == rb.version == PROTOCOL_VERSIONS[1] == 2
+    assert ra.version == rb.version == PROTOCOL_VERSIONS[1] == 3
     assert ra.remote == b.local_hello and rb.remote == a.local_hello
     assert ra.remote.features == {"gso": True}
     assert rb.remote.features == {"udp_port": 6783}
@@ -203,7 +208,7 @@ def test_all_at_once_and_leftover(encrypted: bool) -> None:
         assert b.done
         # b is done; its confirm is still queued, and session frames go right behind it.
         tail = b.data_to_send()
-        assert len(tail) == 4 + len(b"weft confirm v2") + 16
+        assert len(tail) == 4 + len(b"weft confirm v3") + 64 + 16
         assert b.result.control.frames_sent == 1
         frames = b.result.control.encode(b"\x04first") + b.result.control.encode(b"\x05second")
         a.receive(tail + frames, NOW)
@@ -212,22 +217,26 @@ def test_all_at_once_and_leftover(encrypted: bool) -> None:
         assert ra.leftover != b""
         assert ra.control.feed(ra.leftover) == [b"\x04first", b"\x05second"]
     else:
-        assert a.done and b.done
+        # a has b's hello and proof: it is done, with its own proof queued.
+        assert a.done and not b.done
         frames = a.result.control.encode(b"\x04first")
-        assert b.result.control.feed(frames) == [b"\x04first"]
+        b.receive(a.data_to_send() + frames, NOW)
+        assert b.done
+        assert b.result.control.feed(b.result.leftover) == [b"\x04first"]
 
 
-def test_leftover_plaintext_after_hello() -> None:
+def test_leftover_plaintext_after_proof() -> None:
     a, b = pair()
     b.receive(a.data_to_send(), NOW)  # header
-    a.receive(b.data_to_send(), NOW)  # header + hello
+    a.receive(b.data_to_send(), NOW)  # header + hello: a answers with its hello and proof
+    b.receive(a.data_to_send(), NOW)
+    assert b.done and not a.done  # b's proof is queued
+    extra = b.result.control.encode(b"\x00") + b"\x00\x00"  # one frame and a partial length
+    a.receive(b.data_to_send() + extra, NOW)
     assert a.done
-    extra = a.result.control.encode(b"\x00") + b"\x00\x00"  # one frame and a partial length
-    b.receive(a.data_to_send() + extra, NOW)
-    assert b.done
-    assert b.result.leftover == extra
-    assert b.result.control.feed(b.result.leftover) == [b"\x00"]
-    assert b.result.control.buffered == 2
+    assert a.result.leftover == extra
+    assert a.result.control.feed(a.result.leftover) == [b"\x00"]
+    assert a.result.control.buffered == 2
 
 
 def test_byte_by_byte() -> None:
@@ -396,6 +405,7 @@ def good_hello_map() -> dict[str, object]:
         "features": {},
         "encrypted": False,
         "ephemeral": None,
+        "identity_key": PEER_KEY_PUBLIC,
     }
 
 
@@ -421,9 +431,9 @@ def test_weave_peer_is_not_a_weft_peer() -> None:
 def test_partial_header_waits() -> None:
     hs = fresh()
     hs.receive(b"we", NOW)
-    hs.receive(b"ft\x02", NOW)
+    hs.receive(b"ft" + bytes(PROTOCOL_VERSIONS[:1]), NOW)
     assert hs.state is HandshakeState.AWAIT_HEADER
-    hs.receive(b"\x02", NOW)
+    hs.receive(bytes(PROTOCOL_VERSIONS[1:]), NOW)
     assert hs.state.name == "AWAIT_HELLO"
 
 
@@ -498,7 +508,7 @@ def test_malformed_hello_fields(mutate: Callable[[dict[str, object]], object], r
     try:
         body = msgpack.packb(m)
     except OverflowError:
-        body = msgpack.packb({**m, "uid": 0})[:-1] + b"\xcf"  # cut: malformed anyway
+        body = msgpack.packb({**m, "uid": 0}) + b"\xcf"  # trailing junk: malformed anyway
     with pytest.raises(MalformedHello, match="malformed hello: ") as info:
         feed_hello(body)
     assert reason in str(info.value)
@@ -527,7 +537,8 @@ def test_garbage_hello(body: bytes) -> None:
 
 def test_unknown_hello_keys_are_ignored() -> None:
     hs = feed_hello(msgpack.packb({**good_hello_map(), "future": [1, 2]}))
-    assert hs.done and hs.result.remote.nickname == "a"
+    assert hs.state is HandshakeState.AWAIT_PROOF
+    assert hs.remote_hello is not None and hs.remote_hello.nickname == "a"
 
 
 def test_invalid_ephemeral_key_refused() -> None:
@@ -593,6 +604,9 @@ def test_hello_roundtrip_and_identity() -> None:
     assert h.features["dp"] == ("sleeve", "x")
     with pytest.raises(TypeError):
         h.features["new"] = 1  # type: ignore[index]
+    with pytest.raises(MalformedHello, match="no identity key"):
+        decode_hello(encode_hello(h))  # the handshake fills it in
+    h = dataclasses.replace(h, identity_key=PEER_KEY_PUBLIC)
     assert decode_hello(encode_hello(h)) == h
 
 
@@ -661,6 +675,7 @@ def test_fuzz_hello_bodies(body: bytes) -> None:
             "uid": st.integers(0, 2**64 - 1),
             "conn_id": st.integers(0, 2**64 - 1),
             "short_id": st.integers(0, 4095),
+            "identity_key": st.binary(min_size=32, max_size=32),
             "features": st.dictionaries(
                 st.text(min_size=1, max_size=10),
                 st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=9),
@@ -679,6 +694,7 @@ def test_fuzz_bitflipped_hello(fields: dict[str, object], mutate_at: int, xor: i
         conn_id=fields["conn_id"],  # type: ignore[arg-type]
         short_id=fields["short_id"],  # type: ignore[arg-type]
         features=fields["features"],  # type: ignore[arg-type]
+        identity_key=fields["identity_key"],  # type: ignore[arg-type]
     )
     body = bytearray(encode_hello(h))
     assert decode_hello(bytes(body)) == h
@@ -762,6 +778,7 @@ def test_fuzz_mutated_handshake_stream(
             "malformed",
             "encryption_mismatch",
             "wrong_password",
+            "identity_not_proven",  # a flipped identity key or proof
             "salt_busy",  # a flipped salt asks for new scrypts; the budget is shared here
         }
     except RemoteProtocolError:
@@ -811,7 +828,6 @@ def test_reflected_pake_message_is_refused() -> None:
     own_pake = out[-(4 + PAKE_MESSAGE_SIZE) :]
     with pytest.raises(MalformedHandshake, match="echoed our own"):
         a.receive(own_pake, NOW)
-
 
 
 # ---------------------------------------------------------------------------- offline guessing
@@ -932,9 +948,9 @@ def test_a_pake_message_commits_the_dialer_to_one_guess() -> None:
     router.receive(pake_frame, NOW)
     assert router.state is HandshakeState.AWAIT_CONFIRM
     confirm = router.data_to_send()
-    assert len(confirm) == 4 + len(b"weft confirm v2") + 16
+    assert len(confirm) == 4 + len(b"weft confirm v3") + 64 + 16
     with pytest.raises(WrongPassword):  # the one online guess, seen and named by the router
-        router.receive(frame(bytes(len(b"weft confirm v2") + 16)), NOW)
+        router.receive(frame(bytes(len(b"weft confirm v3") + 64 + 16)), NOW)
     shared = attacker.exchange(X25519PublicKey.from_public_bytes(remote.ephemeral))
     transcript = (
         sent[:HEADER_SIZE] + router_header + sent[HEADER_SIZE:] + router_hello + pake_frame
@@ -1106,3 +1122,61 @@ def test_pake_message_of_wrong_length(length: int) -> None:
     hs.receive(header() + frame(msgpack.packb(m)), NOW)
     with pytest.raises(MalformedHandshake, match=f"malformed PAKE message: {length} bytes"):
         hs.receive(struct.pack(">I", length), NOW)
+
+
+# ---------------------------------------------------------------------------- identity proof
+
+
+VICTIM_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+VICTIM_PUBLIC = VICTIM_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_the_remote_identity_key_is_proven(encrypted: bool) -> None:
+    key = pw(b"secret") if encrypted else None
+    a = Handshake(True, hello(1), key, NOW, urandom=seeded(1), identity=VICTIM_KEY)
+    b = Handshake(False, hello(2), key, NOW, urandom=seeded(2), identity=PEER_KEY)
+    roundtrip_until_done(a, b)
+    assert b.result.remote.identity_key == VICTIM_PUBLIC
+    assert a.result.remote.identity_key == PEER_KEY_PUBLIC
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_claiming_another_peers_identity_key_is_refused(encrypted: bool) -> None:
+    """A password holder (or any member of a plaintext mesh) who claims a victim's identity key —
+    it is public, every record carries it — cannot prove it: its proof is signed by its own key.
+    Before protocol v3 a hello carried no key at all, so nothing told the two apart."""
+    key = pw(b"secret") if encrypted else None
+    attacker = Handshake(True, hello(1), key, NOW, urandom=seeded(1))  # a throwaway key of its own
+    attacker.local_hello = dataclasses.replace(attacker.local_hello, identity_key=VICTIM_PUBLIC)
+    b = Handshake(False, hello(2), key, NOW, urandom=seeded(2))
+    _, err_b = capture_errors(attacker, b)
+    assert isinstance(err_b, IdentityNotProven)
+    assert err_b.reason == "identity_not_proven"
+    assert "02:00:00:00:00:01" in str(err_b) and "identity key" in str(err_b)
+    assert not b.done
+
+
+def test_a_recorded_proof_does_not_work_in_another_connection() -> None:
+    """The proof signs the transcript, which holds the verifier's random conn_id: replaying the
+    victim's proof from one connection into the next fails."""
+    a = Handshake(True, hello(1), None, NOW, urandom=seeded(1), identity=VICTIM_KEY)
+    b = Handshake(False, hello(2), None, NOW, urandom=seeded(2))
+    transfer(a, b)
+    transfer(b, a)
+    recorded = a.data_to_send()  # a's hello + proof
+    b2 = Handshake(
+        False, dataclasses.replace(hello(2), conn_id=12345), None, NOW, urandom=seeded(2)
+    )
+    b2.data_to_send()
+    with pytest.raises(IdentityNotProven):
+        b2.receive(header() + recorded, NOW)
+
+
+def test_malformed_proof_frame() -> None:
+    a, b = pair()
+    transfer(a, b)
+    transfer(b, a)
+    hello_frame, _proof = _parse_frames(a.data_to_send())
+    with pytest.raises(MalformedHandshake, match="malformed identity proof: 5 bytes"):
+        b.receive(hello_frame + frame(b"short"), NOW)

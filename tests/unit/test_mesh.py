@@ -111,11 +111,13 @@ class Harness:
         self.events: dict[int, list[MeshEvent]] = {}
         self.blocked: dict[int, set[int]] = {}
         self.sent: list[tuple[int, int, int, bytes]] = []
+        self.public_keys: dict[int, bytes] = {}  # id(core) -> the identity key it proves
         self._next = 1
 
     def core(self, i: int, uid: int | None = None) -> MeshCore:
         ident = PeerIdentity(PeerName(0x020000000000 + i), f"p{i}", uid or 1000 + i, i)
         c = MeshCore(ident, self.config, random.Random(i), self.now, key=key_of(i))
+        self.public_keys[id(c)] = key_of(i).public_key().public_bytes_raw()
         self.cores.append(c)
         self.events[id(c)] = []
         return c
@@ -126,8 +128,24 @@ class Harness:
         self.links[(id(a), ia)] = (b, ib)
         self.links[(id(b), ib)] = (a, ia)
         uid = conn_uid if conn_uid is not None else ia
-        a.connection_added(ia, b.identity, f"h{int(b.name) & 255}:6783", True, self.now, uid)
-        b.connection_added(ib, a.identity, f"h{int(a.name) & 255}:40000", False, self.now, uid)
+        a.connection_added(
+            ia,
+            b.identity,
+            f"h{int(b.name) & 255}:6783",
+            True,
+            self.now,
+            uid,
+            identity_key=self.public_keys[id(b)],
+        )
+        b.connection_added(
+            ib,
+            a.identity,
+            f"h{int(a.name) & 255}:40000",
+            False,
+            self.now,
+            uid,
+            identity_key=self.public_keys[id(a)],
+        )
         a.connection_established(ia, self.now)
         b.connection_established(ib, self.now)
         return ia, ib
@@ -262,6 +280,37 @@ def test_connection_to_self_and_name_collision_are_refused() -> None:
     a.handle_timer(1000.0)
     assert a.next_event() is None  # never dials itself again
     assert a.status()["targets"][0]["last_error"] == "connection to self"
+
+
+def test_a_neighbours_name_is_bound_to_the_key_its_handshake_proved() -> None:
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    h.link(a, b)  # no gossip delivered yet
+    assert a.topology.binding(b.name) == h.public_keys[id(b)]
+
+
+def test_another_key_under_a_connected_peers_name_cannot_displace_it() -> None:
+    """A password holder connecting under b's name (a new uid, as a restart would have) took
+    b's place at a before protocol v3: admission let a newer incarnation replace the old
+    connection. Now the handshake proves the connecting side's key, and a's binding of b's name
+    to b's key refuses it; b's connection stays."""
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    ia, _ = h.link(a, b)
+    h.run(1.0)
+    impostor = PeerIdentity(b.name, "p2", b.identity.uid + 1, b.identity.short_id)
+    stranger_key = key_of(66).public_key().public_bytes_raw()
+    verdict = a.admission(impostor, 5, stranger_key)
+    assert not verdict.accept and verdict.reason.startswith("identity key mismatch")
+    assert not a.connection_added(77, impostor, "10.6.6.6:40000", False, h.now, 5, stranger_key)
+    h.deliver()
+    rejected = [e for e in h.events[id(a)] if isinstance(e, ConnectionRejected)]
+    assert [e.conn_id for e in rejected] == [77]
+    assert "identity key mismatch" in rejected[0].reason
+    assert a.connected_peers() == {b.name: ia}
+    # b itself, restarted (same key, new uid), still replaces its old connection
+    restarted = PeerIdentity(b.name, "p2", b.identity.uid + 2, b.identity.short_id)
+    assert a.admission(restarted, 5, h.public_keys[id(b)]).replaces == ia
 
 
 def test_dial_failure_backs_off_then_retries() -> None:

@@ -13,13 +13,16 @@ Wire exchange, the same on both sides (nothing waits for the other side's role):
     hello   = uint32 BE length || msgpack map                           after the peer's header
     pake    = uint32 BE length || SPAKE2 message (33 bytes)             after the peer's hello
               (encrypted only)
-    confirm = uint32 BE length || ChaCha20-Poly1305(b"weft confirm v2") after the peer's pake
-              (encrypted only; the first frame of the control codec, counter 0)
+    confirm = uint32 BE length || ChaCha20-Poly1305(b"weft confirm v3" || proof)
+              after the peer's pake (encrypted only; the control codec's first frame, counter 0)
+    proof   = uint32 BE length || proof (64 bytes)                      after the peer's hello
+              (plaintext only)
 
 States (everything that moves the machine is in this table; ``receive`` loops over it)::
 
     AWAIT_HEADER  --peer header, versions overlap-->       AWAIT_HELLO   (queue our hello)
-    AWAIT_HELLO   --peer hello, both plaintext-->          DONE
+    AWAIT_HELLO   --peer hello, both plaintext-->          AWAIT_PROOF   (queue our proof)
+    AWAIT_PROOF   --peer proof verifies-->                 DONE
     AWAIT_HELLO   --peer hello, both encrypted-->          AWAIT_PAKE    (queue our pake)
     AWAIT_PAKE    --peer pake valid-->                     AWAIT_CONFIRM (queue our confirm)
     AWAIT_CONFIRM --peer confirm opens-->                  DONE
@@ -46,6 +49,16 @@ whether it is settled; both sides pick the same one with
 :func:`~weft.gossip.crypto.choose_salt`, and the hellos are in the transcript, so a tampered salt
 fails the confirm. :attr:`HandshakeResult.salt` is the salt used; the router settles on it.
 
+Identity (protocol v3; v2 let anyone who knew the password connect under another peer's name
+and displace its connections): every hello carries its router's Ed25519 identity key (the key
+that signs its topology records, :mod:`weft.gossip.topology`), and each side proves it holds the
+private half by signing the transcript so far — the *proof*, ``Ed25519(b"weft identity proof
+v3" || role || SHA-256(transcript))`` with role ``A`` (outbound) or ``B`` (inbound). The
+transcript holds the verifier's own random ``conn_id``, so a proof cannot be replayed into
+another connection, and the role byte stops a proof being reflected. :attr:`Hello.identity_key`
+of the remote hello is proven once :attr:`done`; the mesh then checks it against the key bound
+to that name (:meth:`~weft.gossip.mesh.MeshCore.admission`).
+
 Keys: session secret = HKDF-SHA256(X25519(ephemerals) || SPAKE2 key, info=SHA-256(transcript));
 the transcript is outbound header || inbound header || outbound hello frame || inbound hello
 frame || outbound pake frame || inbound pake frame, exactly as sent. Per-direction control and
@@ -55,6 +68,7 @@ data keys by label (:func:`~weft.gossip.crypto.derive_session_keys`).
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -63,6 +77,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from spake2 import SPAKE2_A, SPAKE2_B
@@ -96,6 +112,7 @@ __all__ = [
     "HandshakeState",
     "HandshakeTimeout",
     "Hello",
+    "IdentityNotProven",
     "MalformedHandshake",
     "MalformedHello",
     "NotAWeftPeer",
@@ -108,12 +125,16 @@ __all__ = [
 
 MAGIC: Final = b"weft"
 HEADER_SIZE: Final = len(MAGIC) + 2
-# The range this build speaks. v2: SPAKE2 and the mesh salt (v1 peers are refused by version).
-PROTOCOL_VERSIONS: Final = (2, 2)
+# The range this build speaks. v2: SPAKE2 and the mesh salt; v3: identity keys proven in the
+# handshake (older peers are refused by version).
+PROTOCOL_VERSIONS: Final = (3, 3)
 HANDSHAKE_TIMEOUT: Final = 10.0  # seconds, as Weave
 MAX_HELLO: Final = 4096  # bytes of msgpack; a real hello is ~200 bytes plus features
-CONFIRM_MESSAGE: Final = b"weft confirm v2"
-_CONFIRM_FRAME_SIZE: Final = LENGTH_SIZE + len(CONFIRM_MESSAGE) + TAG_SIZE
+CONFIRM_MESSAGE: Final = b"weft confirm v3"
+IDENTITY_KEY_SIZE: Final = 32  # Ed25519 public key
+PROOF_SIZE: Final = 64  # Ed25519 signature
+_PROOF_CONTEXT: Final = b"weft identity proof v3"
+_CONFIRM_FRAME_SIZE: Final = LENGTH_SIZE + len(CONFIRM_MESSAGE) + PROOF_SIZE + TAG_SIZE
 PAKE_MESSAGE_SIZE: Final = 33  # spake2: side byte + Ed25519 element
 _PAKE_ID_A: Final = b"weft v2 outbound"
 _PAKE_ID_B: Final = b"weft v2 inbound"
@@ -172,6 +193,12 @@ class WrongPassword(HandshakeError):
     """The peer's confirm did not open: its password differs from ours."""
 
     reason = "wrong_password"
+
+
+class IdentityNotProven(HandshakeError):
+    """The peer's proof did not verify under the identity key its hello carries."""
+
+    reason = "identity_not_proven"
 
 
 class SaltBusy(HandshakeError):
@@ -233,8 +260,8 @@ def _uint_problem(name: str, value: object, limit: int) -> str | None:
 
 @dataclass(frozen=True)
 class Hello:
-    """What a side says about itself. ``encrypted``, ``ephemeral``, ``salt`` and
-    ``salt_settled`` are filled in by the handshake.
+    """What a side says about itself. ``encrypted``, ``ephemeral``, ``salt``,
+    ``salt_settled`` and ``identity_key`` are filled in by the handshake.
 
     ``features`` holds overlay capabilities (sleeve UDP port, GSO support, data cipher, ...):
     at most 32 entries, string keys, values None/bool/int/float/str/bytes (strings and bytes up to
@@ -251,6 +278,7 @@ class Hello:
     ephemeral: bytes | None = None  # X25519 public key (32 bytes) when encrypted
     salt: bytes | None = None  # the sender's mesh salt (16 bytes) when encrypted
     salt_settled: bool = False  # its router has authenticated a peer under that salt
+    identity_key: bytes | None = None  # Ed25519 public key (32 bytes); proven once done
 
     def __post_init__(self) -> None:
         problem = _hello_problem(self)
@@ -312,6 +340,10 @@ def _hello_problem(hello: Hello) -> str | None:
         return "encrypted must be a boolean"
     if not isinstance(hello.salt_settled, bool):
         return "salt_settled must be a boolean"
+    if hello.identity_key is not None and (
+        not isinstance(hello.identity_key, bytes) or len(hello.identity_key) != IDENTITY_KEY_SIZE
+    ):
+        return f"identity key must be {IDENTITY_KEY_SIZE} bytes"
     if hello.encrypted:
         if not isinstance(hello.ephemeral, bytes) or len(hello.ephemeral) != KEY_SIZE:
             return f"ephemeral key must be {KEY_SIZE} bytes when encrypted"
@@ -338,13 +370,23 @@ def encode_hello(hello: Hello) -> bytes:
             "ephemeral": hello.ephemeral,
             "salt": hello.salt,
             "salt_settled": hello.salt_settled,
+            "identity_key": hello.identity_key,
         },
         use_bin_type=True,
     )
     return body
 
 
-_HELLO_KEYS: Final = ("name", "nickname", "uid", "conn_id", "short_id", "features", "encrypted")
+_HELLO_KEYS: Final = (
+    "name",
+    "nickname",
+    "uid",
+    "conn_id",
+    "short_id",
+    "features",
+    "encrypted",
+    "identity_key",
+)
 
 
 def decode_hello(body: bytes) -> Hello:
@@ -371,6 +413,8 @@ def decode_hello(body: bytes) -> Hello:
     features = raw["features"]
     if not isinstance(features, dict):
         raise MalformedHello("malformed hello: features must be a map")
+    if raw["identity_key"] is None:
+        raise MalformedHello("malformed hello: no identity key")
     try:
         return Hello(
             name=PeerName(name),
@@ -383,6 +427,7 @@ def decode_hello(body: bytes) -> Hello:
             ephemeral=raw.get("ephemeral"),
             salt=raw.get("salt"),
             salt_settled=raw.get("salt_settled", False),
+            identity_key=raw["identity_key"],
         )
     except LocalError as err:
         reason = str(err).removeprefix("invalid hello: ")
@@ -395,6 +440,7 @@ def decode_hello(body: bytes) -> Hello:
 class HandshakeState(enum.Enum):
     AWAIT_HEADER = "waiting for the peer's header"
     AWAIT_HELLO = "waiting for the peer's hello"
+    AWAIT_PROOF = "waiting for the peer's identity proof"
     AWAIT_PAKE = "waiting for the peer's PAKE message"
     AWAIT_CONFIRM = "waiting for the peer's confirm"
     DONE = "done"
@@ -437,10 +483,13 @@ class HandshakeResult:
 class Handshake:
     """One side of the handshake of one control connection.
 
-    ``outbound``: we dialled. ``hello``: ours (``encrypted``, ``ephemeral`` and the salt fields
-    are overwritten). ``password``: the router's :class:`~weft.gossip.crypto.PasswordKeys`, or
-    None for plaintext. ``versions``: (min, max) protocol versions we speak, 1..255. ``urandom``
-    supplies the ephemeral key's 32 bytes and the SPAKE2 scalar (injected for reproducible tests).
+    ``outbound``: we dialled. ``hello``: ours (``encrypted``, ``ephemeral``, the salt fields
+    and ``identity_key`` are overwritten). ``password``: the router's
+    :class:`~weft.gossip.crypto.PasswordKeys`, or None for plaintext. ``versions``: (min, max)
+    protocol versions we speak, 1..255. ``identity``: the router's Ed25519 identity key, which the
+    handshake proves to the peer; None makes a throwaway one from ``urandom`` (tests, benchmarks:
+    a router always passes its own). ``urandom`` supplies the ephemeral key's 32 bytes and the
+    SPAKE2 scalar (injected for reproducible tests).
 
     Our header is queued at construction: call :meth:`data_to_send` right away.
     """
@@ -454,6 +503,7 @@ class Handshake:
         versions: tuple[int, int] = PROTOCOL_VERSIONS,
         timeout: float = HANDSHAKE_TIMEOUT,
         urandom: Callable[[int], bytes] = os.urandom,
+        identity: Ed25519PrivateKey | None = None,
     ) -> None:
         low, high = versions
         if not 1 <= low <= high <= 255:
@@ -471,6 +521,11 @@ class Handshake:
         self._shared: bytes | None = None  # X25519 result, once the peer's hello is in
         self._spake: Any = None  # SPAKE2_A / SPAKE2_B (the package is untyped)
         self._salt: bytes | None = None  # the salt this connection uses
+        if identity is None:
+            identity = Ed25519PrivateKey.from_private_bytes(urandom(32))
+        self._identity: Ed25519PrivateKey | None = identity
+        identity_key = identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        hello = replace(hello, identity_key=identity_key)
         if password is not None:
             self._private = X25519PrivateKey.from_private_bytes(urandom(KEY_SIZE))
             public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -575,6 +630,7 @@ class Handshake:
         self._buf.clear()
         self._private = None
         self._spake = None
+        self._identity = None
         raise err
 
     def _advance(self) -> None:
@@ -585,6 +641,9 @@ class Handshake:
                     return
             elif state is HandshakeState.AWAIT_HELLO:
                 if not self._on_hello():
+                    return
+            elif state is HandshakeState.AWAIT_PROOF:
+                if not self._on_proof():
                     return
             elif state is HandshakeState.AWAIT_PAKE:
                 if not self._on_pake():
@@ -645,8 +704,10 @@ class Handshake:
                 raise EncryptionMismatch("encryption mismatch: peer has no password (we have one)")
             raise EncryptionMismatch("encryption mismatch: peer has a password (we have none)")
         if not ours:
-            self._finish(FrameCodec(), None, None)
-            return False
+            proof = self._prove()
+            self._out += len(proof).to_bytes(LENGTH_SIZE, "big") + proof
+            self.state = HandshakeState.AWAIT_PROOF
+            return True
         assert self._private is not None and self._password is not None
         assert remote.ephemeral is not None and remote.salt is not None
         if remote.ephemeral == self.local_hello.ephemeral:
@@ -698,32 +759,14 @@ class Handshake:
             ) from None
         self._spake = None
         self._peer_pake_frame = frame
-        if self.outbound:
-            transcript = (
-                self._header
-                + self._peer_header
-                + self._hello_frame
-                + self._peer_hello_frame
-                + self._pake_frame
-                + self._peer_pake_frame
-            )
-        else:
-            transcript = (
-                self._peer_header
-                + self._header
-                + self._peer_hello_frame
-                + self._hello_frame
-                + self._peer_pake_frame
-                + self._pake_frame
-            )
         assert self._shared is not None
-        keys = derive_session_keys(self._shared, pake_key, transcript, self.outbound)
+        keys = derive_session_keys(self._shared, pake_key, self._transcript(), self.outbound)
         self._shared = None
         self._data_keys = (keys.data_send, keys.data_recv)
         # The confirm is the codec's first frame each way (counter 0), so the session continues
         # the same nonce sequence and a confirm can never be replayed as a session frame.
         self._codec = FrameCodec(keys.control_send, keys.control_recv)
-        self._out += self._codec.encode(CONFIRM_MESSAGE)
+        self._out += self._codec.encode(CONFIRM_MESSAGE + self._prove())
         self.state = HandshakeState.AWAIT_CONFIRM
         return True
 
@@ -750,12 +793,62 @@ class Handshake:
                 "wrong password: the peer's confirm did not authenticate"
                 " (its password differs from ours)"
             ) from None
-        if message != CONFIRM_MESSAGE:
+        if message[: len(CONFIRM_MESSAGE)] != CONFIRM_MESSAGE:
             raise MalformedHandshake("malformed confirm: unexpected content")
+        self._check_proof(message[len(CONFIRM_MESSAGE) :])
         assert self._data_keys is not None
         send, recv = self._data_keys
         self._finish(codec, send, recv)
         return False
+
+    def _on_proof(self) -> bool:
+        buf = self._buf
+        if len(buf) < LENGTH_SIZE:
+            return False
+        length = int.from_bytes(buf[:LENGTH_SIZE], "big")
+        if length != PROOF_SIZE:
+            raise MalformedHandshake(
+                f"malformed identity proof: {length} bytes (expected {PROOF_SIZE})"
+            )
+        end = LENGTH_SIZE + PROOF_SIZE
+        if len(buf) < end:
+            return False
+        proof = bytes(buf[LENGTH_SIZE:end])
+        del buf[:end]
+        self._check_proof(proof)
+        self._finish(FrameCodec(), None, None)
+        return False
+
+    def _transcript(self) -> bytes:
+        """Every handshake byte so far, the outbound side's first in each pair, as sent."""
+        pairs = (
+            (self._header, self._peer_header),
+            (self._hello_frame, self._peer_hello_frame),
+            (self._pake_frame, self._peer_pake_frame),
+        )
+        return b"".join(a + b if self.outbound else b + a for a, b in pairs)
+
+    def _proof_message(self, outbound_signer: bool) -> bytes:
+        role = b"A" if outbound_signer else b"B"
+        return _PROOF_CONTEXT + role + hashlib.sha256(self._transcript()).digest()
+
+    def _prove(self) -> bytes:
+        assert self._identity is not None
+        proof = self._identity.sign(self._proof_message(self.outbound))
+        self._identity = None
+        return proof
+
+    def _check_proof(self, proof: bytes) -> None:
+        remote = self.remote_hello
+        assert remote is not None and remote.identity_key is not None
+        try:
+            key = Ed25519PublicKey.from_public_bytes(remote.identity_key)
+            key.verify(proof, self._proof_message(not self.outbound))
+        except (InvalidSignature, ValueError):
+            raise IdentityNotProven(
+                f"identity not proven: the proof of peer {remote.name} ({remote.nickname:.64})"
+                " does not verify under the identity key its hello carries"
+            ) from None
 
     def _finish(self, codec: FrameCodec, data_send: bytes | None, data_recv: bytes | None) -> None:
         assert self.version is not None and self.remote_hello is not None

@@ -445,11 +445,16 @@ class MeshCore:
     def short_id(self) -> int:
         return self._topology.short_id
 
-    def admission(self, remote: PeerIdentity, conn_uid: int) -> Admission:
+    def admission(
+        self, remote: PeerIdentity, conn_uid: int, identity_key: bytes | None = None
+    ) -> Admission:
         """Would a new connection to ``remote`` be kept? (Weave's rules; pure query.)
 
         Connection to self (our name and uid) and a name collision (our name, another uid) are
-        refused. A second connection to a connected peer: the lower ``conn_uid`` (local conn id
+        refused. ``identity_key``: the key the handshake proved the peer holds (None only in
+        in-memory tests); a name bound to another key (:meth:`Topology.binding`) is refused, so
+        nobody can take over a peer's name, or displace its connection, without its private key.
+        A second connection to a connected peer: the lower ``conn_uid`` (local conn id
         xor remote conn id, the same on both ends) wins; a connection to a newer incarnation
         (different uid) always replaces the old one.
         """
@@ -459,6 +464,17 @@ class MeshCore:
             return Admission(
                 False, reason=f"peer name collision: another peer is also called {self.name}"
             )
+        if identity_key is not None:
+            bound = self._topology.binding(remote.name)
+            if bound is not None and bound != identity_key:
+                return Admission(
+                    False,
+                    reason=(
+                        f"identity key mismatch: {remote.name} is bound to key"
+                        f" {bound[:8].hex()}…, the peer proved {identity_key[:8].hex()}…"
+                        " (another peer using that name, or its identity.key was replaced)"
+                    ),
+                )
         old_id = self._by_name.get(remote.name)
         if old_id is None:
             return Admission(True)
@@ -475,17 +491,26 @@ class MeshCore:
         outbound: bool,
         now: float,
         conn_uid: int | None = None,
+        identity_key: bytes | None = None,
     ) -> bool:
         """A control connection finished its handshake. Returns False if it was rejected
         (a ``ConnectionRejected`` event is queued for it, and for a connection it replaced).
 
         ``address``: for outbound connections the address we dialed (the target's), for inbound
         ones the remote's ``host:port`` as seen. ``conn_uid`` defaults to ``conn_id``.
+        ``identity_key``: the key the handshake proved (see :meth:`admission`); an unbound name
+        is bound to it here, so a neighbour's name is bound from the handshake, not from gossip.
         """
         if conn_id in self._conns:
             raise LocalError(f"connection {conn_id} added twice")
         uid = conn_id if conn_uid is None else conn_uid
-        verdict = self.admission(remote, uid)
+        verdict = self.admission(remote, uid, identity_key)
+        if (
+            verdict.accept
+            and identity_key is not None
+            and not self._topology.bind(remote.name, identity_key)
+        ):
+            verdict = Admission(False, reason="too many peer names bound to keys")
         if not verdict.accept:
             if outbound:
                 if verdict.reason == "connection to self":
@@ -964,9 +989,7 @@ class MeshCore:
         if result.refused:
             self.stats.records_refused += len(result.refused)
             name, why = result.refused[0]
-            self._events.append(
-                RecordsRefused(source.remote.name, len(result.refused), why, name)
-            )
+            self._events.append(RecordsRefused(source.remote.name, len(result.refused), why, name))
         if not result.changed:
             return
         self.stats.records_new += len(result.new)

@@ -529,7 +529,12 @@ class Topology:
         return None
 
     def _bind(self, rec: PeerRecord) -> bool:
-        if rec.name in self._bindings:
+        return self.bind(rec.name, rec.public_key)
+
+    def bind(self, name: PeerName, public_key: bytes) -> bool:
+        """Bind ``name`` to ``public_key`` unless it is bound already (to any key: check
+        :meth:`binding` first). False: the table is full of names with records held."""
+        if name in self._bindings:
             return True
         if len(self._bindings) >= _MAX_BINDINGS:
             # forget bindings of names we hold no record for (peers gone), oldest first
@@ -537,7 +542,7 @@ class Topology:
                 del self._bindings[n]
             if len(self._bindings) >= _MAX_BINDINGS:
                 return False
-        self._bindings[rec.name] = rec.public_key
+        self._bindings[name] = public_key
         return True
 
     def binding(self, name: PeerName) -> bytes | None:

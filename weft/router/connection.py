@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from weft.errors import LocalError, RemoteProtocolError
 from weft.gossip.crypto import PasswordKeys
 from weft.gossip.handshake import (
@@ -93,6 +95,11 @@ class ConnectionHost(Protocol):
 
     def hello_for(self, conn: Connection) -> tuple[Hello, PasswordKeys | None]:
         """Our hello for this connection and the mesh password's keys (None: plaintext)."""
+        ...
+
+    @property
+    def identity_key(self) -> Ed25519PrivateKey:
+        """The router's identity key, which the handshake proves to the peer."""
         ...
 
     def handshake_completed(self, conn: Connection) -> None:
@@ -318,7 +325,14 @@ class Connection:
     async def _handshake(self) -> None:
         loop = asyncio.get_running_loop()
         hello, password = self.host.hello_for(self)
-        hs = Handshake(self.outbound, hello, password, loop.time(), timeout=self.handshake_timeout)
+        hs = Handshake(
+            self.outbound,
+            hello,
+            password,
+            loop.time(),
+            timeout=self.handshake_timeout,
+            identity=self.host.identity_key,
+        )
         self.writer.write(hs.data_to_send())
         try:
             while not hs.done:

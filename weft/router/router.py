@@ -887,7 +887,7 @@ class Router:
             conn.heartbeat_interval = min(conn.heartbeat_interval, peer_timeout / 3)
         # MeshCore decides (self, name collision, duplicate tie-break, restarted peer); asking
         # first gives us the reason, connection_added then applies the same verdict.
-        verdict = self.mesh.admission(remote.identity, conn.uid)
+        verdict = self.mesh.admission(remote.identity, conn.uid, remote.identity_key)
         now = self.now()
         added = self.mesh.connection_added(
             conn.local_id,
@@ -896,6 +896,7 @@ class Router:
             conn.outbound,
             now,
             conn_uid=conn.uid,
+            identity_key=remote.identity_key,
         )
         if not added:
             conn.mesh_told = True  # the core answered the dial itself (dial_failed / self)
@@ -911,6 +912,8 @@ class Router:
                 )
             if reason.startswith("peer name collision"):
                 raise ConnectionRefused(f"{reason} (at {conn.address})", label="name_collision")
+            if reason.startswith("identity key mismatch"):
+                raise ConnectionRefused(f"{reason} (at {conn.address})", label="identity_mismatch")
             raise ConnectionRefused(reason)
         conn.state = "pending"
         conn.accepted = True
