@@ -27,6 +27,7 @@ from weft.gossip.topology import (
     decode_record,
     make_record,
     merge_records,
+    peek_record,
 )
 
 NAMES = [PeerName(0x020000000000 + i) for i in range(6)]
@@ -244,6 +245,43 @@ def test_decode_record_wrong_shapes_rejected(obj: object) -> None:
         return
     with contextlib.suppress(RemoteProtocolError):
         decode_record(blob)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "cut", "insert"]),
+            st.integers(0, 400),
+            st.binary(min_size=1, max_size=8),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_mutated_signed_records_only_raise_remote_protocol_error(
+    edits: list[tuple[str, int, bytes]],
+) -> None:
+    """A real v2 record (signed header: format, name, uid, version, key; signature; body) with
+    bytes flipped, cut or inserted: the header peek and the full decoder either give the
+    original's fields or raise RemoteProtocolError, nothing else."""
+    original = rec(2, version=4, uid=9, conns=(1, 3))
+    blob = bytearray(original.blob)
+    for op, at, data in edits:
+        at %= len(blob) + 1
+        if op == "flip" and at < len(blob):
+            blob[at] ^= data[0]
+        elif op == "cut":
+            del blob[at:]
+        else:
+            blob[at:at] = data
+    with contextlib.suppress(RemoteProtocolError):
+        peek_record(bytes(blob))
+    try:
+        decoded = decode_record(bytes(blob))
+    except RemoteProtocolError:
+        return
+    assert decoded == original  # only an unchanged blob decodes
 
 
 @pytest.mark.parametrize(

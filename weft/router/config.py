@@ -331,7 +331,8 @@ def load_or_create_name(data_dir: Path, wanted: PeerName | None, rng: random.Ran
 def load_or_create_identity_key(data_dir: Path) -> Ed25519PrivateKey:
     """Our persisted identity key (signs our topology record; peers bind our name to it on
     first sight); the first start makes one, written 0600. Losing it means coming back under a
-    new peer name (docs/security-notes/sec-ident.md). Raises ConfigError on an unusable file."""
+    new peer name (docs/SECURITY.md, "Forged and out-of-range topology records"). Raises
+    ConfigError on an unusable file."""
     path = data_dir / IDENTITY_KEY_FILE
     try:
         raw = path.read_bytes()
