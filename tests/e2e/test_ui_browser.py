@@ -398,3 +398,92 @@ async def test_live_mesh_from_env(page: Any) -> None:
         assert all(e["encrypted"] == (encrypted == "1") for e in own), own
     await screenshot(page, "ui-live.png")
     assert page.problems.errors == []
+
+
+async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> None:
+    """Issue #17 item 4: failed edges, redial rows, peer counts, reporters, held links, columns."""
+    status = json.loads(json.dumps(server.get_status()))
+    a, b, c = (peer_name(i) for i in (1, 2, 3))
+    router = status["router"]
+    router["software"] = "9.8.7"
+    long_reason = "encrypted: kernel ESP refused by the peer, using sleeve"
+    router["connections"][0]["info"] = long_reason
+    # A redial row next to the live connection to b, and a dial to an address with no peer yet.
+    router["connections"].append(
+        {"peer": b, "nickname": "host-0002", "address": "192.168.0.2:6783", "outbound": True,
+         "state": "retrying", "info": "connection refused", "encrypted": False,
+         "datapath": None, "mtu": None, "since": 3.0})
+    router["connections"].append(
+        {"peer": None, "nickname": None, "address": "10.9.9.9:6783", "outbound": True,
+         "state": "failed", "info": "connection refused", "encrypted": False,
+         "datapath": None, "mtu": None, "since": 3.0})
+    server.set_status(status)
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    # Two peers, both connected: dial rows are not peers.
+    assert "2/2 connected peers" in await page.inner_text("#summary")
+
+    # The link b - c is reported by both records: the details say so.
+    snap = await graph_snapshot(page)
+    bc = edge_between(snap, b, c)
+    assert bc["label"] == "encrypted", bc  # its datapath is not reported: not named
+    await page.evaluate("(id) => window.weftGraph.select(id)", bc["id"])
+    details = await page.inner_text("#details")
+    assert "not reported" in details and "neither" not in details
+    assert "host-0002: outbound" in details and "host-0003: inbound" in details
+
+    # Connections table: the dial row has no handshake yet, the Reason is not cut.
+    await page.click("#tabs button[data-view=connections]")
+    await wait_for(page, "() => window.weftGraph.tableRows === 4")
+    await page.fill("#table-search", "10.9.9.9")
+    await wait_for(page, "() => window.weftGraph.tableRows === 1")
+    assert "no handshake yet" in await page.inner_text("#table-body")
+    assert "plain" not in await page.inner_text("#table-body")
+    await page.fill("#table-search", "kernel ESP")
+    await wait_for(page, "() => document.getElementById('table-body').textContent"
+                         ".includes('kernel ESP') && window.weftGraph.tableRows === 1")
+    cut = await page.evaluate(
+        """() => { const td = [...document.querySelectorAll('#table-body tr.row td')].pop();
+             return [td.textContent, td.scrollWidth > td.clientWidth]; }""")
+    assert cut == [long_reason, False], cut
+    await screenshot(page, "ui-connections-reason.png")
+
+    # Peers table: the record version is called that; the software version is shown.
+    await page.fill("#table-search", "")
+    await page.click("#tabs button[data-view=peers]")
+    await wait_for(page, "() => window.weftGraph.tableRows === 3")
+    head = await page.inner_text("#table-head")
+    assert "Record version" in head and "Software" in head
+    await page.fill("#table-search", "host-0001")
+    await wait_for(page, "() => window.weftGraph.tableRows === 1")
+    assert "9.8.7" in await page.inner_text("#table-body")
+    await page.click("#tabs button[data-view=graph]")
+
+    # The local connection to c fails: the edge says "failed", not "none · encrypted · failed".
+    failed = cut_off(server.get_status(), 2)
+    for conn in failed["router"]["connections"]:
+        if conn["peer"] == c:
+            conn.update(datapath=None, encrypted=False, mtu=None)
+    for rec in failed["router"]["peers"]:
+        if rec["name"] == c:
+            rec["connections"] = []
+    server.set_status(failed)
+    await wait_for(
+        page,
+        """(c) => window.weftGraph.snapshot().edges.some(
+              e => (e.source === c || e.target === c) && e.state === 'failed')""",
+        c,
+    )
+    snap = await graph_snapshot(page)
+    ac = edge_between(snap, a, c)
+    assert ac["label"] == "failed", ac
+    # b - c vanished from both records: held (faint) a moment, then gone, not flipped back.
+    held = edge_between(snap, b, c)
+    assert "held" in held["classes"], held
+    await page.evaluate("(id) => window.weftGraph.select(id)", held["id"])
+    details = await page.inner_text("#details")
+    assert "no longer reported" in details
+    await wait_for_graph(page, 3, 2)
+    await page.evaluate("(id) => window.weftGraph.select(id)", held["id"])
+    assert "This connection is gone" in await page.inner_text("#details")
+    assert page.problems.errors == []

@@ -22,6 +22,7 @@
   var RECONNECT_MIN_MS = 500, RECONNECT_MAX_MS = 10000;
   var PING_EVERY_MS = 25000, SILENCE_LIMIT_MS = 65000;
   var ROW_HEIGHT = 24, ROW_OVERSCAN = 20;
+  var HOLD_MS = 5000;              // a dropped peer or link fades this long before it goes
 
   var PENDING_STATES = { pending: 1, connecting: 1, retrying: 1 };
   var STATE_RANK = { established: 5, pending: 4, connecting: 3, retrying: 2, failed: 1 };
@@ -46,6 +47,8 @@
   var app = {
     model: null, selected: null, view: 'graph', cy: null, cyBig: null,
     nodeIds: '', sortKey: null, sortDir: 1, rows: [], filtered: [], rowHeight: 0,
+    holdIncarnation: null, seenPeers: new Map(), seenEdges: new Map(), reportedBy: new Map(),
+    holdTimer: null, lastStatus: null,
   };
 
   // ---------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@
     function addPeer(name, nickname) {
       var p = peers.get(name);
       if (!p) {
-        p = { name: name, nickname: nickname || '', uid: '', version: '', shortId: '',
+        p = { name: name, nickname: nickname || '', uid: '', version: '', shortId: '', software: '',
               reported: [], known: false, component: -1, reachable: true };
         peers.set(name, p);
       } else if (!p.nickname && nickname) {
@@ -111,6 +114,7 @@
       p.known = true;
       p.nickname = str(rp.nickname) || p.nickname;
       p.uid = str(rp.uid); p.version = str(rp.version); p.shortId = str(rp.short_id);
+      p.software = str(rp.software);
       p.reported = arr(rp.connections).filter(isObj).map(function (c) {
         return { name: str(c.name), address: str(c.address), outbound: c.outbound === true,
                  established: c.established === true,
@@ -123,6 +127,7 @@
       if (!lp.known) {
         lp.known = true; lp.uid = str(router.uid); lp.version = str(router.version);
       }
+      lp.software = str(router.software) || lp.software;
     }
 
     // Edges: one per unordered pair, from both records plus our own connection list.
@@ -208,6 +213,7 @@
         e.state = l.state === 'established' ? 'established'
           : l.state === 'failed' ? 'failed' : PENDING_STATES[l.state] ? 'pending' : l.state;
         e.datapath = l.datapath; e.encrypted = l.encrypted; e.mtu = l.mtu;
+        e.controlEncrypted = l.controlEncrypted;
         e.address = l.address; e.info = l.info; e.outbound = l.outbound; e.since = l.since;
         e.encryptionDetail = l.controlEncrypted
           ? (l.dataEncrypted === false ? 'control only; data plane NOT encrypted'
@@ -260,9 +266,21 @@
     if (!p.nickname) return p.name;
     return small ? p.nickname + '\n' + p.name : p.nickname;
   }
+  // Only what is known: a failed or never-handshaken connection has no datapath and no
+  // encryption to speak of, and a datapath nobody reported is not named.
   function edgeLabel(e) {
-    return e.datapath + (e.encrypted ? ' · encrypted' : ' · plain') +
-      (e.state !== 'established' ? ' · ' + e.state : '');
+    if (e.held) return 'no longer reported';
+    if (e.state === 'failed') return 'failed';
+    var parts = [];
+    if (e.datapath && e.datapath !== 'none' && e.datapath !== 'unknown') parts.push(e.datapath);
+    if (e.state === 'established') parts.push(e.encrypted ? 'encrypted' : 'plain');
+    else parts.push(e.state);
+    return parts.join(' · ');
+  }
+  // Encryption as a word for tables and details: a row without a handshake has none yet.
+  function encryptionWord(state, encrypted) {
+    if (encrypted) return 'encrypted';
+    return state === 'established' || state === 'pending' ? 'plain' : 'no handshake yet';
   }
   function nodeClasses(p, m) {
     var c = ['peer'];
@@ -270,6 +288,7 @@
     if (!p.reachable) c.push('unreachable');
     if (p.component > 0) c.push('part' + (((p.component - 1) % 5) + 1));
     if (!p.known) c.push('unknown');
+    if (p.held) c.push('held');
     return c.join(' ');
   }
   function edgeClasses(e, small) {
@@ -280,7 +299,8 @@
     // datapath is known (our own connections) or that are not established.
     var labelled = small || dp !== 'unknown' || st !== 'established';
     return ['st-' + st, 'dp-' + dp, e.encrypted ? 'enc' : 'plain',
-            e.reachable ? '' : 'unreachable', labelled ? 'labelled' : ''].join(' ').replace(/ +/g, ' ').trim();
+            e.reachable ? '' : 'unreachable', labelled ? 'labelled' : '',
+            e.held ? 'held' : ''].join(' ').replace(/ +/g, ' ').trim();
   }
 
   // Big graphs: one selector per element kind, the look computed here into data fields. Matching
@@ -293,20 +313,20 @@
       : !p.known ? '#c7cbd1'
       : p.component > 0 ? PART_FILLS[(p.component - 1) % PART_FILLS.length]
       : '#5b8fd1';
-    return { fill: fill, size: p.name === m.localName ? 14 : 8 };
+    return { fill: fill, size: p.name === m.localName ? 14 : 8, op: p.held ? 0.3 : 1 };
   }
   function bigEdgeLook(e) {
     var dp = DP_COLORS[e.datapath] ? e.datapath : e.datapath === 'fastdp' ? 'ovs' : 'unknown';
     return { color: e.state === 'failed' ? '#d0342c' : DP_COLORS[dp], width: e.encrypted ? 1.5 : 1,
              ls: e.state === 'failed' ? 'dotted' : e.state === 'established' ? 'solid' : 'dashed',
-             op: e.reachable ? 1 : 0.45 };
+             op: e.held ? 0.2 : e.reachable ? 1 : 0.45 };
   }
 
   function graphStyle(big) {
     if (big) {
       return [
         { selector: 'node', style: { 'label': '', 'width': 'data(size)', 'height': 'data(size)',
-          'background-color': 'data(fill)', 'border-width': 0 } },
+          'background-color': 'data(fill)', 'border-width': 0, 'opacity': 'data(op)' } },
         { selector: 'node.match', style: { 'border-color': '#e74c3c', 'border-width': 3 } },
         { selector: 'edge', style: { 'curve-style': 'haystack', 'line-color': 'data(color)',
           'width': 'data(width)', 'line-style': 'data(ls)', 'opacity': 'data(op)' } },
@@ -344,6 +364,7 @@
       { selector: 'edge.st-pending', style: { 'line-style': 'dashed' } },
       { selector: 'edge.st-failed', style: { 'line-style': 'dotted', 'line-color': '#d0342c' } },
       { selector: 'edge.unreachable', style: { 'opacity': 0.45 } },
+      { selector: '.held', style: { 'opacity': 0.25 } },
       { selector: ':selected', style: { 'overlay-color': '#2b6cb0', 'overlay-opacity': 0.25,
         'overlay-padding': 4 } },
     ];
@@ -502,12 +523,22 @@
   function renderSummary(m) {
     $('self-name').textContent = m.localName ? (m.nickname ? m.nickname + ' (' + m.localName + ')' : m.localName) : '';
     document.title = 'weft mesh' + (m.nickname ? ' — ' + m.nickname : '');
-    var est = 0, total = 0;
-    m.localConns.forEach(function (c) { total += 1; if (c.state === 'established') est += 1; });
+    // Peers, not rows: a peer can have a live row and a failed redial row at once, and dials to
+    // addresses whose peer is not known yet are no peer at all.
+    var ownPeers = new Map();
+    m.localConns.forEach(function (c) {
+      if (!c.peer || c.peer === m.localName) return;
+      ownPeers.set(c.peer, ownPeers.get(c.peer) || c.state === 'established');
+    });
+    var est = 0, total = ownPeers.size;
+    ownPeers.forEach(function (up) { if (up) est += 1; });
     var unreachable = 0;
     m.peers.forEach(function (p) { if (!p.reachable) unreachable += 1; });
-    $('summary').textContent = m.peers.size + ' peers · ' + m.edges.size + ' links · ' +
-      est + '/' + total + ' own connections established · ' +
+    var held = 0;
+    m.edges.forEach(function (e) { if (e.held) held += 1; });
+    $('summary').textContent = m.peers.size + ' peers · ' + (m.edges.size - held) + ' links' +
+      (held ? ' (+' + held + ' dropping)' : '') + ' · ' +
+      est + '/' + total + ' connected peers · ' +
       (m.meshEncrypted ? 'encrypted' : 'not encrypted');
     var banner = $('banner'), parts = m.components.length, msgs = [];
     if (parts > 1) msgs.push('Mesh partitioned into ' + parts + ' parts.');
@@ -558,7 +589,8 @@
     var isLocal = name === m.localName;
     box.appendChild(el('h2', p.nickname || name));
     box.appendChild(dl([
-      ['name', name], ['nickname', p.nickname], ['uid', p.uid], ['version', p.version],
+      ['name', name], ['nickname', p.nickname], ['uid', p.uid], ['record version', p.version],
+      ['software', p.software || (isLocal ? '' : 'not reported')],
       ['short id', p.shortId],
       ['status', isLocal ? 'this router' : p.reachable ? 'reachable' : 'UNREACHABLE'],
       ['partition', m.components.length > 1 ? String(p.component + 1) + ' of ' + m.components.length : ''],
@@ -606,7 +638,7 @@
         li.appendChild(document.createTextNode(' '));
         li.appendChild(stateSpan(c.state));
         li.appendChild(document.createTextNode(' ' + c.datapath +
-          (c.controlEncrypted ? ', encrypted' : ', plain') + (c.mtu ? ', MTU ' + c.mtu : '') +
+          ', ' + encryptionWord(c.state, c.controlEncrypted) + (c.mtu ? ', MTU ' + c.mtu : '') +
           (c.info ? ' — ' + c.info : '')));
         ol.appendChild(li);
       });
@@ -644,16 +676,25 @@
       ['between', peerLink(m, e.a)], ['and', peerLink(m, e.b)],
       ['state', stateSpan(e.state)], ['address', e.address],
       ['direction', e.outbound === null ? '' : e.outbound ? 'outbound from here' : 'inbound'],
-      ['datapath', e.datapath === 'unknown' ? 'unknown (only the two peers know it)' : e.datapath],
-      ['encryption', (e.encrypted ? 'encrypted' : 'plain') + (e.encryptionAssumed ? ' (mesh setting)'
+      ['datapath', e.datapath === 'unknown' ? 'not reported (only the two peers know it)'
+        : e.datapath === 'none' ? 'none (no data path set up)' : e.datapath],
+      ['encryption', e.state === 'failed' && !e.controlEncrypted ? 'no handshake yet'
+        : encryptionWord(e.state, e.encrypted) + (e.encryptionAssumed ? ' (mesh setting)'
         : e.encryptionDetail ? ' (' + e.encryptionDetail + ')' : '')],
+      ['held', e.held ? 'no longer reported; kept ' + Math.round(HOLD_MS / 1000) +
+        ' s before it is removed' : ''],
       ['for', e.since === null || e.since === undefined ? '' : Math.round(e.since) + ' s'],
       ['MTU', e.mtu === null ? '' : String(e.mtu)],
       ['reason', e.info],
     ]));
     var reps = [e.a, e.b].filter(function (n) { return e.reports[n]; });
     box.appendChild(el('h3', 'Reported by'));
-    if (!reps.length) box.appendChild(el('p', 'neither record yet', 'muted'));
+    if (!reps.length) {
+      var seen = app.reportedBy.get(edgeKey(e.a, e.b));
+      box.appendChild(el('p', seen ? 'neither record reports it now (last reported ' +
+        Math.max(0, Math.round((Date.now() - seen.at) / 1000)) + ' s ago by ' + seen.by + ')'
+        : 'neither peer\'s record reports it (only this router\'s own connection list)', 'muted'));
+    }
     else {
       var ul = el('ul');
       reps.forEach(function (n) {
@@ -706,7 +747,8 @@
     peers: [
       { key: 'nickname', title: 'Nickname' }, { key: 'name', title: 'Name' },
       { key: 'status', title: 'Status' }, { key: 'partition', title: 'Part', num: true },
-      { key: 'links', title: 'Links', num: true }, { key: 'version', title: 'Version', num: true },
+      { key: 'links', title: 'Links', num: true },
+      { key: 'version', title: 'Record version', num: true }, { key: 'software', title: 'Software' },
       { key: 'owned', title: 'Owned IPs', num: true }, { key: 'free', title: 'Free IPs', num: true },
     ],
     connections: [
@@ -725,6 +767,7 @@
         var r = { id: 'n:' + p.name, nickname: p.nickname, name: p.name,
           status: p.name === m.localName ? 'local' : p.reachable ? 'reachable' : 'unreachable',
           partition: p.component + 1, links: p.reported.length, version: Number(p.version) || 0,
+          software: p.software,
           owned: ip ? ip.owned : null, free: ip ? ip.free : null };
         rows.push(r);
       });
@@ -732,14 +775,16 @@
       m.edges.forEach(function (e) {
         var pa = m.peers.get(e.a), pb = m.peers.get(e.b);
         rows.push({ id: e.id, from: (pa.nickname || e.a), to: (pb.nickname || e.b), state: e.state,
-          datapath: e.datapath, encryption: e.encrypted ? 'encrypted' : 'plain', mtu: e.mtu,
-          address: e.address, info: e.info, _names: e.a + ' ' + e.b });
+          datapath: e.datapath === 'unknown' ? 'not reported' : e.datapath,
+          encryption: e.state === 'failed' && !e.controlEncrypted ? 'no handshake yet'
+            : encryptionWord(e.state, e.encrypted), mtu: e.mtu,
+          address: e.address, info: e.held ? 'no longer reported' : e.info, _names: e.a + ' ' + e.b });
       });
       // Our connections to addresses whose peer is not known (dialling, failed handshakes).
       m.localConns.forEach(function (c) {
         if (c.peer) return;
         rows.push({ id: 'c:' + c.address, from: m.nickname || m.localName, to: c.address, state: c.state,
-          datapath: c.datapath, encryption: c.controlEncrypted ? 'encrypted' : 'plain', mtu: c.mtu,
+          datapath: c.datapath, encryption: encryptionWord(c.state, c.controlEncrypted), mtu: c.mtu,
           address: c.address, info: c.info, _names: m.localName });
       });
     }
@@ -777,6 +822,7 @@
   function renderTableHead(view) {
     var head = $('table-head');
     head.textContent = '';
+    $('table').className = 'v-' + view;
     COLUMNS[view].forEach(function (c) {
       var th = el('th', c.title);
       th.dataset.key = c.key;
@@ -858,9 +904,55 @@
   // ---------------------------------------------------------------------------------------
   // Applying a status
 
-  function applyStatus(status) {
+  // A peer or link that vanishes from one status is held (drawn fading) for HOLD_MS before it
+  // is removed: while a host is being cut off, records come and go for a few seconds and the
+  // graph would otherwise flip between shapes. A new router incarnation starts afresh.
+  function holdDropped(m, incarnation) {
+    var now = Date.now();
+    if (incarnation !== app.holdIncarnation) {
+      app.holdIncarnation = incarnation;
+      app.seenPeers = new Map(); app.seenEdges = new Map(); app.reportedBy = new Map();
+    }
+    m.peers.forEach(function (p, name) { app.seenPeers.set(name, { at: now, p: p }); });
+    m.edges.forEach(function (e, k) {
+      app.seenEdges.set(k, { at: now, e: e });
+      var by = [e.a, e.b].filter(function (n) { return e.reports[n]; });
+      if (by.length) {
+        var pb = m.peers.get(by[0]);
+        app.reportedBy.set(k, { at: now, by: by.length === 2 ? 'both peers' : (pb.nickname || by[0]) });
+      }
+    });
+    var next = Infinity;
+    app.seenPeers.forEach(function (s, name) {
+      if (m.peers.has(name)) return;
+      if (now - s.at >= HOLD_MS) { app.seenPeers.delete(name); return; }
+      m.peers.set(name, Object.assign({}, s.p, { held: true }));
+      next = Math.min(next, s.at + HOLD_MS);
+    });
+    app.seenEdges.forEach(function (s, k) {
+      if (m.edges.has(k)) return;
+      if (now - s.at >= HOLD_MS || !m.peers.has(s.e.a) || !m.peers.has(s.e.b)) {
+        app.seenEdges.delete(k); return;
+      }
+      m.edges.set(k, Object.assign({}, s.e, { held: true }));
+      next = Math.min(next, s.at + HOLD_MS);
+    });
+    clearTimeout(app.holdTimer);
+    if (next < Infinity) {
+      app.holdTimer = setTimeout(function () {
+        try { applyStatus(app.lastStatus, app.holdIncarnation); } catch (err) {
+          hook.stats.errors += 1;
+          console.error('weft: cannot show this status:', err);
+        }
+      }, next - now + 20);
+    }
+  }
+
+  function applyStatus(status, incarnation) {
     var t0 = performance.now();
     var m = normalize(status);
+    app.lastStatus = status;
+    holdDropped(m, incarnation || '');
     app.model = m;
     syncGraph(m);
     renderSummary(m);
@@ -927,7 +1019,7 @@
     pendingMsg = null;
     if (msg === null) return;
     try {
-      applyStatus(msg.status);
+      applyStatus(msg.status, typeof msg.incarnation === 'string' ? msg.incarnation : '');
     } catch (err) {
       hook.stats.errors += 1;
       console.error('weft: cannot show this status:', err);
