@@ -42,7 +42,9 @@ class OverlayConnectionStatus:
     """What status, UI and metrics show about a connection's data path."""
 
     datapath: str  # "sleeve", "vxlan", "ovs" or "none"
-    state: str  # "pending", "established" or "failed"
+    # "pending", "established", "degraded" (it stopped carrying heartbeats: silent for 3 s)
+    # or "failed"
+    state: str
     mtu: int | None = None
     info: str = ""  # human reason, e.g. "heartbeats unanswered for 60s; using sleeve"
     encrypted: bool = False

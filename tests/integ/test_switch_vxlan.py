@@ -370,6 +370,47 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
     assert split > 0 and len(seqs) - split > 0, f"answered {seqs[:5]}..{seqs[-5:]}"
 
 
+def test_a_host_cut_off_on_udp_shows_degraded_while_its_control_connection_lives(
+    mesh: Mesh,
+) -> None:
+    """Issue #17 item 1: with every UDP datagram to h2 dropped (sleeve 6783 and VXLAN 6784) but
+    TCP untouched, h1's connection to h2 kept saying "established" until the control
+    connection's heartbeat timeout; that never comes here (TCP passes), so the row stayed
+    healthy for ever. Now the silent data path shows as "degraded" with the reason, the sleeve
+    keeps its MTU (silence is not a smaller path), and everything returns when UDP does."""
+    h1, h2, _ = mesh.hosts
+    mtu_before = connections(h1)["h2"]["mtu"]
+    table = "wfcut"
+    try:
+        h2.sh(
+            f"nft add table inet {table}"
+            f" && nft add chain inet {table} in '{{ type filter hook input priority 0; }}'"
+            f" && nft add rule inet {table} in meta l4proto udp drop"
+        )
+        wait_for(
+            lambda: connections(h1).get("h2", {}).get("state") == "degraded",
+            timeout=60,
+            what="h1 shows its connection to h2 degraded",
+        )
+        row = connections(h1)["h2"]
+        assert row["datapath"] == "sleeve" and "silent" in row["info"], row
+        assert row["data_state"] in ("degraded", "failed"), row
+        # the control connection lives (TCP passes); h2's own sends still arrive at h1 and are
+        # answered, so h2's side of the link is truthfully not silent
+        assert connections(h2)["h1"]["state"] == "established"
+        sleeve = api(h1, "/status")["overlay"]["links"][str(api(h2, "/status")["router"]["name"])]
+        assert sleeve["pmtu"] > 548, sleeve  # not lowered to the minimum by the silence
+    finally:
+        h2.sh(f"nft delete table inet {table}", check=False)
+    wait_for(
+        lambda: connections(h1).get("h2", {}).get("state") == "established"
+        and datapaths(h1).get("h2") == "vxlan",
+        timeout=60,
+        what="h1<->h2 established on vxlan again",
+    )
+    assert connections(h1)["h2"]["mtu"] == mtu_before
+
+
 def test_a_path_too_small_for_the_mtu_falls_back_and_returns(mesh: Mesh) -> None:
     """h3's underlay shrinks to 1400: full-size (1450) probes no longer cross, so h3's
     connections go to sleeve (which finds the smaller path MTU) and come back at 1500."""

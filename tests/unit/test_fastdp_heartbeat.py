@@ -123,15 +123,46 @@ def test_healthy_path_that_stops_answering_moves_to_unhealthy_and_back() -> None
     probes += run_until(hb, 15.0, 15.1)
     assert state(hb) is HeartbeatState.UNHEALTHY
     [ev] = events(hb)
-    assert ev.reason == "heartbeats through the tunnel unanswered for 15s"
+    assert ev.reason == "silent: heartbeats through the tunnel unanswered for 15s"
     # Timer keeps firing only for probes, once per interval while unhealthy (no busy loop).
     assert hb.get_timer() > 15.1
     more = run_until(hb, 15.1, 20.1)
     assert 4 <= len(more) <= 6
     last_seq, last_size = more[-1]
     hb.ack_received(ProbeAck(last_seq, last_size), 20.2)
+    # hysteresis: one answer does not end it, the next one in a row does
+    assert state(hb) is HeartbeatState.UNHEALTHY and events(hb) == []
+    [(seq, size)] = run_until(hb, 20.2, 21.2)
+    hb.ack_received(ProbeAck(seq, size), 21.3)
     assert state(hb) is HeartbeatState.HEALTHY
     assert events(hb) == [HealthChanged(HeartbeatState.HEALTHY, "")]
+
+
+def test_defaults_show_a_silent_path_within_3s_and_a_lost_probe_does_not_flap() -> None:
+    """Issue #17 item 1: before, the defaults (a probe every 5 s, 15 s timeout) kept a cut
+    tunnel healthy for 15 s. Now probes go every second and 3 s of silence is unhealthy."""
+    hb = FastPathHeartbeat(HeartbeatConfig(), mtu=1450, now=0.0)
+    now = last_answer = 0.0
+    answered = 0
+    # answer everything for 10 s, except one probe: still healthy throughout
+    while now < 10.0:
+        now = max(hb.get_timer(), now)
+        hb.handle_timer(now)
+        for seq, size in hb.probes_to_send():
+            answered += 1
+            if answered != 5:
+                hb.ack_received(ProbeAck(seq, size), now + 0.01)
+                last_answer = now + 0.01
+        if answered > 1:
+            assert state(hb) is HeartbeatState.HEALTHY
+    events(hb)
+    cut = last_answer  # the tunnel is cut right after the last answer
+    while state(hb) is HeartbeatState.HEALTHY:
+        now = max(hb.get_timer(), now)
+        hb.handle_timer(now)
+        hb.probes_to_send()
+    assert now - cut <= 3.0
+    assert "silent" in hb.reason
 
 
 def test_short_ack_means_the_mtu_does_not_fit() -> None:

@@ -227,6 +227,69 @@ def test_failed_after_heartbeat_timeout_and_back() -> None:
     assert net.cores[A].link_status(B)["state"] == "established"  # type: ignore[index]
 
 
+def _state(net: Net, a: PeerName, b: PeerName) -> str:
+    status = net.cores[a].link_status(b)
+    assert status is not None
+    return str(status["state"])
+
+
+def test_a_cut_link_is_degraded_within_3s_keeps_its_mtu_and_recovers_after_two_answers() -> None:
+    """Issue #17 item 1: before, a cut link stayed "established" for the 60 s heartbeat timeout,
+    and 15 s in, PMTU discovery read the silence as a smaller path (1472 -> 548 bytes)."""
+    net = established_net([(A, B)])
+    net.run(20.0)
+    cut = net.now
+    net.blocked |= {(A, B), (B, A)}
+    net.run(1.0, dt=0.05)
+    assert _state(net, A, B) == "established"  # one heartbeat period: not yet
+    seen = None
+    while net.now < cut + 3.0:
+        net.step(0.05)
+        if seen is None and _state(net, A, B) == "degraded":
+            seen = net.now
+    assert seen is not None and seen - cut <= 3.0 + 1e-6
+    status = net.cores[A].link_status(B)
+    assert status is not None and "silent" in status["info"]
+    net.run(15.0, dt=0.25)
+    assert _state(net, A, B) == "failed"
+    net.run(60.0, dt=0.5)
+    status = net.cores[A].link_status(B)
+    assert status is not None and status["pmtu"] == 1472  # silence is not a smaller path
+    net.blocked.clear()
+    states = []
+    for _ in range(100):
+        net.step(0.05)
+        states.append(_state(net, A, B))
+    assert states[-1] == "established"
+    assert states[0] != "established"  # hysteresis: the first answer alone does not end it
+    assert net.cores[A].link_status(B)["pmtu"] == 1472  # type: ignore[index]
+
+
+def test_one_lost_heartbeat_does_not_flap_the_link() -> None:
+    net = established_net([(A, B)])
+    net.run(20.0)
+    net.blocked.add((A, B))
+    net.run(1.2, dt=0.05)  # about one heartbeat lost
+    net.blocked.clear()
+    for _ in range(200):
+        net.step(0.05)
+        assert _state(net, A, B) == "established"
+    assert net.cores[A].link_status(B)["pmtu"] == 1472  # type: ignore[index]
+
+
+def test_a_path_that_comes_back_smaller_after_an_outage_is_found() -> None:
+    net = established_net([(A, B)])
+    net.blocked.add((A, B))
+    net.run(20.0, dt=0.25)
+    assert _state(net, A, B) == "failed"
+    net.blocked.clear()
+    net.path_limit[(A, B)] = 1000
+    net.run(30.0, dt=0.25)
+    status = net.cores[A].link_status(B)
+    assert status is not None and status["state"] == "established"
+    assert 1000 - 8 < status["pmtu"] <= 1000
+
+
 def test_blocked_udp_never_establishes() -> None:
     net = Net([(A, B)])
     net.blocked.add((A, B))

@@ -21,8 +21,10 @@ How (Linux VXLAN datapath; the OVS datapath sends the same frame with a packet-e
 
 :class:`FastPathHeartbeat` is the sender's state machine: ``pending`` until the first full-size
 probe is acknowledged, ``healthy`` while acks keep coming, ``unhealthy`` (with a reason) when none
-arrived for ``timeout`` seconds; it keeps probing while unhealthy and returns to ``healthy`` on the
-next ack. It takes ``now`` and never reads a clock.
+arrived for ``timeout`` seconds (3 s, probes every second: at least two lost in a row); it keeps
+probing while unhealthy and returns to ``healthy`` after ``recover_acks`` (2) acks in a row with
+no probe lost in between (hysteresis, so a loaded host does not flap). It takes ``now`` and never
+reads a clock.
 """
 
 from __future__ import annotations
@@ -153,17 +155,21 @@ class HeartbeatConfig:
 
     # Probe period while pending or unhealthy: fast, so a path is adopted (or re-adopted) quickly.
     interval: float = 1.0
-    # Probe period while healthy.
-    healthy_interval: float = 5.0
+    # Probe period while healthy: often enough that silence shows within ``timeout``.
+    healthy_interval: float = 1.0
     # No full-size ack for this long makes the path unhealthy (Weave used 60 s; we fall back
-    # sooner because sleeve is always running alongside and the move is cheap).
-    timeout: float = 15.0
+    # within seconds because the sleeve is always running alongside and the move is cheap).
+    timeout: float = 3.0
+    # Acks in a row (no probe lost in between) that make an unhealthy path healthy again.
+    recover_acks: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.interval <= self.timeout:
             raise ConfigError("heartbeat interval must be > 0 and <= timeout")
         if not 0 < self.healthy_interval < self.timeout:
             raise ConfigError("healthy heartbeat interval must be > 0 and < timeout")
+        if self.recover_acks < 1:
+            raise ConfigError("heartbeat recover_acks must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,7 @@ class FastPathHeartbeat:
         self._outstanding: OrderedDict[int, int] = OrderedDict()  # seq -> expected size
         self._next_probe = now
         self._since = now  # when the current wait for an ack started
+        self._recovering = 0  # acks in a row while unhealthy
         self._probes: list[tuple[int, int]] = []
         self._events: list[HealthChanged] = []
 
@@ -224,7 +231,10 @@ class FastPathHeartbeat:
                     f"within {self.config.timeout:g}s (UDP 6784 blocked or path MTU too small?)"
                 )
             else:
-                why = f"heartbeats through the tunnel unanswered for {self.config.timeout:g}s"
+                why = (
+                    f"silent: heartbeats through the tunnel unanswered for {self.config.timeout:g}s"
+                )
+            self._recovering = 0
             self._set(HeartbeatState.UNHEALTHY, why)
         if now >= self._next_probe:
             self._seq += 1
@@ -253,15 +263,21 @@ class FastPathHeartbeat:
         if expected is None:
             return
         # Probes before this one that were never answered will not be any more.
-        for seq in [s for s in self._outstanding if s < ack.seq]:
+        lost = [s for s in self._outstanding if s < ack.seq]
+        for seq in lost:
             del self._outstanding[seq]
         if ack.size < expected:
+            self._recovering = 0
             self._set(
                 HeartbeatState.UNHEALTHY,
                 f"tunnel delivered {ack.size} of {expected} bytes; MTU {self._mtu} too large",
             )
             return
         self._since = now
+        if self.state == HeartbeatState.UNHEALTHY:
+            self._recovering = 1 if lost else self._recovering + 1
+            if self._recovering < self.config.recover_acks:
+                return
         if self.state != HeartbeatState.HEALTHY:
             self._set(HeartbeatState.HEALTHY, "")
             # Switch to the slower healthy period from now on.

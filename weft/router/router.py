@@ -1155,6 +1155,11 @@ class Router:
                     ov = conn.overlay.status()
                     row["datapath"] = ov.datapath
                     row["mtu"] = ov.mtu
+                    row["data_state"] = ov.state
+                    if conn.state == "established" and ov.state in ("degraded", "failed"):
+                        # The control connection lives but no datapath carries heartbeats:
+                        # say so at once (issue #17), not after the control timeout.
+                        row["state"] = "degraded"
                     if ov.info:
                         row["info"] = ov.info
                     elif conn.state == "pending":

@@ -86,9 +86,13 @@ Connection state machine (per remote peer, :class:`_Link`)
 
 ``pending`` -> ``established`` on the first acknowledged heartbeat (the overlay then reports the
 connection established to the mesh, which makes it eligible for data routes). Heartbeats go every
-``heartbeat_pending`` seconds until then, every ``heartbeat_interval`` after. With no
-acknowledgement for ``heartbeat_timeout`` seconds the state becomes ``failed`` (and goes back to
-``established`` when acknowledgements return).
+``heartbeat_pending`` seconds until then, every ``heartbeat_interval`` (1 s) after. With no
+acknowledgement for ``silent_after`` (3 s: at least two heartbeats unanswered) the link is
+``degraded`` ("silent"): the switch counts it unhealthy and moves the connection to another
+healthy datapath if there is one, and status and UI show it. With none for ``heartbeat_timeout``
+(15 s) it is ``failed``. Hysteresis against a loaded host: back to ``established`` only after
+``recover_acks`` (2) acknowledgements in a row, with no unanswered heartbeat in between. Weave
+showed a dead link only after its 60 s heartbeat timeout.
 
 Path MTU (in UDP payload bytes): starts at ``pmtu_min`` (known to work on any IPv4 path), upper
 bound = the local underlay MTU minus 28. While searching, every ``probe_timeout`` a ladder of
@@ -98,6 +102,12 @@ below its size; the search ends when the two are within ``pmtu_granularity``. Tw
 unanswered full-size heartbeats after that mean the path shrank: the datagram size drops to
 ``pmtu_min`` and the search runs again below the old value. A local EMSGSIZE does the same at
 once. The search is repeated every ``reprobe_interval`` to notice a path that grew.
+
+Silence is not a smaller path: a probe's loss counts against its size only if the link was
+alive meanwhile. A search probe that times out lowers the upper bound only if some
+acknowledgement arrived after it was sent; a full-size heartbeat that times out sends a
+``pmtu_min`` heartbeat at once, and counts as a miss only when that small one is acknowledged.
+So a cut path (nothing comes back) keeps its MTU, and a path that came back smaller is found.
 
 Frames are never silently lost to the MTU: records larger than a datagram are fragmented. With
 ``fragment=False`` (for comparison with Weave's behaviour) a frame too large for one datagram is
@@ -200,8 +210,10 @@ class SleeveConfig:
     tap_vnet_hdr: bool = True  # the local TAP delivers/accepts a virtio_net_hdr (super-frames)
     fragment: bool = True  # fragment frames larger than a datagram (False: ICMP too-big instead)
     heartbeat_pending: float = 0.5  # heartbeat period until the first acknowledgement (Weave)
-    heartbeat_interval: float = 10.0  # heartbeat period once established (Weave)
-    heartbeat_timeout: float = 60.0  # no acknowledgement this long: state "failed" (Weave)
+    heartbeat_interval: float = 1.0  # heartbeat period once established (Weave: 10 s)
+    silent_after: float = 3.0  # no acknowledgement this long: "degraded" (the link is silent)
+    heartbeat_timeout: float = 15.0  # no acknowledgement this long: "failed" (Weave: 60 s)
+    recover_acks: int = 2  # acknowledgements in a row that end "degraded"/"failed"
     probe_timeout: float = 1.0  # a PMTU probe unanswered this long failed
     probe_ladder: int = 6  # probes per search round
     pmtu_min: int = 548  # UDP payload every IPv4 path carries (576 - 28); never probed below
@@ -223,6 +235,12 @@ class SleeveConfig:
         for name in ("heartbeat_pending", "heartbeat_interval", "heartbeat_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"sleeve {name} must be positive")
+        if not self.heartbeat_interval < self.silent_after <= self.heartbeat_timeout:
+            raise ConfigError(
+                "sleeve silent_after must be above heartbeat_interval and at most heartbeat_timeout"
+            )
+        if self.recover_acks < 1:
+            raise ConfigError("sleeve recover_acks must be at least 1")
         if self.probe_ladder < 1 or self.pmtu_granularity < 1:
             raise ConfigError("probe_ladder and pmtu_granularity must be at least 1")
         if self.max_gso_segments < 1 or self.max_gso_bytes < self.pmtu_min:
@@ -323,7 +341,9 @@ class _Link:
         self.searching = True
         self.probes: dict[int, tuple[int, float]] = {}
         self.probe_seq = 0
-        self.settled_misses = 0
+        self.settled_misses = 0  # full-size heartbeats lost while the path was alive
+        self.unconfirmed_misses = 0  # full-size losses waiting for a small heartbeat's answer
+        self.recovering = 0  # acknowledgements in a row while degraded or failed
         self.next_tick = now
         self.next_heartbeat = now
         self.next_reprobe = now + config.reprobe_interval
@@ -1201,20 +1221,36 @@ class SleeveCore:
             return
         _, seq, _size = _ACK.unpack(payload)
         probe = link.probes.pop(seq, None)
-        link.last_ack = now
-        link.settled_misses = 0
+        link.last_ack = now  # the peer answered over the control connection: the path lives
+        if probe is None:
+            return  # forgotten (a late answer to a probe already counted as lost): size unknown
         changed = False
-        if probe is not None and probe[0] > link.pmtu:
+        if probe[0] < link.pmtu:
+            # A small liveness heartbeat: the path is alive, so the full-size losses were real.
+            link.settled_misses += link.unconfirmed_misses
+            link.unconfirmed_misses = 0
+            if self._check_shrunk(link, now):
+                self._events.append(LinkStatusChanged(peer))
+            return
+        link.settled_misses = link.unconfirmed_misses = 0
+        if probe[0] > link.pmtu:
             link.pmtu = probe[0]
             link.upper = max(link.upper, link.pmtu)
             changed = True
-        if link.state != "established":
+        if link.state == "pending":
             link.state = "established"
             link.info = ""
             changed = True
             if not link.ever_established:
                 link.ever_established = True
                 self._events.append(LinkEstablished(peer))
+        elif link.state != "established":
+            link.recovering += 1
+            if link.recovering >= self.config.recover_acks:
+                link.state = "established"
+                link.info = ""
+                link.recovering = 0
+                changed = True
         if link.searching and link.upper - link.pmtu < self.config.pmtu_granularity:
             link.searching = False
             link.probes.clear()
@@ -1275,17 +1311,18 @@ class SleeveCore:
             if now - sent < cfg.probe_timeout:
                 continue
             del link.probes[seq]
+            if size >= link.pmtu:
+                link.recovering = 0  # hysteresis: recovery needs answers in a row
+            alive = link.last_ack is not None and link.last_ack >= sent
             if size > link.pmtu:
-                link.upper = min(link.upper, size - 1)
-            elif link.state == "established" and not link.searching:
-                link.settled_misses += 1
-        if link.settled_misses >= 2 and link.pmtu > cfg.pmtu_min:
-            # Full-size heartbeats vanish while the control connection lives: the path shrank.
-            link.upper = link.pmtu - 1
-            link.pmtu = cfg.pmtu_min
-            link.searching = True
-            link.settled_misses = 0
-            changed = True
+                if alive:  # lost while others came back: too big (silence proves nothing)
+                    link.upper = min(link.upper, size - 1)
+            elif size == link.pmtu and link.state != "pending" and not link.searching:
+                # Lost at full size: ask with a small heartbeat whether the path is alive.
+                link.unconfirmed_misses += 1
+                if link.pmtu > cfg.pmtu_min:
+                    self._heartbeat(link, cfg.pmtu_min, now)
+        changed = self._check_shrunk(link, now) or changed
         if not link.searching and now >= link.next_reprobe and link.state == "established":
             link.upper = max(link.pmtu, link.underlay_upper)
             link.searching = link.upper - link.pmtu >= cfg.pmtu_granularity
@@ -1314,9 +1351,16 @@ class SleeveCore:
                 cfg.heartbeat_interval if link.state == "established" else cfg.heartbeat_pending
             )
         since = link.last_ack if link.last_ack is not None else link.created
-        if now - since >= cfg.heartbeat_timeout and link.state != "failed":
+        silent = now - since
+        if silent >= cfg.heartbeat_timeout and link.state != "failed":
             link.state = "failed"
-            link.info = f"UDP heartbeats unanswered for {cfg.heartbeat_timeout:.0f}s"
+            link.info = f"UDP heartbeats unanswered for {cfg.heartbeat_timeout:g}s"
+            link.recovering = 0
+            changed = True
+        elif silent >= cfg.silent_after and link.state == "established":
+            link.state = "degraded"
+            link.info = f"silent: no UDP heartbeat answered for {cfg.silent_after:g}s"
+            link.recovering = 0
             changed = True
         if changed:
             self._events.append(LinkStatusChanged(link.name))
@@ -1330,6 +1374,20 @@ class SleeveCore:
             link.next_tick = min(
                 link.next_tick, min(s for _, s in link.probes.values()) + cfg.probe_timeout
             )
+        if link.state == "established" and link.last_ack is not None:
+            link.next_tick = min(link.next_tick, max(now, link.last_ack + cfg.silent_after))
+
+    def _check_shrunk(self, link: _Link, now: float) -> bool:
+        """Two full-size heartbeats lost while the path was alive: it shrank; search again."""
+        cfg = self.config
+        if link.settled_misses < 2 or link.pmtu <= cfg.pmtu_min:
+            return False
+        link.upper = link.pmtu - 1
+        link.pmtu = cfg.pmtu_min
+        link.searching = True
+        link.settled_misses = link.unconfirmed_misses = 0
+        link.next_tick = min(link.next_tick, now)
+        return True
 
     def _heartbeat(self, link: _Link, size: int, now: float) -> None:
         token = link.peer_token

@@ -39,8 +39,8 @@ with the reason (not retried); a kernel that turns out to lack ESP stops the fas
 connections.
 
 Knobs not in RouterConfig (environment, read by ``make_overlay``):
-``WEFT_FASTDP_HEARTBEAT`` = ``interval,healthy_interval,timeout`` seconds (default ``1,5,15``:
-probe every second until healthy, every 5 s after, 15 s without an answer = fall back);
+``WEFT_FASTDP_HEARTBEAT`` = ``interval,healthy_interval,timeout`` seconds (default ``1,1,3``:
+probe every second, 3 s without an answer = silent, fall back; back after two answers in a row);
 ``WEFT_FASTDP_RECOVERY_HOLD`` = seconds a recovered fast path must stay healthy before it carries
 again (default 3). Tests use e.g. ``0.2,0.5,2`` and ``0.5``.
 

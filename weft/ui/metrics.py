@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 GetStatus = Callable[[], Mapping[str, Any]]
 
-CONNECTION_STATES = ("established", "pending", "connecting", "retrying", "failed")
+CONNECTION_STATES = ("established", "degraded", "pending", "connecting", "retrying", "failed")
 # The sleeve's own drop labels (weft/sleeve/core.py, weft/gossip/crypto.py) that always
 # get a series, zero included: "tampered" is a packet that failed to decrypt/authenticate,
 # "replayed" and "too_old" fail the replay window.

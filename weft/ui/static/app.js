@@ -25,7 +25,7 @@
   var HOLD_MS = 5000;              // a dropped peer or link fades this long before it goes
 
   var PENDING_STATES = { pending: 1, connecting: 1, retrying: 1 };
-  var STATE_RANK = { established: 5, pending: 4, connecting: 3, retrying: 2, failed: 1 };
+  var STATE_RANK = { established: 6, degraded: 5, pending: 4, connecting: 3, retrying: 2, failed: 1 };
   var HAVE_GRAPH_LIB = true;       // known once the document (and cytoscape after us) is parsed
   var domReady = false, earlyMessage = null;
 
@@ -210,7 +210,7 @@
       var ra = e.reports[e.a], rb = e.reports[e.b], l = e.local;
       var report = ra || rb || {};
       if (l) {
-        e.state = l.state === 'established' ? 'established'
+        e.state = l.state === 'established' || l.state === 'degraded' ? l.state
           : l.state === 'failed' ? 'failed' : PENDING_STATES[l.state] ? 'pending' : l.state;
         e.datapath = l.datapath; e.encrypted = l.encrypted; e.mtu = l.mtu;
         e.controlEncrypted = l.controlEncrypted;
@@ -294,7 +294,7 @@
   function edgeClasses(e, small) {
     var dp = { ovs: 1, fastdp: 1, vxlan: 1, sleeve: 1 }[e.datapath] ? e.datapath : 'unknown';
     if (dp === 'fastdp') dp = 'ovs';
-    var st = { established: 1, pending: 1, failed: 1 }[e.state] ? e.state : 'pending';
+    var st = { established: 1, degraded: 1, pending: 1, failed: 1 }[e.state] ? e.state : 'pending';
     // Labels only where they say something: all edges of a small mesh, else those whose
     // datapath is known (our own connections) or that are not established.
     var labelled = small || dp !== 'unknown' || st !== 'established';
@@ -317,7 +317,8 @@
   }
   function bigEdgeLook(e) {
     var dp = DP_COLORS[e.datapath] ? e.datapath : e.datapath === 'fastdp' ? 'ovs' : 'unknown';
-    return { color: e.state === 'failed' ? '#d0342c' : DP_COLORS[dp], width: e.encrypted ? 1.5 : 1,
+    return { color: e.state === 'failed' ? '#d0342c' : e.state === 'degraded' ? '#e0561b' : DP_COLORS[dp],
+             width: e.encrypted ? 1.5 : 1,
              ls: e.state === 'failed' ? 'dotted' : e.state === 'established' ? 'solid' : 'dashed',
              op: e.held ? 0.2 : e.reachable ? 1 : 0.45 };
   }
@@ -363,6 +364,7 @@
       { selector: 'edge.enc', style: { 'width': big ? 1.5 : 4 } },
       { selector: 'edge.st-pending', style: { 'line-style': 'dashed' } },
       { selector: 'edge.st-failed', style: { 'line-style': 'dotted', 'line-color': '#d0342c' } },
+      { selector: 'edge.st-degraded', style: { 'line-style': 'dashed', 'line-color': '#e0561b' } },
       { selector: 'edge.unreachable', style: { 'opacity': 0.45 } },
       { selector: '.held', style: { 'opacity': 0.25 } },
       { selector: ':selected', style: { 'overlay-color': '#2b6cb0', 'overlay-opacity': 0.25,
@@ -545,9 +547,12 @@
     if (unreachable) msgs.push(unreachable + ' peer' + (unreachable > 1 ? 's' : '') + ' unreachable from here.');
     var failed = m.localConns.filter(function (c) { return c.state === 'failed'; }).length;
     if (failed) msgs.push(failed + ' connection' + (failed > 1 ? 's' : '') + ' failed.');
+    var silent = m.localConns.filter(function (c) { return c.state === 'degraded'; }).length;
+    if (silent) msgs.push(silent + ' connection' + (silent > 1 ? 's' : '') +
+      ' degraded: the data path stopped answering heartbeats.');
     banner.textContent = msgs.join(' ');
     banner.hidden = msgs.length === 0;
-    banner.className = 'banner' + (parts > 1 || unreachable ? ' bad' : '');
+    banner.className = 'banner' + (parts > 1 || unreachable || silent ? ' bad' : '');
   }
 
   function dl(pairs) {
