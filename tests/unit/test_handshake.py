@@ -500,6 +500,10 @@ def test_truncated_hello_waits_then_eof() -> None:
         (lambda m: m.update(salt=b"s" * 16), "mesh salt present although not encrypted"),
         (lambda m: m.update(salt_settled=True), "mesh salt present although not encrypted"),
         (lambda m: m.update(salt_settled=1), "salt_settled must be a boolean"),
+        (lambda m: m.pop("identity_key"), "missing identity_key"),
+        (lambda m: m.update(identity_key=None), "no identity key"),
+        (lambda m: m.update(identity_key=b"k" * 31), "identity key must be 32 bytes"),
+        (lambda m: m.update(identity_key="k" * 32), "identity key must be 32 bytes"),
     ],
 )
 def test_malformed_hello_fields(mutate: Callable[[dict[str, object]], object], reason: str) -> None:

@@ -735,20 +735,26 @@ class Handshake:
         self.state = HandshakeState.AWAIT_PAKE
         return True
 
-    def _on_pake(self) -> bool:
+    def _take_frame(self, size: int, what: str) -> bytes | None:
+        """The next length-prefixed frame (prefix included) whose body must be ``size`` bytes,
+        or None until it is all in; another length is "malformed WHAT: N bytes (expected M)"."""
         buf = self._buf
         if len(buf) < LENGTH_SIZE:
-            return False
+            return None
         length = int.from_bytes(buf[:LENGTH_SIZE], "big")
-        if length != PAKE_MESSAGE_SIZE:
-            raise MalformedHandshake(
-                f"malformed PAKE message: {length} bytes (expected {PAKE_MESSAGE_SIZE})"
-            )
-        end = LENGTH_SIZE + PAKE_MESSAGE_SIZE
+        if length != size:
+            raise MalformedHandshake(f"malformed {what}: {length} bytes (expected {size})")
+        end = LENGTH_SIZE + size
         if len(buf) < end:
-            return False
+            return None
         frame = bytes(buf[:end])
         del buf[:end]
+        return frame
+
+    def _on_pake(self) -> bool:
+        frame = self._take_frame(PAKE_MESSAGE_SIZE, "PAKE message")
+        if frame is None:
+            return False
         if frame == self._pake_frame:
             raise MalformedHandshake("malformed PAKE message: the peer echoed our own")
         try:
@@ -771,18 +777,9 @@ class Handshake:
         return True
 
     def _on_confirm(self) -> bool:
-        buf = self._buf
-        if len(buf) < LENGTH_SIZE:
+        frame = self._take_frame(_CONFIRM_FRAME_SIZE - LENGTH_SIZE, "confirm")
+        if frame is None:
             return False
-        length = int.from_bytes(buf[:LENGTH_SIZE], "big")
-        if length != _CONFIRM_FRAME_SIZE - LENGTH_SIZE:
-            raise MalformedHandshake(
-                f"malformed confirm: {length} bytes (expected {_CONFIRM_FRAME_SIZE - LENGTH_SIZE})"
-            )
-        if len(buf) < _CONFIRM_FRAME_SIZE:
-            return False
-        frame = bytes(buf[:_CONFIRM_FRAME_SIZE])
-        del buf[:_CONFIRM_FRAME_SIZE]
         codec = self._codec
         assert codec is not None
         try:
@@ -802,20 +799,10 @@ class Handshake:
         return False
 
     def _on_proof(self) -> bool:
-        buf = self._buf
-        if len(buf) < LENGTH_SIZE:
+        frame = self._take_frame(PROOF_SIZE, "identity proof")
+        if frame is None:
             return False
-        length = int.from_bytes(buf[:LENGTH_SIZE], "big")
-        if length != PROOF_SIZE:
-            raise MalformedHandshake(
-                f"malformed identity proof: {length} bytes (expected {PROOF_SIZE})"
-            )
-        end = LENGTH_SIZE + PROOF_SIZE
-        if len(buf) < end:
-            return False
-        proof = bytes(buf[LENGTH_SIZE:end])
-        del buf[:end]
-        self._check_proof(proof)
+        self._check_proof(frame[LENGTH_SIZE:])
         self._finish(FrameCodec(), None, None)
         return False
 
