@@ -1,9 +1,12 @@
 """What signed topology records cost per record (issue #14 item 4; the CPU of issue #18).
 
-    python -m bench.records [--records 200] [--repeat 5] [--conns 0,10,99,1000] [--json]
+    python -m bench.records [--records 200] [--repeat 5] [--conns 0,10,99,1000]
+                            [--no-attributes] [--json]
 
 For records listing ``conns`` connections, medians over ``--repeat`` runs of ``--records``
-distinct records each, microseconds per record:
+distinct records each, microseconds per record (each connection carries its link attributes,
+datapath, encryption, MTU and data state, as routers gossip them; ``--no-attributes`` leaves them
+out, as records were before issue #17 item 2):
 
 * ``sign_us``: building and signing one (what a peer pays per version of its own record);
 * ``verify_us``: the Ed25519 verification alone;
@@ -32,6 +35,7 @@ from weft.gossip import topology
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.topology import (
     ConnectionSummary,
+    LinkAttributes,
     PeerRecord,
     Topology,
     decode_record,
@@ -42,10 +46,20 @@ from weft.gossip.topology import (
 _NAME = PeerName(0x02AA00000001)
 
 
+_ATTRIBUTES: list[LinkAttributes | None] = [
+    LinkAttributes("vxlan", True, 1376, "established"),
+    LinkAttributes("sleeve", True, 1414, "established"),
+]
+
+
 def _conns(n: int) -> list[ConnectionSummary]:
     return [
         ConnectionSummary(
-            PeerName(0x020000000000 + i), f"10.{i >> 8 & 255}.{i & 255}.1:6783", i % 2 == 0, True
+            PeerName(0x020000000000 + i),
+            f"10.{i >> 8 & 255}.{i & 255}.1:6783",
+            i % 2 == 0,
+            True,
+            _ATTRIBUTES[i % len(_ATTRIBUTES)],
         )
         for i in range(n)
     ]
@@ -151,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=200, help="distinct records per run (200)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per figure, median (5)")
     ap.add_argument("--conns", default="0,10,99,1000", help="connections per record (0,10,99,1000)")
+    ap.add_argument("--no-attributes", action="store_true", help="records without link attributes")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
+    if args.no_attributes:
+        _ATTRIBUTES[:] = [None]
     sizes = [int(x) for x in args.conns.split(",") if x]
     table = {str(n): bench(n, max(2, args.records), max(1, args.repeat)) for n in sizes}
     if args.json:

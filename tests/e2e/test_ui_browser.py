@@ -169,8 +169,13 @@ async def test_three_peers_drawn_with_datapath_and_encryption(
     assert "dp-vxlan" in ab["classes"] and "enc" in ab["classes"]
     assert ab["label"] == "vxlan · encrypted"
     assert ac["label"] == "sleeve · encrypted"
-    # b - c is only known from gossip: datapath unknown, encryption from the mesh setting.
-    assert (bc["datapath"], bc["encrypted"]) == ("unknown", True)
+    # b - c is known from the gossiped records only (issue #17): drawn with its datapath too,
+    # and "not reported" is not in the legend when no edge lacks a datapath.
+    assert (bc["datapath"], bc["encrypted"], bc["state"]) == ("sleeve", True, "established")
+    assert bc["label"] == "sleeve · encrypted" and "dp-sleeve" in bc["classes"]
+    assert all(e["datapath"] not in ("unknown", "", None) for e in snap["edges"])
+    assert await page.is_hidden("#legend .lg-unknown")
+    assert await page.is_hidden("#legend .lg-none")
     assert "host-0001" in await page.inner_text("#self-name")
     assert await page.is_hidden("#banner")
     await screenshot(page, "ui-3-peers.png")
@@ -406,6 +411,12 @@ async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> 
     a, b, c = (peer_name(i) for i in (1, 2, 3))
     router = status["router"]
     router["software"] = "9.8.7"
+    # b and c run a weft from before the gossiped link attributes: b - c has no datapath.
+    for p in router["peers"]:
+        for conn in p["connections"]:
+            if {p["name"], conn["name"]} == {b, c}:
+                for key in ("datapath", "encrypted", "mtu", "data_state"):
+                    conn.pop(key, None)
     long_reason = "encrypted: kernel ESP refused by the peer, using sleeve"
     router["connections"][0]["info"] = long_reason
     # A redial row next to the live connection to b, and a dial to an address with no peer yet.
@@ -431,6 +442,7 @@ async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> 
     details = await page.inner_text("#details")
     assert "not reported" in details and "neither" not in details
     assert "host-0002: outbound" in details and "host-0003: inbound" in details
+    assert await page.is_visible("#legend .lg-unknown")  # listed once an edge lacks it
 
     # Connections table: the dial row has no handshake yet, the Reason is not cut.
     await page.click("#tabs button[data-view=connections]")

@@ -112,8 +112,22 @@ async def test_live_routers_on_the_page(browser: Any, tmp_path: Path) -> None:
         for other in names[1:]:
             e = edge_between(snap, names[0], other)
             assert (e["state"], e["datapath"], e["encrypted"]) == ("established", "none", True)
-        # The edge between the two others is known from gossip only.
-        assert edge_between(snap, names[1], names[2])["datapath"] == "unknown"
+        # The edge between the two others is known from their gossiped records only (issue
+        # #17): drawn with its datapath and encryption all the same.
+        await wait_for(
+            page,
+            """(pair) => window.weftGraph.snapshot().edges.some(e =>
+                 [e.source, e.target].includes(pair[0]) && [e.source, e.target].includes(pair[1])
+                 && e.datapath === 'none')""",
+            names[1:],
+            timeout_ms=30_000,
+        )
+        snap = await graph_snapshot(page)
+        e = edge_between(snap, names[1], names[2])
+        assert (e["state"], e["datapath"], e["encrypted"]) == ("established", "none", True)
+        assert all(e["datapath"] == "none" for e in snap["edges"])
+        assert await page.is_hidden("#legend .lg-unknown")
+        assert await page.is_visible("#legend .lg-none")
 
         # /metrics agrees with /status.
         import aiohttp

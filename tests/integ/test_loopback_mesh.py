@@ -3,7 +3,8 @@
 Covers issue 2's "real sockets on loopback": at least 10 routers converge to a full mesh from a
 chain of initial peers; a wrong password and an encryption mismatch are named on both sides; and
 malformed input from a peer (tampered, oversized, unknown tag, garbage gossip) closes only that
-connection while the router keeps serving.
+connection while the router keeps serving. Every router's /status tells what carries every link,
+its own or not (issue #17 item 2: the records gossip each connection's datapath).
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from weft.gossip.crypto import PasswordKeys
 from weft.gossip.handshake import Handshake, Hello
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.session import FrameCodec
+from weft.overlay import Overlay
 from weft.router.config import MESH_SALT_FILE, RouterConfig
 from weft.router.router import Router
+from weft.sleeve.core import SleeveConfig
+from weft.sleeve.pump import SleeveOverlay
 
 TIMEOUT = 60.0  # generous: the machine is shared by many workers
 
 
-def make_router(tmp: Path, i: int, *peers: str, password: bytes | None = None) -> Router:
+def make_router(
+    tmp: Path, i: int, *peers: str, password: bytes | None = None, overlay: Overlay | None = None
+) -> Router:
     config = RouterConfig(
         nickname=f"r{i}",
         data_dir=tmp / f"r{i}",
@@ -43,7 +49,7 @@ def make_router(tmp: Path, i: int, *peers: str, password: bytes | None = None) -
         heartbeat_interval=1.0,
         heartbeat_timeout=5.0,
     )
-    return Router(config, rng=random.Random(1000 + i))
+    return Router(config, overlay, rng=random.Random(1000 + i))
 
 
 def rows(router: Router, state: str | None = None) -> list[dict[str, Any]]:
@@ -563,3 +569,65 @@ async def test_application_channel_sends_outside_callbacks_are_delivered(
     await wait_until(lambda: all(b"gossip" in ch.notes for ch in channels[:2]), "the gossip")
     senders[1].unicast(routers[0].identity.name, b"direct")
     await wait_until(lambda: channels[0].unicasts == [(routers[1].identity.name, b"direct")], "uni")
+
+
+async def test_every_router_reports_what_carries_every_link(
+    tmp_path: Path, started: list[Router]
+) -> None:
+    """Three encrypted routers with real sleeve overlays (UDP on loopback, no TAP), a chain that
+    discovery makes a full mesh: C's /status shows the A - B link's datapath, encryption and
+    MTU exactly as A's own connection row does, once A's PMTU search has settled."""
+    overlays: list[SleeveOverlay] = []
+    try:
+        for i in range(3):
+            peers = (addr(started[-1]),) if started else ()
+            ov = SleeveOverlay(
+                SleeveConfig(port=0, tap_vnet_hdr=False), host="127.0.0.1", tap_name=None,
+                bridge=None,
+            )  # fmt: skip
+            overlays.append(ov)
+            router = make_router(tmp_path, i, *peers, password=b"attributes", overlay=ov)
+            await router.start()
+            started.append(router)
+        a, b, c = started
+        name_a, name_b = str(a.identity.name), str(b.identity.name)
+
+        def a_row_for_b() -> dict[str, Any] | None:
+            for row in rows(a, "established"):
+                if row["peer"] == name_b and "probing" not in row["info"]:
+                    return row
+            return None
+
+        def as_c_sees_it() -> dict[str, Any] | None:
+            for p in c.status()["router"]["peers"]:
+                if p["name"] == name_a:
+                    for conn in p["connections"]:
+                        if conn["name"] == name_b:
+                            found: dict[str, Any] = conn
+                            return found
+            return None
+
+        def agree() -> bool:
+            row, seen = a_row_for_b(), as_c_sees_it()
+            return (
+                row is not None
+                and seen is not None
+                and (seen["datapath"], seen["encrypted"], seen["mtu"], seen["data_state"])
+                == (row["datapath"], True, row["mtu"], "established")
+            )
+
+        await wait_until(agree, "C to hear the datapath and MTU of A - B", timeout=TIMEOUT)
+        row, seen = a_row_for_b(), as_c_sees_it()
+        assert row is not None and seen is not None
+        assert row["datapath"] == "sleeve" and row["data_encrypted"] is True, row
+        assert isinstance(seen["mtu"], int) and seen["mtu"] > 1400, seen  # loopback's PMTU
+        assert seen["established"] is True
+        # Every link in every record is reported, from every router.
+        for r in started:
+            for p in r.status()["router"]["peers"]:
+                for conn in p["connections"]:
+                    assert conn["datapath"] == "sleeve" and conn["encrypted"] is True, (p, conn)
+    finally:
+        await asyncio.gather(*(r.stop() for r in started), return_exceptions=True)
+        for ov in overlays:
+            ov.close()

@@ -29,7 +29,7 @@ from weft.gossip.mesh import (
     TopologyChanged,
 )
 from weft.gossip.peer import PeerIdentity, PeerName
-from weft.gossip.topology import MAX_PEERS, make_record
+from weft.gossip.topology import MAX_PEERS, LinkAttributes, PeerRecord, make_record
 from weft.gossip.wire import (
     CHANNEL_TOPOLOGY,
     MAX_BODY,
@@ -614,3 +614,66 @@ def test_records_that_do_not_beat_the_held_version_are_not_decoded() -> None:
     newer[15:23] = (held.version + 1).to_bytes(8, "big")  # newer: decoded, the forgery caught
     with pytest.raises(RemoteProtocolError, match="not signed"):
         a.receive(ia, TAG_GOSSIP, _update(b, [bytes(newer)]), h.now)
+
+
+# --- link attributes in our record: coalesced (issues #17 item 2, #18) ---------------------------
+
+
+def _attrs(
+    datapath: str = "sleeve", mtu: int | None = 1376, state: str = "established"
+) -> LinkAttributes:
+    return LinkAttributes(datapath, True, mtu, state)
+
+
+def held(core: MeshCore, name: PeerName) -> PeerRecord:
+    rec = core.topology.get(name)
+    assert rec is not None
+    return rec
+
+
+def test_a_pmtu_search_and_a_switch_over_make_one_new_version() -> None:
+    h = Harness()
+    a, b = h.core(1), h.core(2)
+    ia, _ = h.link(a, b)
+    a.connection_attributes(ia, _attrs(mtu=548, state="pending"), h.now)  # with the connection
+    h.run(2.0)
+    v = a.topology.version
+    assert held(b, a.name).connections[0].attributes == _attrs(mtu=548, state="pending")
+    # Ten MTU probe steps and a switch to vxlan within 2 s, then nothing: one version, after
+    # attributes_delay, with the last word; reported again unchanged: no version at all.
+    for step in range(10):
+        a.connection_attributes(ia, _attrs(mtu=548 + 80 * step), h.now)
+        h.run(0.2)
+    a.connection_attributes(ia, _attrs("vxlan", 1376), h.now)
+    h.run(h.config.attributes_delay + 1.0)
+    assert a.topology.version == v + 1
+    rec = held(b, a.name)
+    assert rec.version == v + 1 and rec.connections[0].attributes == _attrs("vxlan", 1376)
+    for _ in range(20):  # the router reports on every status change, e.g. each heartbeat
+        a.connection_attributes(ia, _attrs("vxlan", 1376), h.now)
+        h.run(0.5)
+    assert a.topology.version == v + 1
+    assert b.status()["peers"][0]["connections"][0] | {"name": "", "address": ""} == {
+        "name": "", "address": "", "outbound": True, "established": True,
+        "datapath": "vxlan", "encrypted": True, "mtu": 1376, "data_state": "established",
+    }  # fmt: skip
+
+
+def test_a_connection_change_carries_pending_attributes_at_once() -> None:
+    h = Harness()
+    a, b, c = h.core(1), h.core(2), h.core(3)
+    ia, _ = h.link(a, b)
+    h.run(2.0)
+    v = a.topology.version
+    a.connection_attributes(ia, _attrs(state="degraded"), h.now)
+    h.run(0.1)
+    assert a.topology.version == v  # waiting for attributes_delay
+    h.link(a, c)  # a new connection: our record is rebuilt after local_delay, attributes too
+    h.run(0.5)
+    assert a.topology.version == v + 1  # added and established in one version
+    after = a.topology.version
+    mine = {x.name: x.attributes for x in a.topology.ourself.connections}
+    assert mine[b.name] == _attrs(state="degraded") and mine[c.name] is None
+    h.run(h.config.attributes_delay + 1.0)
+    assert a.topology.version == after  # nothing left to publish
+    assert held(b, a.name).version == after

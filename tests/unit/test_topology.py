@@ -16,12 +16,15 @@ from weft.errors import ConfigError, RemoteProtocolError
 from weft.gossip.peer import PeerIdentity, PeerName
 from weft.gossip.topology import (
     _MAX_RECORD_BYTES,
+    DATA_STATES,
+    DATAPATHS,
     MAX_ADDRESS_LEN,
     MAX_CONNECTIONS,
     MAX_PEERS,
     MAX_VERSION,
     MAX_VERSION_STEP,
     ConnectionSummary,
+    LinkAttributes,
     PeerRecord,
     Topology,
     decode_record,
@@ -298,6 +301,13 @@ def test_mutated_signed_records_only_raise_remote_protocol_error(
         ({}, ["n", True, []]),  # bool where int
         ({}, ["x" * 300, 1, []]),  # nickname too long
         ({"fmt": 3}, ["n", 1, []]),  # unknown encoding version
+        ({}, ["n", 1, [[2, "a", True, True, 0x1A]]]),  # 5 elements: flags without an mtu
+        ({}, ["n", 1, [[2, "a", True, True, 1 << 16, 1400]]]),  # flags beyond 16 bits
+        ({}, ["n", 1, [[2, "a", True, True, -1, 1400]]]),  # negative flags
+        ({}, ["n", 1, [[2, "a", True, True, 0x1A, 1 << 16]]]),  # mtu beyond uint16
+        ({}, ["n", 1, [[2, "a", True, True, True, 1400]]]),  # bool where flags
+        ({}, ["n", 1, [[2, "a", True, True, 0x1A, "1400"]]]),  # string where mtu
+        ({}, ["n", 1]),  # body too short
     ],
 )
 def test_decode_record_rejects_bad_fields(header: dict[str, int], body: object) -> None:
@@ -466,3 +476,127 @@ def test_topology_limits_are_checked() -> None:
         Topology(ident, random.Random(1), KEYS[0], max_peers=MAX_PEERS + 1)
     with pytest.raises(ConfigError, match="below one record"):
         Topology(ident, random.Random(1), KEYS[0], max_bytes=1000)
+
+
+# --- link attributes: datapath, encryption, MTU, data state per connection (issue #17 item 2) ---
+
+
+def attributed(i: int, attrs: list[LinkAttributes | None], addr_len: int = 0) -> PeerRecord:
+    conns = [
+        ConnectionSummary(
+            PeerName(0x040000000000 + k),
+            "a" * addr_len if addr_len else f"10.0.0.{k}:6783",
+            True,
+            True,
+            a,
+        )
+        for k, a in enumerate(attrs)
+    ]
+    return make_record(NAMES[i], f"n{i}", 7, 3, i, conns, KEYS[i])
+
+
+def test_link_attributes_round_trip_for_every_code() -> None:
+    attrs: list[LinkAttributes | None] = [
+        LinkAttributes(dp, enc, mtu, state)
+        for dp, state in zip(DATAPATHS, DATA_STATES, strict=True)
+        for enc in (False, True)
+        for mtu in (None, 1, 1376, 65535)
+    ]
+    attrs += [LinkAttributes(None, False), LinkAttributes("sleeve", True, None, None), None]
+    r = attributed(1, attrs)
+    d = decode_record(bytes(bytearray(r.blob)))
+    assert d == r
+    got = sorted((c.attributes for c in d.connections), key=repr)
+    assert got == sorted(attrs, key=repr)
+    status = {c["address"]: c for c in d.to_status()["connections"]}
+    first = next(c for c in d.connections if c.attributes == attrs[0])
+    assert status[first.address] == {
+        "name": str(first.name), "address": first.address, "outbound": True,
+        "established": True, "datapath": "none", "encrypted": False, "mtu": None,
+        "data_state": "pending",
+    }  # fmt: skip
+    bare = next(c for c in d.connections if c.attributes is None)
+    assert [status[bare.address][k] for k in ("datapath", "encrypted", "mtu", "data_state")] == [
+        None, None, None, None,
+    ]  # fmt: skip
+
+
+def test_link_attributes_are_validated() -> None:
+    for datapath, mtu, state in (
+        ("fastpath", None, None),
+        ("sleeve", 0, None),
+        ("sleeve", 65536, None),
+        ("sleeve", 1400, "silent"),
+    ):
+        with pytest.raises(ValueError):
+            LinkAttributes(datapath, True, mtu, state)
+
+
+def test_record_without_attributes_decodes_as_not_reported() -> None:
+    """An encoder from before the attributes wrote 4-element entries: they still decode, with
+    nothing reported; and a connection without attributes is still encoded that way."""
+    old = decode_record(signed(["n", 1, [[2, "a:1", True, True], [3, "b:1", False, False]]]))
+    assert [c.attributes for c in old.connections] == [None, None]
+    assert old.to_status()["connections"][0]["datapath"] is None
+    r = rec(2, conns=(1, 3))
+    body = msgpack.unpackb(r.blob[119:])
+    assert [len(e) for e in body[2]] == [4, 4]  # the old encoding, byte for byte
+
+
+def test_later_attributes_and_unknown_codes_are_ignored() -> None:
+    """Forward compatibility: trailing entry and body elements, flag bits above 6 and codes
+    this decoder does not know decode as 'not reported' rather than refusing the record."""
+    r = decode_record(
+        signed(
+            ["n", 1, [[2, "a:1", True, True, 0x80 | 0x70 | 0x08 | 7, 1400, 9, "future"]], "more"]
+        )
+    )
+    (c,) = r.connections
+    assert c.attributes == LinkAttributes(None, True, 1400, None)
+    mixed = decode_record(signed(["n", 1, [[2, "a:1", True, True, 0x2A, 0], [3, "b", True, True]]]))
+    assert [c.attributes for c in mixed.connections] == [
+        LinkAttributes("sleeve", True, None, "established"),
+        None,
+    ]
+
+
+def test_attributes_cost_at_most_four_bytes_per_connection() -> None:
+    n = 50
+    plain = attributed(1, [None] * n)
+    full = attributed(1, [LinkAttributes("ovs", True, 65535, "degraded")] * n)
+    none = attributed(1, [LinkAttributes("none", True, None, "established")] * n)
+    assert len(full.blob) - len(plain.blob) == 4 * n
+    assert len(none.blob) - len(plain.blob) == 2 * n
+
+
+def test_largest_record_with_attributes_is_within_the_decoders_limit() -> None:
+    attrs: list[LinkAttributes | None] = [LinkAttributes("ovs", True, 65535, "failed")]
+    biggest = attributed(1, attrs * MAX_CONNECTIONS, addr_len=MAX_ADDRESS_LEN)
+    assert len(biggest.blob) <= _MAX_RECORD_BYTES
+    assert decode_record(bytes(bytearray(biggest.blob))) == biggest
+
+
+def test_a_relay_cannot_change_a_links_attributes() -> None:
+    r = attributed(1, [LinkAttributes("vxlan", True, 1376, "established")])
+    flags = bytes([0x23 | 0x08])  # vxlan, encrypted, established
+    at = r.blob.rindex(flags + b"\xcd")  # flags, then the uint16 mtu
+    for forged in (bytes([0x22 | 0x08]), bytes([0x23])):  # sleeve instead; plaintext
+        blob = r.blob[:at] + forged + r.blob[at + 1 :]
+        with pytest.raises(RemoteProtocolError, match="not signed"):
+            decode_record(blob)
+
+
+def test_an_attribute_change_bumps_our_version_once() -> None:
+    t = topo()
+    link = conn(NAMES[1])
+    assert t.set_local_connections([link])
+    v = t.version
+    sleeve = LinkAttributes("sleeve", True, 1376, "established")
+    assert t.set_local_connections([ConnectionSummary(link.name, link.address, True, True, sleeve)])
+    assert t.version == v + 1
+    same = LinkAttributes("sleeve", True, 1376, "established")
+    assert not t.set_local_connections(
+        [ConnectionSummary(link.name, link.address, True, True, same)]
+    )
+    assert t.version == v + 1
+    assert decode_record(bytes(bytearray(t.ourself.blob))).connections[0].attributes == sleeve

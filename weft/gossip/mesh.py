@@ -38,6 +38,10 @@ reason; the core already forgot it), ``TopologyChanged``, ``RoutesChanged``, ``P
 ``PeerRestarted``, ``ShortIdChanged``, ``RecordsRefused`` (records not merged: another key
 than the one bound to the name, a version beyond the bounds; the router logs it).
 
+Our record lists each connection with what carries it (``connection_attributes``: datapath,
+encryption, MTU, data state, as the overlay reports them); a change of those alone is published
+``attributes_delay`` after the first one, coalesced, never once per PMTU step.
+
 Topology records are signed by their owner's identity key (``key``; topology.py). A received
 record whose header does not beat the held version is dropped before its body is decoded or its
 signature verified; a badly signed one closes the connection (a correct relay verifies before
@@ -67,6 +71,7 @@ from weft.gossip.topology import (
     DEFAULT_MAX_TOPOLOGY_BYTES,
     MAX_PEERS,
     ConnectionSummary,
+    LinkAttributes,
     PeerRecord,
     Topology,
     decode_record,
@@ -132,6 +137,11 @@ class MeshConfig:
     eager_record_bytes: int = 0
     request_timeout: float = 1.0  # re-request an announced record from another peer after this
     local_delay: float = 0.02  # our record is rebuilt this long after a connection event
+    # A change of a connection's datapath, encryption, MTU or data state alone (no connection
+    # added, lost or established) is published this long after the first one: a PMTU search or
+    # a switch-over makes one version, not one per step (every version is decoded by every
+    # peer, issue #18). A connection change in the meantime publishes them at once.
+    attributes_delay: float = 3.0
     track_known_degree: int = 64  # remember what neighbours hold only up to this many links
     recalc_delay: float = 0.1  # routes/GC/discovery recalculated this long after a change
     gc_grace: float = 2.0  # a peer must stay unreachable this long before it is dropped
@@ -157,6 +167,7 @@ class MeshConfig:
         for name in (
             "gossip_delay",
             "local_delay",
+            "attributes_delay",
             "recalc_delay",
             "gc_grace",
             "surrogate_ttl",
@@ -293,6 +304,7 @@ class _Conn:
     conn_uid: int
     added_at: float
     established: bool = False
+    attributes: LinkAttributes | None = None  # the data plane's word on it (None: not yet)
     listen_address: str = ""  # host:default port (covers targets for an inbound connection)
     queue: list[tuple[int, bytes]] = field(default_factory=list)  # encoded, in order
     pending_names: set[PeerName] = field(default_factory=set)  # topology records to flush
@@ -322,9 +334,9 @@ class _Conn:
 
     def summary(self) -> ConnectionSummary:
         s = self._summary
-        if s is None or s.established != self.established:
+        if s is None or s.established != self.established or s.attributes != self.attributes:
             s = self._summary = ConnectionSummary(
-                self.remote.name, self.address, self.outbound, self.established
+                self.remote.name, self.address, self.outbound, self.established, self.attributes
             )
         return s
 
@@ -565,6 +577,20 @@ class MeshCore:
         self._local_changed(now)
         self._after_change(now)
 
+    def connection_attributes(
+        self, conn_id: int, attributes: LinkAttributes | None, now: float
+    ) -> None:
+        """What carries this connection changed (datapath, encryption, MTU, data state: the
+        overlay's status). Published in our record coalesced, ``attributes_delay`` after the
+        first change or with the next connection change, whichever comes first; no change, no
+        new version (the router may call this on every status change)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.attributes == attributes:
+            return
+        conn.attributes = attributes
+        if self._local_at is None:
+            self._local_at = now + self.config.attributes_delay
+
     def connection_removed(self, conn_id: int, now: float, reason: str) -> None:
         """The control connection is gone (idempotent; unknown ids are ignored)."""
         if conn_id not in self._conns:
@@ -788,9 +814,10 @@ class MeshCore:
 
     def _local_changed(self, now: float) -> None:
         """Our connections changed: rebuild our record after ``local_delay`` (coalescing a
-        burst of connection events into one version bump)."""
-        if self._local_at is None:
-            self._local_at = now + self.config.local_delay
+        burst of connection events into one version bump; pending attribute changes go along)."""
+        at = now + self.config.local_delay
+        if self._local_at is None or self._local_at > at:
+            self._local_at = at
 
     def _apply_local(self, now: float) -> None:
         if self._local_at is None:

@@ -1,7 +1,9 @@
 """Topology records, their merge, garbage collection and anti-entropy digests (no I/O).
 
 A *record* describes one peer incarnation as that peer last announced it: name, nickname, uid,
-version, short id and its connections ``(name, address, outbound, established)``. Every peer
+version, short id and its connections ``(name, address, outbound, established)``, each with the
+data path its owner chose for it (:class:`LinkAttributes`: datapath, encryption, MTU, data
+state; issue #17), so any router can say what carries every link, not only its own. Every peer
 owns exactly one record (its own) and only it bumps the version; everybody else just keeps the
 best copy they have heard of.
 
@@ -28,11 +30,24 @@ Blob, record encoding version 2 (version 1 was a bare msgpack array; it is refus
 
     0      1       3        7       15          23          55          119
     | 0x02 | name (48 bits)  | uid u64 | version u64 | public key | signature | msgpack body
-    body: [nickname, short_id, [[name, address, outbound, established], ...]]
+    body: [nickname, short_id, [entry, ...]]
+    entry: [name, address, outbound, established]                 (attributes not reported)
+         | [name, address, outbound, established, flags, mtu]     (LinkAttributes)
+    flags: bits 0-2 datapath (0 not reported, 1 none, 2 sleeve, 3 vxlan, 4 ovs),
+           bit 3 data plane encrypted, bits 4-6 data state (0 not reported, 1 pending,
+           2 established, 3 degraded, 4 failed); mtu: uint16, 0 = not known yet
 
-The signature (Ed25519) covers ``"weft-record-v2\0"``, the header before it and the body. The
-fixed header lets a receiver drop a record that does not beat the one it holds before decoding
-its body or verifying its signature (:func:`peek_record`).
+The attributes cost 2 to 4 bytes per connection (flags is one byte, an MTU of 128 or more is 3).
+Compatibility: an entry of 4 elements (an encoder from before the attributes) decodes with
+``attributes=None``; elements after the sixth, body elements after the third, flag bits above 6
+and codes this decoder does not know are ignored (decoded as "not reported"), so attributes can
+be added later without a new format byte. A decoder from before the attributes (no release had
+one) refuses 6-element entries as malformed.
+
+The signature (Ed25519) covers ``"weft-record-v2\0"``, the header before it and the body
+(attributes included: a relay can no more change a link's datapath than the link). The fixed
+header lets a receiver drop a record that does not beat the one it holds before decoding its body
+or verifying its signature (:func:`peek_record`).
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ from weft.errors import ConfigError, RemoteProtocolError
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName
 
 __all__ = [
+    "DATAPATHS",
+    "DATA_STATES",
     "DEFAULT_MAX_TOPOLOGY_BYTES",
     "MAX_ADDRESS_LEN",
     "MAX_CONNECTIONS",
@@ -62,6 +79,7 @@ __all__ = [
     "MAX_VERSION_STEP",
     "RECORD_FORMAT",
     "ConnectionSummary",
+    "LinkAttributes",
     "MergeResult",
     "PeerRecord",
     "Topology",
@@ -81,8 +99,11 @@ MAX_ADDRESS_LEN = 300
 MAX_CONNECTIONS = 1024
 MAX_PEERS = 10_000
 DEFAULT_MAX_TOPOLOGY_BYTES = 64 * 1024 * 1024
-# a connection entry encodes to at most 14 bytes besides its address
-_MAX_RECORD_BYTES = MAX_CONNECTIONS * (MAX_ADDRESS_LEN + 16) + 1024
+# A connection entry encodes to at most 22 bytes besides its address: array header 1, name 9,
+# address header 3, two booleans 2, flags (< 2^16) 3, mtu 3; 24 leaves room for one more small
+# attribute a later encoder may append (trailing elements are ignored, see above).
+_MAX_ENTRY_OVERHEAD = 24
+_MAX_RECORD_BYTES = MAX_CONNECTIONS * (MAX_ADDRESS_LEN + _MAX_ENTRY_OVERHEAD) + 1024
 _UINT64 = 1 << 64
 _SHORT_IDS = 1 << SHORT_ID_BITS
 
@@ -100,6 +121,62 @@ _SIG_CONTEXT = b"weft-record-v2\0"
 _MAX_BINDINGS = 20_000  # remembered name -> key bindings (twice the peers a mesh may hold)
 
 
+# Wire codes of LinkAttributes (index + 1; 0 = not reported). Append only, never reorder.
+DATAPATHS = ("none", "sleeve", "vxlan", "ovs")
+DATA_STATES = ("pending", "established", "degraded", "failed")
+_DP_CODE = {d: i + 1 for i, d in enumerate(DATAPATHS)}
+_STATE_CODE = {s: i + 1 for i, s in enumerate(DATA_STATES)}
+
+
+@dataclass(frozen=True, slots=True)
+class LinkAttributes:
+    """What a connection's owner says carries it (the switch's choice; issue #17).
+
+    ``datapath`` one of :data:`DATAPATHS` and ``state`` one of :data:`DATA_STATES`, or None
+    (not reported, or a code this decoder does not know); ``mtu`` the data path's MTU (1..65535)
+    or None while unknown."""
+
+    datapath: str | None
+    encrypted: bool
+    mtu: int | None = None
+    state: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.datapath is not None and self.datapath not in _DP_CODE:
+            raise ValueError(f"unknown datapath {self.datapath!r}")
+        if self.state is not None and self.state not in _STATE_CODE:
+            raise ValueError(f"unknown data state {self.state!r}")
+        if self.mtu is not None and not 0 < self.mtu < 65536:
+            raise ValueError(f"mtu {self.mtu} is not in 1..65535")
+
+    def encode(self) -> tuple[int, int]:
+        """``(flags, mtu)`` as carried in an entry."""
+        flags = _DP_CODE.get(self.datapath or "", 0) | (8 if self.encrypted else 0)
+        return flags | _STATE_CODE.get(self.state or "", 0) << 4, self.mtu or 0
+
+
+# Decoded attributes, shared: a mesh has few distinct ones, and decoding is hot (issue #18).
+_ATTRIBUTES: dict[int, LinkAttributes] = {}
+
+
+def _attributes(flags: object, mtu: object) -> LinkAttributes:
+    if type(flags) is not int or type(mtu) is not int or not 0 <= flags < 65536 > mtu >= 0:
+        raise _bad("connection flags and mtu must be integers in [0, 65536)")
+    key = mtu << 7 | flags & 0x7F  # flag bits above 6 are a later encoder's: ignored
+    attrs = _ATTRIBUTES.get(key)
+    if attrs is None:
+        if len(_ATTRIBUTES) >= 4096:
+            _ATTRIBUTES.clear()  # only a cache
+        dp, state = flags & 7, flags >> 4 & 7
+        attrs = _ATTRIBUTES[key] = LinkAttributes(
+            datapath=DATAPATHS[dp - 1] if 0 < dp <= len(DATAPATHS) else None,
+            encrypted=bool(flags & 8),
+            mtu=mtu or None,
+            state=DATA_STATES[state - 1] if 0 < state <= len(DATA_STATES) else None,
+        )
+    return attrs
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionSummary:
     """One connection as its owner announces it."""
@@ -108,6 +185,27 @@ class ConnectionSummary:
     address: str  # "host:port" as the owner sees the remote (outbound: what it dialed)
     outbound: bool
     established: bool
+    attributes: LinkAttributes | None = None  # None: not reported (older encoder, no overlay)
+
+    def entry(self) -> list[object]:
+        head: list[object] = [int(self.name), self.address, self.outbound, self.established]
+        if self.attributes is not None:
+            head.extend(self.attributes.encode())
+        return head
+
+    def to_status(self) -> dict[str, Any]:
+        a = self.attributes
+        return {
+            "name": str(self.name),
+            "address": self.address,
+            "outbound": self.outbound,
+            "established": self.established,
+            # None: the owner did not report it (a peer from before the attributes)
+            "datapath": a.datapath if a is not None else None,
+            "encrypted": a.encrypted if a is not None else None,
+            "mtu": a.mtu if a is not None else None,
+            "data_state": a.state if a is not None else None,
+        }
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
@@ -137,15 +235,7 @@ class PeerRecord:
             "version": self.version,
             "short_id": self.short_id,
             "public_key": self.public_key.hex(),
-            "connections": [
-                {
-                    "name": str(c.name),
-                    "address": c.address,
-                    "outbound": c.outbound,
-                    "established": c.established,
-                }
-                for c in self.connections
-            ],
+            "connections": [c.to_status() for c in self.connections],
         }
 
 
@@ -168,7 +258,7 @@ def make_record(
     public = key.public_key().public_bytes_raw()
     header = _HEADER.pack(RECORD_FORMAT, name >> 32, name & 0xFFFFFFFF, uid, version) + public
     body = msgpack.packb(
-        [nickname, short_id, [[int(c.name), c.address, c.outbound, c.established] for c in conns]],
+        [nickname, short_id, [c.entry() for c in conns]],
         use_bin_type=True,
     )
     blob = header + key.sign(_SIG_CONTEXT + header + body) + body
@@ -265,8 +355,8 @@ def decode_record(blob: bytes) -> PeerRecord:
         )
     except Exception as err:  # msgpack raises several unrelated types on bad input
         raise _bad(f"undecodable ({type(err).__name__})") from None
-    if type(obj) is not list or len(obj) != 3:
-        raise _bad("expected a 3-element body")
+    if type(obj) is not list or len(obj) < 3:  # later elements: a newer encoder's, ignored
+        raise _bad("expected a body of at least 3 elements")
     nickname = _str(obj[0], "nickname", MAX_NICKNAME_LEN)
     short_id = _int(obj[1], "short id", 0, _SHORT_IDS)
     raw_conns = obj[2]
@@ -275,8 +365,8 @@ def decode_record(blob: bytes) -> PeerRecord:
     conns: list[ConnectionSummary] = []
     seen: set[PeerName] = set()
     for raw in raw_conns:
-        if type(raw) is not list or len(raw) != 4:
-            raise _bad("connection must be a 4-element array")
+        if type(raw) is not list or not (len(raw) == 4 or len(raw) >= 6):
+            raise _bad("connection must be an array of 4, or at least 6, elements")
         cname = PeerName(_int(raw[0], "connection name", 0, 1 << 48))
         if cname == name:
             raise _bad("peer lists a connection to itself")
@@ -289,6 +379,7 @@ def decode_record(blob: bytes) -> PeerRecord:
                 address=_str(raw[1], "connection address", MAX_ADDRESS_LEN),
                 outbound=_bool(raw[2], "outbound"),
                 established=_bool(raw[3], "established"),
+                attributes=_attributes(raw[4], raw[5]) if len(raw) >= 6 else None,
             )
         )
     record = PeerRecord(

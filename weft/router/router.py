@@ -65,7 +65,13 @@ from weft.gossip.mesh import (
     ShortIdChanged,
 )
 from weft.gossip.peer import SHORT_ID_BITS, PeerIdentity, PeerName, random_uid
-from weft.overlay import NullOverlay, Overlay, OverlayConnectionParams
+from weft.gossip.topology import DATA_STATES, DATAPATHS, LinkAttributes
+from weft.overlay import (
+    NullOverlay,
+    Overlay,
+    OverlayConnectionParams,
+    OverlayConnectionStatus,
+)
 from weft.router.access import AccessPolicy, resolve_group
 from weft.router.config import (
     RouterConfig,
@@ -938,7 +944,7 @@ class Router:
             remote_features=remote.features,
             send_control=lambda payload: conn.send(TAG_OVERLAY, payload),
             on_established=lambda: self._overlay_established(conn),
-            on_status_changed=self.status_changed,
+            on_status_changed=lambda: self._overlay_status_changed(conn),
         )
         try:
             conn.overlay = self.overlay.prepare_connection(params)
@@ -947,6 +953,7 @@ class Router:
             raise ConnectionRefused(
                 f"overlay failed: {type(err).__name__}: {err}", label="overlay_error"
             ) from err
+        self._overlay_status_changed(conn)  # its first word, before our record is rebuilt
         # the ConnectionRejected events of replaced connections are handled here
         self.pump()
         self.status_changed()
@@ -970,6 +977,19 @@ class Router:
         log.info("connection %s established", conn.describe())
         self.mesh.connection_established(conn.local_id, self.now())
         self.pump()
+        self.status_changed()
+
+    def _overlay_status_changed(self, conn: Connection) -> None:
+        """The overlay's view of a connection changed: the mesh gossips what carries it in our
+        record (coalesced there, so a status change per heartbeat costs nothing)."""
+        if conn.accepted and conn.overlay is not None:
+            try:
+                attributes = link_attributes(conn.overlay.status(), conn.encrypted)
+            except Exception:
+                log.exception("overlay status failed for %s", conn.describe())
+                attributes = None
+            self.mesh.connection_attributes(conn.local_id, attributes, self.now())
+            self.schedule_pump()  # the mesh's timer may have moved
         self.status_changed()
 
     @staticmethod
@@ -1205,6 +1225,19 @@ class Router:
                 }
             )
         return rows
+
+
+def link_attributes(ov: OverlayConnectionStatus, control_encrypted: bool) -> LinkAttributes:
+    """What our record says carries a connection. ``encrypted``: all it carries is, i.e. the
+    control connection and the data plane if there is one (datapath "none" has none), as the
+    UI draws it."""
+    datapath = ov.datapath if ov.datapath in DATAPATHS else None
+    return LinkAttributes(
+        datapath=datapath,
+        encrypted=control_encrypted and (datapath == "none" or ov.encrypted),
+        mtu=ov.mtu if ov.mtu is not None and 0 < ov.mtu < 65536 else None,
+        state=ov.state if ov.state in DATA_STATES else None,
+    )
 
 
 def _oserror(err: OSError) -> str:

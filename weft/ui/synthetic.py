@@ -30,6 +30,7 @@ def synthetic_status(
     datapaths: tuple[str, ...] = _DATAPATHS,
     ipam: bool = True,
     containers: int = 2,
+    link_attributes: bool = True,
 ) -> dict[str, Any]:
     """A consistent status as seen from peer 0 of a mesh of ``n_peers``.
 
@@ -37,6 +38,8 @@ def synthetic_status(
     ring neighbour plus random others until about ``degree`` links on average. Every link appears
     in both peers' records (established), peer 0's links also in ``router.connections`` with a
     datapath cycling through ``datapaths``; peers outside peer 0's group are unreachable.
+    Records carry each link's datapath, encryption, MTU and data state as routers gossip them
+    (issue #17); ``link_attributes=False`` leaves them out, as peers from before that did.
     """
     if n_peers < 1:
         raise ValueError("n_peers must be at least 1")
@@ -68,6 +71,27 @@ def synthetic_status(
     def address(i: int) -> str:
         return f"192.168.{(i >> 8) & 0xFF}.{i & 0xFF or 1}:6783"
 
+    def datapath(a: int, b: int) -> str:
+        """Peer 0's links cycle through ``datapaths`` in neighbour order; others by the pair."""
+        if 0 in (a, b):
+            return datapaths[neighbours[0].index(a + b) % len(datapaths)]
+        return datapaths[(a * 31 + b * 17) % len(datapaths)]
+
+    def mtu(dp: str) -> int:
+        return 1414 if dp == "sleeve" else 1376
+
+    def entry(i: int, j: int) -> dict[str, Any]:
+        e: dict[str, Any] = {
+            "name": names[j],
+            "address": address(j),
+            "outbound": i < j,
+            "established": True,
+        }
+        if link_attributes:
+            dp = datapath(min(i, j), max(i, j))
+            e.update(datapath=dp, encrypted=encrypted, mtu=mtu(dp), data_state="established")
+        return e
+
     peers = [
         {
             "name": names[i],
@@ -75,15 +99,7 @@ def synthetic_status(
             "uid": rng.getrandbits(63),
             "version": rng.randint(1, 50),
             "short_id": (i + 1) & 0xFFF,
-            "connections": [
-                {
-                    "name": names[j],
-                    "address": address(j),
-                    "outbound": i < j,
-                    "established": True,
-                }
-                for j in neighbours[i]
-            ],
+            "connections": [entry(i, j) for j in neighbours[i]],
         }
         for i in range(n_peers)
     ]
@@ -98,7 +114,7 @@ def synthetic_status(
             else "peer has no fast datapath; using sleeve",
             "encrypted": encrypted,
             "datapath": datapaths[k % len(datapaths)],
-            "mtu": 1376 if datapaths[k % len(datapaths)] != "sleeve" else 1414,
+            "mtu": mtu(datapaths[k % len(datapaths)]),
         }
         for k, j in enumerate(neighbours[0])
     ]

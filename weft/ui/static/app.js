@@ -119,7 +119,7 @@
         return { name: str(c.name), address: str(c.address), outbound: c.outbound === true,
                  established: c.established === true,
                  datapath: str(c.datapath), encrypted: typeof c.encrypted === 'boolean' ? c.encrypted : null,
-                 mtu: num(c.mtu) };
+                 mtu: num(c.mtu), dataState: str(c.data_state) };
       }).filter(function (c) { return c.name && c.name !== name; });
     });
     if (localName) {
@@ -221,6 +221,9 @@
           : 'none';
       } else {
         e.state = ra && rb && ra.established && rb.established ? 'established' : 'pending';
+        // The owners' data planes (gossiped, issue #17): a link they see silent is degraded.
+        if (e.state === 'established' && [ra, rb].some(function (r) {
+          return r.dataState === 'degraded' || r.dataState === 'failed'; })) e.state = 'degraded';
         e.datapath = (ra && ra.datapath) || (rb && rb.datapath) || 'unknown';
         var enc = ra && ra.encrypted !== null ? ra.encrypted : rb && rb.encrypted !== null ? rb.encrypted : null;
         e.encrypted = enc === null ? meshEncrypted : enc;
@@ -292,12 +295,12 @@
     return c.join(' ');
   }
   function edgeClasses(e, small) {
-    var dp = { ovs: 1, fastdp: 1, vxlan: 1, sleeve: 1 }[e.datapath] ? e.datapath : 'unknown';
+    var dp = { ovs: 1, fastdp: 1, vxlan: 1, sleeve: 1, none: 1 }[e.datapath] ? e.datapath : 'unknown';
     if (dp === 'fastdp') dp = 'ovs';
     var st = { established: 1, degraded: 1, pending: 1, failed: 1 }[e.state] ? e.state : 'pending';
-    // Labels only where they say something: all edges of a small mesh, else those whose
-    // datapath is known (our own connections) or that are not established.
-    var labelled = small || dp !== 'unknown' || st !== 'established';
+    // Labels only where they say something: all edges of a small mesh, else our own
+    // connections and those that are not established.
+    var labelled = small || !!e.local || st !== 'established';
     return ['st-' + st, 'dp-' + dp, e.encrypted ? 'enc' : 'plain',
             e.reachable ? '' : 'unreachable', labelled ? 'labelled' : '',
             e.held ? 'held' : ''].join(' ').replace(/ +/g, ' ').trim();
@@ -305,7 +308,8 @@
 
   // Big graphs: one selector per element kind, the look computed here into data fields. Matching
   // a dozen class selectors against thousands of elements was a quarter of the first draw.
-  var DP_COLORS = { ovs: '#2e9e44', vxlan: '#2b6cb0', sleeve: '#dd8a1e', unknown: '#8a8f98' };
+  var DP_COLORS = { ovs: '#2e9e44', vxlan: '#2b6cb0', sleeve: '#dd8a1e', none: '#4a515c',
+                    unknown: '#8a8f98' };
   var PART_FILLS = ['#b39ddb', '#ef9a9a', '#80cbc4', '#ffcc80', '#b0bec5'];
 
   function bigNodeLook(p, m) {
@@ -361,6 +365,7 @@
       { selector: 'edge.dp-ovs', style: { 'line-color': '#2e9e44' } },
       { selector: 'edge.dp-vxlan', style: { 'line-color': '#2b6cb0' } },
       { selector: 'edge.dp-sleeve', style: { 'line-color': '#dd8a1e' } },
+      { selector: 'edge.dp-none', style: { 'line-color': '#4a515c' } },
       { selector: 'edge.enc', style: { 'width': big ? 1.5 : 4 } },
       { selector: 'edge.st-pending', style: { 'line-style': 'dashed' } },
       { selector: 'edge.st-failed', style: { 'line-style': 'dotted', 'line-color': '#d0342c' } },
@@ -522,6 +527,17 @@
   // ---------------------------------------------------------------------------------------
   // Summary, banner, details
 
+  // "not reported" is not a datapath: listed only while some edge has none (an older peer's
+  // record), like "none" (control only) only while some edge is carried by no data plane.
+  function renderLegend(m) {
+    var seen = Object.create(null);
+    m.edges.forEach(function (e) { if (e.state !== 'failed') seen[e.datapath || 'unknown'] = true; });
+    [['lg-unknown', 'unknown'], ['lg-none', 'none']].forEach(function (x) {
+      var span = document.querySelector('#legend .' + x[0]);
+      if (span) span.hidden = !seen[x[1]];
+    });
+  }
+
   function renderSummary(m) {
     $('self-name').textContent = m.localName ? (m.nickname ? m.nickname + ' (' + m.localName + ')' : m.localName) : '';
     document.title = 'weft mesh' + (m.nickname ? ' — ' + m.nickname : '');
@@ -681,7 +697,7 @@
       ['between', peerLink(m, e.a)], ['and', peerLink(m, e.b)],
       ['state', stateSpan(e.state)], ['address', e.address],
       ['direction', e.outbound === null ? '' : e.outbound ? 'outbound from here' : 'inbound'],
-      ['datapath', e.datapath === 'unknown' ? 'not reported (only the two peers know it)'
+      ['datapath', e.datapath === 'unknown' ? 'not reported (a peer too old to gossip it)'
         : e.datapath === 'none' ? 'none (no data path set up)' : e.datapath],
       ['encryption', e.state === 'failed' && !e.controlEncrypted ? 'no handshake yet'
         : encryptionWord(e.state, e.encrypted) + (e.encryptionAssumed ? ' (mesh setting)'
@@ -960,6 +976,7 @@
     holdDropped(m, incarnation || '');
     app.model = m;
     syncGraph(m);
+    renderLegend(m);
     renderSummary(m);
     renderDetails();
     refreshTable();
