@@ -343,7 +343,7 @@ def _links(status: dict[str, Any]) -> set[frozenset[str]]:
 
 
 async def test_tables_work_without_the_graph_library(page: Any, server: FakeStatusServer) -> None:
-    await page.route("**/vendor/cytoscape.min.js", lambda route: route.abort())
+    await page.route("**/static/graph.js", lambda route: route.abort())
     await page.goto(server.url + "/ui")
     await wait_for(page, "() => window.weftGraph && window.weftGraph.ready")
     assert "did not load" in await page.inner_text("#graph")
@@ -498,4 +498,142 @@ async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> 
     await wait_for_graph(page, 3, 2)
     await page.evaluate("(id) => window.weftGraph.select(id)", held["id"])
     assert "This connection is gone" in await page.inner_text("#details")
+    assert page.problems.errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Big meshes on the canvas (#17 item 3): what a user sees, through window.weftGraph.seen()
+
+
+def _overlaps(labels: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    bad = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            if a["x0"] < b["x1"] - 0.5 and b["x0"] < a["x1"] - 0.5 and \
+                    a["y0"] < b["y1"] - 0.5 and b["y0"] < a["y1"] - 0.5:
+                bad.append((a["text"], b["text"]))
+    return bad
+
+
+async def _seen(page: Any) -> dict[str, Any]:
+    seen: dict[str, Any] = await page.evaluate("() => window.weftGraph.seen()")
+    return seen
+
+
+def _node_labels(seen: dict[str, Any]) -> list[dict[str, Any]]:
+    return [lb for lb in seen["labels"] if lb["kind"] == "node"]
+
+
+async def test_thousand_peers_zoom_shows_labels_and_focus_shows_links(page: Any) -> None:
+    status = synthetic_status(1000, seed=5)
+    srv = FakeStatusServer(status)
+    await srv.start()
+    try:
+        await page.goto(srv.url + "/ui")
+        await wait_for_graph(page, 1000, len(_links(status)))
+        await wait_for(page, "() => window.weftGraph.seen().frames > 0")
+        overview = await _seen(page)
+        assert _overlaps(overview["labels"]) == []
+        # Zoom in with the wheel over the middle of the graph: more peers get their name.
+        box = await page.locator("#graph").bounding_box()
+        await page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(4):
+            await page.mouse.wheel(0, -500)
+        await wait_for(page, "(k) => window.weftGraph.seen().k > k * 4", overview["k"])
+        await wait_for(page, "(n) => window.weftGraph.seen().labels.filter("
+                             "l => l.kind === 'node').length > n", len(_node_labels(overview)))
+        zoomed = await _seen(page)
+        labels = _node_labels(zoomed)
+        assert len(labels) >= 15, labels
+        assert _overlaps(zoomed["labels"]) == []
+        assert all(lb["text"].startswith("host-") for lb in labels)
+        await screenshot(page, "ui-1000-zoomed.png")
+
+        # Find a peer: it is selected, brought into view, and its neighbours and links are
+        # highlighted and labelled.
+        name = peer_name(500)
+        record = next(p for p in status["router"]["peers"] if p["name"] == name)
+        neighbours = {c["name"] for c in record["connections"]}
+        await page.fill("#graph-search", "host-0500")
+        await wait_for(page, "(id) => window.weftGraph.seen().focus[0] === id", "n:" + name)
+        seen = await _seen(page)
+        assert {"n:" + n for n in neighbours} <= set(seen["focus"])
+        nicks = {p["nickname"] for p in status["router"]["peers"] if p["name"] in neighbours}
+        shown = {lb["text"] for lb in _node_labels(seen)}
+        assert nicks | {"host-0500"} <= shown, (nicks, shown)
+        own = {e["id"] for e in (await graph_snapshot(page))["edges"]
+               if name in (e["source"], e["target"])}
+        assert own and own <= set(seen["focusEdges"])
+        assert f"Connections ({len(neighbours)})" in await page.inner_text("#details")
+        await screenshot(page, "ui-1000-focus.png")
+
+        # Click a neighbour on the canvas: it becomes the selection.
+        other = sorted(neighbours)[0]
+        pos = await page.evaluate("(id) => window.weftGraph.screenPos(id)", "n:" + other)
+        if not pos["inView"]:
+            await page.evaluate("(id) => window.weftGraph.select(id)", "n:" + other)
+            pos = await page.evaluate("(id) => window.weftGraph.screenPos(id)", "n:" + other)
+        await page.mouse.click(pos["x"], pos["y"])
+        await wait_for(page, "(id) => window.weftGraph.seen().focus[0] === id", "n:" + other)
+        assert other in await page.inner_text("#details")
+        assert page.problems.errors == []
+    finally:
+        await srv.stop()
+
+
+async def test_grouping_by_zone_bundles_links_between_groups(page: Any) -> None:
+    status = synthetic_status(1000, seed=5, zones=4)
+    srv = FakeStatusServer(status)
+    await srv.start()
+    try:
+        await page.goto(srv.url + "/ui")
+        await wait_for(page, "() => window.weftGraph && window.weftGraph.ready")
+        await page.select_option("#group-by", "label:zone")
+        await wait_for(page, "() => window.weftGraph.seen().groups.length === 4")
+        await page.click("#btn-fit")
+        await page.click("#btn-zoom-out")
+        await wait_for(page, "() => window.weftGraph.seen().mode === 'overview'")
+        seen = await _seen(page)
+        groups = {lb["text"] for lb in seen["labels"] if lb["kind"] == "group"}
+        assert groups == {f"zone-{z} · 250 peers" for z in range(4)}, groups
+        bundles = [lb["text"] for lb in seen["labels"] if lb["kind"] == "bundle"]
+        assert bundles and all(t.endswith(" links") or t.endswith(" link") for t in bundles)
+        assert _overlaps(seen["labels"]) == []
+        await screenshot(page, "ui-1000-zones.png")
+        assert page.problems.errors == []
+    finally:
+        await srv.stop()
+
+
+async def test_small_mesh_stable_positions_and_readable_labels(
+    page: Any, browser: Any, server: FakeStatusServer
+) -> None:
+    await page.goto(server.url + "/ui")
+    await wait_for_graph(page, 3, 3)
+    await wait_for(page, "() => window.weftGraph.seen().frames > 0")
+    seen = await _seen(page)
+    # Every peer is named; link labels are drawn but never over a peer's label.
+    assert {lb["text"].split("\n")[0] for lb in _node_labels(seen)} == {
+        "host-0001", "host-0002", "host-0003"}
+    assert [lb for lb in seen["labels"] if lb["kind"] == "edge"]
+    assert _overlaps(seen["labels"]) == []
+    first = await page.evaluate("() => window.weftGraph.positions()")
+    # The same picture after a reload and in a fresh browser profile (no remembered layout).
+    await page.reload()
+    await wait_for_graph(page, 3, 3)
+    assert await page.evaluate("() => window.weftGraph.positions()") == first
+    context = await browser.new_context(viewport={"width": 900, "height": 600})
+    try:
+        fresh = await context.new_page()
+        await fresh.goto(server.url + "/ui")
+        await wait_for_graph(fresh, 3, 3)
+        assert await fresh.evaluate("() => window.weftGraph.positions()") == first
+    finally:
+        await context.close()
+    # A peer cut off moves to its own group; the others stay where they were.
+    server.set_status(cut_off(server.get_status(), 2))
+    await wait_for(page, "() => window.weftGraph.seen().groups.length === 2")
+    after = await page.evaluate("() => window.weftGraph.positions()")
+    for name in (peer_name(1), peer_name(2)):
+        assert after["n:" + name] == first["n:" + name]
     assert page.problems.errors == []

@@ -134,7 +134,7 @@ async def test_ui_redirects_and_serves_page_with_csp(env: Env) -> None:
     resp = await client.get("/ui")
     assert resp.status == 200
     text = await resp.text()
-    assert "static/app.js" in text and "static/vendor/cytoscape.min.js" in text
+    assert "static/app.js" in text and "static/graph.js" in text
     assert "http" not in text.replace("http-equiv", "")  # no CDN, nothing off-box
     csp = resp.headers["Content-Security-Policy"]
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
@@ -142,7 +142,7 @@ async def test_ui_redirects_and_serves_page_with_csp(env: Env) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["app.js", "style.css", "vendor/cytoscape.min.js", "vendor/cytoscape.LICENSE"]
+    "path", ["app.js", "graph.js", "style.css", "favicon.svg"]
 )
 async def test_static_assets_are_served(env: Env, path: str) -> None:
     client, _, _ = env

@@ -70,7 +70,9 @@ class FakeStatusServer:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    status = synthetic_status(args.peers, partitions=args.partitions, encrypted=not args.plain)
+    status = synthetic_status(
+        args.peers, partitions=args.partitions, encrypted=not args.plain, zones=args.zones
+    )
     server = FakeStatusServer(status)
     url = await server.start(args.port)
     print(f"serving a {args.peers}-peer synthetic mesh at {url}/ui  (Ctrl-C stops)")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--peers", type=int, default=12, help="peers in the synthetic mesh")
     parser.add_argument("--partitions", type=int, default=1, help="disconnected parts")
+    parser.add_argument("--zones", type=int, default=0, help="peers labelled zone-0..N-1")
     parser.add_argument("--plain", action="store_true", help="an unencrypted mesh")
     parser.add_argument("--port", type=int, default=6790, help="port on 127.0.0.1")
     args = parser.parse_args(argv)

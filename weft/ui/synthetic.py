@@ -31,6 +31,7 @@ def synthetic_status(
     ipam: bool = True,
     containers: int = 2,
     link_attributes: bool = True,
+    zones: int = 0,
 ) -> dict[str, Any]:
     """A consistent status as seen from peer 0 of a mesh of ``n_peers``.
 
@@ -40,6 +41,8 @@ def synthetic_status(
     datapath cycling through ``datapaths``; peers outside peer 0's group are unreachable.
     Records carry each link's datapath, encryption, MTU and data state as routers gossip them
     (issue #17); ``link_attributes=False`` leaves them out, as peers from before that did.
+    With ``zones`` every record carries ``labels: {"zone": "zone-<i mod zones>"}`` (as a router
+    given a Kubernetes zone label would), and links prefer peers of the same zone.
     """
     if n_peers < 1:
         raise ValueError("n_peers must be at least 1")
@@ -55,10 +58,12 @@ def synthetic_status(
                 a, b = members[k], members[(k + 1) % m]
                 links.add((min(a, b), max(a, b)))
             extra = max(0, (degree * m) // 2 - (len(links) - before))
-            for _ in range(extra * 3):
+            for _ in range(extra * (15 if zones else 3)):
                 if extra <= 0:
                     break
                 a, b = rng.sample(members, 2)
+                if zones and a % zones != b % zones and rng.random() < 0.8:
+                    continue
                 key = (min(a, b), max(a, b))
                 if key not in links:
                     links.add(key)
@@ -103,6 +108,9 @@ def synthetic_status(
         }
         for i in range(n_peers)
     ]
+    if zones:
+        for i, p in enumerate(peers):
+            p["labels"] = {"zone": f"zone-{i % zones}"}
     connections = [
         {
             "peer": names[j],

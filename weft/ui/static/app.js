@@ -11,11 +11,6 @@
 (function () {
   'use strict';
 
-  // Above this many peers the graph switches to its cheap mode: precomputed positions, no labels
-  // until zoomed in, edges hidden while panning, straight "haystack" edges.
-  var BIG_GRAPH = 150;
-  // Force-directed layout (cose) only up to this many peers; beyond, circles per partition.
-  var FORCE_LAYOUT_MAX = 60;
   // Up to this many peers labels carry the peer name too, and every edge is labelled.
   var SMALL_GRAPH = 12;
   var MAX_PEERS = 20000;           // refuse to draw absurd documents rather than hang the tab
@@ -26,7 +21,6 @@
 
   var PENDING_STATES = { pending: 1, connecting: 1, retrying: 1 };
   var STATE_RANK = { established: 6, degraded: 5, pending: 4, connecting: 3, retrying: 2, failed: 1 };
-  var HAVE_GRAPH_LIB = true;       // known once the document (and cytoscape after us) is parsed
   var domReady = false, earlyMessage = null;
 
   var hook = {
@@ -34,8 +28,19 @@
     stats: { malformed: 0, stale: 0, reconnects: 0, errors: 0 },
     timings: { start: performance.now(), firstStatus: null, drawn: null, lastApplied: null,
                lastApplyMs: null },
-    cy: null,
+    view: null,
     snapshot: snapshot,
+    // What the canvas shows: labels drawn in the last frame, zoom, focus (see seen()).
+    seen: seen,
+    screenPos: screenPos,
+    // Layout positions (world coordinates), by node id.
+    positions: function () {
+      var v = app.view3, out = {};
+      if (v && v.nodes) v.nodes.forEach(function (nd) { out[nd.id] = [nd.x, nd.y]; });
+      return out;
+    },
+    groupBy: function (k) { setGroupBy(k); },
+    focusHops: function (h) { setFocusHops(h); },
     select: function (id) { select(id, true); },
     setView: function (v) { setView(v); },
     // Feed a raw message as if it came from /ws (tests of malformed and stale input); applied
@@ -45,8 +50,9 @@
   window.weftGraph = hook;
 
   var app = {
-    model: null, selected: null, view: 'graph', cy: null, cyBig: null,
-    nodeIds: '', sortKey: null, sortDir: 1, rows: [], filtered: [], rowHeight: 0,
+    model: null, selected: null, view: 'graph', view3: null, graphData: null,
+    groupBy: storedPref('groupBy', 'partition'), focusHops: Number(storedPref('focusHops', '1')) || 0,
+    sortKey: null, sortDir: 1, rows: [], filtered: [], rowHeight: 0,
     holdIncarnation: null, seenPeers: new Map(), seenEdges: new Map(), reportedBy: new Map(),
     holdTimer: null, lastStatus: null,
   };
@@ -55,6 +61,12 @@
   // Small helpers
 
   function $(id) { return document.getElementById(id); }
+  function storedPref(k, dflt) {
+    try { var v = window.localStorage.getItem('weft.' + k); return v === null ? dflt : v; } catch (err) { return dflt; }
+  }
+  function storePref(k, v) {
+    try { window.localStorage.setItem('weft.' + k, String(v)); } catch (err) { /* disabled */ }
+  }
   function isObj(x) { return x !== null && typeof x === 'object' && !Array.isArray(x); }
   function arr(x) { return Array.isArray(x) ? x : []; }
   function str(x, dflt) {
@@ -96,7 +108,8 @@
       var p = peers.get(name);
       if (!p) {
         p = { name: name, nickname: nickname || '', uid: '', version: '', shortId: '', software: '',
-              reported: [], known: false, component: -1, reachable: true };
+              reported: [], known: false, component: -1, reachable: true,
+              labels: Object.create(null) };
         peers.set(name, p);
       } else if (!p.nickname && nickname) {
         p.nickname = nickname;
@@ -115,6 +128,13 @@
       p.nickname = str(rp.nickname) || p.nickname;
       p.uid = str(rp.uid); p.version = str(rp.version); p.shortId = str(rp.short_id);
       p.software = str(rp.software);
+      // Optional labels (e.g. a Kubernetes zone): offered as a grouping.
+      if (isObj(rp.labels)) {
+        Object.keys(rp.labels).slice(0, 32).forEach(function (k) {
+          var v = str(rp.labels[k]);
+          if (k && v) p.labels[k] = v;
+        });
+      }
       p.reported = arr(rp.connections).filter(isObj).map(function (c) {
         return { name: str(c.name), address: str(c.address), outbound: c.outbound === true,
                  established: c.established === true,
@@ -327,202 +347,159 @@
              op: e.held ? 0.2 : e.reachable ? 1 : 0.45 };
   }
 
-  function graphStyle(big) {
-    if (big) {
-      return [
-        { selector: 'node', style: { 'label': '', 'width': 'data(size)', 'height': 'data(size)',
-          'background-color': 'data(fill)', 'border-width': 0, 'opacity': 'data(op)' } },
-        { selector: 'node.match', style: { 'border-color': '#e74c3c', 'border-width': 3 } },
-        { selector: 'edge', style: { 'curve-style': 'haystack', 'line-color': 'data(color)',
-          'width': 'data(width)', 'line-style': 'data(ls)', 'opacity': 'data(op)' } },
-        { selector: ':selected', style: { 'overlay-color': '#2b6cb0', 'overlay-opacity': 0.35,
-          'overlay-padding': 4 } },
-      ];
-    }
-    return [
-      { selector: 'node', style: {
-        'label': big ? '' : 'data(label)', 'text-wrap': 'wrap', 'font-size': 10,
-        'text-valign': 'bottom', 'text-margin-y': 3, 'color': '#1c2330',
-        'background-color': '#5b8fd1', 'border-width': 1, 'border-color': '#2b5a94',
-        'width': big ? 8 : 22, 'height': big ? 8 : 22, 'min-zoomed-font-size': 6 } },
-      { selector: 'node.local', style: { 'background-color': '#1f4f8f', 'border-width': 3,
-        'border-color': '#f2b600', 'width': big ? 14 : 28, 'height': big ? 14 : 28 } },
-      { selector: 'node.unreachable', style: { 'background-color': '#c7cbd1', 'border-style': 'dashed',
-        'border-color': '#7d838c', 'color': '#7d838c' } },
-      { selector: 'node.part1', style: { 'border-color': '#9b59b6', 'border-width': 2 } },
-      { selector: 'node.part2', style: { 'border-color': '#c0392b', 'border-width': 2 } },
-      { selector: 'node.part3', style: { 'border-color': '#16a085', 'border-width': 2 } },
-      { selector: 'node.part4', style: { 'border-color': '#d35400', 'border-width': 2 } },
-      { selector: 'node.part5', style: { 'border-color': '#34495e', 'border-width': 2 } },
-      { selector: 'node.unknown', style: { 'shape': 'diamond' } },
-      { selector: 'node.match', style: { 'border-color': '#e74c3c', 'border-width': 4 } },
-      { selector: 'edge', style: {
-        'curve-style': big ? 'haystack' : 'bezier', 'line-color': '#8a8f98', 'width': big ? 1 : 2,
-        'label': '', 'font-size': 9, 'color': '#4a515c',
-        'text-background-color': '#ffffff', 'text-background-opacity': 0.8,
-        'text-background-padding': 1, 'min-zoomed-font-size': 7, 'text-rotation': 'autorotate' } },
-      { selector: 'edge.labelled', style: { 'label': big ? '' : 'data(label)' } },
-      { selector: 'edge.dp-ovs', style: { 'line-color': '#2e9e44' } },
-      { selector: 'edge.dp-vxlan', style: { 'line-color': '#2b6cb0' } },
-      { selector: 'edge.dp-sleeve', style: { 'line-color': '#dd8a1e' } },
-      { selector: 'edge.dp-none', style: { 'line-color': '#4a515c' } },
-      { selector: 'edge.enc', style: { 'width': big ? 1.5 : 4 } },
-      { selector: 'edge.st-pending', style: { 'line-style': 'dashed' } },
-      { selector: 'edge.st-failed', style: { 'line-style': 'dotted', 'line-color': '#d0342c' } },
-      { selector: 'edge.st-degraded', style: { 'line-style': 'dashed', 'line-color': '#e0561b' } },
-      { selector: 'edge.unreachable', style: { 'opacity': 0.45 } },
-      { selector: '.held', style: { 'opacity': 0.25 } },
-      { selector: ':selected', style: { 'overlay-color': '#2b6cb0', 'overlay-opacity': 0.25,
-        'overlay-padding': 4 } },
-    ];
+  // Grouping: what the layout gathers peers by and, zoomed out, what links are bundled between.
+  var GROUP_BASE = [['partition', 'partition'], ['datapath', 'datapath'],
+                    ['encryption', 'encryption'], ['none', 'no grouping']];
+
+  function majority(counts, dflt) {
+    var best = dflt, n = 0;
+    Object.keys(counts).sort().forEach(function (k) { if (counts[k] > n) { best = k; n = counts[k]; } });
+    return best;
   }
 
-  function ensureCy(big) {
-    if (app.cy && app.cyBig === big) return app.cy;
-    if (app.cy) app.cy.destroy();
-    app.cy = cytoscape({
-      container: $('graph'), style: graphStyle(big),
-      minZoom: 0.02, maxZoom: 6, boxSelectionEnabled: false, selectionType: 'single',
-      textureOnViewport: big, hideEdgesOnViewport: big, pixelRatio: big ? 1 : 'auto',
-      motionBlur: false,
-    });
-    app.cyBig = big;
-    app.nodeIds = '';
-    hook.cy = app.cy;
-    app.cy.on('tap', 'node', function (ev) { select(ev.target.id(), false); });
-    app.cy.on('tap', 'edge', function (ev) { select(ev.target.id(), false); });
-    app.cy.on('tap', function (ev) { if (ev.target === app.cy) select(null, false); });
-    return app.cy;
-  }
-
-  // Positions for big graphs, O(n): each partition on its own circle (a grid past 400 peers),
-  // partitions side by side; peers in name order so positions stay stable across updates.
-  function presetPositions(m) {
-    var pos = {}, x0 = 0;
-    m.components.forEach(function (names) {
-      var sorted = names.slice().sort(), n = sorted.length;
-      var r = Math.max(40, n * 6 / Math.PI), w;
-      if (n > 400) {
-        var cols = Math.ceil(Math.sqrt(n)), step = 18;
-        sorted.forEach(function (name, i) {
-          pos['n:' + name] = { x: x0 + (i % cols) * step, y: Math.floor(i / cols) * step };
-        });
-        w = cols * step;
-      } else {
-        sorted.forEach(function (name, i) {
-          var a = 2 * Math.PI * i / n;
-          pos['n:' + name] = { x: x0 + r + r * Math.cos(a), y: r + r * Math.sin(a) };
-        });
-        w = 2 * r;
-      }
-      x0 += w + 80;
-    });
-    return pos;
-  }
-
-  function runLayout(m) {
-    var cy = app.cy, n = m.peers.size;
-    if (n <= FORCE_LAYOUT_MAX) {
-      cy.layout({ name: n <= 3 ? 'circle' : 'cose', animate: false, fit: true, padding: 40,
-                  randomize: true, componentSpacing: 120, nodeOverlap: 20,
-                  nodeRepulsion: function () { return 400000; },
-                  idealEdgeLength: function () { return n <= SMALL_GRAPH ? 140 : 100; },
-                  gravity: 0.5, numIter: 1000 }).run();
-    } else {
-      var pos = presetPositions(m);
-      cy.batch(function () {
-        cy.nodes().forEach(function (node) { var p = pos[node.id()]; if (p) node.position(p); });
+  // Group key and its legend text for every peer under app.groupBy.
+  function groupsOf(m) {
+    var by = app.groupBy, key = new Map(), labels = {}, perPeer = new Map();
+    if (by === 'datapath' || by === 'encryption') {
+      m.peers.forEach(function (p, name) { perPeer.set(name, {}); });
+      m.edges.forEach(function (e) {
+        if (e.held) return;
+        var v = by === 'datapath'
+          ? (e.datapath === 'fastdp' ? 'ovs' : e.datapath === 'none' || !e.datapath ? 'unknown' : e.datapath)
+          : e.state === 'established' ? (e.encrypted ? 'encrypted' : 'plain') : null;
+        if (v === null || v === 'unknown') return;
+        [e.a, e.b].forEach(function (n) { var c = perPeer.get(n); c[v] = (c[v] || 0) + 1; });
       });
-      fitPositions(pos);
     }
+    m.peers.forEach(function (p, name) {
+      var k;
+      if (by === 'partition') {
+        k = 'p' + p.component;
+        labels[k] = p.component === 0 ? (m.localName && m.components.length > 1 ? 'reachable from here' : 'partition 1')
+          : 'partition ' + (p.component + 1) + (m.localName ? ' (unreachable)' : '');
+      } else if (by === 'datapath') {
+        k = majority(perPeer.get(name), 'not reported');
+      } else if (by === 'encryption') {
+        var c = perPeer.get(name);
+        k = c.plain && c.encrypted ? 'mixed' : c.plain ? 'plain' : c.encrypted ? 'encrypted' : 'no live link';
+      } else if (by.indexOf('label:') === 0) {
+        var lk = by.slice(6);
+        k = Object.prototype.hasOwnProperty.call(p.labels, lk) ? p.labels[lk] : '(no ' + lk + ')';
+      } else {
+        k = 'all';
+      }
+      key.set(name, k);
+      if (!labels[k]) labels[k] = k;
+    });
+    var size = new Map();
+    key.forEach(function (k) { size.set(k, (size.get(k) || 0) + 1); });
+    var localKey = m.localName ? key.get(m.localName) : null;
+    var order = Array.from(size.keys()).sort(function (x, y) {
+      if ((x === localKey) !== (y === localKey)) return x === localKey ? -1 : 1;
+      return size.get(y) - size.get(x) || (x < y ? -1 : x > y ? 1 : 0);
+    });
+    return { key: key, labels: labels, order: order };
   }
 
-  // cy.fit() over thousands of elements measures every edge (hundreds of ms); the extent of the
-  // positions we chose ourselves gives the same viewport for free.
-  function fitPositions(pos) {
-    var cy = app.cy, x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-    Object.keys(pos).forEach(function (k) {
-      var p = pos[k];
-      if (p.x < x0) x0 = p.x; if (p.x > x1) x1 = p.x;
-      if (p.y < y0) y0 = p.y; if (p.y > y1) y1 = p.y;
+  // The grouping choices: the fixed ones plus every label key a peer record carries.
+  function syncGroupChoices(m) {
+    var keys = new Set();
+    m.peers.forEach(function (p) { Object.keys(p.labels).forEach(function (k) { keys.add(k); }); });
+    var list = GROUP_BASE.concat(Array.from(keys).sort().map(function (k) { return ['label:' + k, 'label ' + k]; }));
+    var sig = list.map(function (c) { return c[0]; }).join(',');
+    var sel = $('group-by');
+    if (!sel || sel.dataset.sig === sig) return;
+    sel.dataset.sig = sig;
+    sel.textContent = '';
+    list.forEach(function (c) {
+      var o = el('option', c[1]);
+      o.value = c[0];
+      sel.appendChild(o);
     });
-    if (!isFinite(x0)) return;
-    var pad = 30, w = Math.max(1, x1 - x0), h = Math.max(1, y1 - y0);
-    var zoom = Math.min((cy.width() - 2 * pad) / w, (cy.height() - 2 * pad) / h, 2);
-    zoom = Math.max(cy.minZoom(), zoom);
-    cy.viewport({ zoom: zoom, pan: { x: (cy.width() - zoom * (x0 + x1)) / 2,
-                                     y: (cy.height() - zoom * (y0 + y1)) / 2 } });
+    if (list.every(function (c) { return c[0] !== app.groupBy; })) app.groupBy = 'partition';
+    sel.value = app.groupBy;
+  }
+
+  function ensureView() {
+    if (app.view3) return app.view3;
+    app.view3 = new window.WeftGraphView($('graph'), {
+      onSelect: function (id) { select(id, false); },
+      onDrawn: function () {
+        if (!hook.ready && app.model) {
+          hook.timings.drawn = performance.now();
+          hook.ready = true;
+          document.documentElement.dataset.weftReady = '1';
+        }
+      },
+    });
+    app.view3.focusHops = app.focusHops;
+    hook.view = app.view3;
+    return app.view3;
   }
 
   function syncGraph(m) {
-    var big = m.peers.size > BIG_GRAPH, small = m.peers.size <= SMALL_GRAPH;
-    var cy = ensureCy(big);
-    var ids = Array.from(m.peers.keys()).sort().join(',');
-    var relayout = ids !== app.nodeIds;  // peers came or went (edges alone never move nodes)
-    // Big graphs: positions computed here and given to the nodes as they are added, which is
-    // several times cheaper than running even cytoscape's 'preset' layout over them.
-    var pos = relayout && m.peers.size > FORCE_LAYOUT_MAX ? presetPositions(m) : null;
-    var want = new Map();
+    var small = m.peers.size <= SMALL_GRAPH, view = ensureView();
+    syncGroupChoices(m);
+    var g = groupsOf(m), nodes = [], edges = [];
     m.peers.forEach(function (p) {
-      var id = 'n:' + p.name;
-      var data = { id: id, label: peerLabel(p, small), name: p.name, nickname: p.nickname };
-      if (big) Object.assign(data, bigNodeLook(p, m));
-      var w = { group: 'nodes', data: data, classes: nodeClasses(p, m) };
-      if (pos) w.position = pos[id];
-      want.set(id, w);
+      var look = bigNodeLook(p, m);
+      nodes.push({ id: 'n:' + p.name, name: p.name, nickname: p.nickname, label: peerLabel(p, small),
+        group: g.key.get(p.name), fill: p.reachable || p.name === m.localName ? look.fill : '#c7cbd1',
+        size: look.size, op: look.op, local: p.name === m.localName, unknown: !p.known,
+        unreachable: !p.reachable, classes: nodeClasses(p, m).split(' ') });
     });
     m.edges.forEach(function (e) {
-      var data = { id: e.id, source: 'n:' + e.a, target: 'n:' + e.b, label: edgeLabel(e),
-        state: e.state, datapath: e.datapath, encrypted: e.encrypted };
-      if (big) Object.assign(data, bigEdgeLook(e));
-      want.set(e.id, { group: 'edges', data: data, classes: edgeClasses(e, small) });
+      var look = bigEdgeLook(e), cls = edgeClasses(e, small);
+      edges.push({ id: e.id, source: 'n:' + e.a, target: 'n:' + e.b, label: edgeLabel(e),
+        state: e.state, datapath: e.datapath, encrypted: e.encrypted, classes: cls.split(' '),
+        color: look.color, width: small ? (e.encrypted ? 2.5 : 1.5) : look.width, dash: look.ls,
+        op: look.op, labelled: / labelled( |$)/.test(' ' + cls),
+        important: e.state !== 'established' || !!e.held || e.a === m.localName || e.b === m.localName });
     });
-    var added = [];
-    cy.batch(function () {
-      cy.elements().forEach(function (ele) {
-        var w = want.get(ele.id());
-        if (!w) { ele.remove(); return; }
-        var d = ele.data(), changed = null;
-        for (var k in w.data) {
-          // Never id/source/target: fixed for an element's life (the id encodes them).
-          if (k !== 'id' && k !== 'source' && k !== 'target' && d[k] !== w.data[k]) {
-            (changed = changed || {})[k] = w.data[k];
-          }
-        }
-        if (changed) ele.data(changed);
-        if (ele.classes().join(' ') !== w.classes) ele.classes(w.classes);
-        want.delete(ele.id());
-      });
-      want.forEach(function (w) { if (w.group === 'nodes') added.push(w); });
-      want.forEach(function (w) { if (w.group === 'edges') added.push(w); });
-      if (pos) {  // nodes that already existed move to their new place; new ones came with it
-        cy.nodes().forEach(function (n) { var p = pos[n.id()]; if (p) n.position(p); });
-      }
-      if (added.length) cy.add(added);
-    });
-    if (relayout) {
-      app.nodeIds = ids;
-      hook.layouts += 1;
-      if (pos) fitPositions(pos); else runLayout(m);
-    }
+    app.graphData = { nodes: nodes, edges: edges };
+    var before = view.layouts;
+    view.setData({ nodes: nodes, edges: edges, groupOrder: g.order, groupLabels: g.labels,
+                   cacheKey: (m.localName || 'mesh') + '|' + app.groupBy });
+    hook.layouts += view.layouts - before;
     // A selected peer or connection that disappeared stays selected: the details panel says it
     // is gone, which is news to the user, until something else is picked.
   }
 
   function snapshot() {
-    var cy = app.cy;
-    if (!cy) return { nodes: [], edges: [] };
+    var d = app.graphData;
+    if (!d) return { nodes: [], edges: [] };
     return {
-      nodes: cy.nodes().map(function (n) {
-        return { id: n.id(), name: n.data('name'), nickname: n.data('nickname'), classes: n.classes() };
+      nodes: d.nodes.map(function (n) {
+        return { id: n.id, name: n.name, nickname: n.nickname, classes: n.classes.slice() };
       }),
-      edges: cy.edges().map(function (e) {
-        return { id: e.id(), source: e.data('source').slice(2), target: e.data('target').slice(2),
-                 label: e.data('label'), state: e.data('state'), datapath: e.data('datapath'),
-                 encrypted: e.data('encrypted'), classes: e.classes() };
+      edges: d.edges.map(function (e) {
+        return { id: e.id, source: e.source.slice(2), target: e.target.slice(2), label: e.label,
+                 state: e.state, datapath: e.datapath, encrypted: e.encrypted, classes: e.classes.slice() };
       }),
     };
   }
+
+  // What a user sees on the canvas (for tests): labels drawn in the last frame, the zoom, the
+  // focus, where a peer is on screen.
+  function seen() {
+    var v = app.view3;
+    if (!v || !v.drawn) return { labels: [], mode: '', k: 0, focus: [], frames: 0 };
+    return {
+      labels: v.drawn.labels.map(function (l) { return Object.assign({}, l); }),
+      mode: v.drawn.mode, k: v.k, frames: v.drawn.frames, onScreen: v.drawn.onScreen,
+      focus: v.focus ? v.focus.order.map(function (i) { return v.nodes[i].id; }) : [],
+      focusEdges: v.focus ? Array.from(v.focus.edges).map(function (i) { return v.edges[i].id; }) : [],
+      groups: v.groups.map(function (gr) { return { key: gr.key, n: gr.n }; }),
+      width: v.w, height: v.h,
+    };
+  }
+  function screenPos(id) {
+    var v = app.view3, i = v ? v.byId.get(id) : undefined;
+    if (i === undefined) return null;
+    var p = v.screen(i), r = v.canvas.getBoundingClientRect();
+    return { x: p.x + r.left, y: p.y + r.top, inView: p.x >= 0 && p.y >= 0 && p.x <= v.w && p.y <= v.h };
+  }
+
 
   // ---------------------------------------------------------------------------------------
   // Summary, banner, details
@@ -741,21 +718,13 @@
 
   function select(id, center) {
     app.selected = id;
-    var cy = app.cy;
-    if (cy) {
-      cy.$(':selected').unselect();
-      if (id) {
-        var ele = cy.getElementById(id);
-        if (ele.nonempty()) {
-          ele.select();
-          // Big meshes are drawn too small to see a peer: bring it into view. Small ones are
-          // all in view already, so nothing moves.
-          if (center && app.view === 'graph' && app.cyBig) {
-            cy.zoom(Math.max(cy.zoom(), 1));
-            cy.center(ele);
-          }
-        }
-      }
+    var v = app.view3;
+    if (v) {
+      v.select(id && (v.byId.has(id) || id.indexOf('e:') === 0) ? id : null);
+      // From a table, the search or a details link: bring the peer and its neighbourhood into
+      // view. A click on the graph leaves the view where the user put it.
+      if (id && center && app.view === 'graph') v.centerOn(id);
+      else if (id && center) app.pendingCenter = id;
     }
     renderDetails();
     if (app.view !== 'graph') renderTableRows();
@@ -911,7 +880,8 @@
     $('view-graph').hidden = view !== 'graph';
     $('view-table').hidden = view === 'graph';
     if (view === 'graph') {
-      if (app.cy) { app.cy.resize(); }
+      if (app.view3) { app.view3.resize(); if (app.pendingCenter) { app.view3.centerOn(app.pendingCenter); } }
+      app.pendingCenter = null;
       return;
     }
     if (changed) {
@@ -984,13 +954,6 @@
     hook.timings.lastApplied = performance.now();
     hook.timings.lastApplyMs = hook.timings.lastApplied - t0;
     document.documentElement.dataset.weftUpdates = String(hook.updates);
-    if (!hook.ready) {
-      app.cy.one('render', function () {
-        hook.timings.drawn = performance.now();
-        hook.ready = true;
-        document.documentElement.dataset.weftReady = '1';
-      });
-    }
   }
 
   // uids are 64-bit: beyond 2^53 a JS number is not exact, so keep their source text (JSON.parse
@@ -1004,7 +967,7 @@
   }
 
   function onMessage(data) {
-    if (!domReady) {  // the socket opens while cytoscape is still loading: keep the newest only
+    if (!domReady) {  // the socket can open before the document is parsed: keep the newest only
       earlyMessage = data;
       lastHeard = Date.now();
       return;
@@ -1109,26 +1072,23 @@
     Array.prototype.forEach.call(document.querySelectorAll('#tabs button'), function (b) {
       b.addEventListener('click', function () { setView(b.dataset.view); });
     });
-    $('btn-fit').addEventListener('click', function () { if (app.cy) app.cy.fit(undefined, 30); });
-    $('btn-layout').addEventListener('click', function () { if (app.cy && app.model) runLayout(app.model); });
+    $('btn-fit').addEventListener('click', function () { if (app.view3) app.view3.fit(); });
+    $('btn-layout').addEventListener('click', function () { if (app.view3) app.view3.relayout(); });
+    $('btn-zoom-in').addEventListener('click', function () { if (app.view3) app.view3.zoomAt(1.6); });
+    $('btn-zoom-out').addEventListener('click', function () { if (app.view3) app.view3.zoomAt(1 / 1.6); });
+    $('group-by').addEventListener('change', function () { setGroupBy(this.value); });
+    $('focus-hops').value = String(app.focusHops);
+    $('focus-hops').addEventListener('change', function () { setFocusHops(Number(this.value)); });
     var searchTimer = null;
     $('table-search').addEventListener('input', function () {
       clearTimeout(searchTimer);
       searchTimer = setTimeout(function () { $('table-scroll').scrollTop = 0; applyFilterSort(); }, 60);
     });
+    var graphSearchTimer = null;
     $('graph-search').addEventListener('input', function () {
-      var q = this.value.trim().toLowerCase(), cy = app.cy;
-      if (!cy) return;
-      var hits = null;
-      cy.batch(function () {
-        cy.nodes('.match').removeClass('match');
-        if (!q) return;
-        hits = cy.nodes().filter(function (n) {
-          return (n.data('name') + ' ' + n.data('nickname')).toLowerCase().indexOf(q) >= 0;
-        });
-        hits.addClass('match');
-      });
-      if (hits && hits.length === 1) select(hits[0].id(), true);
+      var input = this;
+      clearTimeout(graphSearchTimer);
+      graphSearchTimer = setTimeout(function () { graphSearch(input.value); }, 60);
     });
     $('table-head').addEventListener('click', function (ev) {
       var th = ev.target.closest('th');
@@ -1149,10 +1109,9 @@
       requestAnimationFrame(function () { scrollQueued = false; renderTableRows(); });
     });
     window.addEventListener('resize', function () { if (app.view !== 'graph') renderTableRows(); });
-    HAVE_GRAPH_LIB = typeof window.cytoscape === 'function';
-    if (!HAVE_GRAPH_LIB) {
-      $('graph').textContent = 'The graph library did not load; the tables still work.';
-      window.cytoscape = stubCytoscape;
+    if (typeof window.WeftGraphView !== 'function') {
+      $('graph').textContent = 'The graph script did not load; the tables still work.';
+      window.WeftGraphView = StubView;
     }
     domReady = true;
     if (earlyMessage !== null) {
@@ -1162,26 +1121,48 @@
     }
   }
 
-  // Keeps the tables usable without the graph library: a graph that holds nothing.
-  function stubCytoscape() {
-    var api, empty;
-    function self() { return api; }
-    empty = { forEach: function () {}, map: function () { return []; }, remove: self,
-      empty: function () { return true; }, nonempty: function () { return false; },
-      removeClass: self, addClass: self, filter: function () { return empty; }, unselect: self,
-      length: 0 };
-    api = { on: self, one: function (ev, f) { setTimeout(f, 0); }, batch: function (f) { f(); },
-      elements: function () { return empty; }, nodes: function () { return empty; },
-      edges: function () { return empty; }, add: self, getElementById: function () { return empty; },
-      $: function () { return empty; }, layout: function () { return { run: self }; },
-      destroy: self, resize: self, fit: self, zoom: function () { return 1; }, animate: self,
-      minZoom: function () { return 0.02; }, width: function () { return 1; },
-      height: function () { return 1; }, viewport: self };
-    return api;
+  // Keeps the tables usable without the graph script: a graph that draws nothing.
+  function StubView(container, opts) {
+    this.opts = opts; this.layouts = 0; this.byId = new Map(); this.nodes = []; this.edges = [];
+    this.groups = []; this.focus = null; this.k = 1; this.w = 0; this.h = 0;
+    this.drawn = { labels: [], mode: '', frames: 0 };
+    this.canvas = container;
+  }
+  StubView.prototype.setData = function () {
+    var o = this.opts;
+    setTimeout(function () { o.onDrawn(); }, 0);
+  };
+  ['select', 'centerOn', 'fit', 'relayout', 'zoomAt', 'resize', 'setMatches', 'setFocusHops']
+    .forEach(function (f) { StubView.prototype[f] = function () {}; });
+
+  function graphSearch(value) {
+    var q = value.trim().toLowerCase(), v = app.view3, d = app.graphData;
+    if (!v || !d) return;
+    if (!q) { v.setMatches(null); return; }
+    var hits = d.nodes.filter(function (n) {
+      return (n.name + ' ' + n.nickname).toLowerCase().indexOf(q) >= 0;
+    }).map(function (n) { return n.id; });
+    v.setMatches(hits.slice(0, 200));
+    if (hits.length === 1) select(hits[0], true);
   }
 
-  // This script runs before cytoscape is parsed (see index.html) so the status transfer overlaps
-  // the library's parsing; the page itself is wired once the document is complete.
+  function setGroupBy(k) {
+    if (k === app.groupBy) return;
+    app.groupBy = k;
+    storePref('groupBy', k);
+    if ($('group-by').value !== k) $('group-by').value = k;
+    if (app.model) { syncGraph(app.model); if (app.view3) app.view3.fit(); }
+  }
+
+  function setFocusHops(h) {
+    app.focusHops = h;
+    storePref('focusHops', h);
+    if ($('focus-hops').value !== String(h)) $('focus-hops').value = String(h);
+    if (app.view3) app.view3.setFocusHops(h);
+  }
+
+  // The socket opens at once, so the status transfer overlaps the parsing of the rest of the
+  // page; the page itself is wired once the document is complete.
   connect();
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
   else init();
