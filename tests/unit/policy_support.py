@@ -7,8 +7,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from weft.policy.compiler import AddrRange, DesiredState, DirectionState, compile_policy
+from weft.policy.compiler import compile_policy
 from weft.policy.model import ClusterView, IPAddress
+from weft.policy.verdict import chain_accepts
 
 JSON = dict[str, Any]
 
@@ -73,51 +74,6 @@ def view_of(
 
 
 # ---------------------------------------------------------------------- the kernel's reading
-
-
-def _hit_all(state: DirectionState, local: IPAddress, peer: IPAddress) -> bool:
-    lh = AddrRange.host(local)
-    return any(e.local == lh and e.peer.contains(peer) for e in state.allow_all)
-
-
-def _hit_ports(
-    state: DirectionState, local: IPAddress, peer: IPAddress, proto: str, port: int | None
-) -> bool:
-    if port is None:
-        return False
-    lh = AddrRange.host(local)
-    return any(
-        e.local == lh
-        and e.peer.contains(peer)
-        and e.protocol == proto
-        and e.ports.first <= port <= e.ports.last
-        for e in state.allow_ports
-    )
-
-
-def chain_accepts(
-    state: DesiredState, src: IPAddress, dst: IPAddress, proto: str, port: int | None
-) -> bool:
-    """Chain ``check`` of one node for a new connection (not established, not ND).
-
-    ``proto`` "TCP"/"UDP"/"SCTP" with ``port``, or e.g. "ICMP" with None: only the
-    all-protocol sets match it, as ``meta l4proto . th dport`` never equals a tcp/udp/sctp key.
-    """
-    s, d = AddrRange.host(src), AddrRange.host(dst)
-    if s in state.node_addresses:
-        return True
-    if src == dst and s in state.local_addresses:
-        return True
-    if s in state.egress.isolated and not (
-        _hit_all(state.egress, src, dst) or _hit_ports(state.egress, src, dst, proto, port)
-    ):
-        return False
-    return not (
-        d in state.ingress.isolated
-        and not (
-            _hit_all(state.ingress, dst, src) or _hit_ports(state.ingress, dst, src, proto, port)
-        )
-    )
 
 
 def cluster_allows(

@@ -73,6 +73,7 @@ __all__ = [
     "IpamRefused",
     "IpamUnavailable",
     "MemoryIpam",
+    "PodHook",
     "attachment_id",
     "cni_error",
     "local_routes",
@@ -310,6 +311,16 @@ def _attachment(body: Mapping[str, Any], *, netns_required: bool) -> _Attachment
     return _Attachment(network, cid, netns, ifname, config, path, str(args))
 
 
+class PodHook(Protocol):
+    """Told of every attachment: NetworkPolicy isolates a pod before its ADD returns."""
+
+    async def attached(self, container_id: str, args: str, addresses: list[str]) -> None:
+        """Before the interface is up; raising fails the ADD (the address is released)."""
+        ...
+
+    async def detached(self, container_id: str) -> None: ...
+
+
 class CniService:
     """The CNI operations; ``setup_routes`` exposes them over HTTP."""
 
@@ -325,6 +336,10 @@ class CniService:
         self.mtu = mtu
         self._locks: dict[str, Any] = {}  # ident -> [lock, users]
         self._drain_task: asyncio.Task[None] | None = None
+        self._pod_hooks: list[PodHook] = []
+
+    def add_pod_hook(self, hook: PodHook) -> None:
+        self._pod_hooks.append(hook)
 
     # ------------------------------------------------------------------ locking and spool
 
@@ -492,6 +507,15 @@ class CniService:
                 routes = _route_list(conf.get("routes"), "routes")
             dns_conf = conf.get("dns")
             dns = dns_conf if isinstance(dns_conf, Mapping) and dns_conf else delegated.get("dns")
+        for hook in self._pod_hooks:
+            try:
+                await hook.attached(att.container_id, att.args, list(addresses))
+            except Exception as err:
+                if fresh:
+                    await self._release_quietly(att.ident)
+                raise CniError(
+                    ERR_TRY_AGAIN_LATER, "network policy for this pod is not in place", str(err)
+                ) from None
         spec = kernel.AttachSpec(
             netns=att.netns_path,
             ifname=att.ifname,
@@ -556,6 +580,11 @@ class CniService:
     async def _delete(self, att: _Attachment, weft_ipam: bool) -> None:
         """Remove the veth pair, then release the address (IpamUnavailable: caller decides)."""
         await _in_kernel(kernel.detach, att.host_ifname)
+        for hook in self._pod_hooks:
+            try:
+                await hook.detached(att.container_id)
+            except Exception:
+                log.exception("pod hook on DEL of %s", att.ident)
         if weft_ipam:
             await self.ipam.release(att.ident)
 

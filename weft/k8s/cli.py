@@ -35,6 +35,9 @@ def add_k8s_arguments(parser: argparse.ArgumentParser) -> None:
                        help="read the API server and credentials from this kubeconfig")
     group.add_argument("--k8s-label-selector", metavar="SELECTOR",
                        help="only nodes matching this label selector are peers")
+    group.add_argument("--no-network-policy", action="store_true",
+                       help="do not enforce Kubernetes NetworkPolicy (on by default with --k8s;"
+                            " needs nft and br_netfilter)")
 
 
 def k8s_config_from_args(args: argparse.Namespace, port: int) -> K8sConfig | None:
@@ -53,4 +56,5 @@ def k8s_config_from_args(args: argparse.Namespace, port: int) -> K8sConfig | Non
         api_url=args.k8s_api or None,
         kubeconfig=args.kubeconfig or None,
         label_selector=args.k8s_label_selector or None,
+        network_policy=not getattr(args, "no_network_policy", False),
     )

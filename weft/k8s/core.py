@@ -80,6 +80,8 @@ class K8sConfig:
     * ``retry_initial`` / ``retry_max`` — 1 / 60: backoff between failed attempts doubles from
       the first up to the second, with jitter (x0.5..1.5).
     * ``reclaim_interval`` — 10: how often orphaned IPAM space is looked for besides on events.
+    * ``network_policy`` — True: enforce NetworkPolicy on this node's pods
+      (``--no-network-policy`` turns it off; weft/k8s/netpol.py).
     """
 
     node_name: str
@@ -92,6 +94,7 @@ class K8sConfig:
     retry_initial: float = 1.0
     retry_max: float = 60.0
     reclaim_interval: float = 10.0
+    network_policy: bool = True
 
     def __post_init__(self) -> None:
         peer_name_for_node(self.node_name)  # non-empty

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import random
 import time
@@ -32,6 +31,7 @@ import aiohttp
 
 from weft.errors import ConfigError, LocalError, RemoteProtocolError, WeftError
 from weft.gossip.peer import PeerName
+from weft.k8s.apiclient import list_objects, make_api_client, watch_objects
 from weft.k8s.core import (
     ApiHealth,
     ApiRecovered,
@@ -196,25 +196,7 @@ class K8sDiscovery:
             self._api = None
 
     async def _make_api_client(self) -> ApiClient:
-        from kubernetes_asyncio import client
-        from kubernetes_asyncio import config as kconfig
-
-        cfg = client.Configuration()
-        try:
-            if self.config.api_url:
-                cfg.host = self.config.api_url
-            elif self.config.kubeconfig:
-                await kconfig.load_kube_config(
-                    config_file=self.config.kubeconfig, client_configuration=cfg
-                )
-            else:
-                kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except (kconfig.ConfigException, OSError) as err:
-            raise ConfigError(
-                f"--k8s: no Kubernetes API configuration ({err}); run inside a pod with a"
-                " service account, or give --k8s-api / --kubeconfig"
-            ) from None
-        return client.ApiClient(configuration=cfg)
+        return await make_api_client(self.config)
 
     def status(self) -> dict[str, Any]:
         """The ``k8s`` object of ``/status``."""
@@ -265,54 +247,28 @@ class K8sDiscovery:
 
     async def _list(self) -> str:
         """LIST the nodes, apply them; returns the list's resourceVersion."""
-        kwargs: dict[str, Any] = {"_preload_content": False,
-                                  "_request_timeout": self.config.request_timeout}
+        kwargs: dict[str, Any] = {}
         if self.config.label_selector:
             kwargs["label_selector"] = self.config.label_selector
-        from kubernetes_asyncio.client import ApiException
-
-        resp = await self._v1().list_node(**kwargs)
-        try:
-            raw = await resp.read()
-        finally:
-            resp.release()
-        if resp.status != 200:
-            reason = resp.reason or ""
-            with contextlib.suppress(ValueError, AttributeError):
-                status = json.loads(raw)  # a Status object: {"reason", "message", "code"}
-                reason = f"{status.get('reason') or reason}: {status.get('message')}"
-            raise ApiException(status=resp.status, reason=reason)
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("kind") not in (None, "NodeList"):
-            raise RemoteProtocolError("the node LIST did not return a NodeList")
-        items = doc.get("items") or []
-        if not isinstance(items, list):
-            raise RemoteProtocolError("NodeList.items is not a list")
+        items, version = await list_objects(
+            self._v1().list_node, "NodeList", self.config.request_timeout, **kwargs
+        )
         self.view.listed(items)
         self.lists += 1
         self._apply()
-        version = (doc.get("metadata") or {}).get("resourceVersion")
-        return str(version or "")
+        return version
 
     async def _watch(self, version: str) -> None:
         """WATCH from ``version`` until the server ends the watch."""
-        from kubernetes_asyncio.watch import Watch
-
-        kwargs: dict[str, Any] = {
-            "timeout_seconds": self.config.watch_timeout,
-            "allow_watch_bookmarks": True,
-            "_request_timeout": self.config.watch_timeout + self.config.request_timeout,
-        }
-        if version:
-            kwargs["resource_version"] = version
+        kwargs: dict[str, Any] = {}
         if self.config.label_selector:
             kwargs["label_selector"] = self.config.label_selector
-        # return_type "object": events carry the node as plain JSON (no model classes)
-        async with Watch(return_type="object").stream(self._v1().list_node, **kwargs) as stream:
-            async for event in stream:
-                if not isinstance(event, dict):
-                    raise RemoteProtocolError("a watch event is not a JSON object")
-                self.view.watched(str(event.get("type")), event.get("raw_object"))
+        async with watch_objects(
+            self._v1().list_node, version, self.config.watch_timeout,
+            self.config.request_timeout, **kwargs,
+        ) as events:
+            async for event_type, obj in events:
+                self.view.watched(event_type, obj)
                 self._apply()
 
     def _succeeded(self) -> None:

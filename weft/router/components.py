@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
+    from weft.cni.server import CniService
     from weft.ipam.service import IpamService
     from weft.router.router import Router
 
@@ -36,12 +37,13 @@ __all__ = ["bridge_ipam_hooks", "compose_ipam_and_cni"]
 log = logging.getLogger("weft.router")
 
 
-def compose_ipam_and_cni(router: Router) -> IpamService | None:
-    """Build IPAM (unless ``--no-ipam``) and the CNI handler on it; None when IPAM is off."""
+def compose_ipam_and_cni(router: Router) -> tuple[IpamService | None, CniService | None]:
+    """Build IPAM (unless ``--no-ipam``) and the CNI handler on it; (None, None) when IPAM is
+    off."""
     config = router.config
     if not config.ipam:
         log.info("IPAM off (--no-ipam): no /ip or /cni routes")
-        return None
+        return None, None
     from weft.cni.ipam_adapter import ServiceIpam
     from weft.cni.server import CniConfig, setup_cni
     from weft.ipam.service import IpamService, attach_to_router, config_from_flags
@@ -61,11 +63,11 @@ def compose_ipam_and_cni(router: Router) -> IpamService | None:
     router.app.on_cleanup.append(close_ipam)
     bridge = os.environ.get("WEFT_BRIDGE", "weft")
     spool = str(config.data_dir / "cni-spool")
-    setup_cni(router, ServiceIpam(service), CniConfig(bridge=bridge, spool_dir=spool))
+    cni = setup_cni(router, ServiceIpam(service), CniConfig(bridge=bridge, spool_dir=spool))
     log.info(
         "IPAM on %s (%s); CNI handler on bridge %s", ipam_config.range, ipam_config.init, bridge
     )
-    return service
+    return service, cni
 
 
 def bridge_ipam_hooks(

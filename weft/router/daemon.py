@@ -28,6 +28,7 @@ from weft.router.router import Router
 
 if TYPE_CHECKING:
     from weft.ipam.service import IpamService
+    from weft.k8s.netpol import PolicyFollower
 
 __all__ = ["FATAL_MARK", "Components", "build_overlay", "compose", "run_router", "serve"]
 
@@ -72,12 +73,13 @@ class Components:
     """What :func:`compose` built, for callers that need a part (tests, later wiring)."""
 
     ipam: IpamService | None = None
+    policy: PolicyFollower | None = None
 
 
 def compose(router: Router) -> Components:
     """Plug the optional parts into ``router`` (before it starts)."""
     parts = Components()
-    parts.ipam = compose_ipam_and_cni(router)
+    parts.ipam, cni = compose_ipam_and_cni(router)
     overlay_routes = getattr(router.overlay, "setup_routes", None)
     if callable(overlay_routes):
         # the data plane's /expose, /attach, /detach, /ps; addresses from IPAM when not given
@@ -98,7 +100,13 @@ def compose(router: Router) -> Components:
     if config.k8s is not None:
         from weft.k8s.discovery import setup_k8s
 
-        setup_k8s(router, parts.ipam, config.k8s)
+        discovery = setup_k8s(router, parts.ipam, config.k8s)
+        if config.k8s.network_policy:
+            from weft.k8s.netpol import setup_network_policy
+
+            parts.policy = setup_network_policy(router, discovery, cni)
+        else:
+            log.info("NetworkPolicy not enforced (--no-network-policy)")
     try:
         from weft.ui.metrics import Metrics
         from weft.ui.server import setup_routes
