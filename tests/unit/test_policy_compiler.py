@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from tests.unit.policy_support import (
-    chain_accepts,
     cluster_allows,
     ip,
     ns,
@@ -23,6 +22,7 @@ from weft.policy.compiler import (
 )
 from weft.policy.model import ClusterView
 from weft.policy.nft import render_full
+from weft.policy.verdict import chain_accepts
 
 # The upstream e2e model, trimmed: namespaces x, y, z with pods a, b, c; x on node n1, y and z
 # on n2 (so cross-node paths are exercised), addresses 10.32.<ns>.<pod>.
