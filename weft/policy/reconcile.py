@@ -565,8 +565,11 @@ class PolicyEnforcer:
             timeout = self.config.resync_interval
             if self._failures:
                 timeout = self._retry_delay()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation that
+            # arrives as the event is set (the router's stop would then hang)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 await self.reconcile()
