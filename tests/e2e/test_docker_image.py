@@ -3,7 +3,7 @@
 Needs a Debian 12 base image with python3, made locally (no registry): debootstrap a minbase rootfs
 with python3 and iproute2 and ``docker import`` it. debootstrap takes minutes and needs a Debian
 mirror, so the rootfs tarball is cached (``WEFT_BASE_TAR``, default
-``/var/cache/weft-test/bookworm-python3.tar``) and the test only runs when that file exists or
+``/var/cache/weft-test/bookworm-python3-nft.tar``) and the test only runs when that file exists or
 ``WEFT_E2E_IMAGE=1`` asks to make it. The wheels come from ``pip wheel`` (PyPI or pip's cache).
 
 Shown: ``docker build`` succeeds with the network off; the image runs the router's CLI; its init
@@ -28,7 +28,7 @@ from tests.integ.hosts import have_netns, run, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = "/usr/bin/docker"
-BASE_TAR = Path(os.environ.get("WEFT_BASE_TAR", "/var/cache/weft-test/bookworm-python3.tar"))
+BASE_TAR = Path(os.environ.get("WEFT_BASE_TAR", "/var/cache/weft-test/bookworm-python3-nft.tar"))
 WANTED = os.environ.get("WEFT_E2E_IMAGE") == "1"
 
 pytestmark = [
@@ -51,7 +51,7 @@ def make_base_tar() -> None:
     rootfs = BASE_TAR.with_suffix(".rootfs")
     shutil.rmtree(rootfs, ignore_errors=True)
     try:
-        run(["debootstrap", "--variant=minbase", "--include=python3,iproute2", "bookworm",
+        run(["debootstrap", "--variant=minbase", "--include=python3,iproute2,nftables", "bookworm",
              str(rootfs), "http://deb.debian.org/debian"], timeout=1500)
         tmp = BASE_TAR.with_suffix(".tmp")
         run(["tar", "-C", str(rootfs), "-cf", str(tmp), "."], timeout=600)

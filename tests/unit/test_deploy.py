@@ -52,11 +52,19 @@ def test_the_validator_catches_mistakes() -> None:
             kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
 
 
-def test_rbac_reads_nodes_only() -> None:
+def test_rbac_only_reads_nodes_and_what_network_policy_needs() -> None:
     role = by_kind("ClusterRole")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+         "verbs": ["list", "watch"]},
     ]
+    # what weft.k8s.netpol follows is exactly what the role grants
+    from weft.k8s.netpol import _LISTS
+
+    assert set(_LISTS) == {"namespaces", "pods", "networkpolicies"}
     binding = by_kind("ClusterRoleBinding")
     sa = by_kind("ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "switch": {"sleeve", "fastdp", "overlay", "gossip", "errors"},
     "cni": {"host", "errors", "jsonlimit", "atomicfile"},
     "docker": {"cni", "host", "errors", "jsonlimit", "atomicfile"},
-    "k8s": {"cni", "gossip", "hostport", "errors"},
+    "k8s": {"cni", "policy", "gossip", "hostport", "errors"},
     "router": {
         "cni", "docker", "k8s", "ipam", "ui", "overlay", "gossip", "host", "hostport",
         "errors", "jsonlimit", "atomicfile",
@@ -51,7 +51,8 @@ PURE = [
     "weft.gossip.session", "weft.gossip.topology", "weft.gossip.wire",
     "weft.ipam.ring", "weft.ipam.paxos", "weft.ipam.allocator", "weft.ipam.node",
     "weft.fastdp.fdb", "weft.fastdp.heartbeat", "weft.fastdp.link", "weft.fastdp.ovs_flows",
-    "weft.policy.model", "weft.policy.compiler", "weft.policy.nft", "weft.k8s.core",
+    "weft.policy.model", "weft.policy.compiler", "weft.policy.nft", "weft.policy.verdict",
+    "weft.k8s.core",
 ]  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "select", "selectors", "threading", "subprocess", "time",
               "aiohttp", "pyroute2", "concurrent"}  # fmt: skip
