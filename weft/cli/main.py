@@ -399,9 +399,15 @@ def cmd_rmpeer(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    reply = _client(args).post("/ipam/reset")
+    client = _client(args)
+    status = client.get("/status")
+    reply = client.post("/ipam/reset")
     to = reply.get("handed_to") if isinstance(reply, dict) else None
     print(f"address space handed to {to}" if to else "no live peer to hand address space to")
+    if isinstance(status, dict) and "policy" in status:
+        # the NetworkPolicy rules outlive a restart on purpose; a reset takes them away
+        client.post("/policy/remove")
+        print("NetworkPolicy rules removed from this host")
     return cmd_stop(args)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from aiohttp import web
 
 from weft.errors import RemoteProtocolError
 from weft.k8s.apiclient import get_object, list_objects, watch_objects
@@ -36,6 +37,7 @@ from weft.policy.reconcile import (
     Kind,
     LocalPod,
     NftKernel,
+    PolicyApplyError,
     PolicyEnforcer,
     PolicyKernel,
     parse_cni_args,
@@ -255,6 +257,19 @@ def setup_network_policy(
     router.app.on_startup.append(on_startup)
     router.app.on_cleanup.append(on_cleanup)
     router.add_status_provider("policy", follower.status)
+
+    async def remove(request: web.Request) -> web.Response:
+        """``weft reset``: stop enforcing and delete the table (it otherwise outlives us)."""
+        del request
+        await follower.stop()
+        try:
+            await enforcer.remove()
+        except PolicyApplyError as err:
+            return web.json_response({"error": str(err)}, status=500)
+        log.info("policy: rules removed (weft reset); not enforcing until the router restarts")
+        return web.json_response({"removed": True})
+
+    router.app.router.add_post("/policy/remove", remove)
 
     class _Source:
         def cluster_view(self) -> Any:
