@@ -17,6 +17,27 @@ The rule list is fixed; only set elements depend on the cluster (see :func:`rend
   and to repair drift; anything stale in the table is gone after it, atomically.
 * :func:`render_update` turns one state into another with element changes only (deletes before
   adds, so a range that grows never overlaps its old self); counters survive it.
+
+Visibility, also fixed (no rule per policy or pod):
+
+* Named counters (``nft -j list counters table inet weft-policy``, read by
+  :mod:`weft.policy.counters`): ``allowed_in4``, ``allowed_out4``, ``denied_in4``,
+  ``denied_out4`` and the same with 6 — per direction and family, packets an isolated pod's
+  policy accepted or dropped (:data:`COUNTERS`). Conntrack accepts the rest of a connection
+  before policy is looked at, so "allowed" counts mostly first packets of connections, and
+  "denied" counts every dropped attempt (retransmitted SYNs included).
+* Per-element counters: the four ``*_all`` and four ``*_ports`` sets are declared with
+  ``counter``, so each element counts the packets it let through (:data:`COUNTING_SETS`). An
+  element is keyed by its local pod's address, so this is "allowed per local pod and peer range
+  (and protocol/port)"; mapping elements back to the grants that produced them attributes counts
+  to policies. Elements keep their counters across :func:`render_update` (only deleted and
+  re-added elements restart from zero).
+* Before each drop, ``limit name "deny_log" log prefix "weft-deny-in" group 4783`` (or
+  ``weft-deny-out``) copies the denied packet to NFLOG (:mod:`weft.policy.nflog` reads it). The
+  one named ``limit`` object is shared by all four deny points, so a flood costs at most
+  ``log_rate`` messages a second in total; the drop rule after it does not depend on the log
+  rule, so every denied packet is dropped and counted whether logged or not. No NFQUEUE: the
+  verdict never waits for user space.
 """
 
 from __future__ import annotations
@@ -24,12 +45,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from weft.policy.compiler import AllowAll, AllowPorts, DesiredState, DirectionState
+from weft.policy.compiler import AllowAll, AllowPorts, DesiredState, Direction, DirectionState
 
-__all__ = ["FAMILY", "SET_TYPES", "TABLE", "render_full", "render_update", "set_elements"]
+__all__ = [
+    "COUNTERS",
+    "COUNTING_SETS",
+    "DENY_PREFIX",
+    "FAMILY",
+    "LOG_GROUP",
+    "SET_TYPES",
+    "TABLE",
+    "render_full",
+    "render_update",
+    "set_elements",
+]
 
 FAMILY: Final = "inet"
 TABLE: Final = "weft-policy"
+LOG_GROUP: Final = 4783  # NFLOG group of denied packets
+LOG_RATE: Final = 50  # denied-packet log messages per second, all directions together
+LOG_BURST: Final = 100
+DENY_PREFIX: Final[dict[Direction, str]] = {"ingress": "weft-deny-in", "egress": "weft-deny-out"}
+LOG_LIMIT: Final = "deny_log"
 
 _ADDR: Final = {4: "ipv4_addr", 6: "ipv6_addr"}
 _IP: Final = {4: "ip", 6: "ip6"}
@@ -54,6 +91,21 @@ def _set_types() -> dict[str, tuple[str, bool]]:
 
 
 SET_TYPES: Final = _set_types()
+# sets declared with ``counter``: every element counts the packets it allowed
+COUNTING_SETS: Final = tuple(name for name in SET_TYPES if "_all" in name or "_ports" in name)
+
+
+def _counters() -> dict[str, tuple[str, Direction, int]]:
+    """Named counter -> (``allowed``/``denied``, direction, IP version)."""
+    out: dict[str, tuple[str, Direction, int]] = {}
+    for kind in ("allowed", "denied"):
+        for v in (4, 6):
+            for d, direction in (("in", "ingress"), ("out", "egress")):
+                out[f"{kind}_{d}{v}"] = (kind, direction, v)  # type: ignore[assignment]
+    return out
+
+
+COUNTERS: Final = _counters()
 
 
 def _all(e: AllowAll) -> str:
@@ -85,7 +137,7 @@ def set_elements(state: DesiredState) -> dict[str, list[str]]:
     return out
 
 
-def _chains() -> list[str]:
+def _chains(log_group: int) -> list[str]:
     lines = [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
@@ -115,18 +167,35 @@ def _chains() -> list[str]:
             ("egress", "out", "saddr", "daddr"),
             ("ingress", "in", "daddr", "saddr"),
         ):
+            allowed, denied = f'counter name "allowed_{d}{v}"', f'counter name "denied_{d}{v}"'
+            prefix = DENY_PREFIX[chain]  # type: ignore[index]
             lines += [
                 f"\tchain {chain}{v} {{",
-                f"\t\t{ip} {local} . {ip} {peer} @{d}_all{v} return",
-                f"\t\t{ip} {local} . {ip} {peer} . meta l4proto . th dport @{d}_ports{v} return",
-                f'\t\tcounter drop comment "{chain} denied"',
+                f"\t\t{ip} {local} . {ip} {peer} @{d}_all{v} {allowed} return",
+                f"\t\t{ip} {local} . {ip} {peer} . meta l4proto . th dport @{d}_ports{v} "
+                f"{allowed} return",
+                # no verdict here: the drop below happens whether the limit lets the log through
+                f'\t\tlimit name "{LOG_LIMIT}" log prefix "{prefix}" group {log_group}',
+                f'\t\t{denied} drop comment "{chain} denied"',
                 "\t}",
             ]
     return lines
 
 
-def render_full(state: DesiredState) -> str:
-    """The script replacing table ``inet weft-policy`` with ``state``, atomically (``nft -f -``)."""
+def render_full(
+    state: DesiredState,
+    *,
+    log_group: int = LOG_GROUP,
+    log_rate: int = LOG_RATE,
+    log_burst: int = LOG_BURST,
+) -> str:
+    """The script replacing table ``inet weft-policy`` with ``state``, atomically (``nft -f -``).
+
+    Denied packets go to NFLOG group ``log_group``, at most ``log_rate`` a second (after a burst
+    of ``log_burst``) over all directions and families; each is dropped either way.
+    """
+    if not 0 <= log_group <= 0xFFFF or log_rate < 1 or log_burst < 1:
+        raise ValueError(f"bad log settings: group {log_group}, {log_rate}/s burst {log_burst}")
     elements = set_elements(state)
     lines = [
         f"# weft NetworkPolicy for node {state.node}: {len(state.pods)} local pods",
@@ -134,17 +203,22 @@ def render_full(state: DesiredState) -> str:
         f"delete table {FAMILY} {TABLE}",
         f"table {FAMILY} {TABLE} {{",
     ]
+    for name in COUNTERS:
+        lines.append(f"\tcounter {name} {{ }}")
+    lines.append(f"\tlimit {LOG_LIMIT} {{ rate {log_rate}/second burst {log_burst} packets }}")
     for name, (typ, interval) in SET_TYPES.items():
         lines.append(f"\tset {name} {{")
         lines.append(f"\t\ttype {typ}")
         if interval:
             lines.append("\t\tflags interval")
+        if name in COUNTING_SETS:
+            lines.append("\t\tcounter")
         if elements[name]:
             lines.append("\t\telements = {")
             lines += [f"\t\t\t{e}," for e in elements[name]]
             lines.append("\t\t}")
         lines.append("\t}")
-    lines += _chains()
+    lines += _chains(log_group)
     lines.append("}")
     return "\n".join(lines) + "\n"
 
