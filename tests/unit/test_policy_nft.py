@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.unit.policy_support import ip, ns, pod, policy, view_of
 from weft.policy.compiler import AddrRange, compile_policy
 from weft.policy.model import ClusterView
-from weft.policy.nft import render_full, render_update, set_elements
+from weft.policy.nft import (
+    COUNTERS,
+    COUNTING_SETS,
+    DENY_PREFIX,
+    LOG_GROUP,
+    SET_TYPES,
+    render_full,
+    render_update,
+    set_elements,
+)
 
 
 def view(extra: bool = False) -> ClusterView:
@@ -73,3 +84,42 @@ def test_update_is_elements_only_deletes_first() -> None:
     ]
     assert render_update(new, new) == ""
     assert set_elements(new)["in_isolated4"] == ["10.32.1.1"]
+
+
+def test_counters_limit_and_log_are_fixed_rules() -> None:
+    state = compile_policy(view(), "n1", [ip("10.32.0.254")])
+    script = render_full(state)
+    lines = script.splitlines()
+    for name in COUNTERS:
+        assert f"\tcounter {name} {{ }}" in lines
+    assert "\tlimit deny_log { rate 50/second burst 100 packets }" in lines
+    # each allow set counts per element; the isolation and helper sets do not
+    for name in SET_TYPES:
+        block = script.split(f"\tset {name} {{\n", 1)[1].split("\n\t}", 1)[0]
+        assert ("\t\tcounter" in block.splitlines()) == (name in COUNTING_SETS), name
+    assert len(COUNTING_SETS) == 8
+    ingress4 = script.split("\tchain ingress4 {\n", 1)[1].split("\n\t}", 1)[0].splitlines()
+    assert ingress4 == [
+        '\t\tip daddr . ip saddr @in_all4 counter name "allowed_in4" return',
+        '\t\tip daddr . ip saddr . meta l4proto . th dport @in_ports4 counter name "allowed_in4"'
+        " return",
+        '\t\tlimit name "deny_log" log prefix "weft-deny-in" group 4783',
+        '\t\tcounter name "denied_in4" drop comment "ingress denied"',
+    ]
+    egress6 = script.split("\tchain egress6 {\n", 1)[1].split("\n\t}", 1)[0]
+    assert 'log prefix "weft-deny-out" group 4783' in egress6
+    assert 'counter name "denied_out6" drop' in egress6
+    # the rule list does not depend on the cluster: another state, the same rules
+    other = render_full(compile_policy(view(extra=True), "n1", ()))
+    assert script.split("\tchain forward {")[1] == other.split("\tchain forward {")[1]
+
+
+def test_log_settings() -> None:
+    state = compile_policy(view(), "n1", ())
+    script = render_full(state, log_group=7, log_rate=5, log_burst=9)
+    assert "\tlimit deny_log { rate 5/second burst 9 packets }" in script.splitlines()
+    assert script.count("group 7\n") == 4 and "4783" not in script
+    assert LOG_GROUP == 4783 and DENY_PREFIX == {"ingress": "weft-deny-in", "egress": "weft-deny-out"}
+    for bad in ({"log_group": 70000}, {"log_rate": 0}, {"log_burst": 0}):
+        with pytest.raises(ValueError):
+            render_full(state, **bad)  # type: ignore[arg-type]
