@@ -1,5 +1,6 @@
 """weft.policy.nft against the real kernel: the scripts load, updates equal full loads, and the
-ruleset enforces on a bridge as a node's pods see it.
+ruleset enforces on a bridge as a node's pods see it; denied packets are counted and reach NFLOG
+(weft.policy.nflog, .counters and .denied on the kernel's data).
 
 A "node" network namespace holds a bridge with br_netfilter on (as weft's bridge on a Kubernetes
 node, where kube-proxy needs it too) and pods as namespaces with a veth on the bridge. Names carry a
@@ -9,6 +10,7 @@ these namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import shutil
@@ -21,10 +23,24 @@ from typing import Any
 import pytest
 
 from tests.integ.hosts import have_netns, run, wait_for
+from tests.integ.test_policy_nflog import NflogWatcher
 from tests.unit.policy_support import ip, ns, pod, policy, view_of
-from weft.policy.compiler import DesiredState, compile_policy
-from weft.policy.model import ClusterView
-from weft.policy.nft import FAMILY, SET_TYPES, TABLE, render_full, render_update
+from weft.policy.compiler import DesiredState, Direction, compile_policy
+from weft.policy.counters import Count, read_counters, read_element_counters
+from weft.policy.denied import DeniedLog
+from weft.policy.model import ClusterView, IPAddress
+from weft.policy.nflog import DeniedPacket
+from weft.policy.nft import (
+    COUNTERS,
+    COUNTING_SETS,
+    FAMILY,
+    LOG_GROUP,
+    SET_TYPES,
+    TABLE,
+    render_full,
+    render_update,
+    set_elements,
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -55,17 +71,22 @@ def elements(netns: str) -> dict[str, list[str]]:
     for item in json.loads(out)["nftables"]:
         if "set" in item:
             s = item["set"]
-            sets[s["name"]] = sorted(json.dumps(e, sort_keys=True) for e in s.get("elem", []))
+            # per-element counters are not content: compare values only
+            sets[s["name"]] = sorted(
+                json.dumps(e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e, sort_keys=True)
+                for e in s.get("elem", [])
+            )
     return sets
 
 
+def counters(netns: str) -> dict[str, Count]:
+    return asyncio.run(read_counters(netns))
+
+
 def drops(netns: str, chain: str) -> int:
-    out = run(["ip", "netns", "exec", netns, "nft", "-j", "list", "chain", FAMILY, TABLE, chain])
-    for item in json.loads(out.stdout)["nftables"]:
-        for expr in item.get("rule", {}).get("expr", []):
-            if "counter" in expr:
-                return int(expr["counter"]["packets"])
-    raise AssertionError(f"no counter in chain {chain}")
+    """Packets the drop rule at the end of ``chain`` (e.g. ``ingress4``) dropped so far."""
+    direction = {"ingress": "in", "egress": "out"}[chain[:-1]]
+    return counters(netns)[f"denied_{direction}{chain[-1]}"].packets
 
 
 @contextmanager
@@ -141,6 +162,12 @@ def test_full_scripts_load_replace_and_updates_match_full_loads() -> None:
     with namespaces(one, two):
         load(one, render_full(a))
         first = elements(one)
+        # every allow element counts, and its key reads back as set_elements wrote it
+        counted = asyncio.run(read_element_counters(one))
+        wanted = set_elements(a)
+        for name in COUNTING_SETS:
+            assert sorted(counted[name]) == sorted(wanted[name]), name
+        assert set(counters(one)) == set(COUNTERS)
         load(one, render_full(a))  # replacing the table with itself works (add + delete + define)
         assert elements(one) == first
         assert set(first) == set(SET_TYPES)
@@ -283,6 +310,7 @@ def test_ruleset_enforces_on_a_bridge() -> None:
     node = Node(prefix)
     names = {"x/a": f"{prefix}-xa", "x/b": f"{prefix}-xb", "y/a": f"{prefix}-ya"}
     addresses = {"x/a": "10.32.1.1", "x/b": "10.32.1.2", "y/a": "10.32.2.1"}
+    watcher: NflogWatcher | None = None
     with namespaces(node.ns, *names.values()):
         try:
             node.setup()
@@ -294,7 +322,14 @@ def test_ruleset_enforces_on_a_bridge() -> None:
 
             old = state_for("other")
             load(node.ns, render_full(old))
+            watcher = NflogWatcher(node.ns, LOG_GROUP)
             assert wait_for(lambda: node.connects(xb, "10.32.1.1", 80, 10), what="x/b -> x/a:80")
+            assert counters(node.ns)["allowed_in4"].packets > 0
+            # the element that let x/b in counted it (an allow element per local pod and peer)
+            xb_in = "10.32.1.1 . 10.32.1.2 . tcp . 80"
+            assert xb_in in set_elements(old)["in_ports4"]
+            xb_count = asyncio.run(read_element_counters(node.ns))["in_ports4"][xb_in].packets
+            assert xb_count > 0
             before = drops(node.ns, "ingress4")
             assert not node.connects(ya, "10.32.1.1", 80, 3)  # y/a is not pod=b
             assert drops(node.ns, "ingress4") > before  # dropped by isolation, not lost to load
@@ -308,9 +343,62 @@ def test_ruleset_enforces_on_a_bridge() -> None:
             # the node itself reaches its pods (kubelet probes)
             assert node.connects(node.ns, "10.32.1.1", 81, 30)
 
-            # relabel y/a to pod=b: an element update, no rule change
+            # each denial reached NFLOG with its direction, addresses and port
+            seen = [
+                watcher.wait_for("y/a -> x/a:80 denied", prefix="weft-deny-in", src="10.32.2.1"),
+                watcher.wait_for("x/b -> x/a:81 denied", prefix="weft-deny-in", dport=81),
+                watcher.wait_for("x/a -> x/b:80 denied", prefix="weft-deny-out", src="10.32.1.1"),
+            ]
+            assert (seen[0]["dst"], seen[0]["protocol"], seen[0]["dport"]) == ("10.32.1.1", 6, 80)
+            assert (seen[2]["dst"], seen[2]["dport"]) == ("10.32.1.2", 80)
+            assert all(p["prefix"].startswith("weft-deny-") for p in watcher.packets())
+            # and reads as denied flows (SYN retransmits merge into one record per flow)
+            flows = denied_flows(watcher.packets(), old)
+            assert {
+                (f["direction"], f["source_pod"], f["destination_pod"], f["port"]): (
+                    f["isolated_pod"],
+                    f["policies"],
+                )
+                for f in flows
+            } == {
+                ("ingress", "y/a", "x/a", 80): ("x/a", ["x/a-in"]),
+                ("ingress", "x/b", "x/a", 81): ("x/a", ["x/a-in"]),
+                ("egress", "x/a", "x/b", 80): ("x/a", ["x/a-in"]),
+            }
+
+            # relabel y/a to pod=b: an element update, no rule change; counters survive it
+            allowed = counters(node.ns)["allowed_in4"].packets
             new = state_for("b")
             load(node.ns, render_update(old, new))
+            after = asyncio.run(read_element_counters(node.ns))["in_ports4"]
+            assert after[xb_in].packets >= xb_count  # an untouched element keeps its count
+            assert counters(node.ns)["allowed_in4"].packets >= allowed
             assert wait_for(lambda: node.connects(ya, "10.32.1.1", 80, 10), what="relabelled")
         finally:
             node.close()
+            if watcher is not None:
+                watcher.close()
+
+
+def denied_flows(packets: list[dict[str, Any]], state: DesiredState) -> list[dict[str, Any]]:
+    """The NFLOG packets through DeniedLog, resolving pods and policies from ``state``."""
+    pods = {a: str(p.pod) for p in state.pods for a in p.addresses}
+    isolating: dict[tuple[IPAddress, Direction], list[str]] = {}
+    for p in state.pods:
+        for a in p.addresses:
+            isolating[(a, "ingress")] = [str(r) for r in p.ingress_policies]
+            isolating[(a, "egress")] = [str(r) for r in p.egress_policies]
+    log = DeniedLog()
+    for i, raw in enumerate(packets):
+        packet = DeniedPacket(
+            raw["prefix"],
+            raw["family"],
+            ip(raw["src"]),
+            ip(raw["dst"]),
+            raw["protocol"],
+            raw["sport"],
+            raw["dport"],
+        )
+        log.record(packet, 1000.0 + i * 0.1, pods.get, lambda a, d: isolating.get((a, d), []))
+    flows: list[dict[str, Any]] = log.to_json()["flows"]
+    return flows
