@@ -73,7 +73,9 @@ def elements(netns: str) -> dict[str, list[str]]:
             s = item["set"]
             # per-element counters are not content: compare values only
             sets[s["name"]] = sorted(
-                json.dumps(e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e, sort_keys=True)
+                json.dumps(
+                    e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e, sort_keys=True
+                )
                 for e in s.get("elem", [])
             )
     return sets

@@ -18,7 +18,9 @@ from weft.policy.counters import (
 )
 from weft.policy.nft import COUNTERS, COUNTING_SETS, set_elements
 
-META = {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}
+META = {
+    "metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}
+}
 
 
 def doc(*items: dict[str, Any]) -> str:
@@ -85,7 +87,14 @@ def test_unreadable_counters_raise_one_value_error(text: str) -> None:
 
 def test_element_counters_in_set_elements_notation() -> None:
     text = doc(
-        {"set": {"family": "inet", "name": "node4", "table": "weft-policy", "elem": ["10.32.0.254"]}},
+        {
+            "set": {
+                "family": "inet",
+                "name": "node4",
+                "table": "weft-policy",
+                "elem": ["10.32.0.254"],
+            }
+        },
         a_set(
             "in_all4",
             [

@@ -13,7 +13,10 @@ from weft.policy.model import IPAddress
 from weft.policy.nflog import DeniedPacket
 
 PODS = {"10.32.1.1": "x/a", "10.32.1.2": "x/b", "10.32.2.1": "y/a"}
-ISOLATING = {("10.32.1.1", "ingress"): ["x/b-policy", "x/a-in"], ("10.32.1.1", "egress"): ["x/a-in"]}
+ISOLATING = {
+    ("10.32.1.1", "ingress"): ["x/b-policy", "x/a-in"],
+    ("10.32.1.1", "egress"): ["x/a-in"],
+}
 
 
 def resolve(address: IPAddress) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from contextlib import suppress
 
 import pytest
 
@@ -43,7 +44,9 @@ def packet_message(prefix: bytes | None, payload: bytes | None, family: int = 2)
     return message(PACKET_TYPE, body)
 
 
-def ipv4(src: str, dst: str, protocol: int, l4: bytes, options: bytes = b"", frag: int = 0) -> bytes:
+def ipv4(
+    src: str, dst: str, protocol: int, l4: bytes, options: bytes = b"", frag: int = 0
+) -> bytes:
     ihl = (20 + len(options)) // 4
     header = struct.pack(
         "!BBHHHBBH4s4s",
@@ -99,7 +102,13 @@ def test_protocols_and_ports() -> None:
     assert frag[3:] == (6, None, None)
     # the copy ended inside the transport header: addresses, no ports
     cut = parse_payload(ipv4("1.1.1.1", "2.2.2.2", 6, TCP[:3]))
-    assert cut[1:] == (ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("2.2.2.2"), 6, None, None)
+    assert cut[1:] == (
+        ipaddress.ip_address("1.1.1.1"),
+        ipaddress.ip_address("2.2.2.2"),
+        6,
+        None,
+        None,
+    )
 
 
 def test_ipv6_udp_behind_extension_headers_and_icmpv6() -> None:
@@ -125,12 +134,14 @@ def test_ipv6_udp_behind_extension_headers_and_icmpv6() -> None:
     later = parse_payload(ipv6("::1", "::2", 44, bytes([6, 0, 0x05, 0x00]) + bytes(4) + TCP))
     assert later[3:] == (6, None, None)
     # extension headers cut off by the copy range
-    assert parse_payload(ipv6("::1", "::2", 0, bytes([6, 0, 0]))) [3:] == (0, None, None)
+    assert parse_payload(ipv6("::1", "::2", 0, bytes([6, 0, 0])))[3:] == (0, None, None)
 
 
 def test_datagram_with_several_messages_skips_only_the_bad_one() -> None:
     good4 = packet_message(b"weft-deny-out", ipv4("10.32.1.1", "10.32.1.2", 6, TCP))
-    good6 = packet_message(b"weft-deny-in", ipv6("fd00::2", "fd00::1", 17, struct.pack("!HH", 7, 8)), 10)
+    good6 = packet_message(
+        b"weft-deny-in", ipv6("fd00::2", "fd00::1", 17, struct.pack("!HH", 7, 8)), 10
+    )
     no_payload = packet_message(b"weft-deny-in", None)
     bad_version = packet_message(b"weft-deny-in", b"\x50" + bytes(40))
     ack = message(NLMSG_ERROR, struct.pack("=i", 0) + bytes(16))
@@ -152,7 +163,10 @@ def test_datagram_with_several_messages_skips_only_the_bad_one() -> None:
         (struct.pack("=IHHII", 8, PACKET_TYPE, 0, 0, 0), "out of bounds"),  # length < header
         (struct.pack("=IHHII", 400, PACKET_TYPE, 0, 0, 0) + bytes(8), "out of bounds"),
         (message(PACKET_TYPE, b"\x02\x00"), "nfgenmsg"),
-        (message(PACKET_TYPE, struct.pack("!BBH", 2, 0, 1) + struct.pack("=HH", 200, 9)), "attribute"),
+        (
+            message(PACKET_TYPE, struct.pack("!BBH", 2, 0, 1) + struct.pack("=HH", 200, 9)),
+            "attribute",
+        ),
         (message(PACKET_TYPE, struct.pack("!BBH", 2, 0, 1) + b"\x08\x00"), "attribute header"),
         (packet_message(b"x", b""), "empty payload"),
         (packet_message(b"x", ipv4("1.1.1.1", "2.2.2.2", 6, b"")[:19]), "IPv4 header truncated"),
@@ -177,10 +191,8 @@ def test_every_truncation_of_a_message_is_a_clean_error() -> None:
         assert parsed.packets == () and parsed.bad == (1 if cut else 0)
     body = whole[16:]
     for cut in range(len(body)):
-        try:
+        with suppress(NflogParseError):  # a ValueError with a reason, and nothing else
             parse_packet_message(body[:cut])
-        except NflogParseError:
-            pass  # a ValueError with a reason, and nothing else
 
 
 def test_prefix_absent_is_empty() -> None:

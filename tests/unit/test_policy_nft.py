@@ -119,7 +119,10 @@ def test_log_settings() -> None:
     script = render_full(state, log_group=7, log_rate=5, log_burst=9)
     assert "\tlimit deny_log { rate 5/second burst 9 packets }" in script.splitlines()
     assert script.count("group 7\n") == 4 and "4783" not in script
-    assert LOG_GROUP == 4783 and DENY_PREFIX == {"ingress": "weft-deny-in", "egress": "weft-deny-out"}
+    assert LOG_GROUP == 4783 and DENY_PREFIX == {
+        "ingress": "weft-deny-in",
+        "egress": "weft-deny-out",
+    }
     for bad in ({"log_group": 70000}, {"log_rate": 0}, {"log_burst": 0}):
         with pytest.raises(ValueError):
-            render_full(state, **bad)  # type: ignore[arg-type]
+            render_full(state, **bad)

@@ -1,10 +1,14 @@
-"""Kubernetes NetworkPolicy (networking.k8s.io/v1), the pure layer: no I/O anywhere in here.
+"""Kubernetes NetworkPolicy (networking.k8s.io/v1); pure but for the two thin I/O edges below.
 
 * :mod:`weft.policy.model` — the cluster view (namespaces, pods, policies) parsed from the API's
   JSON, label selectors.
 * :mod:`weft.policy.compiler` — cluster view + this node -> the desired enforcement state for this
   node's pods (sets of allowed address/protocol/port tuples, isolated pods).
-* :mod:`weft.policy.nft` — that state as one atomic nftables script.
+* :mod:`weft.policy.nft` — that state as one atomic nftables script (with counters and a
+  rate-limited NFLOG copy of denied packets).
+* :mod:`weft.policy.nflog` — NFLOG datagrams -> denied packets (parser; plus a thin socket reader).
+* :mod:`weft.policy.denied` — denied packets -> the bounded ring of recent denied flows.
+* :mod:`weft.policy.counters` — ``nft -j`` counter listings -> numbers for /metrics (plus runners).
 Not built yet (issue #16): ``weft policy explain`` (it will read the compiler's grants), the
 reconciler that watches the API server and applies the script, and docs/NETWORKPOLICY.md.
 """

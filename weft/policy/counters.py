@@ -82,6 +82,12 @@ def parse_counters(text: str, table: str = TABLE) -> dict[str, Count]:
     return out
 
 
+def _range(value: Any) -> list[Any] | None:
+    """``{"range": [first, last]}`` -> ``[first, last]``; anything else -> None."""
+    pair = value.get("range") if isinstance(value, dict) else None
+    return pair if isinstance(pair, list) and len(pair) == 2 else None
+
+
 def _address(value: Any) -> AddrRange:
     if isinstance(value, str):
         host = ipaddress.ip_address(value)
@@ -90,7 +96,11 @@ def _address(value: Any) -> AddrRange:
         prefix = value["prefix"]
         net = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}", strict=False)
         return AddrRange(net.version, int(net.network_address), int(net.broadcast_address))
-    if isinstance(value, dict) and isinstance(value.get("range"), list) and len(value["range"]) == 2:
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("range"), list)
+        and len(value["range"]) == 2
+    ):
         first, last = (ipaddress.ip_address(v) for v in value["range"])
         if first.version != last.version:
             raise CountersParseError(f"range across families: {value}")
@@ -101,7 +111,11 @@ def _address(value: Any) -> AddrRange:
 def _port(value: Any) -> PortRange:
     if type(value) is int:
         return PortRange(value, value)
-    if isinstance(value, dict) and isinstance(value.get("range"), list) and len(value["range"]) == 2:
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("range"), list)
+        and len(value["range"]) == 2
+    ):
         first, last = value["range"]
         if type(first) is int and type(last) is int:
             return PortRange(first, last)
@@ -160,7 +174,7 @@ async def _nft_json(*args: str, netns: str | None = None, timeout: float = 30.0)
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise NftError(f"{' '.join(argv)}: no answer in {timeout:g}s") from None

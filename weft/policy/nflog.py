@@ -248,15 +248,19 @@ def _attr(kind: int, value: bytes) -> bytes:
 def config_message(group: int, seq: int, attrs: list[tuple[int, bytes]], family: int = 0) -> bytes:
     """An NFULNL_MSG_CONFIG request for ``group`` asking for an ack (pure, for tests too)."""
     body = NFGENMSG.pack(family, 0, group) + b"".join(_attr(k, v) for k, v in attrs)
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), _CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return (
+        NLMSGHDR.pack(NLMSGHDR.size + len(body), _CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+        + body
+    )
 
 
 class NflogReader:
     """Reads one NFLOG group in the current network namespace into ``on_packet``.
 
-    ``start()`` binds synchronously (so EPERM — another socket holds the group, or no privilege — surfaces
-    as :class:`NflogError` right away), then reads from the event loop. ``lost`` counts messages
-    the kernel dropped because our socket buffer was full (ENOBUFS); ``bad`` malformed ones.
+    ``start()`` binds synchronously, so EPERM (another socket holds the group, or no privilege)
+    surfaces as :class:`NflogError` right away; then it reads from the event loop. ``lost`` counts
+    the times the kernel dropped messages because our socket buffer was full (ENOBUFS); ``bad``
+    counts malformed messages.
     """
 
     def __init__(

@@ -95,13 +95,16 @@ SET_TYPES: Final = _set_types()
 COUNTING_SETS: Final = tuple(name for name in SET_TYPES if "_all" in name or "_ports" in name)
 
 
+_DIRECTIONS: Final[tuple[tuple[Direction, str], ...]] = (("ingress", "in"), ("egress", "out"))
+
+
 def _counters() -> dict[str, tuple[str, Direction, int]]:
     """Named counter -> (``allowed``/``denied``, direction, IP version)."""
     out: dict[str, tuple[str, Direction, int]] = {}
     for kind in ("allowed", "denied"):
         for v in (4, 6):
-            for d, direction in (("in", "ingress"), ("out", "egress")):
-                out[f"{kind}_{d}{v}"] = (kind, direction, v)  # type: ignore[assignment]
+            for direction, d in _DIRECTIONS:
+                out[f"{kind}_{d}{v}"] = (kind, direction, v)
     return out
 
 
@@ -163,12 +166,13 @@ def _chains(log_group: int) -> list[str]:
     lines.append("\t}")
     for v in (4, 6):
         ip = _IP[v]
-        for chain, d, local, peer in (
+        chains: tuple[tuple[Direction, str, str, str], ...] = (
             ("egress", "out", "saddr", "daddr"),
             ("ingress", "in", "daddr", "saddr"),
-        ):
+        )
+        for chain, d, local, peer in chains:
             allowed, denied = f'counter name "allowed_{d}{v}"', f'counter name "denied_{d}{v}"'
-            prefix = DENY_PREFIX[chain]  # type: ignore[index]
+            prefix = DENY_PREFIX[chain]
             lines += [
                 f"\tchain {chain}{v} {{",
                 f"\t\t{ip} {local} . {ip} {peer} @{d}_all{v} {allowed} return",
