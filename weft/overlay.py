@@ -48,6 +48,10 @@ class OverlayConnectionStatus:
     mtu: int | None = None
     info: str = ""  # human reason, e.g. "heartbeats unanswered for 60s; using sleeve"
     encrypted: bool = False
+    # Seconds since the carrying path's heartbeat was last answered (None: never / not known),
+    # and the round trip of the last answered one.
+    heard: float | None = None
+    rtt: float | None = None
 
 
 @dataclass(frozen=True)

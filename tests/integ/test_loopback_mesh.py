@@ -165,6 +165,9 @@ async def test_encrypted_pair_and_wrong_password_named_on_both_sides(
     await wait_until(lambda: names_password(intruder), "the dialling router to name the password")
     assert str(intruder.identity.name) not in established_peers(a)
     assert established_peers(a) == {str(b.identity.name)}  # the good link is untouched
+    # counted by reason for the metrics (weft_handshake_failures_total), on both sides
+    for router in (a, intruder):
+        assert router.status()["router"]["failures"]["handshake"].get("wrong_password", 0) >= 1
 
     plain = make_router(tmp_path, 3, addr(a))
     await plain.start()
@@ -175,6 +178,20 @@ async def test_encrypted_pair_and_wrong_password_named_on_both_sides(
 
     await wait_until(lambda: names_mismatch(plain), "plaintext side names the mismatch")
     await wait_until(lambda: names_mismatch(a), "encrypted side names the mismatch")
+    assert plain.status()["router"]["failures"]["handshake"].get("encryption_mismatch", 0) >= 1
+
+
+async def test_dial_failures_are_counted_by_reason(tmp_path: Path, started: list[Router]) -> None:
+    (port,) = free_ports(1)  # nothing listens there: the kernel refuses the connection
+    a = make_router(tmp_path, 0, f"127.0.0.1:{port}")
+    await a.start()
+    started.append(a)
+
+    def refused() -> bool:
+        return bool(a.status()["router"]["failures"]["dial"].get("connection_refused", 0) >= 1)
+
+    await wait_until(refused, "the refused dial to be counted")
+    assert a.status()["router"]["failures"]["handshake"] == {}
 
 
 class RawPeer:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integ.hosts import Host, Underlay, have_netns, run, underlay, wait_for
 
@@ -340,9 +341,24 @@ def test_blocking_udp_6784_falls_back_to_sleeve_and_returns(mesh: Mesh) -> None:
         fallbacks = api(h1, "/status")["overlay"]["switch"]["fallbacks"]
         assert fallbacks.get("vxlan->sleeve", 0) >= 1
         metrics = h1.exec("curl", "-s", "http://127.0.0.1:6784/metrics", check=False).stdout
-        assert 'weft_datapath_fallbacks_total{from_datapath="vxlan",to_datapath="sleeve"}' in (
-            metrics
-        )
+        moved = {
+            sample.labels["reason"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "weft_datapath_fallbacks_total"
+            and sample.labels["from_datapath"] == "vxlan"
+            and sample.labels["to_datapath"] == "sleeve"
+        }
+        # the rule drops the tunnel's heartbeats: ours or the peer's went unanswered
+        assert moved.get("heartbeat_lost", 0) + moved.get("peer_heartbeat_lost", 0) >= 1, moved
+        assert moved.get("mtu") == 0 and moved.get("unavailable") == 0, moved
+        frames = {
+            sample.labels["direction"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "weft_fastdp_frames_total" and sample.labels["datapath"] == "vxlan"
+        }
+        assert frames.get("out", 0) > 0 and frames.get("in", 0) > 0, frames  # pings, probes
     finally:
         h2.sh(f"nft delete table inet {table}", check=False)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 
 from weft.fastdp.capabilities import (
     XFRM_MSG_DELSA,
@@ -92,3 +93,33 @@ def test_capabilities_status() -> None:
     status = caps.status()
     assert status["openvswitch"] == {"available": False, "detail": "no ovs_datapath"}
     assert status["fast_datapaths"] == ["vxlan"]
+
+
+def test_net_dev_counters_parse_and_a_missing_device_is_none(tmp_path: Path) -> None:
+    from weft.fastdp.netdev_stats import device_traffic, parse_net_dev
+
+    text = (
+        "Inter-|   Receive                            |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes packets ...\n"
+        "    lo:  100  2 0 0 0 0 0 0  100  2 0 0 0 0 0 0\n"
+        "vxlan-weft: 9000 10 0 0 0 0 0 0 4500 5 0 0 0 0 0 0\n"
+        "broken: x y\n"
+    )
+    assert parse_net_dev(text)["vxlan-weft"] == {
+        "bytes_in": 9000,
+        "frames_in": 10,
+        "bytes_out": 4500,
+        "frames_out": 5,
+    }
+    assert "broken" not in parse_net_dev(text)
+    path = tmp_path / "dev"
+    path.write_text(text)
+    assert device_traffic("lo", str(path)) == {
+        "bytes_in": 100,
+        "frames_in": 2,
+        "bytes_out": 100,
+        "frames_out": 2,
+    }
+    assert device_traffic("nope", str(path)) is None
+    assert device_traffic("lo", str(tmp_path / "missing")) is None
+    assert device_traffic("lo") is not None  # this namespace's own loopback

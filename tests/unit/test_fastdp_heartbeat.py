@@ -92,8 +92,10 @@ def test_pending_then_healthy_on_first_full_size_ack() -> None:
     hb.handle_timer(0.0)
     [(seq, size)] = hb.probes_to_send()
     assert size == 1464 and hb.get_timer() == 1.0
+    assert hb.last_ack is None and hb.rtt is None
     hb.ack_received(ProbeAck(seq, size), 0.05)
     assert state(hb) is HeartbeatState.HEALTHY
+    assert hb.last_ack == 0.05 and hb.rtt == pytest.approx(0.05)  # probe sent at 0.0
     assert events(hb) == [HealthChanged(HeartbeatState.HEALTHY, "")]
     # Healthy probing is slower: 1.0 (already scheduled), then every 5 s.
     probes = run_until(hb, 0.05, 15.0)

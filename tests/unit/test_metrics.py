@@ -210,10 +210,8 @@ def test_counters() -> None:
     assert s[("weft_sleeve_drops_total", (("reason", "replay"),))] == 1
     assert s[("weft_sleeve_drops_total", (("reason", "decrypt"),))] == 4
     assert s[("weft_sleeve_drops_total", (("reason", "oversize"),))] == 0  # preset, zero
-    assert (
-        s[("weft_datapath_fallbacks_total", (("from_datapath", "ovs"), ("to_datapath", "sleeve")))]
-        == 1
-    )
+    fallback = (("from_datapath", "ovs"), ("reason", "unknown"), ("to_datapath", "sleeve"))
+    assert s[("weft_datapath_fallbacks_total", fallback)] == 1
     # No status source: no connection gauges, no crash.
     assert not any(name == "weft_connections" for name, _ in s)
 
@@ -328,7 +326,10 @@ async def test_setup_routes_binds_and_exposes_metrics() -> None:
     async with TestClient(TestServer(app)) as client:
         text = await (await client.get("/metrics")).text()
     assert 'weft_connections{datapath="ovs",encryption="yes",state="established"} 1.0' in text
-    assert 'weft_datapath_fallbacks_total{from_datapath="ovs",to_datapath="sleeve"} 1.0' in text
+    assert (
+        'weft_datapath_fallbacks_total{from_datapath="ovs",reason="unknown",to_datapath="sleeve"}'
+        " 1.0" in text
+    )
     other = web.Application()
     setup_routes(other, lambda: status)
     assert metrics_of(other) is not early
@@ -395,3 +396,159 @@ def test_broken_status_producer_does_not_break_scrapes() -> None:
     assert s[("weft_status_up", ())] == 0
     assert s[("weft_sleeve_drops_total", (("reason", "replayed"),))] == 1
     assert scrape(Metrics(get_status=lambda: synthetic_status(2)))[("weft_status_up", ())] == 1
+
+
+def labelled(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+def test_per_connection_series_carry_the_row_values() -> None:
+    status = synthetic_status(3, datapaths=("vxlan", "sleeve"))
+    first, second = status["router"]["connections"]
+    first.update(heard=0.4, rtt=0.0021, mtu=1410, stats={"bytes_in": 500, "bytes_out": 700})
+    second.update(state="degraded", heard=3.5)
+    s = scrape(Metrics(get_status=lambda: status))
+    p1, p2 = first["peer"], second["peer"]
+    assert s[("weft_connection_heard_seconds", (("peer", p1),))] == 0.4
+    assert s[("weft_connection_rtt_seconds", (("peer", p1),))] == 0.0021
+    assert s[("weft_connection_mtu_bytes", (("peer", p1),))] == 1410
+    assert ("weft_connection_rtt_seconds", (("peer", p2),)) not in s  # not known: no sample
+    ctrl = "weft_connection_control_bytes_total"
+    assert s[(ctrl, (("direction", "out"), ("peer", p1)))] == 700
+    assert s[("weft_connection_state", (("peer", p2), ("state", "degraded")))] == 1
+    assert s[("weft_connection_state", (("peer", p2), ("state", "established")))] == 0
+    assert s[("weft_connection_datapath", (("datapath", first["datapath"]), ("peer", p1)))] == 1
+    assert s[("weft_connection_datapath", (("datapath", "ovs"), ("peer", p1)))] == 0
+    assert s[("weft_connection_encrypted", (("peer", p1),))] == 1
+    info = labelled(s, "weft_connection_info")
+    assert {dict(k)["nickname"] for k in info} == {first["nickname"], second["nickname"]}
+    assert s[("weft_connection_heard_max_seconds", ())] == 3.5
+    assert s[("weft_connection_series_omitted", ())] == 0
+
+
+def test_per_connection_series_are_bounded_and_slots_stay_put() -> None:
+    status = synthetic_status(40, degree=39)
+    conns = status["router"]["connections"]
+    n = len(conns)
+    assert n > 30
+    conns[-1]["heard"] = 9.0  # beyond the limit, but the max gauge still sees it
+    conns.append(dict(conns[0], state="failed", address="10.9.9.9:6783"))  # same peer twice
+    metrics = Metrics(get_status=lambda: status, per_peer_limit=10)
+    s = scrape(metrics)
+    peers = {dict(k)["peer"] for k in labelled(s, "weft_connection_info")}
+    assert len(peers) == 10 and peers == set(sorted({c["peer"] for c in conns})[:10])
+    assert len(labelled(s, "weft_connection_state")) == 10 * len(CONNECTION_STATES)
+    assert s[("weft_connection_series_omitted", ())] == n - 10
+    assert s[("weft_connection_heard_max_seconds", ())] == 9.0
+    # A peer that goes frees its slot for the next; the others keep theirs.
+    gone = min(peers)
+    status["router"]["connections"] = [c for c in conns if c["peer"] != gone]
+    after = {dict(k)["peer"] for k in labelled(scrape(metrics), "weft_connection_info")}
+    assert len(after) == 10 and gone not in after and peers - {gone} <= after
+
+
+def test_dial_and_handshake_failures_by_reason_with_zero_series() -> None:
+    status: dict[str, Any] = synthetic_status(2)
+    s = scrape(Metrics(get_status=lambda: status))
+    assert s[("weft_dial_failures_total", (("reason", "connection_refused"),))] == 0
+    assert s[("weft_handshake_failures_total", (("reason", "wrong_password"),))] == 0
+    status["router"]["failures"] = {
+        "dial": {"connection_refused": 3, "timeout": 1},
+        "handshake": {"wrong_password": 2, "io_error": 1},
+    }
+    s = scrape(Metrics(get_status=lambda: status))
+    assert s[("weft_dial_failures_total", (("reason", "connection_refused"),))] == 3
+    assert s[("weft_dial_failures_total", (("reason", "timeout"),))] == 1
+    assert s[("weft_handshake_failures_total", (("reason", "wrong_password"),))] == 2
+    assert s[("weft_handshake_failures_total", (("reason", "io_error"),))] == 1
+
+
+def switch_status() -> dict[str, Any]:
+    status: dict[str, Any] = synthetic_status(2)
+    status["overlay"] = {
+        "datapath": "auto",
+        "switch": {
+            "datapaths": ["vxlan", "sleeve"],
+            "note": "ovs: ovs_datapath: no such generic netlink family (openvswitch module"
+            " not loaded/available)",
+            "ovs": None,
+            "vxlan": {
+                "problem": "",
+                "traffic": {"bytes_in": 9000, "frames_in": 10, "bytes_out": 4500, "frames_out": 5},
+            },
+            "capabilities": {
+                "openvswitch": {"available": False, "detail": "openvswitch module not loaded"},
+                "vxlan": {"available": True, "detail": "vxlan links can be created"},
+                "esp": {"available": False, "detail": "Operation not permitted"},
+            },
+            "fallback_reasons": [
+                {"from": "vxlan", "to": "sleeve", "reason": "heartbeat_lost", "count": 2}
+            ],
+        },
+    }
+    return status
+
+
+def test_datapath_capabilities_and_availability_with_reasons() -> None:
+    s = scrape(Metrics(get_status=switch_status))
+    caps = labelled(s, "weft_datapath_capability")
+    assert caps == {
+        (("capability", "openvswitch"), ("reason", "module_missing")): 0,
+        (("capability", "vxlan"), ("reason", "available")): 1,
+        (("capability", "esp"), ("reason", "not_permitted")): 0,
+    }
+    available = labelled(s, "weft_datapath_available")
+    assert available == {
+        (("datapath", "ovs"), ("reason", "module_missing")): 0,
+        (("datapath", "vxlan"), ("reason", "available")): 1,
+        (("datapath", "sleeve"), ("reason", "available")): 1,
+    }
+
+
+def test_fastdp_traffic_and_fallbacks_by_reason_from_the_status() -> None:
+    status = switch_status()
+    metrics = Metrics(get_status=lambda: status)
+    s = scrape(metrics)
+    assert s[("weft_fastdp_frames_total", (("datapath", "vxlan"), ("direction", "in")))] == 10
+    assert s[("weft_fastdp_bytes_total", (("datapath", "vxlan"), ("direction", "out")))] == 4500
+    fallbacks = labelled(s, "weft_datapath_fallbacks_total")
+    key = (("from_datapath", "vxlan"), ("reason", "heartbeat_lost"), ("to_datapath", "sleeve"))
+    assert fallbacks[key] == 2
+    # pre-seeded: every reason of every move this router can make, zero until it happens
+    assert {dict(k)["reason"] for k in fallbacks} == {
+        "heartbeat_lost",
+        "peer_heartbeat_lost",
+        "mtu",
+        "unavailable",
+    }
+    assert all(dict(k)["from_datapath"] == "vxlan" for k in fallbacks)  # no ovs here
+    # without a switch (sleeve only) nothing to fall back from
+    status["overlay"] = {"datapath": "sleeve", "switch": {"datapaths": ["sleeve"]}}
+    assert not labelled(scrape(metrics), "weft_datapath_fallbacks_total")
+
+
+def test_build_info_process_collectors_containers_and_mesh_ipam() -> None:
+    import weft
+
+    status = synthetic_status(4, containers=3)
+    status["router"]["protocol"] = "1..3"
+    s = scrape(Metrics(get_status=lambda: status))
+    (labels,) = labelled(s, "weft_build_info")
+    assert dict(labels)["version"] == weft.__version__ and dict(labels)["protocol"] == "1..3"
+    assert ("process_cpu_seconds_total", ()) in s
+    assert any(name == "python_info" for name, _ in s)
+    assert s[("weft_containers", ())] == 3
+    assert s[("weft_encrypted", ())] == 1
+    entries = status["ipam"]["entries"]
+    mesh = labelled(s, "weft_ipam_mesh_addresses")
+    assert mesh[(("state", "owned"),)] == sum(e["owned"] for e in entries)
+    assert mesh[(("state", "free"),)] == sum(e["free"] for e in entries)
+    assert s[("weft_ipam_range_addresses", ())] == 1 << 20
+    assert mesh[(("state", "unowned"),)] == (1 << 20) - sum(e["owned"] for e in entries)
+    no_bridge = synthetic_status(2)
+    no_bridge.pop("containers", None)
+    assert ("weft_containers", ()) not in scrape(Metrics(get_status=lambda: no_bridge))
+    assert not any(
+        n.startswith("process_")
+        for n, _ in scrape(Metrics(get_status=lambda: status, process_collectors=False))
+    )

@@ -29,10 +29,14 @@ def config(tmp_path: Path, datapath: str) -> RouterConfig:
 class FakeOverlay(NullOverlay):
     def __init__(self) -> None:
         self.closed = False
-        self.fallback_callbacks: list[Any] = []
+        self.fallbacks: list[dict[str, Any]] = []
 
-    def on_fallback(self, callback: Any) -> None:
-        self.fallback_callbacks.append(callback)
+    def status(self) -> dict[str, Any]:
+        # what the overlay switch reports; the metrics read fallbacks from here
+        return {
+            "datapath": "auto",
+            "switch": {"datapaths": ["vxlan", "sleeve"], "fallback_reasons": self.fallbacks},
+        }
 
     def setup_routes(self, app: web.Application, allocate: Any = None, release: Any = None) -> None:
         self.ipam_hooks = (allocate, release)
@@ -96,12 +100,13 @@ async def test_compose_mounts_overlay_ui_and_metrics(tmp_path: Path) -> None:
         metrics = await (await client.get("/metrics")).text()
         assert "weft_connection_terminations" in metrics
         assert (await client.get("/ui/")).status == 200
-    for callback in overlay.fallback_callbacks:
-        callback("vxlan", "sleeve")
+    zero = 'weft_datapath_fallbacks_total{from_datapath="vxlan",reason="heartbeat_lost",'
+    assert zero + 'to_datapath="sleeve"} 0.0' in metrics  # pre-seeded
+    overlay.fallbacks.append({"from": "vxlan", "to": "sleeve", "reason": "mtu", "count": 1})
     async with TestClient(TestServer(router.status_app)) as client:
         text = await (await client.get("/metrics")).text()
         assert "weft_connection_terminations" in text
-        assert 'from_datapath="vxlan",to_datapath="sleeve"} 1.0' in text
+        assert 'from_datapath="vxlan",reason="mtu",to_datapath="sleeve"} 1.0' in text
         assert (await client.get("/status")).status == 200
     await router.stop()
     assert overlay.closed

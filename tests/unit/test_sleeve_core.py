@@ -856,3 +856,21 @@ def test_fuzzed_datagrams_and_control_messages_only_ever_drop(
     assert core.link_status(A)["addr"] == "10.0.0.1:6783"  # type: ignore[index]
     assert core.status(10.0)["reassembly_bytes"] == 0  # all timed out by now
     assert all(m[0] in (0x01, 0x02) for _, m in core.take_control())
+
+
+def test_link_status_says_when_the_peer_was_last_heard_and_the_round_trip() -> None:
+    net = established_net([(A, B)])
+    status = net.cores[A].link_status(B)
+    assert status is not None
+    assert status["rtt"] == 0.0  # the in-memory network answers at once
+    heard_at = status["last_ack"]
+    assert heard_at is not None and net.now - heard_at <= 1.0  # heartbeats every second
+    net.blocked |= {(A, B), (B, A)}
+    net.run(4.0)
+    cut = net.cores[A].link_status(B)
+    assert cut is not None and cut["state"] == "degraded"
+    assert net.now - cut["last_ack"] >= 3.0  # nothing heard since the cut
+    net.blocked.clear()
+    net.run(3.0)
+    back = net.cores[A].link_status(B)
+    assert back is not None and net.now - back["last_ack"] <= 1.0

@@ -253,7 +253,19 @@ async def test_both_ends_agree_carry_by_vxlan_fall_back_and_return() -> None:
     assert ca.switch.chosen == "sleeve" and not a.vxlan.carrying[B]
     assert fallbacks == [("vxlan", "sleeve")]
     assert ca.status().info == f"vxlan: {REASON}; using sleeve"
-    assert a.overlay.status()["switch"]["fallbacks"] == {"vxlan->sleeve": 1}
+    switch_status = a.overlay.status()["switch"]
+    assert switch_status["fallbacks"] == {"vxlan->sleeve": 1}
+    assert switch_status["fallback_reasons"] == [
+        {"from": "vxlan", "to": "sleeve", "reason": "heartbeat_lost", "count": 1}
+    ]
+    moves = [
+        (h["peer"], h["kind"], h["from"], h["to"], h["reason"]) for h in switch_status["history"]
+    ]
+    assert moves == [
+        (str(B), "recovered", "sleeve", "vxlan", "healthy"),
+        (str(B), "fallback", "vxlan", "sleeve", "heartbeat_lost"),
+    ]
+    assert switch_status["history"][-1]["info"] == f"vxlan: {REASON}"
     deliver(a, b)
     assert cb.switch.chosen == "sleeve"  # the peer follows
     ha.on_health(True, "")

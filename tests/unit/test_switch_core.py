@@ -65,7 +65,9 @@ def test_missed_heartbeats_fall_back_at_once_and_return_after_the_hold() -> None
     events(sw)
     sw.path_state("vxlan", False, UNANSWERED, 20.0)
     assert sw.chosen == "sleeve" and sw.carrying
-    assert events(sw) == [DatapathChanged("vxlan", "sleeve", f"vxlan: {UNANSWERED}")]
+    assert events(sw) == [
+        DatapathChanged("vxlan", "sleeve", f"vxlan: {UNANSWERED}", "heartbeat_lost")
+    ]
     assert sw.info == f"vxlan: {UNANSWERED}; using sleeve"
     assert sw.get_timer() is None  # nothing to wait for while vxlan is down
     sw.path_state("vxlan", True, "", 30.0)
@@ -102,6 +104,7 @@ def test_the_peer_losing_its_direction_moves_us_too() -> None:
     assert sw.chosen == "sleeve"
     (event,) = events(sw)
     assert event.reason == "vxlan: the peer's heartbeats through the tunnel are not answered"
+    assert event.code == "peer_heartbeat_lost"
     sw.peer_state("vxlan", True, 4.0)
     sw.handle_timer(5.0)
     assert sw.chosen == "vxlan"
@@ -185,3 +188,18 @@ def test_envelope_and_messages_round_trip() -> None:
 def test_switch_messages_decode_or_raise_remote_protocol_error(data: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):
         decode_switch_message(data)
+
+
+def test_fallback_codes_for_a_short_probe_and_an_unavailable_path() -> None:
+    sw = PathSwitch(["ovs", "vxlan", "sleeve"], 0.0)
+    sw.path_state("sleeve", True, "", 0.0)
+    for name in ("ovs", "vxlan"):
+        sw.path_state(name, True, "", 0.0)
+        sw.peer_state(name, True, 0.0)
+    assert sw.chosen == "ovs"
+    events(sw)
+    sw.path_state("ovs", False, "tunnel delivered 1000 of 1464 bytes; MTU 1450 too large", 1.0)
+    assert [(e.old, e.new, e.code) for e in events(sw)] == [("ovs", "vxlan", "mtu")]
+    sw.unavailable("vxlan", "vxlan: ESP setup failed", 2.0)
+    assert [(e.old, e.new, e.code) for e in events(sw)] == [("vxlan", "sleeve", "unavailable")]
+    assert sw.status()["notes"] == []

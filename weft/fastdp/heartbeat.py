@@ -197,7 +197,9 @@ class FastPathHeartbeat:
         self.reason = "waiting for the first heartbeat through the tunnel"
         self._mtu = self._check_mtu(mtu)
         self._seq = 0
-        self._outstanding: OrderedDict[int, int] = OrderedDict()  # seq -> expected size
+        self._outstanding: OrderedDict[int, tuple[int, float]] = OrderedDict()  # seq -> size, sent
+        self.last_ack: float | None = None  # when the last acknowledgement came (any size)
+        self.rtt: float | None = None  # probe sent -> its ack, of the last acknowledged probe
         self._next_probe = now
         self._since = now  # when the current wait for an ack started
         self._recovering = 0  # acks in a row while unhealthy
@@ -238,7 +240,7 @@ class FastPathHeartbeat:
             self._set(HeartbeatState.UNHEALTHY, why)
         if now >= self._next_probe:
             self._seq += 1
-            self._outstanding[self._seq] = self.frame_size
+            self._outstanding[self._seq] = (self.frame_size, now)
             while len(self._outstanding) > self.MAX_OUTSTANDING:
                 self._outstanding.popitem(last=False)
             self._probes.append((self._seq, self.frame_size))
@@ -259,9 +261,12 @@ class FastPathHeartbeat:
 
         Acks for unknown or forgotten probes (e.g. sent before an MTU change) are ignored.
         """
-        expected = self._outstanding.pop(ack.seq, None)
-        if expected is None:
+        probe = self._outstanding.pop(ack.seq, None)
+        if probe is None:
             return
+        expected, sent = probe
+        self.last_ack = now
+        self.rtt = max(0.0, now - sent)
         # Probes before this one that were never answered will not be any more.
         lost = [s for s in self._outstanding if s < ack.seq]
         for seq in lost:

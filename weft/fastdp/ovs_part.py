@@ -62,6 +62,7 @@ from weft.fastdp.esp import ESP_OVERHEAD
 from weft.fastdp.esp_links import EspLinks
 from weft.fastdp.heartbeat import HeartbeatConfig, Probe, encode_probe
 from weft.fastdp.link import FastPathLink
+from weft.fastdp.netdev_stats import device_traffic
 from weft.fastdp.ovs_datapath import OvsConfig
 from weft.fastdp.ovs_flows import OvsPeer
 from weft.fastdp.part_base import (
@@ -520,6 +521,7 @@ class OvsPart(FastPartBase[OvsLinkHandle]):
             **self.counters,
             "kernel": dict(self.kernel),
             "links": self.links_status(),
+            "traffic": device_traffic(self.config.datapath.vxlan_vport),
         }
 
     # -- kernel jobs (worker thread) ---------------------------------------------------------------

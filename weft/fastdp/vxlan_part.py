@@ -46,6 +46,7 @@ from weft.fastdp.esp import ESP_OVERHEAD
 from weft.fastdp.esp_links import EspLinks
 from weft.fastdp.heartbeat import HeartbeatConfig, decode_probe, encode_probe
 from weft.fastdp.link import FastPathLink
+from weft.fastdp.netdev_stats import device_traffic
 from weft.fastdp.part_base import (
     FastPartBase,
     LinkHandle,
@@ -232,6 +233,7 @@ class VxlanPart(FastPartBase[VxlanLinkHandle]):
             "flushes": self.flushes,
             "bridge_entries": self.bridge_entries,
             "links": self.links_status(),
+            "traffic": device_traffic(self.device_config.name),
         }
 
     # -- worker-thread jobs ---------------------------------------------------------------------

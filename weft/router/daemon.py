@@ -119,9 +119,8 @@ def compose(router: Router) -> Components:
         setup_routes(router.status_app, router.status, hub=hub, metrics=metrics)
         router.on_status_changed(hub.notify)
         router.on_connection_closed(lambda label, _reason: metrics.connection_terminated(label))
-        on_fallback = getattr(router.overlay, "on_fallback", None)
-        if callable(on_fallback):
-            on_fallback(metrics.fallback)  # the overlay switch: moves to a worse datapath
+        # The overlay switch's fallbacks (by reason) reach the metrics through its status
+        # (overlay.switch.fallback_reasons): no on_fallback wiring, which would count them twice.
     return parts
 
 

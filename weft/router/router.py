@@ -93,6 +93,7 @@ log = logging.getLogger("weft.router")
 
 TARGETS_FILE: Final = "targets.json"
 MAX_FAILURE_ROWS: Final = 100
+MAX_FAILURE_CODES: Final = 32  # distinct dial / handshake failure codes kept (then "other")
 FAILURE_TTL: Final = 600.0  # seconds a failure row stays without a newer event
 SEND_BACKLOG_HIGH: Final = 1 << 20  # bytes queued to a peer before its gossip is held back
 FEATURE_PORT: Final = "weft_port"  # our listen port, so inbound connections get a dialable address
@@ -215,6 +216,9 @@ class Router:
             self, dataclasses.replace(access, bound_host=status_host)
         )
         self.counters: Counter[str] = Counter()
+        # Dials that found no connection and connections closed before their handshake ended,
+        # by a short reason code (metrics: weft_dial_failures_total, weft_handshake_failures_...)
+        self.failures: dict[str, Counter[str]] = {"dial": Counter(), "handshake": Counter()}
         self._refused_log_at = -math.inf
         self._refused_unlogged = 0
         self._conns: dict[int, Connection] = {}
@@ -814,7 +818,9 @@ class Router:
         if address in self._dialing:
             return
         if self._connection_count() >= self.config.conn_limit:
-            self._dial_failed(address, f"connection limit reached ({self.config.conn_limit})")
+            self._dial_failed(
+                address, f"connection limit reached ({self.config.conn_limit})", "conn_limit"
+            )
             return
         self._dialing.add(address)
         self.status_changed()
@@ -824,12 +830,14 @@ class Router:
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
         except TimeoutError:
             self._dialing.discard(address)
-            self._dial_failed(address, f"connect timed out after {self.config.connect_timeout:g}s")
+            self._dial_failed(
+                address, f"connect timed out after {self.config.connect_timeout:g}s", "timeout"
+            )
             return
         except (OSError, WeftError) as err:
             self._dialing.discard(address)
             text = _oserror(err) if isinstance(err, OSError) else str(err)
-            self._dial_failed(address, f"cannot connect: {text}")
+            self._dial_failed(address, f"cannot connect: {text}", _errno_code(err))
             return
         except asyncio.CancelledError:
             self._dialing.discard(address)
@@ -844,15 +852,22 @@ class Router:
             # only our own dials can fill the reserve: the connection maker retries later
             self.counters[f"refused_{verdict.label}"] += 1
             writer.close()
-            self._dial_failed(address, verdict.reason)
+            self._dial_failed(address, verdict.reason, f"refused_{verdict.label}")
             return
         conn = self._make_connection(
             reader, writer, outbound=True, address=address, target=address, local_id=local_id
         )
         await conn.run()
 
-    def _dial_failed(self, address: str, reason: str) -> None:
+    def _count_failure(self, kind: str, code: str) -> None:
+        tally = self.failures[kind]
+        if code not in tally and len(tally) >= MAX_FAILURE_CODES:
+            code = "other"  # codes come from errno names and close labels: few, but bounded
+        tally[code] += 1
+
+    def _dial_failed(self, address: str, reason: str, code: str = "other") -> None:
         self.counters["dial_failed"] += 1
+        self._count_failure("dial", code)
         log.info("connect -> %s failed: %s", address, reason)
         self._record_failure(True, address, reason, None, None, False)
         self.mesh.dial_failed(address, self.now(), reason)
@@ -1010,6 +1025,8 @@ class Router:
         self._release_unauth(conn.local_id)
         label = conn.close_label or "unknown"
         self.counters[f"closed_{label}"] += 1
+        if conn.result is None and label != "stopping":
+            self._count_failure("handshake", label)
         for callback in list(self._closed_callbacks):
             try:
                 callback(label, reason)
@@ -1134,6 +1151,7 @@ class Router:
                 "connections": self._connection_rows(now, retrying),
                 "targets": targets,
                 "counters": dict(self.counters),
+                "failures": {kind: dict(t) for kind, t in self.failures.items()},
             },
             "overlay": self.overlay.status(),
         }
@@ -1185,6 +1203,8 @@ class Router:
                     elif conn.state == "pending":
                         row["info"] = f"waiting for the {ov.datapath} data path ({ov.state})"
                     row["data_encrypted"] = ov.encrypted
+                    row["heard"] = None if ov.heard is None else round(ov.heard, 3)
+                    row["rtt"] = None if ov.rtt is None else round(ov.rtt, 6)
                 except Exception as err:
                     row["info"] = f"overlay status failed: {err}"
             rows.append(row)
@@ -1238,6 +1258,20 @@ def link_attributes(ov: OverlayConnectionStatus, control_encrypted: bool) -> Lin
         mtu=ov.mtu if ov.mtu is not None and 0 < ov.mtu < 65536 else None,
         state=ov.state if ov.state in DATA_STATES else None,
     )
+
+
+def _errno_code(err: Exception) -> str:
+    """``connection_refused``, ``no_route_to_host``, ...: a dial failure's metrics label."""
+    import errno as errno_module
+
+    if isinstance(err, socket.gaierror):
+        return "name_resolution"
+    code = getattr(err, "errno", None)
+    if isinstance(code, int) and code in errno_module.errorcode:
+        return os.strerror(code).lower().replace(" ", "_")[:40]
+    if isinstance(err, OSError):
+        return "os_error"  # e.g. a name that does not resolve (gaierror carries no errno)
+    return "error"
 
 
 def _oserror(err: OSError) -> str:

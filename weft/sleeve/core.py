@@ -335,6 +335,7 @@ class _Link:
         self.ever_established = False
         self.created = now
         self.last_ack: float | None = None
+        self.rtt: float | None = None  # heartbeat sent -> its acknowledgement, the last one
         self.pmtu = config.pmtu_min
         self.underlay_upper = upper
         self.upper = upper
@@ -484,6 +485,8 @@ class SleeveCore:
             "encrypted": link.sealer is not None,
             "superframes": link.superframes and self.config.tap_vnet_hdr,
             "searching": link.searching,
+            "last_ack": link.last_ack,  # the core's clock; None before the first
+            "rtt": link.rtt,
         }
 
     def _frame_mtu(self, link: _Link) -> int:
@@ -1224,6 +1227,7 @@ class SleeveCore:
         link.last_ack = now  # the peer answered over the control connection: the path lives
         if probe is None:
             return  # forgotten (a late answer to a probe already counted as lost): size unknown
+        link.rtt = max(0.0, now - probe[1])
         changed = False
         if probe[0] < link.pmtu:
             # A small liveness heartbeat: the path is alive, so the full-size losses were real.

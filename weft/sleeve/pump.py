@@ -178,8 +178,16 @@ class SleeveConnection:
         link = self.overlay.link_status(self.params.remote_name)
         if link is None:
             return OverlayConnectionStatus("sleeve", "failed", None, "stopped", encrypted)
+        last_ack = link.get("last_ack")
+        heard = max(0.0, self.overlay.loop.time() - last_ack) if last_ack is not None else None
         return OverlayConnectionStatus(
-            "sleeve", link["state"], link["mtu"], link["info"], link["encrypted"]
+            "sleeve",
+            link["state"],
+            link["mtu"],
+            link["info"],
+            link["encrypted"],
+            heard=heard,
+            rtt=link.get("rtt"),
         )
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ from weft.errors import ConfigError, LocalError, RemoteProtocolError
 from weft.overlay import PART_OVS, PART_SLEEVE, PART_SWITCH, PART_VXLAN
 
 __all__ = [
+    "FALLBACK_REASONS",
     "MAX_MACS",
     "PART_OVS",
     "PART_SLEEVE",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 SLEEVE = "sleeve"
+# Why a connection left a datapath, as a short code (metrics label, UI filter):
+# its heartbeats went unanswered, the peer's did, a probe came back short, or it can never carry.
+FALLBACK_REASONS = ("heartbeat_lost", "peer_heartbeat_lost", "mtu", "unavailable")
 
 # -- the overlay-control envelope -----------------------------------------------------------------
 #
@@ -155,6 +159,7 @@ class DatapathChanged:
     old: str | None
     new: str
     reason: str
+    code: str = ""  # a fallback: one of FALLBACK_REASONS
 
 
 @dataclass
@@ -286,6 +291,7 @@ class PathSwitch:
     def status(self) -> dict[str, object]:
         return {
             "chosen": self.chosen,
+            "notes": list(self._notes),
             "paths": {
                 p.name: {
                     "healthy": p.healthy,
@@ -334,6 +340,14 @@ class PathSwitch:
             return f"{name}: the peer's heartbeats through the tunnel are not answered"
         return f"{name}: healthy again, returning after {self.config.recovery_hold:g}s"
 
+    @staticmethod
+    def _why_code(path: _Path) -> str:
+        if path.unavailable:
+            return "unavailable"
+        if not path.healthy:
+            return "mtu" if "too large" in path.reason else "heartbeat_lost"
+        return "peer_heartbeat_lost"
+
     def _decide(self, now: float) -> None:
         choice = self._order[-1]  # the last resort: sleeve, or the forced datapath
         for name in self._order:
@@ -343,10 +357,12 @@ class PathSwitch:
         if choice != self.chosen:
             old = self.chosen
             self.chosen = choice
+            code = ""
             if old is not None and self._order.index(old) < self._order.index(choice):
                 reason = self._why_not(self._paths[old], old)  # a fallback: why the old one went
+                code = self._why_code(self._paths[old])
             elif old is not None:
                 reason = f"{choice}: healthy at both ends"
             else:
                 reason = ""
-            self._events.append(DatapathChanged(old, choice, reason))
+            self._events.append(DatapathChanged(old, choice, reason, code))

@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -80,6 +81,7 @@ from weft.switch.core import (
     PART_SLEEVE,
     PART_SWITCH,
     SLEEVE,
+    DatapathChanged,
     MacsAnnounced,
     PathState,
     PathSwitch,
@@ -107,6 +109,7 @@ FEATURE_SWITCH = "overlay_switch"
 FAST_DATAPATHS = ("ovs", "vxlan")  # best first; sleeve is always last
 MODES = ("auto", "ovs", "vxlan", "sleeve")
 ESP_INFO = "ESP rfc4106(gcm(aes))"
+HISTORY = 32  # datapath moves kept for the status
 
 
 class _SleeveRoutes:
@@ -237,8 +240,18 @@ class SwitchConnection:
         encrypted = part is not None and part.encrypted
         if encrypted and self.switch.carrying:
             info = f"{info}; {ESP_INFO}" if info else ESP_INFO
+        beat = handle.link.heartbeat if handle is not None else None
+        heard = rtt = None
+        if beat is not None and beat.last_ack is not None:
+            heard, rtt = max(0.0, self.overlay.loop.time() - beat.last_ack), beat.rtt
         return OverlayConnectionStatus(
-            chosen, state, part.mtu if part is not None else None, info, encrypted
+            chosen,
+            state,
+            part.mtu if part is not None else None,
+            info,
+            encrypted,
+            heard=heard,
+            rtt=rtt,
         )
 
     def stop(self) -> None:
@@ -326,8 +339,10 @@ class SwitchConnection:
                 event.new,
                 f" ({event.reason})" if event.reason else "",
             )
-            if self.switch_worse(event.old, event.new):
-                self.overlay.fallback(event.old, event.new)
+            worse = self.switch_worse(event.old, event.new)
+            self.overlay.datapath_changed(self.remote, event, worse)
+            if worse:
+                self.overlay.fallback(event.old, event.new, event.code)
         if changed:
             self.overlay.carriers_changed()
         if self.switch.carrying and not self.established:
@@ -396,6 +411,9 @@ class SwitchOverlay:
         self.local_name: PeerName | None = None
         self.conns: dict[PeerName, SwitchConnection] = {}
         self.fallbacks: Counter[tuple[str, str]] = Counter()
+        self.fallback_reasons: Counter[tuple[str, str, str]] = Counter()  # from, to, code
+        # The last moves between datapaths, newest last (the UI's "why" and events panel).
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._fallback_callbacks: list[Callable[[str, str], None]] = []
         self._routes: _SleeveRoutes | None = None
         self._announced: frozenset[str] = frozenset()
@@ -445,6 +463,11 @@ class SwitchOverlay:
                 "capabilities": self.capabilities.status() if self.capabilities else None,
                 "container_mtu": self.container_mtu,
                 "fallbacks": {f"{a}->{b}": n for (a, b), n in sorted(self.fallbacks.items())},
+                "fallback_reasons": [
+                    {"from": a, "to": b, "reason": c, "count": n}
+                    for (a, b, c), n in sorted(self.fallback_reasons.items())
+                ],
+                "history": list(self.history),
                 "connections": {str(p): c.switch.status() for p, c in self.conns.items()},
             }
         )
@@ -475,8 +498,23 @@ class SwitchOverlay:
         """``callback(from, to)`` on every move to a worse datapath (``Metrics.fallback``)."""
         self._fallback_callbacks.append(callback)
 
-    def fallback(self, old: str, new: str) -> None:
+    def datapath_changed(self, peer: PeerName, event: DatapathChanged, worse: bool) -> None:
+        """Remember a move between datapaths (``status()["switch"]["history"]``)."""
+        self.history.append(
+            {
+                "at": round(time.time(), 3),  # wall clock: shown to people, compared across hosts
+                "peer": str(peer),
+                "kind": "fallback" if worse else "recovered",
+                "from": event.old,
+                "to": event.new,
+                "reason": event.code if worse else "healthy",
+                "info": event.reason,
+            }
+        )
+
+    def fallback(self, old: str, new: str, code: str = "") -> None:
         self.fallbacks[(old, new)] += 1
+        self.fallback_reasons[(old, new, code or "unknown")] += 1
         for callback in list(self._fallback_callbacks):
             try:
                 callback(old, new)

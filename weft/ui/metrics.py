@@ -41,18 +41,32 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from weft import __version__
+from weft.switch.core import FALLBACK_REASONS
+
 __all__ = [
     "CONNECTION_STATES",
+    "DATAPATH_LABELS",
+    "DIAL_FAILURE_REASONS",
+    "HANDSHAKE_FAILURE_REASONS",
+    "PER_PEER_LIMIT",
     "SLEEVE_DROP_REASONS",
     "Metrics",
     "connection_counts",
     "ipam_counts",
     "label_token",
     "partitions",
+    "peer_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +81,20 @@ SLEEVE_DROP_REASONS = ("tampered", "replayed", "too_old", "oversize", "malformed
 # Every name and label here is a classic Prometheus name, so the text is valid 0.0.4 exposition,
 # which every Prometheus version scrapes (newer prometheus-client labels it 1.0.0 by default).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DATAPATH_LABELS = ("ovs", "vxlan", "sleeve", "none")
+# Reasons that always get a series (zero included), so rate() and absent-free alerts work from
+# the first scrape: the router's dial codes (errno texts, timeout, refused_*) and the
+# handshake's own labels (weft.gossip.handshake HandshakeError.reason).
+DIAL_FAILURE_REASONS = ("connection_refused", "timeout", "no_route_to_host", "name_resolution")
+HANDSHAKE_FAILURE_REASONS = (
+    "wrong_password",
+    "version_mismatch",
+    "encryption_mismatch",
+    "identity_not_proven",
+    "timeout",
+)
+# At most this many connections get per-connection (peer-labelled) series; see peer_rows.
+PER_PEER_LIMIT = 64
 _MAX_LABEL_VALUES = 32  # distinct values per free-text label before the rest become "other"
 _TOKEN_RE = re.compile(r"[^a-z0-9]+")
 
@@ -205,6 +233,68 @@ def ipam_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
     }
 
 
+def peer_rows(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The connection rows that name a peer, one per peer (the first: live rows come before
+    failure rows), sorted by peer name. Dial rows with no peer yet are left out."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for conn in _dicts(_router(status).get("connections")):
+        peer = conn.get("peer")
+        if isinstance(peer, str) and peer and peer not in seen:
+            seen[peer] = conn
+    return [seen[p] for p in sorted(seen)]
+
+
+def mesh_ipam_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
+    """Mesh-wide address counts: ``range`` (size of the allocation range), ``owned`` (in some
+    peer's ranges), ``free`` (free in those, as each owner last announced), ``unowned`` (the rest
+    of the range: nobody's yet, e.g. before consensus), ``unreachable`` (owned by unreachable
+    peers). None without an ``ipam`` section."""
+    import ipaddress
+
+    ipam = status.get("ipam")
+    if not isinstance(ipam, Mapping):
+        return None
+    owned = free = unreachable = 0
+    for entry in _dicts(ipam.get("entries")):
+        n_owned = _count(entry.get("owned"))
+        owned += n_owned
+        free += min(_count(entry.get("free")), n_owned)
+        if entry.get("reachable", True) is False:
+            unreachable += n_owned
+    try:
+        size = ipaddress.ip_network(str(ipam.get("range")), strict=False).num_addresses
+    except ValueError:
+        size = owned
+    return {
+        "range": size,
+        "owned": owned,
+        "free": free,
+        "unowned": max(0, size - owned),
+        "unreachable": unreachable,
+    }
+
+
+def reason_code(text: object) -> str:
+    """Why a datapath or kernel feature is unavailable, as a short label value."""
+    low = str(text).lower()
+    for needle, code in (
+        ("no esp", "no_esp"),
+        ("not permitted", "not_permitted"),
+        ("permission denied", "not_permitted"),
+        ("not supported", "not_supported"),
+        ("not loaded", "module_missing"),
+        ("no such file", "module_missing"),
+        ("not in this build", "not_built"),
+        ("not used", "disabled"),
+        ("below the container mtu", "mtu_too_small"),
+        ("address already in use", "port_in_use"),
+    ):
+        if needle in low:
+            return code
+    # "vxlan: <why>": the datapath prefix says nothing
+    return label_token(re.sub(r"^(ovs|vxlan|sleeve|encrypted):\s*", "", low))
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -265,8 +355,35 @@ _SLEEVE_DROPS = _Family(
 )
 _FALLBACKS = _Family(
     "weft_datapath_fallbacks",
-    "Connections that moved from one datapath to another (e.g. ovs -> sleeve).",
-    ("from_datapath", "to_datapath"),
+    "Connections that moved to a worse datapath (e.g. vxlan -> sleeve), by why the better one"
+    " went: heartbeat_lost, peer_heartbeat_lost, mtu, unavailable.",
+    ("from_datapath", "to_datapath", "reason"),
+)
+_DIAL_FAILURES = _Family(
+    "weft_dial_failures",
+    "Outbound dials that got no TCP connection, by reason (connection_refused, timeout, ...).",
+    ("reason",),
+)
+_HANDSHAKE_FAILURES = _Family(
+    "weft_handshake_failures",
+    "Connections closed before their handshake completed, by reason (wrong_password, ...).",
+    ("reason",),
+)
+_FASTDP_FRAMES = _Family(
+    "weft_fastdp_frames",
+    "Frames a kernel fast datapath (vxlan, ovs) carried, by direction (in/out); the tunnel"
+    " device's counters.",
+    ("datapath", "direction"),
+)
+_FASTDP_BYTES = _Family(
+    "weft_fastdp_bytes",
+    "Bytes of the frames a kernel fast datapath carried, by direction (in/out).",
+    ("datapath", "direction"),
+)
+_CONN_CONTROL_BYTES = _Family(
+    "weft_connection_control_bytes",
+    "Bytes on a connection's control (TCP) connection, by peer and direction (bounded peers).",
+    ("peer", "direction"),
 )
 _MESH_MESSAGES = _Family(
     "weft_mesh_messages",
@@ -297,6 +414,11 @@ _COUNTER_FAMILIES = (
     _SLEEVE_BYTES,
     _SLEEVE_DROPS,
     _FALLBACKS,
+    _DIAL_FAILURES,
+    _HANDSHAKE_FAILURES,
+    _FASTDP_FRAMES,
+    _FASTDP_BYTES,
+    _CONN_CONTROL_BYTES,
 )
 
 
@@ -324,6 +446,22 @@ def _status_counters(status: Mapping[str, Any]) -> dict[str, Tally[tuple[str, ..
     for reason, value in _mapping(overlay.get("drops")).items():
         if isinstance(reason, str):
             out[_SLEEVE_DROPS.name][(reason,)] += _count(value)
+    failures = _mapping(_router(status).get("failures"))
+    for kind, family in (("dial", _DIAL_FAILURES), ("handshake", _HANDSHAKE_FAILURES)):
+        for reason, value in _mapping(failures.get(kind)).items():
+            if isinstance(reason, str):
+                out[family.name][(label_token(reason),)] += _count(value)
+    switch = _mapping(overlay.get("switch"))
+    for row in _dicts(switch.get("fallback_reasons")):
+        labels = tuple(label_token(row.get(k)) for k in ("from", "to", "reason"))
+        out[_FALLBACKS.name][labels] += _count(row.get("count"))
+    for datapath in ("ovs", "vxlan"):
+        traffic = _mapping(_mapping(switch.get(datapath)).get("traffic"))
+        for direction in ("in", "out"):
+            for family, key in ((_FASTDP_FRAMES, "frames"), (_FASTDP_BYTES, "bytes")):
+                if f"{key}_{direction}" in traffic:
+                    value = _count(traffic[f"{key}_{direction}"])
+                    out[family.name][(datapath, direction)] += value
     return out
 
 
@@ -440,12 +578,20 @@ class _StatusCollector(Collector):
         if flows is not None:
             yield GaugeMetricFamily("weft_fastdp_flows", "Fast-datapath flows installed.", flows)
 
+        yield from self._mesh_ipam(status)
+        yield from self._build_and_containers(status)
+        yield from self._datapaths(status)
+        per_peer, control_bytes = self._per_connection(status)
+        yield from per_peer
+
         from_status = _status_counters(status)
         from_mesh = _mesh_counters(self._metrics.mesh_stats())
         tallies = self._metrics.tallies()
+        from_status[_CONN_CONTROL_BYTES.name] = control_bytes
+        preset = _preset_counters(status)
         for family in _COUNTER_FAMILIES:
             values: Tally[tuple[str, ...]] = Tally()
-            for part in (from_status, from_mesh, tallies):
+            for part in (preset, from_status, from_mesh, tallies):
                 values.update(part[family.name])  # update, unlike +, keeps zero counts
             if family is _SLEEVE_DROPS:
                 for reason in SLEEVE_DROP_REASONS:
@@ -458,6 +604,220 @@ class _StatusCollector(Collector):
                 metric.add_metric(list(labels), value)
             yield metric
 
+    # -- gauge groups ------------------------------------------------------------------------
+
+    def _mesh_ipam(self, status: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:
+        mesh = mesh_ipam_counts(status)
+        if mesh is None:
+            return
+        yield GaugeMetricFamily(
+            "weft_ipam_range_addresses", "Addresses in the mesh's allocation range.", mesh["range"]
+        )
+        family = GaugeMetricFamily(
+            "weft_ipam_mesh_addresses",
+            "The whole allocation range as this router sees it: owned (by some peer), free (in"
+            " owned ranges), unowned (nobody's yet), unreachable (owned by unreachable peers).",
+            labels=["state"],
+        )
+        for key in ("owned", "free", "unowned", "unreachable"):
+            family.add_metric([key], mesh[key])
+        yield family
+        ipam = _mapping(status.get("ipam"))
+        if "ready" in ipam:
+            yield GaugeMetricFamily(
+                "weft_ipam_ready",
+                "1 once the range is divided (consensus reached or seeded), else 0.",
+                1 if ipam.get("ready") is True else 0,
+            )
+
+    def _build_and_containers(self, status: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:
+        import platform
+
+        router = _router(status)
+        info = GaugeMetricFamily(
+            "weft_build_info",
+            "Always 1; the labels say which weft this is.",
+            labels=["version", "protocol", "python"],
+        )
+        protocol = router.get("protocol")
+        info.add_metric(
+            [__version__, protocol if isinstance(protocol, str) else "", platform.python_version()],
+            1,
+        )
+        yield info
+        if "encryption" in router:
+            yield GaugeMetricFamily(
+                "weft_encrypted",
+                "1 if the mesh is encrypted (a password is set), 0 for a plaintext mesh.",
+                1 if router.get("encryption") is True else 0,
+            )
+        containers = status.get("containers")
+        if isinstance(containers, list):
+            yield GaugeMetricFamily(
+                "weft_containers", "Containers attached to this router's bridge.", len(containers)
+            )
+
+    def _datapaths(self, status: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:
+        """Kernel capabilities and the datapaths that run, each 1/0 with why not."""
+        overlay = _mapping(status.get("overlay"))
+        switch = _mapping(overlay.get("switch"))
+        caps = _mapping(switch.get("capabilities"))
+        if caps:
+            family = GaugeMetricFamily(
+                "weft_datapath_capability",
+                "Kernel features the fast datapaths need (openvswitch, vxlan, esp), probed at"
+                " start: 1 available, 0 not, with why not.",
+                labels=["capability", "reason"],
+            )
+            for name in ("openvswitch", "vxlan", "esp"):
+                feature = _mapping(caps.get(name))
+                ok = feature.get("available") is True
+                reason = "available" if ok else self._metrics.reason(feature.get("detail"))
+                family.add_metric([name, reason], 1 if ok else 0)
+            yield family
+        if not overlay:
+            return
+        running = switch.get("datapaths")
+        running = [d for d in running if isinstance(d, str)] if isinstance(running, list) else []
+        family = GaugeMetricFamily(
+            "weft_datapath_available",
+            "Datapaths this router runs (1) or cannot (0, with why not); sleeve always runs.",
+            labels=["datapath", "reason"],
+        )
+        if switch:
+            notes = str(switch.get("note") or "")
+            for name in ("ovs", "vxlan"):
+                part = _mapping(switch.get(name))
+                if name in running and not part.get("problem"):
+                    family.add_metric([name, "available"], 1)
+                    continue
+                why = part.get("problem") or next(
+                    (n for n in notes.split("; ") if n.startswith(f"{name}:")), notes
+                )
+                if overlay.get("datapath") == "sleeve":
+                    why = "not used (--datapath sleeve)"
+                family.add_metric([name, self._metrics.reason(why or "not built")], 0)
+        family.add_metric(["sleeve", "available"], 1)
+        yield family
+
+    def _per_connection(
+        self, status: Mapping[str, Any]
+    ) -> tuple[list[GaugeMetricFamily], Tally[tuple[str, ...]]]:
+        """Per-connection gauges for at most ``per_peer_limit`` peers, and the per-peer
+        control-byte counts for the counter loop."""
+        rows = peer_rows(status)
+        chosen = self._metrics.peer_slots([str(r["peer"]) for r in rows])
+        by_peer = [r for r in rows if r["peer"] in chosen]
+        info = GaugeMetricFamily(
+            "weft_connection_info",
+            "One per connection with per-peer series: always 1; nickname and address as labels.",
+            labels=["peer", "nickname", "address", "direction"],
+        )
+        state = GaugeMetricFamily(
+            "weft_connection_state",
+            "1 for the connection's current state, 0 for the others.",
+            labels=["peer", "state"],
+        )
+        datapath = GaugeMetricFamily(
+            "weft_connection_datapath",
+            "1 for the datapath carrying the connection, 0 for the others.",
+            labels=["peer", "datapath"],
+        )
+        encrypted = GaugeMetricFamily(
+            "weft_connection_encrypted",
+            "1 if all the connection carries is encrypted.",
+            labels=["peer"],
+        )
+        mtu = GaugeMetricFamily(
+            "weft_connection_mtu_bytes", "The connection's overlay MTU.", labels=["peer"]
+        )
+        heard = GaugeMetricFamily(
+            "weft_connection_heard_seconds",
+            "Seconds since the carrying datapath's heartbeat was last answered.",
+            labels=["peer"],
+        )
+        rtt = GaugeMetricFamily(
+            "weft_connection_rtt_seconds",
+            "Round trip of the carrying datapath's last answered heartbeat.",
+            labels=["peer"],
+        )
+        control: Tally[tuple[str, ...]] = Tally()
+        for row in by_peer:
+            peer = str(row["peer"])
+            nickname, address = row.get("nickname"), row.get("address")
+            info.add_metric(
+                [
+                    peer,
+                    nickname if isinstance(nickname, str) else "",
+                    address if isinstance(address, str) else "",
+                    "out" if row.get("outbound") else "in",
+                ],
+                1,
+            )
+            current = row.get("state")
+            for name in CONNECTION_STATES:
+                state.add_metric([peer, name], 1 if current == name else 0)
+            dp = row.get("datapath") or "none"
+            for name in DATAPATH_LABELS:
+                datapath.add_metric([peer, name], 1 if dp == name else 0)
+            encrypted.add_metric([peer], 1 if row.get("encrypted") is True else 0)
+            for family, key in ((mtu, "mtu"), (heard, "heard"), (rtt, "rtt")):
+                value = row.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    family.add_metric([peer], float(value))
+            stats = _mapping(row.get("stats"))
+            for direction in ("in", "out"):
+                if f"bytes_{direction}" in stats:
+                    control[(peer, direction)] += _count(stats[f"bytes_{direction}"])
+        out = [info, state, datapath, encrypted, mtu, heard, rtt]
+        out.append(
+            GaugeMetricFamily(
+                "weft_connection_series_omitted",
+                f"Connections beyond the per-peer series limit ({self._metrics.per_peer_limit}):"
+                " counted in weft_connections and the _max gauges only.",
+                len(rows) - len(by_peer),
+            )
+        )
+        for key, help_text in (
+            ("heard", "The largest weft_connection_heard_seconds of all connections (no limit)."),
+            ("rtt", "The largest weft_connection_rtt_seconds of all connections (no limit)."),
+        ):
+            values = [
+                float(r[key])
+                for r in rows
+                if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)
+            ]
+            if values:
+                out.append(
+                    GaugeMetricFamily(f"weft_connection_{key}_max_seconds", help_text, max(values))
+                )
+        return out, control
+
+
+def _preset_counters(status: Mapping[str, Any]) -> dict[str, Tally[tuple[str, ...]]]:
+    """Zero series that exist before the first event, so alerts see 0 rather than nothing."""
+    out: dict[str, Tally[tuple[str, ...]]] = {f.name: Tally() for f in _COUNTER_FAMILIES}
+    for reason in DIAL_FAILURE_REASONS:
+        out[_DIAL_FAILURES.name][(reason,)] = 0
+    for reason in HANDSHAKE_FAILURE_REASONS:
+        out[_HANDSHAKE_FAILURES.name][(reason,)] = 0
+    switch = _mapping(_mapping(status.get("overlay")).get("switch"))
+    running = switch.get("datapaths")
+    fast = (
+        [d for d in running if d in ("ovs", "vxlan")]
+        if isinstance(running, list)
+        else ["ovs", "vxlan"]
+    )
+    for i, old in enumerate(fast):
+        for new in [*fast[i + 1 :], "sleeve"]:
+            for reason in FALLBACK_REASONS:
+                out[_FALLBACKS.name][(old, new, reason)] = 0
+    for datapath in fast if isinstance(running, list) else ():
+        for direction in ("in", "out"):
+            out[_FASTDP_FRAMES.name][(datapath, direction)] = 0
+            out[_FASTDP_BYTES.name][(datapath, direction)] = 0
+    return out
+
 
 class Metrics:
     """A router's metrics: its own registry, status-derived series and counters to increment.
@@ -468,9 +828,22 @@ class Metrics:
     counted twice.
     """
 
-    def __init__(self, get_status: GetStatus | None = None) -> None:
+    def __init__(
+        self,
+        get_status: GetStatus | None = None,
+        *,
+        per_peer_limit: int = PER_PEER_LIMIT,
+        process_collectors: bool = True,
+    ) -> None:
         self.get_status = get_status
+        self.per_peer_limit = per_peer_limit
+        self._slots: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=False)
+        if process_collectors:
+            # the standard process_*, python_info and python_gc_* series, in our own registry
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
         self._flows_source: Callable[[], int] | None = None
         self._mesh_stats_source: Callable[[], object] | None = None
         self._lock = threading.Lock()
@@ -480,8 +853,28 @@ class Metrics:
         self._reason = _BoundedLabel()
         self._channel = _BoundedLabel(preset=("topology", "ipam", "dns"))
         self._drop_reason = _BoundedLabel(preset=SLEEVE_DROP_REASONS)
-        self._datapath = _BoundedLabel(preset=("ovs", "vxlan", "sleeve", "none"))
+        self._datapath = _BoundedLabel(preset=DATAPATH_LABELS)
+        self._fallback_reason = _BoundedLabel(preset=FALLBACK_REASONS)
+        self._capability_reason = _BoundedLabel()
         self.registry.register(_StatusCollector(self))
+
+    def reason(self, text: object) -> str:
+        """:func:`reason_code` of ``text``, bounded in number like every free-text label."""
+        code = reason_code(text)
+        return code if code == "available" else self._capability_reason(code)
+
+    def peer_slots(self, peers: Iterable[str]) -> set[str]:
+        """The peers that get per-connection series: at most ``per_peer_limit``. A peer keeps
+        its slot while it has a connection row (series stay put as others come and go); free
+        slots go to new peers in name order."""
+        present = set(peers)
+        with self._lock:
+            self._slots &= present
+            for peer in sorted(present - self._slots):
+                if len(self._slots) >= self.per_peer_limit:
+                    break
+                self._slots.add(peer)
+            return set(self._slots)
 
     def set_mesh_stats_source(self, source: Callable[[], object] | None) -> None:
         """Read mesh counters at scrape time from ``source()``: an object or mapping with
@@ -549,8 +942,15 @@ class Metrics:
     def sleeve_dropped(self, reason: str, packets: int = 1) -> None:
         self._add(_SLEEVE_DROPS, (self._drop_reason(reason),), packets)
 
-    def fallback(self, from_datapath: str, to_datapath: str) -> None:
-        self._add(_FALLBACKS, (self._datapath(from_datapath), self._datapath(to_datapath)), 1)
+    def fallback(self, from_datapath: str, to_datapath: str, reason: str = "unknown") -> None:
+        """A move to a worse datapath, for a data plane that does not report it in its status
+        (the overlay switch does: ``overlay.switch.fallback_reasons``; do not count it twice)."""
+        labels = (
+            self._datapath(from_datapath),
+            self._datapath(to_datapath),
+            self._fallback_reason(reason),
+        )
+        self._add(_FALLBACKS, labels, 1)
 
     # -- exposition -------------------------------------------------------------------------------
 
