@@ -9,6 +9,7 @@
 * :mod:`weft.policy.nflog` — NFLOG datagrams -> denied packets (parser; plus a thin socket reader).
 * :mod:`weft.policy.denied` — denied packets -> the bounded ring of recent denied flows.
 * :mod:`weft.policy.counters` — ``nft -j`` counter listings -> numbers for /metrics (plus runners).
-Not built yet (issue #16): ``weft policy explain`` (it will read the compiler's grants), the
-reconciler that watches the API server and applies the script, and docs/NETWORKPOLICY.md.
+* :mod:`weft.policy.verdict` — the kernel's reading of a desired state (conntrack cuts, tests).
+* :mod:`weft.policy.reconcile` — the cache and the level-triggered reconciler (asyncio; its
+  API follower is weft/k8s/netpol.py). docs/NETWORKPOLICY.md says what is not built yet.
 """
