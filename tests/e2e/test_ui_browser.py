@@ -220,9 +220,18 @@ async def test_peer_details_show_ipam_and_containers(page: Any, server: FakeStat
     details = await page.inner_text("#details")
     uid = server.get_status()["router"]["uid"]
     assert uid > 2**53  # not exact as a JS number: the page must keep the digits
-    for expected in (peer_name(1), "host-0001", "this router", "Address space (10.32.0.0/12)",
-                     "aa:bb:cc:00:00:01", "10.32.0.2/12", "Connections (2)", str(uid),
-                     "Our connections (2)", "vxlan, encrypted, MTU 1376"):
+    for expected in (
+        peer_name(1),
+        "host-0001",
+        "this router",
+        "Address space (10.32.0.0/12)",
+        "aa:bb:cc:00:00:01",
+        "10.32.0.2/12",
+        "Connections (2)",
+        str(uid),
+        "Our connections (2)",
+        "vxlan, encrypted, MTU 1376",
+    ):
         assert expected in details, expected
     # A remote peer: no containers section, its ranges and free count.
     await page.evaluate("(id) => window.weftGraph.select(id)", "n:" + peer_name(2))
@@ -245,8 +254,12 @@ async def test_survives_malformed_and_stale_messages(page: Any, server: FakeStat
         {"type": "wat"},
         {"type": "status", "seq": seq, "incarnation": inc, "status": {"router": {}}},  # stale
         # Valid but odd (as from another router process): shown, with no usable peers.
-        {"type": "status", "seq": 1, "incarnation": "elsewhere",
-         "status": {"router": {"peers": "x", "connections": [None, 5, {"peer": {}}]}}},
+        {
+            "type": "status",
+            "seq": 1,
+            "incarnation": "elsewhere",
+            "status": {"router": {"peers": "x", "connections": [None, 5, {"peer": {}}]}},
+        },
     ]
     for g in garbage:
         await page.evaluate(f"(d) => {hook}.receive(d)", g if isinstance(g, str) else json.dumps(g))
@@ -358,9 +371,18 @@ async def test_connections_table_lists_dials_to_unknown_peers(
 ) -> None:
     status = json.loads(json.dumps(server.get_status()))
     status["router"]["connections"].append(
-        {"peer": None, "nickname": None, "address": "10.9.9.9:6783", "outbound": True,
-         "state": "failed", "info": "wrong password: confirm did not open (3 times)",
-         "encrypted": True, "datapath": None, "mtu": None, "since": 12.3}
+        {
+            "peer": None,
+            "nickname": None,
+            "address": "10.9.9.9:6783",
+            "outbound": True,
+            "state": "failed",
+            "info": "wrong password: confirm did not open (3 times)",
+            "encrypted": True,
+            "datapath": None,
+            "mtu": None,
+            "since": 12.3,
+        }
     )
     server.set_status(status)
     await page.goto(server.url + "/ui")
@@ -421,13 +443,33 @@ async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> 
     router["connections"][0]["info"] = long_reason
     # A redial row next to the live connection to b, and a dial to an address with no peer yet.
     router["connections"].append(
-        {"peer": b, "nickname": "host-0002", "address": "192.168.0.2:6783", "outbound": True,
-         "state": "retrying", "info": "connection refused", "encrypted": False,
-         "datapath": None, "mtu": None, "since": 3.0})
+        {
+            "peer": b,
+            "nickname": "host-0002",
+            "address": "192.168.0.2:6783",
+            "outbound": True,
+            "state": "retrying",
+            "info": "connection refused",
+            "encrypted": False,
+            "datapath": None,
+            "mtu": None,
+            "since": 3.0,
+        }
+    )
     router["connections"].append(
-        {"peer": None, "nickname": None, "address": "10.9.9.9:6783", "outbound": True,
-         "state": "failed", "info": "connection refused", "encrypted": False,
-         "datapath": None, "mtu": None, "since": 3.0})
+        {
+            "peer": None,
+            "nickname": None,
+            "address": "10.9.9.9:6783",
+            "outbound": True,
+            "state": "failed",
+            "info": "connection refused",
+            "encrypted": False,
+            "datapath": None,
+            "mtu": None,
+            "since": 3.0,
+        }
+    )
     server.set_status(status)
     await page.goto(server.url + "/ui")
     await wait_for_graph(page, 3, 3)
@@ -452,11 +494,15 @@ async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> 
     assert "no handshake yet" in await page.inner_text("#table-body")
     assert "plain" not in await page.inner_text("#table-body")
     await page.fill("#table-search", "kernel ESP")
-    await wait_for(page, "() => document.getElementById('table-body').textContent"
-                         ".includes('kernel ESP') && window.weftGraph.tableRows === 1")
+    await wait_for(
+        page,
+        "() => document.getElementById('table-body').textContent"
+        ".includes('kernel ESP') && window.weftGraph.tableRows === 1",
+    )
     cut = await page.evaluate(
         """() => { const td = [...document.querySelectorAll('#table-body tr.row td')].pop();
-             return [td.textContent, td.scrollWidth > td.clientWidth]; }""")
+             return [td.textContent, td.scrollWidth > td.clientWidth]; }"""
+    )
     assert cut == [long_reason, False], cut
     await screenshot(page, "ui-connections-reason.png")
 
@@ -508,9 +554,13 @@ async def test_labels_say_what_is_known(page: Any, server: FakeStatusServer) -> 
 def _overlaps(labels: list[dict[str, Any]]) -> list[tuple[str, str]]:
     bad = []
     for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
-            if a["x0"] < b["x1"] - 0.5 and b["x0"] < a["x1"] - 0.5 and \
-                    a["y0"] < b["y1"] - 0.5 and b["y0"] < a["y1"] - 0.5:
+        for b in labels[i + 1 :]:
+            if (
+                a["x0"] < b["x1"] - 0.5
+                and b["x0"] < a["x1"] - 0.5
+                and a["y0"] < b["y1"] - 0.5
+                and b["y0"] < a["y1"] - 0.5
+            ):
                 bad.append((a["text"], b["text"]))
     return bad
 
@@ -540,8 +590,11 @@ async def test_thousand_peers_zoom_shows_labels_and_focus_shows_links(page: Any)
         for _ in range(4):
             await page.mouse.wheel(0, -500)
         await wait_for(page, "(k) => window.weftGraph.seen().k > k * 4", overview["k"])
-        await wait_for(page, "(n) => window.weftGraph.seen().labels.filter("
-                             "l => l.kind === 'node').length > n", len(_node_labels(overview)))
+        await wait_for(
+            page,
+            "(n) => window.weftGraph.seen().labels.filter(l => l.kind === 'node').length > n",
+            len(_node_labels(overview)),
+        )
         zoomed = await _seen(page)
         labels = _node_labels(zoomed)
         assert len(labels) >= 15, labels
@@ -561,8 +614,11 @@ async def test_thousand_peers_zoom_shows_labels_and_focus_shows_links(page: Any)
         nicks = {p["nickname"] for p in status["router"]["peers"] if p["name"] in neighbours}
         shown = {lb["text"] for lb in _node_labels(seen)}
         assert nicks | {"host-0500"} <= shown, (nicks, shown)
-        own = {e["id"] for e in (await graph_snapshot(page))["edges"]
-               if name in (e["source"], e["target"])}
+        own = {
+            e["id"]
+            for e in (await graph_snapshot(page))["edges"]
+            if name in (e["source"], e["target"])
+        }
         assert own and own <= set(seen["focusEdges"])
         assert f"Connections ({len(neighbours)})" in await page.inner_text("#details")
         await screenshot(page, "ui-1000-focus.png")
@@ -614,7 +670,10 @@ async def test_small_mesh_stable_positions_and_readable_labels(
     seen = await _seen(page)
     # Every peer is named; link labels are drawn but never over a peer's label.
     assert {lb["text"].split("\n")[0] for lb in _node_labels(seen)} == {
-        "host-0001", "host-0002", "host-0003"}
+        "host-0001",
+        "host-0002",
+        "host-0003",
+    }
     assert [lb for lb in seen["labels"] if lb["kind"] == "edge"]
     assert _overlaps(seen["labels"]) == []
     first = await page.evaluate("() => window.weftGraph.positions()")
@@ -637,3 +696,163 @@ async def test_small_mesh_stable_positions_and_readable_labels(
     for name in (peer_name(1), peer_name(2)):
         assert after["n:" + name] == first["n:" + name]
     assert page.problems.errors == []
+
+
+def thin_view_status() -> dict[str, Any]:
+    """A 4-peer status with what the thin views show: the switch's why and history, failures,
+    drops, IPAM with ranges and a peer held by an unreachable router."""
+    status = synthetic_status(4, datapaths=("vxlan", "sleeve"), encrypted=False)
+    a, b, c = peer_name(1), peer_name(2), peer_name(3)
+    status["router"]["connections"].append(
+        {
+            "peer": None,
+            "nickname": None,
+            "address": "10.0.0.99:6783",
+            "outbound": True,
+            "state": "retrying",
+            "info": "cannot connect: connection refused",
+            "encrypted": False,
+            "datapath": None,
+            "mtu": None,
+            "since": 4.0,
+        }
+    )
+    status["overlay"] = {
+        "datapath": "auto",
+        "drops": {"tampered": 3, "replayed": 0},
+        "switch": {
+            "datapaths": ["vxlan", "sleeve"],
+            "note": "ovs: openvswitch module not loaded",
+            "capabilities": {
+                "openvswitch": {"available": False, "detail": "module not loaded"},
+                "vxlan": {"available": True, "detail": "vxlan links can be created"},
+                "esp": {"available": True, "detail": "ok"},
+            },
+            "connections": {
+                b: {
+                    "chosen": "vxlan",
+                    "notes": [],
+                    "paths": {
+                        "vxlan": {"healthy": True, "peer_healthy": True, "reason": ""},
+                        "sleeve": {"healthy": True, "peer_healthy": None, "reason": ""},
+                    },
+                },
+                c: {
+                    "chosen": "sleeve",
+                    "notes": [],
+                    "paths": {
+                        "vxlan": {
+                            "healthy": False,
+                            "peer_healthy": True,
+                            "reason": "silent: heartbeats through the tunnel unanswered for 3s",
+                        },
+                        "sleeve": {"healthy": True, "peer_healthy": None, "reason": ""},
+                    },
+                },
+            },
+            "history": [
+                {
+                    "at": 1_700_000_000.0,
+                    "peer": c,
+                    "kind": "fallback",
+                    "from": "vxlan",
+                    "to": "sleeve",
+                    "reason": "heartbeat_lost",
+                    "info": "vxlan: silent: heartbeats through the tunnel unanswered for 3s",
+                }
+            ],
+        },
+    }
+    status["ipam"]["ready"] = True
+    for entry in status["ipam"]["entries"]:
+        entry["ranges"] = [f"10.32.{entry['owned'] // 4096}.0-10.32.15.255"]
+        entry["ranges_more"] = 0
+    assert a in {e["peer"] for e in status["ipam"]["entries"]}
+    return status
+
+
+async def test_thin_views_why_addresses_events_pause_and_shared_links(page: Any) -> None:
+    """Item 5 and 6 of issue #17: the plaintext warning, the data path's why on the local peer,
+    the mesh-wide address view, the events panel with column filters, pause, and a selection
+    that survives in the URL."""
+    status = thin_view_status()
+    srv = FakeStatusServer(status, HubConfig(min_interval=0.05))
+    await srv.start()
+    try:
+        await page.goto(srv.url + "/ui")
+        await wait_for_graph(
+            page,
+            4,
+            len(
+                {
+                    frozenset((p["name"], c["name"]))
+                    for p in status["router"]["peers"]
+                    for c in p["connections"]
+                }
+            ),
+        )
+        assert "Plaintext mesh" in await page.inner_text("#banner")
+        assert "updated" in await page.inner_text("#updated")
+
+        await page.evaluate("(id) => window.weftGraph.select(id)", "n:" + peer_name(1))
+        details = await page.inner_text("#details")
+        assert "Data path" in details and "openvswitch no (module not loaded)" in details
+        assert "vxlan: not healthy — silent: heartbeats through the tunnel" in details
+        assert "vxlan → sleeve (heartbeat_lost)" in details
+        assert "addresses" in details and "range divided" in details
+
+        await page.click("#tabs button[data-view=addresses]")
+        await wait_for(page, "() => document.querySelectorAll('#table-body tr.row').length === 4")
+        note = await page.inner_text("#table-note")
+        total = sum(e["owned"] for e in status["ipam"]["entries"])
+        assert f"owned {total:,}" in note and "1,048,576 addresses" in note
+        assert "10.32." in await page.inner_text("#table-body")
+
+        await page.click("#tabs button[data-view=events]")
+        await wait_for(page, "() => document.querySelectorAll('#table-body tr.row').length === 3")
+        events = await page.inner_text("#table-body")
+        assert "fallback" in events and "heartbeat_lost" in events
+        assert "dial failed" in events and "connection refused" in events
+        assert "sleeve drops" in events and "tampered" in events
+        one_row = """(text) => document.querySelectorAll('#table-body tr.row').length === 1 &&
+            document.getElementById('table-body').textContent.includes(text)"""
+        await page.fill("#table-search", "datapath:vxlan")
+        await wait_for(page, one_row, "heartbeat_lost")
+        await page.fill("#table-search", "state:retrying")
+        await wait_for(page, one_row, "connection refused")
+
+        # Selecting a row puts it in the URL; opening that URL elsewhere shows the same.
+        await page.click("#table-body tr.row")
+        await wait_for(page, "() => window.location.hash.includes('sel=')")
+        url = page.url
+        assert "view=events" in url and "q=state%3Aretrying" in url
+        other = await page.context.new_page()
+        await other.goto(url)
+        await wait_for(other, "() => window.weftGraph && window.weftGraph.updates > 0")
+        await wait_for(other, "() => document.querySelectorAll('#table-body tr.row').length === 1")
+        assert await other.input_value("#table-search") == "state:retrying"
+        assert await other.get_attribute("#tabs button[data-view=events]", "aria-selected") == (
+            "true"
+        )
+        await other.close()
+
+        # Pause: a new status is not applied until resumed, and the page says one is waiting.
+        await page.click("#btn-pause")
+        before = await page.evaluate("() => window.weftGraph.updates")
+        changed = json.loads(json.dumps(status))
+        changed["overlay"]["drops"]["oversize"] = 7
+        srv.set_status(changed)
+        await wait_for(
+            page, "() => document.getElementById('updated').textContent.includes('waiting')"
+        )
+        assert await page.evaluate("() => window.weftGraph.updates") == before
+        await page.click("#btn-pause")
+        await wait_for(page, "(b) => window.weftGraph.updates > b", before)
+        await page.fill("#table-search", "")
+        await wait_for(
+            page, "() => document.getElementById('table-body').textContent.includes('oversize')"
+        )
+        await screenshot(page, "ui-events.png")
+        assert page.problems.errors == []
+    finally:
+        await srv.stop()

@@ -178,6 +178,19 @@ def test_consensus_among_three_builds_one_ring() -> None:
     assert rings[0] and all(r == rings[0] for r in rings)
     assert net.peers[A].allocator.ring.seeds == (A, B, C)
     assert any(isinstance(e, ConsensusReached) for e in net.peers[B].events)
+    # every entry lists its ranges; together they tile the whole allocation range
+    import ipaddress
+    import itertools
+
+    entries = net.peers[A].allocator.status()["entries"]
+    spans = sorted(
+        (int(ipaddress.IPv4Address(a)), int(ipaddress.IPv4Address(b)))
+        for e in entries
+        for a, b in (r.split("-") for r in e["ranges"])
+    )
+    assert all(e["ranges_more"] == 0 for e in entries)
+    assert sum(b - a + 1 for a, b in spans) == sum(e["owned"] for e in entries)
+    assert all(x[1] + 1 == y[0] for x, y in itertools.pairwise(spans))
 
 
 def test_consensus_waits_for_n_peers() -> None:

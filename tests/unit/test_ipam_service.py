@@ -82,7 +82,14 @@ async def test_allocate_claim_release_over_http(
     assert table[2].split() == ["PEER", "OWNED", "FREE", "REACHABLE"]
     assert table[3].split() == [str(A), str(1 << 20), str((1 << 20) - 4), "yes"]
     assert status["entries"] == [
-        {"peer": str(A), "owned": 1 << 20, "free": (1 << 20) - 2 - 2, "reachable": True}
+        {
+            "peer": str(A),
+            "owned": 1 << 20,
+            "free": (1 << 20) - 2 - 2,
+            "reachable": True,
+            "ranges": ["10.32.0.0-10.47.255.255"],
+            "ranges_more": 0,
+        }
     ]
 
 

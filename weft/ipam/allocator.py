@@ -384,6 +384,9 @@ class _Pending:
     last_reason: str = "the IPAM ring is not ready yet (no consensus or seeds)"
 
 
+MAX_STATUS_RANGES = 16  # ranges listed per peer in the status (a ring can fragment)
+
+
 def _ip(addr: int) -> str:
     return str(IPv4Address(addr))
 
@@ -590,12 +593,16 @@ class Allocator:
                 free = sum(self.free_in(a, b) for a, b in self.ring.owned_ranges(name))
             if not self._is_reachable(name):
                 unreachable += owned
+            spans = self.ring.owned_ranges(name)
             entries.append(
                 {
                     "peer": str(name),
                     "owned": owned,
                     "free": free,
                     "reachable": self._is_reachable(name),
+                    # "first-last" (inclusive), lowest first; the rest only counted
+                    "ranges": [f"{_ip(a)}-{_ip(b - 1)}" for a, b in spans[:MAX_STATUS_RANGES]],
+                    "ranges_more": max(0, len(spans) - MAX_STATUS_RANGES),
                 }
             )
         return {

@@ -43,6 +43,7 @@
     focusHops: function (h) { setFocusHops(h); },
     select: function (id) { select(id, true); },
     setView: function (v) { setView(v); },
+    pause: function (on) { setPaused(on); },
     // Feed a raw message as if it came from /ws (tests of malformed and stale input); applied
     // before this returns.
     receive: function (data) { onMessage(data); applyPending(); },
@@ -262,6 +263,7 @@
         ipamByPeer.set(str(en.peer), {
           owned: num(en.owned), free: num(en.free), reachable: en.reachable !== false,
           ranges: arr(en.ranges).map(function (r) { return str(r); }).filter(Boolean),
+          rangesMore: num(en.ranges_more) || 0,
         });
       });
     }
@@ -272,12 +274,28 @@
         })
       : null;
 
+    // The data path's "why" (the overlay switch's status): capabilities, per-connection
+    // candidates and their health, the last moves between datapaths.
+    var overlay = isObj(status.overlay) ? status.overlay : {};
+    var sw = isObj(overlay.switch) ? overlay.switch : null;
+    var datapath = {
+      mode: str(overlay.datapath), note: sw ? str(sw.note) : '',
+      capabilities: sw && isObj(sw.capabilities) ? sw.capabilities : null,
+      running: sw ? arr(sw.datapaths).map(function (d) { return str(d); }).filter(Boolean) : [],
+      conns: sw && isObj(sw.connections) ? sw.connections : {},
+      history: sw ? arr(sw.history).filter(isObj) : [],
+      drops: isObj(overlay.drops) ? overlay.drops : {},
+    };
+
     return {
       localName: localName, nickname: str(router.nickname), meshEncrypted: meshEncrypted,
+      datapath: datapath, failures: isObj(router.failures) ? router.failures : {},
       peers: peers, edges: edges, components: comps, localConns: localConns,
       targets: arr(router.targets).filter(isObj),
       ipam: ipam ? { range: str(ipam.range), byPeer: ipamByPeer, allocated: num(ipam.allocated),
-                     error: str(ipam.error) } : null,
+                     error: str(ipam.error), ready: ipam.ready !== false,
+                     consensus: isObj(ipam.consensus) ? ipam.consensus : null,
+                     conflict: str(ipam.conflict) } : null,
       containers: containers,
     };
   }
@@ -543,9 +561,13 @@
     var silent = m.localConns.filter(function (c) { return c.state === 'degraded'; }).length;
     if (silent) msgs.push(silent + ' connection' + (silent > 1 ? 's' : '') +
       ' degraded: the data path stopped answering heartbeats.');
+    var plain = m.localName && !m.meshEncrypted;
+    if (plain) msgs.push('Plaintext mesh: traffic between hosts is not encrypted and any host that' +
+      ' reaches port 6783 can join. Set a password (weft launch --password) to encrypt.');
     banner.textContent = msgs.join(' ');
     banner.hidden = msgs.length === 0;
-    banner.className = 'banner' + (parts > 1 || unreachable || silent ? ' bad' : '');
+    banner.className = 'banner' + (parts > 1 || unreachable || silent || plain ? ' bad' : '');
+    hook.banner = banner.hidden ? '' : banner.textContent;
   }
 
   function dl(pairs) {
@@ -608,6 +630,7 @@
     } else {
       box.appendChild(el('p', 'none reported', 'muted'));
     }
+    if (m.ipam && isLocal) box.appendChild(el('p', addressSummary(m), 'muted'));
     if (m.ipam) {
       box.appendChild(el('h3', 'Address space' + (m.ipam.range ? ' (' + m.ipam.range + ')' : '')));
       var ip = m.ipam.byPeer.get(name);
@@ -618,7 +641,8 @@
         if (ip.ranges.length) {
           var rl = el('ul');
           ip.ranges.slice(0, 50).forEach(function (r) { rl.appendChild(el('li', r)); });
-          if (ip.ranges.length > 50) rl.appendChild(el('li', '… ' + (ip.ranges.length - 50) + ' more'));
+          var more = Math.max(0, ip.ranges.length - 50) + ip.rangesMore;
+          if (more) rl.appendChild(el('li', '… ' + more + ' more'));
           box.appendChild(rl);
         }
       } else {
@@ -654,6 +678,7 @@
         });
         box.appendChild(cl);
       }
+      renderDatapathWhy(box, m);
       if (m.targets.length) {
         box.appendChild(el('h3', 'Connection targets'));
         var tl = el('ul');
@@ -664,6 +689,92 @@
         box.appendChild(tl);
       }
     }
+  }
+
+  // Why each connection is on its datapath: what the kernel offers, each candidate's health at
+  // both ends, the last moves (the switch's own view; weft/switch/core.py).
+  function renderDatapathWhy(box, m) {
+    var dp = m.datapath;
+    if (!dp.mode) return;
+    box.appendChild(el('h3', 'Data path'));
+    var caps = dp.capabilities, capText = '';
+    if (caps) {
+      capText = ['openvswitch', 'vxlan', 'esp'].map(function (k) {
+        var f = isObj(caps[k]) ? caps[k] : {};
+        return k + ' ' + (f.available === true ? 'yes' : 'no (' + str(f.detail, '?') + ')');
+      }).join('; ');
+    }
+    box.appendChild(dl([
+      ['mode', dp.mode], ['runs', dp.running.join(', ')], ['kernel', capText],
+      ['why no fast path', dp.note],
+    ]));
+    var peers = Object.keys(dp.conns).sort();
+    if (peers.length) {
+      var ul = el('ul');
+      ul.className = 'why';
+      peers.slice(0, 200).forEach(function (peer) {
+        var c = isObj(dp.conns[peer]) ? dp.conns[peer] : {}, li = el('li');
+        li.appendChild(peerLink(m, peer));
+        li.appendChild(document.createTextNode(' on ' + str(c.chosen, '?')));
+        var paths = isObj(c.paths) ? c.paths : {}, pl = el('ul');
+        pl.className = 'why-path';
+        Object.keys(paths).forEach(function (name) {
+          var ps = isObj(paths[name]) ? paths[name] : {};
+          var health = ps.healthy === true
+            ? (ps.peer_healthy === false ? 'healthy here, not at the peer' : 'healthy')
+            : 'not healthy';
+          pl.appendChild(el('li', name + ': ' + health + (str(ps.reason) && ps.healthy !== true
+            ? ' — ' + str(ps.reason) : ''), ps.healthy === true && ps.peer_healthy !== false ? 'good' : 'warn'));
+        });
+        arr(c.notes).forEach(function (n) { pl.appendChild(el('li', str(n), 'muted')); });
+        li.appendChild(pl);
+        ul.appendChild(li);
+      });
+      box.appendChild(ul);
+    }
+    box.appendChild(el('h4', 'Datapath changes'));
+    if (!dp.history.length) { box.appendChild(el('p', 'none since the router started', 'muted')); return; }
+    var hl = el('ul');
+    dp.history.slice(-10).reverse().forEach(function (h) {
+      var at = num(h.at);
+      hl.appendChild(el('li', (at ? new Date(at * 1000).toLocaleTimeString() + ' ' : '') +
+        str(h.peer) + ': ' + str(h.from) + ' → ' + str(h.to) + ' (' + str(h.reason) + ')' +
+        (str(h.info) ? ' — ' + str(h.info) : ''), h.kind === 'fallback' ? 'warn' : ''));
+    });
+    box.appendChild(hl);
+  }
+
+  // A CIDR's address count (IPv4; 0 when it does not parse).
+  function cidrSize(range) {
+    var mm = /\/(\d+)$/.exec(range || '');
+    return mm && Number(mm[1]) <= 32 ? Math.pow(2, 32 - Number(mm[1])) : 0;
+  }
+
+  // The whole allocation range: owned by whom, free, nobody's yet, held by unreachable peers.
+  function addressTotals(m) {
+    var t = { size: cidrSize(m.ipam.range), owned: 0, free: 0, unreachable: 0, unowned: 0 };
+    m.ipam.byPeer.forEach(function (ip) {
+      var o = ip.owned || 0;
+      t.owned += o; t.free += Math.min(ip.free || 0, o);
+      if (!ip.reachable) t.unreachable += o;
+    });
+    t.unowned = Math.max(0, t.size - t.owned);
+    return t;
+  }
+
+  function consensusWord(ipam) {
+    if (ipam.ready) return 'range divided';
+    if (ipam.consensus) return 'waiting for consensus (' + fmtInt(num(ipam.consensus.participants)) +
+      ' peers heard of, quorum ' + fmtInt(num(ipam.consensus.quorum)) + ')';
+    return 'not ready';
+  }
+
+  function addressSummary(m) {
+    var t = addressTotals(m);
+    return (m.ipam.range || 'range') + ': ' + fmtInt(t.size) + ' addresses · owned ' + fmtInt(t.owned) +
+      ' · free ' + fmtInt(t.free) + ' · nobody\'s yet ' + fmtInt(t.unowned) +
+      ' · held by unreachable peers ' + fmtInt(t.unreachable) + ' · ' + consensusWord(m.ipam) +
+      (m.ipam.conflict ? ' · CONFLICT: ' + m.ipam.conflict : '');
   }
 
   function renderEdge(box, m, e) {
@@ -728,6 +839,7 @@
     }
     renderDetails();
     if (app.view !== 'graph') renderTableRows();
+    writeUrl();
   }
 
   // ---------------------------------------------------------------------------------------
@@ -747,6 +859,17 @@
       { key: 'mtu', title: 'MTU', num: true }, { key: 'address', title: 'Address' },
       { key: 'info', title: 'Reason' },
     ],
+    addresses: [
+      { key: 'nickname', title: 'Peer' }, { key: 'name', title: 'Name' },
+      { key: 'status', title: 'Status' }, { key: 'owned', title: 'Owned', num: true },
+      { key: 'free', title: 'Free', num: true }, { key: 'ranges', title: 'Ranges' },
+    ],
+    events: [
+      { key: 'time', title: 'Time' }, { key: 'kind', title: 'Event' }, { key: 'peer', title: 'Peer' },
+      { key: 'state', title: 'State' }, { key: 'datapath', title: 'Datapath' },
+      { key: 'encrypted', title: 'Encrypted' }, { key: 'partition', title: 'Part', num: true },
+      { key: 'reason', title: 'Reason' }, { key: 'info', title: 'Detail' },
+    ],
   };
 
   function tableRows(m, view) {
@@ -761,6 +884,19 @@
           owned: ip ? ip.owned : null, free: ip ? ip.free : null };
         rows.push(r);
       });
+    } else if (view === 'addresses') {
+      if (m.ipam) {
+        m.ipam.byPeer.forEach(function (ip, name) {
+          var p = m.peers.get(name);
+          rows.push({ id: 'n:' + name, nickname: p ? p.nickname : '', name: name,
+            status: name === m.localName ? 'local' : ip.reachable ? 'reachable' : 'unreachable',
+            owned: ip.owned, free: ip.free,
+            ranges: ip.ranges.slice(0, 3).join(', ') + (ip.ranges.length > 3 || ip.rangesMore
+              ? ' … +' + (Math.max(0, ip.ranges.length - 3) + ip.rangesMore) : '') });
+        });
+      }
+    } else if (view === 'events') {
+      rows = eventRows(m);
     } else {
       m.edges.forEach(function (e) {
         var pa = m.peers.get(e.a), pb = m.peers.get(e.b);
@@ -786,10 +922,67 @@
     return rows;
   }
 
+  // What happened, newest first: datapath moves (fallbacks, recoveries), failed and degraded
+  // connections (handshake and dial failures with their reason), sleeve drops by reason.
+  function eventRows(m) {
+    var rows = [], nowS = Date.now() / 1000;
+    function peerInfo(name) {
+      var p = name ? m.peers.get(name) : null;
+      return { label: p ? (p.nickname || name) : name || '', part: p ? p.component + 1 : null };
+    }
+    m.datapath.history.forEach(function (h, i) {
+      var who = peerInfo(str(h.peer)), at = num(h.at);
+      var e = m.localName ? m.edges.get(edgeKey(m.localName, str(h.peer))) : null;
+      rows.push({ id: 'n:' + str(h.peer), _at: at || 0, _key: 'h' + i,
+        time: at ? new Date(at * 1000).toLocaleTimeString() : '', kind: str(h.kind),
+        peer: who.label, state: h.kind === 'fallback' ? 'fell back' : 'recovered',
+        datapath: str(h.from) + '→' + str(h.to),
+        encrypted: e ? (e.encrypted ? 'yes' : 'no') : '', partition: who.part,
+        reason: str(h.reason), info: str(h.info), _names: str(h.peer) });
+    });
+    m.localConns.forEach(function (c) {
+      if (c.state !== 'failed' && c.state !== 'retrying' && c.state !== 'degraded') return;
+      var who = peerInfo(c.peer), at = c.since === null ? nowS : nowS - c.since;
+      rows.push({ id: c.peer ? 'n:' + c.peer : 'c:' + c.address, _at: c.state === 'degraded' ? nowS : at,
+        time: c.state === 'degraded' ? 'now' : new Date(at * 1000).toLocaleTimeString(),
+        kind: c.state === 'degraded' ? 'link degraded' : c.peer ? 'connection failed' : 'dial failed',
+        peer: who.label || c.address, state: c.state, datapath: c.datapath,
+        encrypted: c.state === 'failed' && !c.controlEncrypted ? 'no handshake yet' : c.encrypted ? 'yes' : 'no',
+        partition: who.part, reason: c.info.split(':')[0], info: c.info,
+        _names: (c.peer || '') + ' ' + c.address });
+    });
+    Object.keys(m.datapath.drops).sort().forEach(function (reason) {
+      var n = num(m.datapath.drops[reason]);
+      if (!n) return;
+      rows.push({ id: 'n:' + m.localName, _at: -1, time: 'since start', kind: 'sleeve drops',
+        peer: m.nickname || m.localName, state: 'dropped', datapath: 'sleeve', encrypted: '',
+        partition: 1, reason: reason, info: fmtInt(n) + ' packets' });
+    });
+    rows.sort(function (a, b) { return b._at - a._at; });
+    return rows;
+  }
+
+  // Search terms: plain words match anywhere in a row; "column:value" matches that column
+  // (e.g. state:failed datapath:vxlan encrypted:no partition:2).
+  function rowMatches(r, term) {
+    var colon = term.indexOf(':');
+    if (colon > 0) {
+      var key = term.slice(0, colon), want = term.slice(colon + 1);
+      var cols = COLUMNS[app.view] || [];
+      for (var i = 0; i < cols.length; i++) {
+        if (cols[i].key === key || cols[i].title.toLowerCase() === key) {
+          var v = r[cols[i].key];
+          return v !== null && v !== undefined && String(v).toLowerCase().indexOf(want) >= 0;
+        }
+      }
+    }
+    return r._text.indexOf(term) >= 0;
+  }
+
   function applyFilterSort() {
     var q = $('table-search').value.trim().toLowerCase(), terms = q ? q.split(/\s+/) : [];
     var rows = terms.length ? app.rows.filter(function (r) {
-      for (var i = 0; i < terms.length; i++) if (r._text.indexOf(terms[i]) < 0) return false;
+      for (var i = 0; i < terms.length; i++) if (!rowMatches(r, terms[i])) return false;
       return true;
     }) : app.rows.slice();
     var key = app.sortKey, dir = app.sortDir;
@@ -806,6 +999,8 @@
     app.filtered = rows;
     $('table-count').textContent = rows.length === app.rows.length
       ? rows.length + ' rows' : rows.length + ' of ' + app.rows.length + ' rows';
+    $('table-note').textContent = app.view === 'addresses' && app.model
+      ? (app.model.ipam ? addressSummary(app.model) : 'IPAM is not running on this router') : '';
     renderTableRows();
   }
 
@@ -879,6 +1074,7 @@
     });
     $('view-graph').hidden = view !== 'graph';
     $('view-table').hidden = view === 'graph';
+    writeUrl();
     if (view === 'graph') {
       if (app.view3) { app.view3.resize(); if (app.pendingCenter) { app.view3.centerOn(app.pendingCenter); } }
       app.pendingCenter = null;
@@ -1001,8 +1197,9 @@
   function applyPending() {
     applyQueued = false;
     var msg = pendingMsg;
-    pendingMsg = null;
     if (msg === null) return;
+    if (app.paused) { showUpdated(); return; }  // kept in pendingMsg until resumed
+    pendingMsg = null;
     try {
       applyStatus(msg.status, typeof msg.incarnation === 'string' ? msg.incarnation : '');
     } catch (err) {
@@ -1012,7 +1209,59 @@
     }
     hook.incarnation = typeof msg.incarnation === 'string' ? msg.incarnation : '';
     hook.seq = msg.seq;
+    app.updatedAt = new Date();
+    showUpdated();
+    if (app.urlSelection) {  // a shared link's selection, once its peer or link is known
+      var want = app.urlSelection;
+      if (app.model && (app.model.peers.has(want.slice(2)) || app.model.edges.has(want.slice(2)))) {
+        app.urlSelection = null;
+        select(want, true);
+      }
+    }
     if (hook.timings.firstStatus === null) hook.timings.firstStatus = performance.now();
+  }
+
+  function showUpdated() {
+    var t = app.updatedAt ? app.updatedAt.toLocaleTimeString() : '—';
+    $('updated').textContent = app.paused
+      ? 'paused at ' + t + (pendingMsg ? ' · newer status waiting' : '')
+      : 'updated ' + t;
+    var b = $('btn-pause');
+    b.textContent = app.paused ? 'Resume' : 'Pause';
+    b.classList.toggle('on', app.paused);
+    b.setAttribute('aria-pressed', app.paused ? 'true' : 'false');
+  }
+
+  function setPaused(on) {
+    app.paused = !!on;
+    hook.paused = app.paused;
+    if (!app.paused && pendingMsg !== null) applyPending();
+    showUpdated();
+  }
+
+  // The view, the selection and the table search live in the URL's fragment, so a link shows
+  // someone else the same thing: #view=events&sel=n:<peer>&q=state:failed
+  function writeUrl() {
+    if (!domReady) return;
+    var h = new URLSearchParams();
+    if (app.view !== 'graph') h.set('view', app.view);
+    var sel = app.selected || app.urlSelection;  // a shared selection not applied yet stays
+    if (sel) h.set('sel', sel);
+    var q = $('table-search').value.trim();
+    if (q) h.set('q', q);
+    var text = h.toString();
+    if (text !== window.location.hash.replace(/^#/, '')) {
+      history.replaceState(null, '', text ? '#' + text : window.location.pathname + window.location.search);
+    }
+  }
+
+  function readUrl() {
+    var h = new URLSearchParams(window.location.hash.replace(/^#/, ''));
+    if (h.get('q')) $('table-search').value = h.get('q');
+    var sel = h.get('sel');
+    if (sel && /^[nec]:/.test(sel)) app.urlSelection = sel;
+    var view = h.get('view');
+    if (view && COLUMNS[view]) setView(view);
   }
 
   // ---------------------------------------------------------------------------------------
@@ -1082,7 +1331,9 @@
     var searchTimer = null;
     $('table-search').addEventListener('input', function () {
       clearTimeout(searchTimer);
-      searchTimer = setTimeout(function () { $('table-scroll').scrollTop = 0; applyFilterSort(); }, 60);
+      searchTimer = setTimeout(function () {
+        $('table-scroll').scrollTop = 0; applyFilterSort(); writeUrl();
+      }, 60);
     });
     var graphSearchTimer = null;
     $('graph-search').addEventListener('input', function () {
@@ -1113,7 +1364,10 @@
       $('graph').textContent = 'The graph script did not load; the tables still work.';
       window.WeftGraphView = StubView;
     }
+    $('btn-pause').addEventListener('click', function () { setPaused(!app.paused); });
     domReady = true;
+    readUrl();
+    showUpdated();
     if (earlyMessage !== null) {
       var data = earlyMessage;
       earlyMessage = null;
