@@ -12,6 +12,8 @@ through Playwright and measures, per run:
   sort_ms          click on a column header -> rows re-sorted
   update_ms        server-side status change -> applied in the page (live, no reload)
   apply_ms         the page's own time to apply that update (normalise, graph sync, table)
+  cut_visible_ms   a connection turning degraded in the status -> drawn degraded with the banner
+  cut_to_visible_ms  the router's 3 s silence rule + cut_visible_ms: link cut -> on the page
 
 Figures are medians over --runs; --json prints one JSON object instead of the table. Nothing is
 asserted: this prints figures (timings on a shared 2-core machine are noisy).
@@ -36,6 +38,7 @@ from weft.ui.server import HubConfig
 from weft.ui.synthetic import synthetic_status
 
 TARGET_MS = 2000.0
+DETECT_MS = 3000.0  # the router's silence rule: degraded after 3 s without heartbeat answers
 TIMEOUT_MS = 60_000
 
 
@@ -111,6 +114,21 @@ async def one_run(browser: Any, server: FakeStatusServer, peers: int) -> dict[st
         )
         update = (time.perf_counter() - t4) * 1000
         apply = float(await page.evaluate("() => window.weftGraph.timings.lastApplyMs"))
+
+        # A link whose data path went silent: the router marks it degraded after 3 s of
+        # silence (issue #17); this is the rest of cut-to-visible, status -> drawn degraded.
+        cut = copy.deepcopy(changed)
+        victim = cut["router"]["connections"][1]
+        victim.update(state="degraded", data_state="degraded", info="bench: silent")
+        t5 = time.perf_counter()
+        server.set_status(cut)
+        await page.wait_for_function(
+            """(peer) => window.weftGraph.snapshot().edges.some(e =>
+                   (e.source === peer || e.target === peer) && e.state === 'degraded') &&
+                 document.getElementById('banner').textContent.includes('degraded')""",
+            arg=victim["peer"], timeout=TIMEOUT_MS,
+        )
+        cut_visible = (time.perf_counter() - t5) * 1000
         if errors:
             raise RuntimeError(f"page errors: {errors}")
         return {
@@ -124,6 +142,8 @@ async def one_run(browser: Any, server: FakeStatusServer, peers: int) -> dict[st
             "sort_ms": sort,
             "update_ms": update,
             "apply_ms": apply,
+            "cut_visible_ms": cut_visible,
+            "cut_to_visible_ms": DETECT_MS + cut_visible,
         }
     finally:
         await context.close()
@@ -190,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         "sort_ms": "sort by column (2 clicks)",
         "update_ms": "live update -> applied",
         "apply_ms": "  (page's own apply time)",
+        "cut_visible_ms": "degraded status -> drawn + banner",
+        "cut_to_visible_ms": "cut -> visible (3 s detection + that)",
     }
     for key, label in labels.items():
         print(f"  {label:<34} {result['median'][key]:8.0f} ms")

@@ -94,6 +94,37 @@ async def _snapshot(page: Any) -> dict[str, Any]:
     return snap
 
 
+async def test_a_silent_data_path_shows_degraded_and_recovers(page: Any, mesh: Underlay) -> None:
+    """Host 3 drops everything but TCP from host 1: the control connection lives, the data path
+    (vxlan/ESP or sleeve UDP) goes silent. The page shows that link degraded (the router says so
+    after 3 s of silence; the bound here is generous, the time goes to bench.ui_load) and
+    established again once the rule is gone."""
+    h1, h3 = mesh.hosts[0], mesh.hosts[2]
+    await page.goto("http://127.0.0.1:6784/ui")
+    both = """(state) => { const s = window.weftGraph && window.weftGraph.ready &&
+                                    window.weftGraph.snapshot();
+                           if (!s || s.edges.length !== 3) return false;
+                           const n = s.nodes.find(n => n.nickname === 'host3');
+                           const own = s.nodes.find(n => n.classes.includes('local'));
+                           const e = n && own && s.edges.find(e =>
+                               [e.source, e.target].includes(n.name) &&
+                               [e.source, e.target].includes(own.name));
+                           return !!e && e.state === state; }"""
+    await page.wait_for_function(both, arg="established", timeout=WAIT_MS)
+    table = f"{mesh.prefix}ui"
+    h3.sh(
+        f"nft add table inet {table}"
+        f" && nft add chain inet {table} in '{{ type filter hook input priority 0; }}'"
+        f" && nft add rule inet {table} in ip saddr {h1.ip} meta l4proto != tcp drop"
+    )
+    try:
+        await page.wait_for_function(both, arg="degraded", timeout=WAIT_MS)
+        assert "degraded" in await page.inner_text("#banner")
+    finally:
+        h3.sh(f"nft delete table inet {table}", check=False)
+    await page.wait_for_function(both, arg="established", timeout=WAIT_MS)
+
+
 async def test_page_shows_the_live_mesh_and_follows_a_cut(page: Any, mesh: Underlay) -> None:
     await page.goto("http://127.0.0.1:6784/ui")
     await page.wait_for_function(
@@ -114,6 +145,8 @@ async def test_page_shows_the_live_mesh_and_follows_a_cut(page: Any, mesh: Under
         other = edge["target"] if edge["source"] == local else edge["source"]
         assert edge["encrypted"] is True, edge
         assert edge["datapath"] == own[other]["datapath"] != "unknown", (edge, own[other])
+    # every edge, the two between other hosts included, has the datapath its owners gossip
+    assert all(e["datapath"] in ("ovs", "vxlan", "sleeve") for e in snap["edges"]), snap["edges"]
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "ui-netns-mesh.png"))
 
