@@ -40,7 +40,8 @@ PROFILE = settings(
 
 NAME_LABEL = "kubernetes.io/metadata.name"
 NAMESPACES = ("x", "y", "z")
-POD_NAMESPACES = (*NAMESPACES, "w")  # "w": a namespace whose object the view has not seen
+# "w": a namespace whose object the view has not seen; x and y twice, so policies find pods
+POD_NAMESPACES = ("x", "y", "x", "y", "z", "w")
 NODE_IPS: dict[str, list[Address]] = {
     "n1": [ipaddress.ip_address("192.168.0.1")],
     "n2": [ipaddress.ip_address("192.168.0.2")],
@@ -91,18 +92,26 @@ labels = st.dictionaries(label_keys, label_values, max_size=2)
 
 @st.composite
 def selectors(draw: st.DrawFn, namespaces: bool) -> JSON:
-    keys = ("team", "env", NAME_LABEL) if namespaces else ("app", "tier")
-    values = ("x", "y", "w", "a", "b") if namespaces else ("a", "b")
+    values: Mapping[str, tuple[str, ...]] = (
+        {"team": ("a", "b"), "env": ("a", "b"), NAME_LABEL: ("x", "y", "w")}
+        if namespaces
+        else {"app": ("a", "b"), "tier": ("a", "b")}
+    )
+    keys = st.sampled_from(tuple(values))
     out: JSON = {}
-    match = draw(st.dictionaries(st.sampled_from(keys), st.sampled_from(values), max_size=2))
+    match = {}
+    for _ in range(draw(st.integers(0, 2))):
+        key = draw(keys)
+        match[key] = draw(st.sampled_from(values[key]))
     if match or draw(st.booleans()):
         out["matchLabels"] = match
     exprs = []
     for _ in range(draw(st.integers(0, 2))):
-        op = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
-        expr: JSON = {"key": draw(st.sampled_from(keys)), "operator": op}
+        op = draw(st.sampled_from(("NotIn", "In", "Exists", "DoesNotExist")))
+        key = draw(keys)
+        expr: JSON = {"key": key, "operator": op}
         if op in ("In", "NotIn"):
-            expr["values"] = draw(st.lists(st.sampled_from(values), min_size=1, max_size=2))
+            expr["values"] = draw(st.lists(st.sampled_from(values[key]), min_size=1, max_size=2))
         exprs.append(expr)
     if exprs:
         out["matchExpressions"] = exprs
@@ -172,8 +181,11 @@ def rules(draw: st.DrawFn, peers_key: str) -> JSON:
 
 @st.composite
 def policies(draw: st.DrawFn, index: int) -> JSON:
-    # half the policies select every pod of their namespace, so that many flows are isolated
+    # half the policies select every pod of their namespace, so that many flows are isolated;
+    # an absent podSelector is the empty one too
     spec: JSON = {"podSelector": draw(st.one_of(st.just({}), selectors(namespaces=False)))}
+    if not spec["podSelector"] and draw(st.booleans()):
+        del spec["podSelector"]
     types = draw(
         st.sampled_from(
             (None, [], ["Ingress"], ["Egress"], ["Ingress", "Egress"], ["Egress", "Ingress"])
@@ -187,7 +199,7 @@ def policies(draw: st.DrawFn, index: int) -> JSON:
             spec[direction] = []
         elif shape == "some":
             spec[direction] = draw(st.lists(rules(key), min_size=1, max_size=2))
-    namespace = draw(st.sampled_from((*NAMESPACES, *NAMESPACES, "w")))
+    namespace = draw(st.sampled_from(POD_NAMESPACES))
     return {"metadata": {"namespace": namespace, "name": f"q{index}"}, "spec": spec}
 
 
@@ -198,7 +210,7 @@ def pods(draw: st.DrawFn, index: int, count: int) -> JSON:
     if phase == "Succeeded":  # a finished pod whose address another pod may have now
         other = draw(st.integers(0, count - 1))
         addresses = [pod_v4(other)]
-    elif draw(st.integers(0, 9)) > 0:
+    elif draw(st.integers(0, 9)) < 9:  # hypothesis favours 0: the usual case
         addresses = [pod_v4(index)]
         if draw(st.booleans()):
             addresses.append(pod_v6(index))
@@ -213,6 +225,10 @@ def pods(draw: st.DrawFn, index: int, count: int) -> JSON:
         )
     if draw(st.booleans()):
         container_ports.append({"containerPort": 9000})  # unnamed, protocol defaulted
+    host_network = phase == "Running" and draw(st.integers(0, 9)) == 9
+    node = draw(st.sampled_from(("n1", "n2")))
+    if host_network:  # the node's address: not the pod's own, so no policy applies to it
+        addresses = [str(NODE_IPS[node][0])]
     status: JSON = {"phase": phase}
     if addresses:
         status["podIP"] = addresses[0]
@@ -224,7 +240,8 @@ def pods(draw: st.DrawFn, index: int, count: int) -> JSON:
             "labels": draw(labels),
         },
         "spec": {
-            "nodeName": draw(st.sampled_from(("n1", "n2"))),
+            "nodeName": node,
+            "hostNetwork": host_network,
             "containers": [{"name": "main", "ports": container_ports}],
         },
         "status": status,
@@ -302,8 +319,13 @@ class Evaluator:
         self.pods: list[EPod] = []
         for p in world.pods:
             status, spec = p["status"], p["spec"]
-            # finished pods and pods without an address take no part (their address is reused)
-            if status["phase"] in ("Succeeded", "Failed") or not status.get("podIPs"):
+            # finished pods and pods without an address take no part (their address is reused),
+            # nor do host-network pods (their address is the node's)
+            if (
+                status["phase"] in ("Succeeded", "Failed")
+                or not status.get("podIPs")
+                or spec.get("hostNetwork")
+            ):
                 continue
             self.pods.append(
                 EPod(
