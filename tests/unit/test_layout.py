@@ -52,6 +52,7 @@ PURE = [
     "weft.ipam.ring", "weft.ipam.paxos", "weft.ipam.allocator", "weft.ipam.node",
     "weft.fastdp.fdb", "weft.fastdp.heartbeat", "weft.fastdp.link", "weft.fastdp.ovs_flows",
     "weft.policy.model", "weft.policy.compiler", "weft.policy.nft", "weft.policy.verdict",
+    "weft.policy.explain",
     "weft.k8s.core",
 ]  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "select", "selectors", "threading", "subprocess", "time",

@@ -99,11 +99,12 @@ def selectors(draw: st.DrawFn, namespaces: bool) -> JSON:
     )
     keys = st.sampled_from(tuple(values))
     out: JSON = {}
-    match = {}
+    match: dict[str, str] = {}
     for _ in range(draw(st.integers(0, 2))):
         key = draw(keys)
         match[key] = draw(st.sampled_from(values[key]))
-    if match or draw(st.booleans()):
+    empty_but_present: bool = draw(st.booleans())
+    if match or empty_but_present:
         out["matchLabels"] = match
     exprs = []
     for _ in range(draw(st.integers(0, 2))):
@@ -482,8 +483,8 @@ def check_world(world: World) -> None:
                         explain(view, src, dst, protocol, port, node_addresses=NODE_IPS)
                     continue
                 # pods by name when the flow is between pods' own addresses
-                source: Any = f"{s.namespace}/{s.name}" if s is not None and src.version == 4 else src
-                dest: Any = f"{d.namespace}/{d.name}" if d is not None and dst.version == 4 else dst
+                source: Any = src if s is None or src.version != 4 else f"{s.namespace}/{s.name}"
+                dest: Any = dst if d is None or dst.version != 4 else f"{d.namespace}/{d.name}"
                 verdict = explain(view, source, dest, protocol, port, node_addresses=NODE_IPS)
                 assert verdict.allowed == want, f"explain: {flow}: {verdict.to_json()}"
 

@@ -12,4 +12,6 @@
 * :mod:`weft.policy.verdict` — the kernel's reading of a desired state (conntrack cuts, tests).
 * :mod:`weft.policy.reconcile` — the cache and the level-triggered reconciler (asyncio; its
   API follower is weft/k8s/netpol.py). docs/NETWORKPOLICY.md says what is not built yet.
+* :mod:`weft.policy.explain` — ``weft policy explain``: one flow's verdict and the policies and
+  rules that decide it, read from the compiler's grants (so it cannot disagree with the kernel).
 """

@@ -192,10 +192,8 @@ def _endpoints(
     if src_addr is not None and dst_addr is not None and src_addr.version != dst_addr.version:
         raise ConfigError(f"{src_addr} and {dst_addr} are of different IP families")
     fixed = src_addr or dst_addr
-    if fixed is not None:
-        families = [fixed.version]
-    else:  # two pods by name: IPv4 first, else their common family
-        families = [4, 6]
+    # two pods by name: IPv4 first, else their common family
+    families = [fixed.version] if fixed is not None else [4, 6]
 
     def pick(pod: Pod | None, addr: IPAddress | None) -> IPAddress | None:
         if addr is not None:
@@ -322,12 +320,15 @@ def explain(
     always: str | None = None
     if src.pod is not None and src.address == dst.address:
         always = f"same pod: {src.pod} always reaches itself"
-    elif dst.pod is not None and dst.node is not None:
-        if src.address in set(node_addresses.get(dst.node, ())):
-            always = (
-                f"{src.address} is an address of node {dst.node}, where {dst.pod} runs: a node"
-                " always reaches its own pods (kubelet probes)"
-            )
+    elif (
+        dst.pod is not None
+        and dst.node is not None
+        and src.address in set(node_addresses.get(dst.node, ()))
+    ):
+        always = (
+            f"{src.address} is an address of node {dst.node}, where {dst.pod} runs: a node"
+            " always reaches its own pods (kubelet probes)"
+        )
     egress = _direction(view, "egress", src, dst, proto, port)
     ingress = _direction(view, "ingress", dst, src, proto, port)
     flow = f"{src.describe()} -> {dst.describe()} {_flow(proto, port)}"
