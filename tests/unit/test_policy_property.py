@@ -4,7 +4,7 @@ Hypothesis generates namespaces, pods and policies as the API server's JSON; ``e
 decides each flow straight from that JSON by the API's rules (it shares no code with weft.policy):
 the source pod's egress, if it is isolated for egress, AND the destination pod's ingress, if it
 is isolated for ingress; its own node always reaches a pod; a pod always reaches itself. The
-compiled state of every node involved, read as the kernel reads it (chain_accepts), and
+compiled state of every node involved, read as the kernel reads it (weft.policy.verdict), and
 weft.policy.explain must both agree with it on every flow between every pair of addresses.
 
 Derandomized (a fixed sequence of examples, no example database), so CI is deterministic.
@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.policy_support import chain_accepts
 from weft.errors import ConfigError
 from weft.policy.compiler import DesiredState, compile_policy
 from weft.policy.explain import explain
 from weft.policy.model import ClusterView
+from weft.policy.verdict import chain_accepts
 
 JSON = dict[str, Any]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
