@@ -116,3 +116,24 @@ def test_parse_port() -> None:
     assert parse_port(None) == (None, None) and parse_port(" ") == (None, None)
     assert parse_port("80") == ("TCP", 80) and parse_port("53/udp") == ("UDP", 53)
     assert parse_port("ICMP") == ("ICMP", None)
+
+
+class ReaderOnly:
+    """A source without node_addresses (as an enforcer may be): served, without the node rule."""
+
+    def cluster_view(self) -> ClusterView | None:
+        return cluster()
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def denied_flows(self) -> list[dict[str, Any]]:
+        return []
+
+
+async def test_a_source_without_node_addresses_is_served() -> None:
+    app = web.Application()
+    add_policy_routes(app, ReaderOnly(), node="n1")
+    async with TestClient(TestServer(app)) as c:
+        status, doc = await explain(c, **{"from": "192.168.0.1", "to": "x/a", "port": "81"})
+    assert status == 200 and doc["allowed"] is False and doc["always_allowed"] is None

@@ -582,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("detach", "disconnect a network namespace from the overlay", cmd_detach)
     p.add_argument("netns", metavar="NETNS", help="namespace name or path")
     client_command("ps", "list attached namespaces", cmd_ps)
+    from weft.cli.policy import add_policy_parser
+
+    add_policy_parser(sub, _default_http_addr(), _Parser, WeftClient, ClientError)
     # listed for --help only: main() hands these to their own parsers before argparse runs
     sub.add_parser("demo", help="a local mesh of hosts in network namespaces (needs root)")
     sub.add_parser(

@@ -15,7 +15,7 @@ them, as ``/status``. Errors are ``{"error": "<one line>"}``, as everywhere in t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 
@@ -23,19 +23,25 @@ from weft.errors import ConfigError
 from weft.policy.explain import explain
 from weft.policy.model import ClusterView, IPAddress
 
-__all__ = ["PolicySource", "add_policy_routes", "parse_port"]
+__all__ = ["PolicyReader", "PolicySource", "add_policy_routes", "parse_port"]
 
 
-class PolicySource(Protocol):
-    """What the routes read from the enforcer."""
+class PolicyReader(Protocol):
+    """The part of :class:`PolicySource` the routes cannot do without."""
 
     def cluster_view(self) -> ClusterView | None: ...  # None while not synced with the API yet
-
-    def node_addresses(self) -> Sequence[IPAddress]: ...  # this node's own addresses
 
     def status(self) -> dict[str, Any]: ...  # reconciler status (free-form JSON)
 
     def denied_flows(self) -> list[dict[str, Any]]: ...  # last denied flows, newest last
+
+
+@runtime_checkable
+class PolicySource(PolicyReader, Protocol):
+    """What the routes read from the enforcer; a :class:`PolicyReader` without
+    ``node_addresses`` is served too, its explain then not knowing this node's addresses."""
+
+    def node_addresses(self) -> Sequence[IPAddress]: ...  # this node's own addresses
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -56,12 +62,13 @@ def parse_port(text: str | None) -> tuple[str | None, int | None]:
 
 
 def add_policy_routes(
-    app: web.Application, source: PolicySource, *, node: str | None = None
+    app: web.Application, source: PolicySource | PolicyReader, *, node: str | None = None
 ) -> None:
     """Add the ``/policy`` read routes for ``source`` to ``app`` (before the app starts).
 
     ``node``: the name of the node this router runs on, whose pods ``source.node_addresses()``
-    always reach; without it, explain does not know whose those addresses are and ignores them.
+    always reach; without it (or without ``node_addresses``) explain does not know whose those
+    addresses are and treats them as any other address.
     """
 
     async def explain_route(request: web.Request) -> web.Response:
@@ -74,12 +81,12 @@ def add_policy_routes(
             return _error(
                 503, "not synced with the Kubernetes API yet: no cluster view to explain against"
             )
-        nodes = {} if node is None else {node: list(source.node_addresses())}
+        nodes: dict[str, list[IPAddress]] = {}
+        if node is not None and isinstance(source, PolicySource):
+            nodes[node] = list(source.node_addresses())
         try:
             protocol, port = parse_port(query.get("port"))
-            verdict = explain(
-                view, source_text, dest_text, protocol, port, node_addresses=nodes
-            )
+            verdict = explain(view, source_text, dest_text, protocol, port, node_addresses=nodes)
         except ConfigError as err:
             return _error(400, str(err))
         return web.json_response(verdict.to_json())
