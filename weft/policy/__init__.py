@@ -1,4 +1,4 @@
-"""Kubernetes NetworkPolicy (networking.k8s.io/v1); pure but for the two thin I/O edges below.
+"""Kubernetes NetworkPolicy (networking.k8s.io/v1); pure but for the thin I/O edges below.
 
 * :mod:`weft.policy.model` — the cluster view (namespaces, pods, policies) parsed from the API's
   JSON, label selectors.
@@ -14,4 +14,7 @@
   API follower is weft/k8s/netpol.py). docs/NETWORKPOLICY.md says what is not built yet.
 * :mod:`weft.policy.explain` — ``weft policy explain``: one flow's verdict and the policies and
   rules that decide it, read from the compiler's grants (so it cannot disagree with the kernel).
+* :mod:`weft.policy.http` — the read routes ``/policy/explain``, ``/policy/status`` and
+  ``/policy/denied`` (aiohttp) over a :class:`~weft.policy.http.PolicySource`; ``weft policy``
+  (weft/cli/policy.py) renders them.
 """
