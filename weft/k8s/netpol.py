@@ -275,6 +275,9 @@ def setup_network_policy(
         def cluster_view(self) -> Any:
             return enforcer.cluster_view()
 
+        def node_addresses(self) -> list[IPAddress]:
+            return list(addresses())
+
         def status(self) -> dict[str, Any]:
             return follower.status()
 
@@ -288,5 +291,5 @@ def setup_network_policy(
     except ImportError:  # explain and its routes land separately
         log.debug("policy: no /policy routes in this build")
     else:
-        add_policy_routes(router.app, _Source())
+        add_policy_routes(router.app, _Source(), node=config.node_name)
     return follower
