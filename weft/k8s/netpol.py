@@ -202,7 +202,7 @@ class CniPolicyHook:
         for cidr in addresses:
             ips.append(ipaddress.ip_interface(cidr).ip)
         enforcer = self.follower.enforcer
-        if ref not in {k for k in enforcer.cache.objects["pods"]}:
+        if ref not in enforcer.cache.objects["pods"]:
             obj = await self.follower.fetch_pod(*ref)
             if obj is not None:
                 enforcer.watched("pods", "ADDED", obj)

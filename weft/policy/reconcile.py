@@ -38,7 +38,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol
 
@@ -64,6 +64,7 @@ __all__ = [
     "PENDING_LABEL",
     "PENDING_POLICY",
     "EnforcerConfig",
+    "Flow",
     "Kind",
     "LocalPod",
     "MemoryKernel",
@@ -292,12 +293,9 @@ class PolicyKernel(Protocol):
         """Run one nft transaction; PolicyApplyError when it is refused (nothing changed)."""
         ...
 
-    async def flows(self, addresses: set[IPAddress]) -> list[Flow]:
-        """Tracked flows whose original source or destination is in ``addresses``."""
-        ...
-
-    async def cut(self, flows: Sequence[Flow]) -> int:
-        """Forget these flows' conntrack entries; returns how many went."""
+    async def cut(self, denied: Callable[[Flow], bool]) -> int:
+        """Forget the conntrack entries whose original direction ``denied`` rejects (one pass
+        over the table); returns how many went."""
         ...
 
     async def remove(self) -> None:
@@ -329,11 +327,8 @@ class NftKernel:
         if proc.returncode != 0:
             raise PolicyApplyError(f"nft refused the transaction: {err.decode().strip()[:500]}")
 
-    async def flows(self, addresses: set[IPAddress]) -> list[Flow]:
-        return await asyncio.to_thread(_conntrack_flows, addresses)
-
-    async def cut(self, flows: Sequence[Flow]) -> int:
-        return await asyncio.to_thread(_conntrack_cut, list(flows))
+    async def cut(self, denied: Callable[[Flow], bool]) -> int:
+        return await asyncio.to_thread(_conntrack_cut, denied)
 
     async def remove(self) -> None:
         await self.apply(f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
@@ -350,26 +345,14 @@ def _tuple_flow(t: Any) -> Flow | None:
     return Flow(src, dst, proto, port)
 
 
-def _conntrack_flows(addresses: set[IPAddress]) -> list[Flow]:
+def _conntrack_cut(denied: Callable[[Flow], bool]) -> int:
     from pyroute2 import Conntrack
 
-    out: list[Flow] = []
-    with Conntrack() as ct:
-        for entry in ct.dump_entries():
-            flow = _tuple_flow(entry.tuple_orig)
-            if flow is not None and (flow.src in addresses or flow.dst in addresses):
-                out.append(flow)
-    return out
-
-
-def _conntrack_cut(flows: list[Flow]) -> int:
-    from pyroute2 import Conntrack
-
-    wanted = set(flows)
     cut = 0
     with Conntrack() as ct:
         for entry in list(ct.dump_entries()):
-            if _tuple_flow(entry.tuple_orig) in wanted:
+            flow = _tuple_flow(entry.tuple_orig)
+            if flow is not None and denied(flow):
                 with contextlib.suppress(Exception):  # gone meanwhile
                     ct.delete(entry)
                     cut += 1
@@ -377,7 +360,7 @@ def _conntrack_cut(flows: list[Flow]) -> int:
 
 
 class MemoryKernel:
-    """A kernel for unit tests: keeps the last full script and the element sets it implies."""
+    """A kernel for unit tests: keeps every script applied and a list of tracked flows."""
 
     def __init__(self) -> None:
         self.scripts: list[str] = []
@@ -392,13 +375,9 @@ class MemoryKernel:
         self.scripts.append(script)
         self.removed = False
 
-    async def flows(self, addresses: set[IPAddress]) -> list[Flow]:
-        return [f for f in self.tracked if f.src in addresses or f.dst in addresses]
-
-    async def cut(self, flows: Sequence[Flow]) -> int:
-        gone = set(flows)
+    async def cut(self, denied: Callable[[Flow], bool]) -> int:
         before = len(self.tracked)
-        self.tracked = [f for f in self.tracked if f not in gone]
+        self.tracked = [f for f in self.tracked if not denied(f)]
         return before - len(self.tracked)
 
     async def remove(self) -> None:
@@ -541,16 +520,19 @@ class PolicyEnforcer:
         local = {r.start() for r in state.local_addresses}
         if not local:
             return
+
+        def denied(f: Flow) -> bool:  # pure: safe on the worker thread
+            return (f.src in local or f.dst in local) and not chain_accepts(
+                state, f.src, f.dst, f.protocol, f.port)
+
         try:
-            flows = await self.kernel.flows(local)
-            denied = [f for f in flows
-                      if not chain_accepts(state, f.src, f.dst, f.protocol, f.port)]
-            if denied:
-                n = await self.kernel.cut(denied)
-                self.cut_flows += n
-                log.info("policy: cut %d established flows a change denies", n)
+            n = await self.kernel.cut(denied)
         except Exception as err:  # conntrack is best effort; the rules are in
             log.warning("policy: could not cut denied established flows: %s", err)
+            return
+        if n:
+            self.cut_flows += n
+            log.info("policy: cut %d established flows a change denies", n)
 
     # ------------------------------------------------------------------ loop
 
