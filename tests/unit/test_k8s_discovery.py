@@ -33,17 +33,15 @@ three peers named after their nodes; the mesh is a fake that records targets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
-from aiohttp import web
 
+from tests.fake_k8s import FakeKubeApi
 from weft.errors import ConfigError
 from weft.gossip.peer import PeerName
 from weft.ipam.allocator import InitMode, IpamConfig
@@ -79,100 +77,18 @@ def node_object(name: str, ip: str | None, version: int) -> dict[str, Any]:
     }
 
 
-def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
-
-
-class FakeApi:
-    """Nodes, a change history with resourceVersions, LIST and WATCH; can be 'down'."""
-
-    def __init__(self) -> None:
-        self.version = 1
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self.history: list[tuple[int, str, dict[str, Any]]] = []
-        self.changed = asyncio.Condition()
-        self.down = False
-        self.expire_next_watch = False
-        self.requests: list[str] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/api/v1/nodes", self.nodes_handler)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = self.runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+class FakeApi(FakeKubeApi):
+    """tests/fake_k8s.py's server, spoken to in nodes: ``change(type, name, ip)``."""
 
     async def change(self, kind: str, name: str, ip: str | None = None) -> None:
-        self.version += 1
-        obj = node_object(name, ip, self.version)
         if kind == "DELETED":
-            obj = self.nodes.pop(name)
-            obj["metadata"]["resourceVersion"] = str(self.version)
+            await self.delete("nodes", "", name)
         else:
-            self.nodes[name] = obj
-        self.history.append((self.version, kind, obj))
-        async with self.changed:
-            self.changed.notify_all()
+            await self.put("nodes", node_object(name, ip, self.version))
 
-    async def set_down(self, down: bool) -> None:
-        self.down = down
-        async with self.changed:
-            self.changed.notify_all()
-
-    async def nodes_handler(self, request: web.Request) -> web.StreamResponse:
-        watch = request.query.get("watch", "").lower() in ("true", "1")  # Go's ParseBool
-        self.requests.append("WATCH" if watch else "LIST")
-        if self.down:
-            return web.json_response(
-                status_object(503, "ServiceUnavailable", "the server is shutting down"),
-                status=503)
-        if not watch:
-            return web.json_response({
-                "kind": "NodeList", "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self.version)},
-                "items": list(self.nodes.values()),
-            })
-        since = int(request.query.get("resourceVersion") or self.version)
-        timeout = float(request.query.get("timeoutSeconds") or 300)
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-
-        async def send(obj: Mapping[str, Any]) -> None:
-            await resp.write(json.dumps(obj).encode() + b"\n")
-
-        if self.expire_next_watch:
-            self.expire_next_watch = False
-            await send({"type": "ERROR", "object": status_object(
-                410, "Expired", f"too old resource version: {since} ({self.version})")})
-            return resp
-        deadline = time.monotonic() + timeout
-        sent = since
-        while not self.down:
-            for version, kind, obj in self.history:
-                if version > sent:
-                    await send({"type": kind, "object": obj})
-                    sent = version
-            left = deadline - time.monotonic()
-            if left <= 0:
-                await send({"type": "BOOKMARK", "object": {
-                    "kind": "Node", "apiVersion": "v1",
-                    "metadata": {"resourceVersion": str(sent)}}})
-                break
-            async with self.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), left)
-        return resp
+    @property
+    def requests_for_nodes(self) -> list[str]:
+        return [how for kind, how in self.requests if kind == "nodes"]
 
 
 class SimMesh:
@@ -338,14 +254,14 @@ async def test_expired_watch_relists_without_counting_a_failure(api: FakeApi) ->
     net = SimNet(seed=1)
     mesh = SimMesh(net, peer_name_for_node("n2"))
     d = K8sDiscovery(config(api, "n2"), mesh)
-    api.expire_next_watch = True
+    api.expire_next_watch.add("nodes")
     await d.start()
     try:
         await wait_for(lambda: d.lists >= 2, "a relist after 410 Gone")
         assert d.health.failures == 0 and d.health.ok is True
         await api.change("ADDED", "n3", NODES["n3"])
         await wait_for(lambda: len(mesh.targets[-1]) == 2, "watch events after the relist")
-        assert api.requests[:3] == ["LIST", "WATCH", "LIST"]
+        assert api.requests_for_nodes[:3] == ["LIST", "WATCH", "LIST"]
     finally:
         await d.stop()
 
@@ -380,7 +296,7 @@ async def test_initial_ipalloc_init_waits_for_the_api(api: FakeApi) -> None:
         await api.change("ADDED", name, ip)
     await api.set_down(True)
     task = asyncio.ensure_future(initial_ipalloc_init(config(api, "n1")))
-    await wait_for(lambda: api.requests.count("LIST") >= 3, "retried LISTs")
+    await wait_for(lambda: api.requests_for_nodes.count("LIST") >= 3, "retried LISTs")
     assert not task.done()
     await api.set_down(False)
     assert await asyncio.wait_for(task, 20) == "consensus=3"
