@@ -8,6 +8,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
 from weft.errors import ConfigError, RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
 
     from weft.k8s.core import K8sConfig
 
-__all__ = ["get_object", "list_objects", "make_api_client", "watch_objects"]
+__all__ = ["failure_reason", "get_object", "list_objects", "make_api_client", "watch_objects"]
 
 
 async def make_api_client(config: K8sConfig) -> ApiClient:
@@ -39,6 +41,20 @@ async def make_api_client(config: K8sConfig) -> ApiClient:
             " service account, or give --k8s-api / --kubeconfig"
         ) from None
     return client.ApiClient(configuration=cfg)
+
+
+def failure_reason(err: Exception) -> str | None:
+    """Why a LIST or WATCH failed, for the logs and the backoff; None for 410 Gone (our
+    resourceVersion is too old: list again at once, it is no failure)."""
+    from kubernetes_asyncio.client import ApiException
+
+    if isinstance(err, ApiException):
+        return None if err.status == 410 else f"HTTP {err.status} {err.reason}".strip()
+    if isinstance(err, TimeoutError | aiohttp.ClientError | OSError):
+        return f"{type(err).__name__}: {err}".rstrip(": ")
+    if isinstance(err, ValueError | KeyError | TypeError | RemoteProtocolError):
+        return f"unexpected answer from the API server: {err}"
+    return f"{type(err).__name__}: {str(err)[:200]}"  # the client library's own errors
 
 
 async def _read(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

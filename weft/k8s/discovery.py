@@ -31,7 +31,7 @@ import aiohttp
 
 from weft.errors import ConfigError, LocalError, RemoteProtocolError, WeftError
 from weft.gossip.peer import PeerName
-from weft.k8s.apiclient import list_objects, make_api_client, watch_objects
+from weft.k8s.apiclient import failure_reason, list_objects, make_api_client, watch_objects
 from weft.k8s.core import (
     ApiHealth,
     ApiRecovered,
@@ -219,8 +219,6 @@ class K8sDiscovery:
     # ------------------------------------------------------------------ following the API
 
     async def _follow(self) -> None:
-        from kubernetes_asyncio.client import ApiException
-
         while True:
             try:
                 version = await self._list()
@@ -228,17 +226,12 @@ class K8sDiscovery:
                 await self._watch(version)
             except asyncio.CancelledError:
                 raise
-            except ApiException as err:
-                if err.status == 410:  # Gone: our version is too old; relist now
-                    log.debug("k8s: watch expired (%s); listing again", err.reason)
+            except Exception as err:  # never stop following
+                reason = failure_reason(err)
+                if reason is None:
+                    log.debug("k8s: watch expired; listing again")
                     continue
-                await self._failed(f"HTTP {err.status} {err.reason}".strip())
-            except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                await self._failed(f"{type(err).__name__}: {err}".rstrip(": "))
-            except (ValueError, KeyError, TypeError, RemoteProtocolError) as err:
-                await self._failed(f"unexpected answer from the API server: {err}")
-            except Exception as err:  # the client library's own errors: never stop following
-                await self._failed(f"{type(err).__name__}: {str(err)[:200]}")
+                await self._failed(reason)
 
     def _v1(self) -> Any:
         from kubernetes_asyncio import client

@@ -24,11 +24,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from weft.errors import RemoteProtocolError
-from weft.k8s.apiclient import get_object, list_objects, watch_objects
+from weft.k8s.apiclient import failure_reason, get_object, list_objects, watch_objects
 from weft.k8s.core import ApiHealth, ApiRecovered, K8sConfig
 from weft.policy.model import IPAddress
 from weft.policy.reconcile import (
@@ -123,8 +122,6 @@ class PolicyFollower:
         return getattr(getattr(client, api_class)(api), method)
 
     async def _follow(self, kind: Kind) -> None:
-        from kubernetes_asyncio.client import ApiException
-
         while True:
             try:
                 items, version = await list_objects(
@@ -141,17 +138,12 @@ class PolicyFollower:
                         self.enforcer.watched(kind, event_type, obj)
             except asyncio.CancelledError:
                 raise
-            except ApiException as err:
-                if err.status == 410:
+            except Exception as err:  # never stop following
+                reason = failure_reason(err)
+                if reason is None:
                     log.debug("policy: %s watch expired; listing again", kind)
                     continue
-                await self._failed(kind, f"HTTP {err.status} {err.reason}".strip())
-            except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                await self._failed(kind, f"{type(err).__name__}: {err}".rstrip(": "))
-            except (ValueError, KeyError, TypeError, RemoteProtocolError) as err:
-                await self._failed(kind, f"unexpected answer from the API server: {err}")
-            except Exception as err:  # the client library's own errors: never stop following
-                await self._failed(kind, f"{type(err).__name__}: {str(err)[:200]}")
+                await self._failed(kind, reason)
 
     def _succeeded(self, kind: Kind) -> None:
         if isinstance(self.health[kind].succeeded(self.clock()), ApiRecovered):
