@@ -307,8 +307,10 @@ class K8sDiscovery:
 
     async def _reclaim_loop(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._reclaim_wakeup.wait(), self.config.reclaim_interval)
+            # asyncio.timeout: 3.11's wait_for can lose a cancellation racing the event
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.reclaim_interval):
+                    await self._reclaim_wakeup.wait()
             self._reclaim_wakeup.clear()
             try:
                 await self.reclaim()
